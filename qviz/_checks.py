@@ -1,0 +1,84 @@
+"""Argument checks shared by the engine and the kernels' Python face.
+
+Every check raises `TypeError` for a wrong kind of value and `ValueError` for a wrong value, and its
+message names the argument and says what is allowed, so a widget can show it to a person as it is.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import torch
+
+
+def choice(name: str, value: object, allowed: Iterable[object]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {shown}")
+
+
+def integer(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value} is out of range; allowed: {_span(lo, hi)}")
+    return value
+
+
+def real(name: str, value: object, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    if too_low or (hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name}={value} is out of range; allowed: {left}{_fmt(lo)}, {_fmt(hi)}]")
+    return value
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def float_tensor(name: str, x: object) -> torch.Tensor:
+    """A floating-point torch tensor (numpy arrays are refused so that autograd is never lost silently)."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (use torch.from_numpy)" if type(x).__module__ == "numpy" else ""
+        raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype (float16/32/64, bfloat16), got {x.dtype}")
+    return x
+
+
+def finite_values(name: str, *values: torch.Tensor) -> None:
+    """Raise if any tensor holds NaN or Inf; callers pass small statistics (a min, a max) when they can."""
+    for v in values:
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} contains NaN or Inf; only finite values can be quantized")
+
+
+def axis_for(name: str, axis: object, ndim: int) -> int:
+    axis = integer(name, axis)
+    if ndim == 0 or not -ndim <= axis < ndim:
+        allowed = "none (a 0-d tensor has no axes)" if ndim == 0 else f"{-ndim}..{ndim - 1}"
+        raise ValueError(f"{name}={axis} is out of range for a tensor with {ndim} dims; allowed: {allowed}")
+    return axis % ndim
+
+
+def _fmt(v: float | None) -> str:
+    return "inf" if v is None else f"{v:g}"
+
+
+def _span(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo}..{hi}" if hi > lo else f"{lo}"
+    return f">= {lo}" if lo is not None else f"<= {hi}"

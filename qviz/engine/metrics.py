@@ -1,0 +1,102 @@
+"""How much a quantizer costs: SQNR, quantization error, weight power, compression, levels used.
+
+SQNR and the weight power distribution follow 004 Appendix A; the compression rate is 003 eq. 2-17.
+Functions accept torch tensors or numpy arrays and return numpy values (floats or arrays).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from qviz import _checks
+
+
+def _array(name: str, a: object) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
+    if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf; only finite values are allowed")
+    return a.astype(np.float64, copy=False)
+
+
+def _pair(w: object, w_q: object) -> tuple[np.ndarray, np.ndarray]:
+    w, w_q = _array("w", w), _array("w_q", w_q)
+    if w.shape != w_q.shape:
+        raise ValueError(f"w and w_q must have the same shape, got {w.shape} and {w_q.shape}")
+    if w.size == 0:
+        raise ValueError("w is empty; SQNR needs at least one value")
+    return w, w_q
+
+
+def _sum_per_slice(a: np.ndarray, axis: int | None) -> np.ndarray | float:
+    if axis is None:
+        return float(a.sum())
+    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).sum(axis=1)
+
+
+def sqnr_db(w, w_q, axis: int | None = None):
+    """Signal-to-quantization-noise ratio 10 log10(Σ w² / Σ (w - w_q)²) in dB (004 Appendix A).
+
+    With `axis`, one value per slice along that axis (e.g. per output channel, "per kernel", as in
+    004 Figs. 18-19), as a numpy array. A slice quantized without error has SQNR +inf; a slice with no
+    signal but some error has -inf.
+    """
+    w, w_q = _pair(w, w_q)
+    if axis is not None:
+        axis = _checks.axis_for("axis", axis, w.ndim)
+    signal = _sum_per_slice(w * w, axis)
+    noise = _sum_per_slice((w - w_q) ** 2, axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(noise == 0, np.inf, np.divide(signal, noise))
+        out = 10 * np.log10(ratio)
+    return float(out) if axis is None else out
+
+
+def quantization_error(x, x_q) -> np.ndarray:
+    """ε = x - Q(x), element by element (002 §2.2)."""
+    x, x_q = _pair(x, x_q)
+    return x - x_q
+
+
+def weight_power(w) -> np.ndarray:
+    """The weight power distribution W² / E[W²] of 004 Appendix A (its histogram shows outliers).
+
+    An all-zero tensor has no power; its distribution is returned as zeros.
+    """
+    w = _array("w", w)
+    if w.size == 0:
+        raise ValueError("w is empty; the power distribution needs at least one value")
+    power = w * w
+    mean = power.mean()
+    return power / mean if mean > 0 else np.zeros_like(power)
+
+
+def compression_ratio(n: int, b: int = 32, k: int = 2, codebook_bits: int | None = None) -> float:
+    """Compression rate r = n b / (n ceil(log2 k) + k c) of 003 eq. 2-17.
+
+    n weights of b bits each are replaced by indices into a codebook of k entries, each entry stored
+    with c = codebook_bits bits (default b). The index width is ceil(log2 k): 3 levels (ternary) need
+    2 bits, as 003 §2.1.2.1 says. 003's worked example: n=27, b=32, k=4 gives 4.747.
+    """
+    n = _checks.integer("n", n, 1)
+    b = _checks.integer("b", b, 1, 64)
+    k = _checks.integer("k", k, 2)
+    c = b if codebook_bits is None else _checks.integer("codebook_bits", codebook_bits, 0, 64)
+    return n * b / (n * math.ceil(math.log2(k)) + k * c)
+
+
+def levels_used(q, axis: int | None = None):
+    """How many distinct values `q` actually holds: an int, or one per slice along `axis`."""
+    q = _array("q", q)
+    if axis is None:
+        return int(np.unique(q).size)
+    axis = _checks.axis_for("axis", axis, q.ndim)
+    rows = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
+    return np.array([np.unique(r).size for r in rows])

@@ -1,0 +1,165 @@
+"""Range estimation and quantizer parameters (papers/004_138808ff8dbfe4e0.txt §2.5, §2.6).
+
+Weights use the actual minimum and maximum; activations the moving average of the per-batch minimum and
+maximum (004 §2.5). Both work per tensor ("per-layer") or per slice along any axis ("per-channel",
+004 §2.6). `quant_params` turns a range into scale and zero-point as a pure function (004 eqs. 1-3 for
+the affine quantizer, eqs. 7-11 for the symmetric one).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from qviz import _checks
+
+GRANULARITIES = ("tensor", "channel")
+
+# The smallest scale we ever return. A range of width zero (an all-zero tensor) would otherwise give a
+# zero scale and a division by zero; with this floor every output is finite and the tensor maps to 0.
+SCALE_FLOOR = float(torch.finfo(torch.float32).eps)
+
+
+class QuantParams(NamedTuple):
+    """Scale Δ, integer zero-point z and the code range [qmin, qmax] of a uniform quantizer.
+
+    `scale` and `zero_point` are tensors shaped to broadcast against the tensor they were computed
+    from (one value per tensor, or one per channel with singleton dims elsewhere).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+
+def code_range(bits: int, *, symmetric: bool = False, signed: bool = True,
+               narrow: bool = False) -> tuple[int, int]:
+    """The integer codes a `bits`-bit quantizer may produce.
+
+    affine (004 eq. 2): 0 .. 2^b - 1; symmetric signed (eq. 8): -2^(b-1) .. 2^(b-1) - 1; symmetric
+    unsigned (eq. 9): 0 .. 2^b - 1. `narrow` drops one code: the most negative one when signed (eq. 10),
+    the top one otherwise (eq. 11).
+    """
+    if symmetric and signed:
+        half = 2 ** (bits - 1)
+        return (-half + 1 if narrow else -half), half - 1
+    return 0, (2**bits - 2 if narrow else 2**bits - 1)
+
+
+def reduce_dims(x: torch.Tensor, granularity: str, axis: int) -> tuple[int, ...]:
+    """The dims a statistic is reduced over: all of them per tensor, all but `axis` per channel."""
+    if granularity == "tensor":
+        return tuple(range(x.dim()))
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+def minmax(x: torch.Tensor, granularity: str = "tensor", axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum and maximum of `x`, per tensor or per slice along `axis`, shaped to broadcast against x.
+
+    Raises ValueError for an empty tensor (there is no range to estimate) or one holding NaN/Inf.
+    """
+    x = _checks.float_tensor("x", x)
+    _checks.choice("granularity", granularity, GRANULARITIES)
+    if x.numel() == 0:
+        raise ValueError("x is empty; at least one value is needed to estimate a range")
+    axis = _checks.axis_for("axis", axis, x.dim()) if granularity == "channel" else 0
+    dims = reduce_dims(x, granularity, axis)
+    x = x.detach()
+    lo, hi = (x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)) if dims else (x, x)
+    _checks.finite_values("x", lo, hi)  # min/max propagate NaN and Inf, so this checks all of x
+    return lo, hi
+
+
+def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: int, *,
+                 symmetric: bool = False, signed: bool = True, narrow: bool = False) -> QuantParams:
+    """Scale and zero-point for the range [xmin, xmax] (a pure function; tensors broadcast).
+
+    Affine (004 eqs. 1-3): the range is first relaxed to include 0 so that 0 is exact, then
+    Δ = (xmax - xmin) / (qmax - qmin) and z = qmin - round(xmin / Δ), clamped to the codes.
+    Symmetric (004 eqs. 7-11, 002 eq. 1): z = 0 and Δ = max|x| / qmax, so the largest magnitude lands
+    exactly on the top code (signed: β = -α = Δ (2^(n-1) - 1) as in 002 eq. 1); unsigned:
+    Δ = max(xmax, 0) / qmax.
+
+    Degenerate ranges give a finite, documented result: a range of width zero (all zeros) gets the
+    scale `SCALE_FLOOR` (float32 eps) and zero-point qmin (affine) or 0 (symmetric), so the tensor
+    quantizes to exact zeros. A constant non-zero tensor is not degenerate for affine (the range is
+    relaxed to include 0) and lands on a level exactly.
+    """
+    bits = _checks.integer("bits", bits, 1, 32)
+    if symmetric and signed and bits < 2:
+        raise ValueError("bits=1 is out of range for a signed symmetric quantizer; allowed: 2..32")
+    qmin, qmax = code_range(bits, symmetric=symmetric, signed=signed, narrow=narrow)
+    if narrow and qmax - qmin < 1:
+        raise ValueError(f"bits={bits} with narrow=True leaves a single level; allowed: bits >= 2")
+    xmin = torch.as_tensor(xmin, dtype=torch.float32)
+    xmax = torch.as_tensor(xmax, dtype=torch.float32)
+    _checks.finite_values("range", xmin, xmax)
+    if bool((xmin > xmax).any()):
+        raise ValueError("range is reversed: xmin must be <= xmax")
+    if symmetric:
+        top = torch.maximum(xmin.abs(), xmax.abs()) if signed else xmax.clamp(min=0)
+        scale = (top / qmax).clamp(min=SCALE_FLOOR)
+        zero_point = torch.zeros_like(scale, dtype=torch.int64)
+        return QuantParams(scale, zero_point, qmin, qmax)
+    lo, hi = xmin.clamp(max=0), xmax.clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_FLOOR)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int64)
+    return QuantParams(scale, zero_point, qmin, qmax)
+
+
+class MinMaxObserver(nn.Module):
+    """Running minimum and maximum of everything seen: the weight observer of 004 §2.5.
+
+    Per tensor, or per channel along `axis`. Call it on a tensor (it returns the tensor unchanged) and
+    read `.min_val` / `.max_val`, or `.qparams(bits, ...)`.
+    """
+
+    def __init__(self, granularity: str = "tensor", axis: int = 0):
+        super().__init__()
+        _checks.choice("granularity", granularity, GRANULARITIES)
+        self.granularity = granularity
+        self.axis = _checks.integer("axis", axis)
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("max_val", torch.tensor([]))
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._update(*minmax(x, self.granularity, self.axis))
+        return x
+
+    @property
+    def initialized(self) -> bool:
+        return self.min_val.numel() > 0
+
+    def qparams(self, bits: int, *, symmetric: bool = False, signed: bool = True,
+                narrow: bool = False) -> QuantParams:
+        if not self.initialized:
+            raise ValueError("the observer has seen no data yet; call it on a tensor first")
+        return quant_params(self.min_val, self.max_val, bits, symmetric=symmetric, signed=signed,
+                            narrow=narrow)
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of per-batch minimum and maximum: the activation observer of 004 §2.5.
+
+    range <- (1 - momentum) * range + momentum * batch range; the first batch sets the range.
+    """
+
+    def __init__(self, momentum: float = 0.01, granularity: str = "tensor", axis: int = 0):
+        super().__init__(granularity, axis)
+        self.momentum = _checks.real("momentum", momentum, 0.0, 1.0, lo_open=True)
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val = torch.lerp(self.min_val, lo, self.momentum)
+            self.max_val = torch.lerp(self.max_val, hi, self.momentum)

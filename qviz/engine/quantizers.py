@@ -1,0 +1,870 @@
+"""Fake quantizers for every scheme qviz explores, each with its straight-through estimator (STE).
+
+`fake_quantize(x, spec)` returns a tensor of x's shape whose values lie on the scheme's level set; its
+backward pass is the scheme's STE (or the one `spec.ste` names). Statistics a scheme estimates from the
+data (ranges, mean |w|, thresholds) are computed from `x` and treated as constants in the backward
+pass, as the observers of 004 §2.5 do.
+
+Papers (in ../shared/papers): 000 = Liu, 001 = Ivan, 002 = Boo et al., 003 = Kütükcü, 004 = Krishnamoorthi.
+
+STEs (the `ste` field), all masks on the quantizer's input x:
+
+- ``identity``  dq/dx = 1 everywhere (003 eq. 2-18)
+- ``clipped``   dq/dx = 1 inside the quantizer's range, 0 outside (004 eqs. 14-15)
+- ``saturated`` dq/dx = 1{|x| <= 1} (000 §2.4.1, 003 eq. 3-4, the hard-tanh STE of BNN)
+
+Where a scheme scales its input before rounding (``ceil``: w / max|w|, ``dorefa``: tanh), the STE
+replaces the derivative of the rounding step only and the chain rule keeps the scaling's derivative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from qviz import _checks
+from qviz.engine.observers import GRANULARITIES, SCALE_FLOOR, minmax, quant_params, reduce_dims
+
+STES = ("identity", "clipped", "saturated")
+DELTA_RULES = ("twn", "exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize with: a scheme name, its bit width and its parameters.
+
+    scheme       one of `SCHEMES` (see the table in DESIGN.md and `describe_schemes()`)
+    bits         bit width; each scheme has its allowed range (`SCHEMES[name].bits`)
+    granularity  "tensor" (one set of statistics, "per-layer") or "channel" (one per slice along axis)
+    axis         the channel axis for granularity="channel"
+    narrow       uniform schemes: drop one code (004 eqs. 10-11)
+    ste          None for the scheme's own STE, or one of `STES`
+    signed       symmetric: signed (eq. 8) or unsigned (eq. 9) codes; a scalar `clip` means (-c, c)
+                 when signed and (0, c) when not
+    clip         a fixed range instead of one estimated from the data: a scalar c or, for the
+                 uniform schemes, a pair (lo, hi). relu/pact/ceil_act: the upper clip; ceil: max|w|
+    alpha        ceil: the trainable scale α (default 1); pact: the initial clip α
+    delta_rule   ternary: "twn" (Δ = 0.7 E|w|) or "exact" (the search of 003 eq. 3-14)
+    """
+
+    scheme: str = "affine"
+    bits: int = 8
+    granularity: str = "tensor"
+    axis: int = 0
+    narrow: bool = False
+    ste: str | None = None
+    signed: bool = True
+    clip: float | tuple[float, float] | None = None
+    alpha: float | None = None
+    delta_rule: str = "twn"
+
+    def __post_init__(self):
+        _checks.choice("scheme", self.scheme, SCHEMES)
+        scheme = SCHEMES[self.scheme]
+        lo, hi = scheme.bits_for(self)
+        _checks.integer("bits", self.bits, lo, hi)
+        _checks.choice("granularity", self.granularity, GRANULARITIES)
+        _checks.integer("axis", self.axis)
+        _checks.boolean("narrow", self.narrow)
+        _checks.boolean("signed", self.signed)
+        if self.ste is not None:
+            _checks.choice("ste", self.ste, STES)
+        _checks.choice("delta_rule", self.delta_rule, DELTA_RULES)
+        if self.narrow and not scheme.takes_narrow:
+            raise ValueError(f"narrow=True is not used by scheme {self.scheme!r}; "
+                             f"schemes that take narrow: {_names_with('takes_narrow')}")
+        if self.clip is not None:
+            self._check_clip(scheme)
+        if self.alpha is not None:
+            if not scheme.takes_alpha:
+                raise ValueError(f"alpha is not used by scheme {self.scheme!r}; "
+                                 f"schemes that take alpha: {_names_with('takes_alpha')}")
+            _checks.real("alpha", self.alpha, 0.0, lo_open=True)
+
+    def _check_clip(self, scheme: Scheme) -> None:
+        if not scheme.takes_clip:
+            raise ValueError(f"clip is not used by scheme {self.scheme!r}; "
+                             f"schemes that take clip: {_names_with('takes_clip')}")
+        if isinstance(self.clip, tuple | list):
+            if not scheme.takes_clip_pair:
+                raise ValueError(f"clip for scheme {self.scheme!r} must be one positive number, "
+                                 f"got {self.clip!r}")
+            if len(self.clip) != 2:
+                raise ValueError(f"clip must be a number or a pair (lo, hi), got {self.clip!r}")
+            lo = _checks.real("clip[0]", self.clip[0])
+            hi = _checks.real("clip[1]", self.clip[1])
+            if not lo < hi:
+                raise ValueError(f"clip=({lo:g}, {hi:g}) is empty; allowed: lo < hi")
+            object.__setattr__(self, "clip", (lo, hi))
+        else:
+            object.__setattr__(self, "clip", _checks.real("clip", self.clip, 0.0, lo_open=True))
+
+    def replace(self, **changes) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_levels(self) -> int:
+        """The most distinct output values this spec can produce per tensor or channel."""
+        return SCHEMES[self.scheme].max_levels(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# The autograd functions behind every scheme
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized values q (computed without autograd). Backward: grad * mask.
+
+    `mask` is the scheme's STE evaluated on the input; None means the identity STE.
+    """
+
+    @staticmethod
+    def forward(ctx, x, q, mask):
+        ctx.save_for_backward(mask)
+        ctx.identity = mask is None
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.identity:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+class _PACT(torch.autograd.Function):
+    """PACT (002 §2.2): q = round_half_up(clamp(x, 0, α) / Δ) Δ with Δ = α / (2^k - 1).
+
+    Backward (PACT's STE): dq/dx = mask (default 1{0 <= x <= α}), dq/dα = 1{x >= α}.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, levels, mask):
+        alpha_c = alpha.detach().clamp(min=SCALE_FLOOR)
+        step = alpha_c / levels
+        q = torch.floor(torch.minimum(x.detach().clamp(min=0), alpha_c) / step + 0.5) * step
+        ctx.save_for_backward(x.detach() >= alpha_c, mask)
+        ctx.identity = mask is None
+        ctx.alpha_shape = alpha.shape
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        above, mask = ctx.saved_tensors
+        grad_x = grad if ctx.identity else grad * mask
+        grad_alpha = (grad * above).sum_to_size(ctx.alpha_shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_alpha, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemes
+
+
+class Scheme:
+    """One quantization scheme: its forward rule, its statistics, its level set and its STE.
+
+    Subclasses set the class attributes and implement `stats`, `quantize`, `span`, `levels` and
+    `thresholds`; `apply` wires the forward values to the STE.
+    """
+
+    name = ""
+    source = ""
+    summary = ""
+    bits: tuple[int, int] = (1, 16)
+    default_ste = "clipped"
+    kind = "weights"  # "weights" or "activations": what the papers quantize with it
+    stochastic = False
+    takes_clip = False
+    takes_clip_pair = False
+    takes_alpha = False
+    takes_narrow = False
+
+    def bits_for(self, spec: QuantSpec) -> tuple[int, int]:
+        return self.bits
+
+    def max_levels(self, spec: QuantSpec) -> int:
+        return 2**spec.bits
+
+    # Statistics, shaped to broadcast against x. `alpha` is a tensor override (learnable parameter).
+    def stats(self, x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None) -> dict:
+        _checks.finite_values("x", x)
+        return {}
+
+    def quantize(self, x: torch.Tensor, spec: QuantSpec, st: dict, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def span(self, spec: QuantSpec, st: dict) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The input range of the `clipped` STE."""
+        raise NotImplementedError
+
+    def clipped_mask(self, x: torch.Tensor, spec: QuantSpec, st: dict) -> torch.Tensor:
+        lo, hi = self.span(spec, st)
+        return (x >= lo) & (x <= hi)
+
+    def levels(self, spec: QuantSpec, st: dict) -> torch.Tensor:
+        """Output levels, shape [*stat_shape, L] (sorted along the last dim)."""
+        raise NotImplementedError
+
+    def thresholds(self, spec: QuantSpec, st: dict) -> torch.Tensor:
+        """Decision thresholds between consecutive levels, shape [*stat_shape, L - 1]."""
+        raise NotImplementedError
+
+    def expected(self, x: torch.Tensor, spec: QuantSpec, st: dict) -> torch.Tensor:
+        """E[q(x)]: q itself for a deterministic scheme."""
+        return self.quantize(x, spec, st, None)
+
+    def ste_mask(self, x: torch.Tensor, spec: QuantSpec, st: dict) -> torch.Tensor | None:
+        ste = spec.ste or self.default_ste
+        if ste == "identity":
+            return None
+        mask = self.clipped_mask(x, spec, st) if ste == "clipped" else x.abs() <= 1
+        return mask.to(x.dtype)
+
+    def apply(self, x: torch.Tensor, spec: QuantSpec, st: dict, alpha, generator) -> torch.Tensor:
+        q = self.quantize(x.detach(), spec, st, generator)
+        if not x.requires_grad:
+            return q
+        return _StraightThrough.apply(x, q, self.ste_mask(x.detach(), spec, st))
+
+
+def _reduce(x: torch.Tensor, spec: QuantSpec, fn) -> torch.Tensor:
+    """fn over the dims a statistic covers, keepdim (all dims per tensor, all but axis per channel)."""
+    if x.numel() == 0:
+        raise ValueError(f"x is empty; scheme {spec.scheme!r} needs at least one value for its statistics")
+    axis = _checks.axis_for("axis", spec.axis, x.dim()) if spec.granularity == "channel" else 0
+    dims = reduce_dims(x, spec.granularity, axis)
+    out = fn(x, dims) if dims else x.clone()
+    _checks.finite_values("x", out)
+    return out
+
+
+def _span_levels(lo, hi, count: int) -> torch.Tensor:
+    """`count` evenly spaced values from lo to hi along a new last dim."""
+    t = torch.linspace(0, 1, count, dtype=torch.float32)
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    return lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * t
+
+
+class _Uniform(Scheme):
+    """Uniform quantizer with scale Δ and integer zero-point z (004 eqs. 1-3, 7-11).
+
+    q = (clamp(round(x / Δ) + z, qmin, qmax) - z) Δ, rounding half to even and multiplying by 1/Δ
+    exactly as torch.fake_quantize_per_tensor_affine does, so both agree bit for bit.
+    STE (004 eqs. 14-15): gradient 1 where the unclamped code lies in [qmin, qmax] — PyTorch's mask.
+    """
+
+    takes_clip = True
+    takes_clip_pair = True
+    takes_narrow = True
+    symmetric = False
+
+    def bits_for(self, spec):
+        return (2, 16) if self.symmetric and spec.signed else (1, 16)
+
+    def max_levels(self, spec):
+        return 2**spec.bits - (1 if spec.narrow else 0)
+
+    def _range(self, x, spec):
+        if spec.clip is None:
+            return minmax(x, spec.granularity, spec.axis) if x.numel() else _empty_range(spec)
+        _checks.finite_values("x", x)
+        if isinstance(spec.clip, tuple):
+            return torch.tensor(spec.clip[0]), torch.tensor(spec.clip[1])
+        return torch.tensor(-spec.clip if spec.signed else 0.0), torch.tensor(spec.clip)
+
+    def stats(self, x, spec, alpha):
+        lo, hi = self._range(x, spec)
+        p = quant_params(lo, hi, spec.bits, symmetric=self.symmetric, signed=spec.signed, narrow=spec.narrow)
+        return {"scale": p.scale, "zero_point": p.zero_point.to(torch.float32), "qmin": p.qmin, "qmax": p.qmax}
+
+    def _code(self, x, st):
+        return torch.round(x * (1.0 / st["scale"])) + st["zero_point"]
+
+    def _dequantize(self, code, st):
+        return (code.clamp(st["qmin"], st["qmax"]) - st["zero_point"]) * st["scale"]
+
+    def quantize(self, x, spec, st, generator):
+        return self._dequantize(self._code(x, st), st).to(x.dtype)
+
+    def span(self, spec, st):
+        return (st["qmin"] - st["zero_point"]) * st["scale"], (st["qmax"] - st["zero_point"]) * st["scale"]
+
+    def clipped_mask(self, x, spec, st):
+        code = self._code(x, st)
+        return (code >= st["qmin"]) & (code <= st["qmax"])
+
+    def levels(self, spec, st):
+        codes = torch.arange(st["qmin"], st["qmax"] + 1, dtype=torch.float32)
+        return (codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1)
+
+    def thresholds(self, spec, st):
+        codes = torch.arange(st["qmin"], st["qmax"], dtype=torch.float32) + 0.5
+        return (codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1)
+
+
+def _empty_range(spec):
+    raise ValueError(f"x is empty; scheme {spec.scheme!r} needs at least one value to estimate a range "
+                     "(or give a fixed range with clip=...)")
+
+
+class Affine(_Uniform):
+    name, source = "affine", "004 eqs. 1-3"
+    summary = "uniform affine, integer zero-point, range relaxed to include 0"
+
+
+class Symmetric(_Uniform):
+    name, source = "symmetric", "004 eqs. 7-11"
+    summary = "zero-point 0, signed or unsigned; narrow=True drops the most negative level"
+    symmetric = True
+
+
+class Stochastic(_Uniform):
+    """Affine with uniform noise before rounding (004 §2.3).
+
+    We read the noise ε ~ U(-1/2, 1/2) of 004 §2.3 in units of the step Δ: x_int = round(x/Δ + ε) + z.
+    That is the reading under which "in expectation the stochastic quantizer reduces to a pass-through
+    of the floating point weights, with saturation" (004 §2.3) holds; noise of half a unit of x would
+    swamp any step smaller than 1.
+    """
+
+    name, source = "stochastic", "004 §2.3"
+    summary = "affine with uniform noise of up to half a step before rounding"
+    stochastic = True
+
+    def quantize(self, x, spec, st, generator):
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5
+        return self._dequantize(torch.round(x * (1.0 / st["scale"]) + noise) + st["zero_point"], st).to(x.dtype)
+
+    def expected(self, x, spec, st):
+        v = x * (1.0 / st["scale"]) + st["zero_point"]
+        low = torch.floor(v)
+        p_up = v - low  # round(v + ε) = floor(v) + 1 with probability frac(v)
+        clamp = lambda c: c.clamp(st["qmin"], st["qmax"])  # noqa: E731
+        return ((1 - p_up) * clamp(low) + p_up * clamp(low + 1) - st["zero_point"]) * st["scale"]
+
+
+class _Sign(Scheme):
+    bits = (1, 1)
+    default_ste = "saturated"
+
+    def span(self, spec, st):
+        return -1.0, 1.0
+
+    def quantize(self, x, spec, st, generator):
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    def levels(self, spec, st):
+        return torch.tensor([-1.0, 1.0])
+
+    def thresholds(self, spec, st):
+        return torch.tensor([0.0])
+
+
+class Binary(_Sign):
+    """BinaryConnect (003 eq. 3-1): +1 if w >= 0 else -1.
+
+    BinaryConnect clips the float weights to [-1, 1] after each update; as an STE that is the
+    `saturated` mask 1{|w| <= 1} (003 eq. 3-4), the default here.
+    """
+
+    name, source = "binary", "003 eq. 3-1"
+    summary = "BinaryConnect sign, weights clipped to [-1, 1]"
+
+
+class BinaryStochastic(_Sign):
+    """Stochastic BinaryConnect (003 eqs. 3-2, 3-3): +1 with probability hard_sigmoid(w) = clip((w+1)/2, 0, 1)."""
+
+    name, source = "binary_stochastic", "003 eqs. 3-2, 3-3"
+    summary = "+1 with probability hard_sigmoid(w)"
+    stochastic = True
+
+    def quantize(self, x, spec, st, generator):
+        p = ((x + 1) / 2).clamp(0, 1)
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return torch.where(u < p, 1.0, -1.0).to(x.dtype)
+
+    def expected(self, x, spec, st):
+        return 2 * ((x + 1) / 2).clamp(0, 1) - 1
+
+
+class BnnAct(_Sign):
+    """BNN activation (003 eqs. 3-4, 3-5): sign(x) forward, the hard-tanh STE 1{|x| <= 1} backward."""
+
+    name, source = "bnn_act", "003 eqs. 3-4, 3-5"
+    summary = "sign with the htanh STE"
+    kind = "activations"
+
+
+class Xnor(Scheme):
+    """XNOR-Net / DoReFa binary weights (003 eq. 3-6): q = sign(w) E|w|, E per tensor or per channel."""
+
+    name, source = "xnor", "003 eq. 3-6"
+    summary = "sign(w) * mean |w|"
+    bits = (1, 1)
+    default_ste = "saturated"
+
+    def stats(self, x, spec, alpha):
+        return {"alpha": _reduce(x, spec, lambda t, d: t.abs().mean(dim=d, keepdim=True))}
+
+    def quantize(self, x, spec, st, generator):
+        return torch.where(x >= 0, st["alpha"], -st["alpha"]).to(x.dtype)
+
+    def span(self, spec, st):
+        return -1.0, 1.0
+
+    def levels(self, spec, st):
+        a = st["alpha"].unsqueeze(-1)
+        return torch.cat([-a, a], dim=-1)
+
+    def thresholds(self, spec, st):
+        return torch.zeros_like(st["alpha"]).unsqueeze(-1)
+
+
+class Ternary(Scheme):
+    """Ternary weight networks (003 eqs. 3-10 ... 3-14): q ∈ {-α, 0, α}.
+
+    q = α sign(w) where |w| > Δ, else 0; α = mean |w| over |w| > Δ (eq. 3-13). Δ = 0.7 E|w| (the TWN
+    rule, delta_rule="twn") or the exact maximiser of (Σ_{|w|>Δ} |w|)² / |I_Δ| (eq. 3-14,
+    delta_rule="exact"), found by sorting |w| and trying every achievable set I_Δ.
+    """
+
+    name, source = "ternary", "003 eqs. 3-10 ... 3-14"
+    summary = "TWN: delta = 0.7 E|w|, alpha = mean |w| over |w| > delta"
+    bits = (2, 2)
+    default_ste = "identity"
+
+    def max_levels(self, spec):
+        return 3
+
+    def stats(self, x, spec, alpha):
+        a = x.abs()
+        top = _reduce(a, spec, lambda t, d: t.amax(dim=d, keepdim=True))
+        if spec.delta_rule == "twn":
+            delta = 0.7 * _reduce(a, spec, lambda t, d: t.mean(dim=d, keepdim=True))
+        else:
+            delta = _exact_ternary_delta(a, spec, top.shape)
+        above = (a > delta).to(x.dtype)
+        count = _reduce(above, spec, lambda t, d: t.sum(dim=d, keepdim=True))
+        total = _reduce(a * above, spec, lambda t, d: t.sum(dim=d, keepdim=True))
+        alpha = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+        return {"delta": delta, "alpha": alpha, "top": top}
+
+    def quantize(self, x, spec, st, generator):
+        zero = torch.zeros((), dtype=x.dtype)
+        return torch.where(x > st["delta"], st["alpha"], torch.where(x < -st["delta"], -st["alpha"], zero)).to(x.dtype)
+
+    def span(self, spec, st):
+        return -st["top"], st["top"]
+
+    def levels(self, spec, st):
+        a = st["alpha"].unsqueeze(-1)
+        return torch.cat([-a, torch.zeros_like(a), a], dim=-1)
+
+    def thresholds(self, spec, st):
+        d = st["delta"].unsqueeze(-1)
+        return torch.cat([-d, d], dim=-1)
+
+
+def _exact_ternary_delta(a: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
+    """Δ* of 003 eq. 3-14 per tensor or channel: argmax over achievable sets I_Δ of (Σ|w|)² / |I_Δ|."""
+    if spec.granularity == "channel":
+        axis = _checks.axis_for("axis", spec.axis, a.dim())
+        rows = a.movedim(axis, 0).reshape(a.shape[axis], -1)
+    else:
+        rows = a.reshape(1, -1)
+    s, _ = rows.double().sort(dim=1, descending=True)
+    objective = s.cumsum(dim=1) ** 2 / torch.arange(1, s.shape[1] + 1, dtype=s.dtype)
+    below = torch.cat([s[:, 1:], torch.zeros_like(s[:, :1])], dim=1)
+    # I_Δ = the j largest values is achievable only where the j-th value is strictly above the next one.
+    objective = torch.where(s > below, objective, torch.full_like(objective, -1.0))
+    j = objective.argmax(dim=1, keepdim=True)
+    delta = (s.gather(1, j) + below.gather(1, j)) / 2
+    return delta.to(a.dtype).reshape(shape)
+
+
+class Dorefa(Scheme):
+    """DoReFa k-bit weights (003 eq. 3-8): q = 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1.
+
+    For k = 1 DoReFa uses q = sign(w) E|w| (003 eq. 3-6). The STE (identity by default) replaces the
+    derivative of quantize_k; the tanh normalisation keeps its own derivative (1 - tanh²(w)) / max|tanh|.
+    """
+
+    name, source = "dorefa", "003 eq. 3-8"
+    summary = "DoReFa k-bit weights via tanh"
+    default_ste = "identity"
+
+    def stats(self, x, spec, alpha):
+        if spec.bits == 1:
+            return {"alpha": _reduce(x, spec, lambda t, d: t.abs().mean(dim=d, keepdim=True))}
+        # max|tanh(w)| = tanh(max|w|); reducing |w| first also lets NaN/Inf reach the finite check
+        top = _reduce(x.abs(), spec, lambda t, d: t.amax(dim=d, keepdim=True))
+        return {"m": torch.tanh(top).clamp(min=SCALE_FLOOR)}
+
+    def _normalise(self, x, st):
+        return torch.tanh(x) / (2 * st["m"]) + 0.5
+
+    def quantize(self, x, spec, st, generator):
+        if spec.bits == 1:
+            return torch.where(x >= 0, st["alpha"], -st["alpha"]).to(x.dtype)
+        n = 2**spec.bits - 1
+        return (2 * torch.round(self._normalise(x, st) * n) / n - 1).to(x.dtype)
+
+    def apply(self, x, spec, st, alpha, generator):
+        if spec.bits == 1 or not x.requires_grad:
+            return super().apply(x, spec, st, alpha, generator)
+        n = 2**spec.bits - 1
+        u = self._normalise(x, st)
+        qu = _StraightThrough.apply(u, torch.round(u.detach() * n) / n, self.ste_mask(x.detach(), spec, st))
+        return 2 * qu - 1
+
+    def span(self, spec, st):
+        return -math.inf, math.inf
+
+    def levels(self, spec, st):
+        if spec.bits == 1:
+            a = st["alpha"].unsqueeze(-1)
+            return torch.cat([-a, a], dim=-1)
+        shape = st["m"].shape
+        return _span_levels(torch.full(shape, -1.0), torch.full(shape, 1.0), 2**spec.bits)
+
+    def thresholds(self, spec, st):
+        if spec.bits == 1:
+            return torch.zeros_like(st["alpha"]).unsqueeze(-1)
+        n = 2**spec.bits - 1
+        u = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        return torch.atanh((u - 0.5) * 2 * st["m"].unsqueeze(-1))
+
+
+class Ceil(Scheme):
+    """Q_b without a zero level, weights scaled by a trainable α (001 eqs. 3, 4).
+
+    q = |α| Q_b(ŵ), ŵ = clamp(w / max|w|, -1, 1) and Q_b(u) = ceil(u 2^(b-1)) / 2^(b-1) for u > 0,
+    floor(u 2^(b-1)) / 2^(b-1) for u < 0: levels ±|α| k / 2^(b-1), k = 1 .. 2^(b-1); Q_1 = sign.
+    We read 001 eq. 4 as scaling w to [-1, 1] before Q_b and by |α| after it, so that the levels stay
+    the 2^b of eq. 3 for any α. Eq. 3 maps exactly 0 to 0, which the paper dismisses as having
+    probability 2^-32n; we lift 0 to the smallest positive level so that the scheme never outputs 0.
+    max|w| comes from the data or from `clip`. Backward: dq/dw = STE mask * |α| / max|w| (identity STE
+    on Q_b inside [-max|w|, max|w|]), dq/dα = sign(α) Q_b(ŵ).
+    """
+
+    name, source = "ceil", "001 eqs. 3, 4"
+    summary = "Q_b without a zero level, weights scaled by a trainable alpha"
+    takes_clip = True
+    takes_alpha = True
+
+    def stats(self, x, spec, alpha):
+        if spec.clip is not None:
+            _checks.finite_values("x", x)
+            m = torch.tensor(spec.clip)
+        else:
+            m = _reduce(x.abs(), spec, lambda t, d: t.amax(dim=d, keepdim=True))
+        a = alpha if alpha is not None else torch.tensor(spec.alpha if spec.alpha is not None else 1.0)
+        return {"m": m.clamp(min=SCALE_FLOOR), "alpha": a.detach()}
+
+    @staticmethod
+    def _q_b(u, bits):
+        half = 2 ** (bits - 1)
+        v = u.clamp(-1, 1) * half
+        return torch.where(v >= 0, torch.ceil(v).clamp(min=1), torch.floor(v)) / half
+
+    def quantize(self, x, spec, st, generator):
+        return (st["alpha"].abs() * self._q_b(x / st["m"], spec.bits)).to(x.dtype)
+
+    def apply(self, x, spec, st, alpha, generator):
+        if alpha is None and not x.requires_grad:
+            return self.quantize(x, spec, st, generator)
+        u = x / st["m"]
+        qu = _StraightThrough.apply(u, self._q_b(u.detach(), spec.bits), self.ste_mask(x.detach(), spec, st))
+        return (alpha if alpha is not None else st["alpha"]).abs() * qu
+
+    def span(self, spec, st):
+        return -st["m"], st["m"]
+
+    def levels(self, spec, st):
+        half = 2 ** (spec.bits - 1)
+        k = torch.cat([torch.arange(-half, 0), torch.arange(1, half + 1)]).to(torch.float32) / half
+        return st["alpha"].abs().unsqueeze(-1) * k * torch.ones_like(st["m"]).unsqueeze(-1)
+
+    def thresholds(self, spec, st):
+        half = 2 ** (spec.bits - 1)
+        k = torch.arange(-half + 1, half, dtype=torch.float32) / half
+        return st["m"].unsqueeze(-1) * k
+
+
+class Relu(Scheme):
+    """Unsigned clip + round (002 eq. 1 with α = 0, β = Δ (2^n - 1)): q = Δ floor(clamp(x, 0, β)/Δ + 1/2).
+
+    β is `clip`, or the data's maximum (per tensor or channel). STE: clipped, 1{0 <= x <= β}.
+    """
+
+    name, source = "relu", "002 eq. 1"
+    summary = "unsigned clip to [0, delta (2^n - 1)]"
+    kind = "activations"
+    takes_clip = True
+
+    def stats(self, x, spec, alpha):
+        if spec.clip is not None:
+            _checks.finite_values("x", x)
+            beta = torch.tensor(spec.clip)
+        else:
+            beta = minmax(x, spec.granularity, spec.axis)[1].clamp(min=0)
+        return {"beta": beta, "step": (beta / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)}
+
+    def quantize(self, x, spec, st, generator):
+        clipped = torch.minimum(x.clamp(min=0), st["beta"])
+        return (torch.floor(clipped / st["step"] + 0.5) * st["step"]).to(x.dtype)
+
+    def span(self, spec, st):
+        return 0.0, st["beta"]
+
+    def levels(self, spec, st):
+        return st["step"].unsqueeze(-1) * torch.arange(2**spec.bits, dtype=torch.float32)
+
+    def thresholds(self, spec, st):
+        return st["step"].unsqueeze(-1) * (torch.arange(2**spec.bits - 1, dtype=torch.float32) + 0.5)
+
+
+class Pact(Relu):
+    """PACT (002 §2.2): `relu` whose clip α is learnable, with PACT's gradient dq/dα = 1{x >= α}.
+
+    α is the `alpha` tensor passed to fake_quantize (a learnable parameter), else spec.alpha, else
+    spec.clip, else the data's maximum.
+    """
+
+    name, source = "pact", "002 §2.2 (PACT)"
+    summary = "relu with a learnable clip alpha"
+    takes_alpha = True
+
+    def stats(self, x, spec, alpha):
+        if alpha is None and spec.alpha is None:
+            return super().stats(x, spec, alpha)
+        _checks.finite_values("x", x)
+        beta = (alpha.detach() if alpha is not None else torch.tensor(spec.alpha)).clamp(min=SCALE_FLOOR)
+        return {"beta": beta, "step": beta / (2**spec.bits - 1)}
+
+    def apply(self, x, spec, st, alpha, generator):
+        if alpha is None:
+            return super().apply(x, spec, st, alpha, generator)
+        mask = self.ste_mask(x.detach(), spec, st)
+        return _PACT.apply(x, alpha, float(2**spec.bits - 1), mask)
+
+
+class DorefaAct(Scheme):
+    """DoReFa activations (003 eq. 3-7): quantize_k on [0, 1], q = round((2^k - 1) clamp(x, 0, 1)) / (2^k - 1)."""
+
+    name, source = "dorefa_act", "003 eq. 3-7"
+    summary = "quantize_k on [0, 1]"
+    kind = "activations"
+
+    def quantize(self, x, spec, st, generator):
+        n = 2**spec.bits - 1
+        return (torch.round(x.clamp(0, 1) * n) / n).to(x.dtype)
+
+    def span(self, spec, st):
+        return 0.0, 1.0
+
+    def levels(self, spec, st):
+        return torch.linspace(0, 1, 2**spec.bits)
+
+    def thresholds(self, spec, st):
+        n = 2**spec.bits - 1
+        return (torch.arange(n, dtype=torch.float32) + 0.5) / n
+
+
+class CeilAct(Scheme):
+    """A_b (001 eq. 5): x̂ = clip(x, 0, c), q = (max x̂ / (2^b - 1)) ceil(x̂ (2^b - 1) / max x̂).
+
+    c = 2^b - 1 as in the paper, or `clip`; max x̂ is taken over the tensor (or channel).
+    """
+
+    name, source = "ceil_act", "001 eq. 5"
+    summary = "A_b: ceil activation quantizer"
+    kind = "activations"
+    takes_clip = True
+
+    def stats(self, x, spec, alpha):
+        _checks.finite_values("x", x)  # the clip below would hide an Inf
+        c = torch.tensor(spec.clip if spec.clip is not None else float(2**spec.bits - 1))
+        top = _reduce(torch.minimum(x.clamp(min=0), c), spec, lambda t, d: t.amax(dim=d, keepdim=True))
+        return {"c": c, "step": (top / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)}
+
+    def quantize(self, x, spec, st, generator):
+        clipped = torch.minimum(x.clamp(min=0), st["c"])
+        return (torch.ceil(clipped / st["step"]).clamp(max=2**spec.bits - 1) * st["step"]).to(x.dtype)
+
+    def span(self, spec, st):
+        return 0.0, st["c"]
+
+    def levels(self, spec, st):
+        return st["step"].unsqueeze(-1) * torch.arange(2**spec.bits, dtype=torch.float32)
+
+    def thresholds(self, spec, st):
+        return st["step"].unsqueeze(-1) * torch.arange(2**spec.bits - 1, dtype=torch.float32)
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (Affine(), Symmetric(), Stochastic(), Binary(), BinaryStochastic(), Xnor(), Ternary(),
+              Dorefa(), Ceil(), Relu(), Pact(), DorefaAct(), BnnAct(), CeilAct())
+}
+
+
+def _names_with(flag: str) -> str:
+    return ", ".join(repr(n) for n, s in SCHEMES.items() if getattr(s, flag))
+
+
+def describe_schemes() -> list[dict]:
+    """One row per scheme: name, what it does, the paper it follows, bits, default STE, kind."""
+    return [
+        {"name": s.name, "summary": s.summary, "source": s.source, "bits": s.bits,
+         "default_ste": s.default_ste, "kind": s.kind, "stochastic": s.stochastic}
+        for s in SCHEMES.values()
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _check_spec(spec: object) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    return spec
+
+
+def _check_alpha(alpha: object) -> torch.Tensor | None:
+    if alpha is not None and not isinstance(alpha, torch.Tensor):
+        raise TypeError(f"alpha must be a torch.Tensor (a learnable parameter) or None, got {type(alpha).__name__}")
+    return alpha
+
+
+def _prepare(x: object, spec: object, alpha: object = None):
+    spec, x, alpha = _check_spec(spec), _checks.float_tensor("x", x), _check_alpha(alpha)
+    if spec.granularity == "channel":
+        _checks.axis_for("axis", spec.axis, x.dim())
+    if alpha is not None and not SCHEMES[spec.scheme].takes_alpha:
+        raise ValueError(f"alpha is not used by scheme {spec.scheme!r}; "
+                         f"schemes that take alpha: {_names_with('takes_alpha')}")
+    scheme = SCHEMES[spec.scheme]
+    return scheme, spec, x, alpha, scheme.stats(x.detach(), spec, alpha)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, alpha: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Quantize and de-quantize `x` with `spec` ("simulated quantization", 004 eqs. 12-13).
+
+    Returns a tensor of x's shape and dtype on the scheme's level set. Backward: the scheme's STE (see
+    the module docstring and each scheme's docstring). `alpha` is a learnable tensor for the schemes
+    that train one (`ceil`, `pact`); `generator` seeds the stochastic schemes.
+    """
+    scheme, spec, x, alpha, st = _prepare(x, spec, alpha)
+    return scheme.apply(x, spec, st, alpha, generator)
+
+
+def quantizer_levels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The level set `fake_quantize(x, spec)` draws from: 1-D per tensor, [channels, L] per channel."""
+    scheme, spec, x, _, st = _prepare(x, spec)
+    return _per_channel_rows(scheme.levels(spec, st), spec, x)
+
+
+def quantizer_thresholds(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Decision thresholds between consecutive levels, shaped like `quantizer_levels` minus one column."""
+    scheme, spec, x, _, st = _prepare(x, spec)
+    return _per_channel_rows(scheme.thresholds(spec, st), spec, x)
+
+
+def _per_channel_rows(t: torch.Tensor, spec: QuantSpec, x: torch.Tensor) -> torch.Tensor:
+    if spec.granularity == "tensor" or t.dim() == 1:
+        return t.reshape(-1)
+    axis = _checks.axis_for("axis", spec.axis, x.dim())
+    return t.reshape(x.shape[axis], t.shape[-1])
+
+
+def transfer_curve(spec: QuantSpec, lo: float = -1.5, hi: float = 1.5, n: int = 1001, *,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """The data behind a staircase plot: q(x), its STE gradient, levels and thresholds on [lo, hi].
+
+    The evenly spaced x grid is itself the tensor being quantized, so statistics a scheme estimates
+    from data come from the grid (set `spec.clip` / `spec.alpha` to fix them). The curve is always
+    per tensor. Returns numpy arrays:
+
+    x, q (one sample for stochastic schemes, drawn with `seed`), expected (E[q]; equals q for a
+    deterministic scheme), error (x - expected), grad (the STE dq/dx, by autograd), levels,
+    thresholds, span (the clipped STE's input range, cut to [lo, hi]) and stochastic (a bool).
+    """
+    spec = _check_spec(spec)
+    lo, hi = _checks.real("lo", lo), _checks.real("hi", hi)
+    if not lo < hi:
+        raise ValueError(f"lo={lo:g}, hi={hi:g}: allowed lo < hi")
+    n = _checks.integer("n", n, 2, 1_000_000)
+    spec = spec.replace(granularity="tensor")
+    x = torch.linspace(lo, hi, n, dtype=torch.float32)
+    scheme = SCHEMES[spec.scheme]
+    st = scheme.stats(x, spec, None)
+    generator = torch.Generator().manual_seed(int(seed))
+    xg = x.clone().requires_grad_(True)
+    q = scheme.apply(xg, spec, st, None, generator)
+    (grad,) = torch.autograd.grad(q.sum(), xg)
+    expected = scheme.expected(x, spec, st)
+    span = [float(torch.as_tensor(v).clamp(lo, hi)) for v in scheme.span(spec, st)]
+    return {
+        "x": x.numpy(),
+        "q": q.detach().numpy(),
+        "expected": expected.numpy(),
+        "error": (x - expected).numpy(),
+        "grad": grad.numpy(),
+        "levels": scheme.levels(spec, st).reshape(-1).numpy(),
+        "thresholds": scheme.thresholds(spec, st).reshape(-1).numpy(),
+        "span": np.array(span),
+        "stochastic": np.bool_(scheme.stochastic),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient quantization (000 §2.3.3, DoReFa)
+
+
+def quantize_gradient(g: torch.Tensor, bits: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DoReFa's stochastic k-bit gradient quantizer (000 §2.3.3; the G of DoReFa, 003 §2.2.2.1 [16]).
+
+    q = 2 m (quantize_k(g / (2m) + 1/2 + N) - 1/2), m = max|g|, N ~ U(-1/2, 1/2) / (2^k - 1).
+    The noise makes q unbiased inside the range (E[q] = g), which is why DoReFa needs it. A zero
+    gradient stays zero.
+    """
+    g = _checks.float_tensor("g", g)
+    bits = _checks.integer("bits", bits, 1, 16)
+    if g.numel() == 0:
+        return g
+    m = g.detach().abs().max()
+    _checks.finite_values("g", m)
+    if m == 0:
+        return g
+    n = 2**bits - 1
+    noise = (torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device) - 0.5) / n
+    u = (g / (2 * m) + 0.5 + noise).clamp(0, 1)
+    return 2 * m * (torch.round(u * n) / n - 0.5)
+
+
+def quantize_gradients_of(module: torch.nn.Module, bits: int, *,
+                          generator: torch.Generator | None = None) -> list:
+    """Quantize every parameter gradient of `module` to `bits` as it is computed (a training option).
+
+    Returns the hook handles; call `.remove()` on each to stop.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    bits = _checks.integer("bits", bits, 1, 16)
+    return [p.register_hook(lambda g: quantize_gradient(g, bits, generator=generator))
+            for p in module.parameters() if p.requires_grad]
+
+
+def scheme_names(kind: str | None = None) -> Sequence[str]:
+    """Scheme names, optionally only those the papers use for "weights" or "activations"."""
+    if kind is not None:
+        _checks.choice("kind", kind, ("weights", "activations"))
+    return [n for n, s in SCHEMES.items() if kind is None or s.kind == kind]
