@@ -15,7 +15,10 @@ import torch
 
 def choice(name: str, value: object, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)
-    if value not in allowed:
+    # Only plain scalars are compared: an array or tensor has no single truth value, and True == 1
+    # must not pass for bits=1.
+    scalar = isinstance(value, str | numbers.Number) and not isinstance(value, bool)
+    if not scalar or value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name}={value!r} is not allowed; allowed values: {shown}")
 

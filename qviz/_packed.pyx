@@ -36,3 +36,120 @@ def unpack_codes(const uint64_t[:, ::1] words, int bits, uint8_t[:, ::1] out):
         for r in range(n_rows):
             for j in range(k):
                 out[r, j] = <uint8_t> ((words[r, j // per_word] >> ((j % per_word) * bits)) & mask)
+
+
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport free, malloc
+
+cdef extern from "_packed_kernels.h" nogil:
+    int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512
+    int QVIZ_XOR_POPCOUNT, QVIZ_AND_POPCOUNT
+    int qviz_path_supported(int path)
+    int qviz_openmp_enabled()
+    void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
+                          int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads)
+    void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, size_t M, const uint64_t *B, size_t N,
+                               size_t W, int32_t *out, int threads)
+    void qviz_expand_planes(const uint64_t *codes, size_t M, size_t W, int bits, uint64_t *planes)
+    int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W)
+    int qviz_pack_uniform(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                          float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads)
+    void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N, size_t W,
+                         int bits, const float *cb, size_t cb_stride, float *out, int threads)
+    void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint64_t *Wc, size_t CO,
+                         size_t W, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw, size_t pad,
+                         float *out, size_t Ho, size_t Wo, int threads)
+    int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats)
+    void qviz_set_tile(int mr, int nr)
+
+PATHS = ("portable", "popcnt", "avx2", "avx512")
+
+
+def supported_paths():
+    """The code paths this CPU can run, slowest first."""
+    return tuple(name for i, name in enumerate(PATHS) if qviz_path_supported(i))
+
+
+def openmp_enabled():
+    return bool(qviz_openmp_enabled())
+
+
+def binary_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, Py_ssize_t k, int32_t[:, ::1] out,
+                  int path, int threads):
+    """out = K - 2 popcount(a XOR w) for every pair of rows."""
+    with nogil:
+        qviz_pair_matmul(path, QVIZ_XOR_POPCOUNT, &a[0, 0], a.shape[0], &w[0, 0], w.shape[0], a.shape[1],
+                         -2, NULL, k, &out[0, 0], threads)
+
+
+def hybrid_matmul(const uint64_t[:, ::1] a, const int64_t[::1] a_ones, const uint64_t[:, ::1] w,
+                  int32_t[:, ::1] out, int path, int threads):
+    """out = popcount(a) - 2 popcount(a AND w): activations in {0, 1}, weights in {+1, -1} (bit 1 = -1)."""
+    with nogil:
+        qviz_pair_matmul(path, QVIZ_AND_POPCOUNT, &a[0, 0], a.shape[0], &w[0, 0], w.shape[0], a.shape[1],
+                         -2, &a_ones[0], 0, &out[0, 0], threads)
+
+
+def bitserial_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, int bits, int32_t[:, ::1] out,
+                     int path, int threads):
+    """out = sum_k a_k w_k over unsigned b-bit codes, summed over the bit planes of a."""
+    cdef size_t m = a.shape[0], n_words = a.shape[1]
+    cdef uint64_t *planes = <uint64_t *> malloc(m * bits * n_words * sizeof(uint64_t))
+    if planes == NULL:
+        raise MemoryError("no memory for the activation bit planes")
+    try:
+        with nogil:
+            qviz_expand_planes(&a[0, 0], m, n_words, bits, planes)
+            qviz_bitserial_matmul(path, bits, planes, m, &w[0, 0], w.shape[0], n_words, &out[0, 0], threads)
+    finally:
+        free(planes)
+
+
+def pack_signs(const float[:, ::1] x, uint64_t[:, ::1] out, int path):
+    """Sign bits of x (1 where x < 0); returns True if x held NaN."""
+    cdef int nan_seen
+    with nogil:
+        nan_seen = qviz_pack_signs_best(path, &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1])
+    return bool(nan_seen)
+
+
+def pack_uniform(const float[:, ::1] x, int bits, float inv_scale, float zero_point, uint64_t[:, ::1] out,
+                 int64_t[::1] row_sums, int path, int threads):
+    """Quantize x to b-bit codes and pack them; row_sums receives each row's sum of codes. True if NaN."""
+    cdef int nan_seen
+    with nogil:
+        nan_seen = qviz_pack_uniform(path, &x[0, 0], x.shape[0], x.shape[1], bits, inv_scale, zero_point,
+                                     &out[0, 0], out.shape[1], &row_sums[0], threads)
+    return bool(nan_seen)
+
+
+def lut_matmul(const float[:, ::1] x, const uint64_t[:, ::1] w, int bits, const float[:, ::1] codebook,
+               float[:, ::1] out, int path, int threads):
+    """out = x @ codebook[w].T; codebook has one row (per layer) or one per weight row."""
+    cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
+    with nogil:
+        qviz_lut_matmul(path, &x[0, 0], x.shape[0], x.shape[1], &w[0, 0], w.shape[0], w.shape[1], bits,
+                        &codebook[0, 0], stride, &out[0, 0], threads)
+
+
+def lut_conv2d(const float[:, :, :, ::1] x, const uint64_t[:, ::1] w, int bits, const float[:, ::1] codebook,
+               Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out, int threads):
+    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad."""
+    cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
+    with nogil:
+        qviz_lut_conv2d(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0], w.shape[0],
+                        w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad, &out[0, 0, 0, 0],
+                        out.shape[2], out.shape[3], threads)
+
+
+def popcount_buffer(const uint64_t[::1] buf, Py_ssize_t words, Py_ssize_t repeats, int path):
+    """XOR-popcount of 4 rows of `words` words against 2 others, `repeats` times (buf holds 6 rows)."""
+    cdef int64_t total
+    with nogil:
+        total = qviz_popcount_buffer(path, &buf[0], words, repeats)
+    return total
+
+
+def set_tile_shape(int rows_a, int rows_b):
+    """Tile shape of the popcount kernels (1-4 rows of a x 1-2 rows of w); for tuning, not for users."""
+    qviz_set_tile(rows_a, rows_b)

@@ -1,0 +1,858 @@
+/* Bit-packed low-bit kernels behind qviz/_packed.pyx.
+ *
+ * Layout: codes of b bits (b in 1, 2, 4, 8) packed along K into little-endian uint64 words, code j of
+ * a row at word j / (64 / b), bit offset (j % (64 / b)) * b; rows padded with zero bits to whole words.
+ * Zero padding never changes a result: XOR and AND of two zero bits is zero.
+ *
+ * Code paths are compiled per function with target attributes (never -march=native) and chosen at
+ * run time from the CPU's features: "portable" (plain C, any CPU), "popcnt" (x86 hardware popcount),
+ * "avx2" (AVX2 + FMA, nibble-LUT popcount), "avx512" (AVX-512 VPOPCNTDQ + BW). qviz.packed checks every
+ * argument before a call, so these functions trust their inputs and never fail.
+ */
+#ifndef QVIZ_PACKED_KERNELS_H
+#define QVIZ_PACKED_KERNELS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define QVIZ_X86 1
+#include <immintrin.h>
+#else
+#define QVIZ_X86 0
+#endif
+
+#if QVIZ_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_N_PATHS = 4 };
+
+/* What the reduction over words computes for one pair of rows. */
+enum { QVIZ_XOR_POPCOUNT = 0, QVIZ_AND_POPCOUNT = 1, QVIZ_AND_FIELDS2 = 2, QVIZ_AND_FIELDS4 = 3,
+       QVIZ_AND_FIELDS8 = 4, QVIZ_N_OPS = 5 };
+
+static int qviz_path_supported(int path) {
+#if QVIZ_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    switch (path) {
+    case QVIZ_PORTABLE: return 1;
+    case QVIZ_POPCNT: return __builtin_cpu_supports("popcnt");
+    case QVIZ_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    case QVIZ_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    }
+    return 0;
+#else
+    return path == QVIZ_PORTABLE;
+#endif
+}
+
+static int qviz_openmp_enabled(void) { return QVIZ_HAVE_OPENMP; }
+
+static void qviz_set_tile(int mr, int nr);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Scalar word reductions. "fieldsB" sums the B-bit unsigned fields of a word: for B = 2 that is     */
+/* popcount(v & 0x55..) + 2 popcount(v & 0xAA..), and so on.                                          */
+
+#define QVIZ_M1 0x5555555555555555ULL
+#define QVIZ_M2 0x3333333333333333ULL
+#define QVIZ_M4 0x0F0F0F0F0F0F0F0FULL
+
+static inline uint64_t qviz_swar_popcount(uint64_t x) {
+    x = x - ((x >> 1) & QVIZ_M1);
+    x = (x & QVIZ_M2) + ((x >> 2) & QVIZ_M2);
+    x = (x + (x >> 4)) & QVIZ_M4;
+    return (x * 0x0101010101010101ULL) >> 56;
+}
+
+/* Field sums by halving: adding neighbouring fields doubles their width without overflow. */
+static inline uint64_t qviz_fields2_portable(uint64_t v) {
+    v = (v & QVIZ_M2) + ((v >> 2) & QVIZ_M2);
+    v = (v & QVIZ_M4) + ((v >> 4) & QVIZ_M4);
+    return (v * 0x0101010101010101ULL) >> 56;
+}
+static inline uint64_t qviz_fields4_portable(uint64_t v) {
+    v = (v & QVIZ_M4) + ((v >> 4) & QVIZ_M4);   /* bytes of at most 30 */
+    return (v * 0x0101010101010101ULL) >> 56;    /* 8 x 30 = 240 fits the top byte */
+}
+static inline uint64_t qviz_fields8_portable(uint64_t v) {
+    v = (v & 0x00FF00FF00FF00FFULL) + ((v >> 8) & 0x00FF00FF00FF00FFULL);
+    v = (v & 0x0000FFFF0000FFFFULL) + ((v >> 16) & 0x0000FFFF0000FFFFULL);
+    return (v & 0xFFFFFFFFULL) + (v >> 32);
+}
+
+static inline uint64_t qviz_word_op(int op, uint64_t a, uint64_t b) {
+    switch (op) {
+    case QVIZ_XOR_POPCOUNT: return qviz_swar_popcount(a ^ b);
+    case QVIZ_AND_POPCOUNT: return qviz_swar_popcount(a & b);
+    case QVIZ_AND_FIELDS2: return qviz_fields2_portable(a & b);
+    case QVIZ_AND_FIELDS4: return qviz_fields4_portable(a & b);
+    default: return qviz_fields8_portable(a & b);
+    }
+}
+
+/* A tile: S[i * lds + j] = sum over w < W of f(A[i * W + w], B[j * W + w]), i < mr, j < nr. */
+typedef void (*qviz_tile_fn)(const uint64_t *A, const uint64_t *B, size_t W, int mr, int nr, int64_t *S,
+                             size_t lds);
+
+#define QVIZ_MR 4 /* the largest tile: S buffers hold QVIZ_MR x QVIZ_NR */
+#define QVIZ_NR 2
+/* The tile shape the drivers use (rows of A x rows of B); settable so shapes can be compared in one run. */
+static int qviz_tile_mr = 4, qviz_tile_nr = 2; /* measured best of 1x1 ... 4x2 on AVX2 */
+
+#define QVIZ_DEFINE_PORTABLE_TILE(OP)                                                                 \
+    static void qviz_tile_portable_##OP(const uint64_t *A, const uint64_t *B, size_t W, int mr, int nr, \
+                                        int64_t *S, size_t lds) {                                       \
+        for (int i = 0; i < mr; i++)                                                                     \
+            for (int j = 0; j < nr; j++) {                                                               \
+                uint64_t s = 0;                                                                          \
+                const uint64_t *a = A + i * W, *b = B + j * W;                                           \
+                for (size_t w = 0; w < W; w++) s += qviz_word_op(OP, a[w], b[w]);                        \
+                S[i * lds + j] = (int64_t)s;                                                             \
+            }                                                                                            \
+    }
+QVIZ_DEFINE_PORTABLE_TILE(0)
+QVIZ_DEFINE_PORTABLE_TILE(1)
+QVIZ_DEFINE_PORTABLE_TILE(2)
+QVIZ_DEFINE_PORTABLE_TILE(3)
+QVIZ_DEFINE_PORTABLE_TILE(4)
+
+#if QVIZ_X86 && defined(__GNUC__)
+/* ------------------------------------------------------------------------------------------------ */
+/* Hardware popcount (x86 POPCNT): the field sums become masked popcounts.                            */
+
+#define QVIZ_POPCNT_FN __attribute__((target("popcnt")))
+
+static inline QVIZ_POPCNT_FN uint64_t qviz_word_op_popcnt(int op, uint64_t a, uint64_t b) {
+    uint64_t v = op == QVIZ_XOR_POPCOUNT ? a ^ b : a & b;
+    switch (op) {
+    case QVIZ_XOR_POPCOUNT:
+    case QVIZ_AND_POPCOUNT: return (uint64_t)__builtin_popcountll(v);
+    case QVIZ_AND_FIELDS2: return __builtin_popcountll(v & QVIZ_M1) + 2 * (uint64_t)__builtin_popcountll(v & ~QVIZ_M1);
+    case QVIZ_AND_FIELDS4:
+        return __builtin_popcountll(v & 0x1111111111111111ULL) + 2 * (uint64_t)__builtin_popcountll(v & 0x2222222222222222ULL) +
+               4 * (uint64_t)__builtin_popcountll(v & 0x4444444444444444ULL) + 8 * (uint64_t)__builtin_popcountll(v & 0x8888888888888888ULL);
+    default: return qviz_fields8_portable(v);
+    }
+}
+
+#define QVIZ_DEFINE_POPCNT_TILE(OP)                                                                   \
+    static QVIZ_POPCNT_FN void qviz_tile_popcnt_##OP(const uint64_t *A, const uint64_t *B, size_t W, int mr, \
+                                                      int nr, int64_t *S, size_t lds) {                  \
+        for (int i = 0; i < mr; i++)                                                                     \
+            for (int j = 0; j < nr; j++) {                                                               \
+                uint64_t s = 0;                                                                          \
+                const uint64_t *a = A + i * W, *b = B + j * W;                                           \
+                for (size_t w = 0; w < W; w++) s += qviz_word_op_popcnt(OP, a[w], b[w]);                 \
+                S[i * lds + j] = (int64_t)s;                                                             \
+            }                                                                                            \
+    }
+QVIZ_DEFINE_POPCNT_TILE(0)
+QVIZ_DEFINE_POPCNT_TILE(1)
+QVIZ_DEFINE_POPCNT_TILE(2)
+QVIZ_DEFINE_POPCNT_TILE(3)
+QVIZ_DEFINE_POPCNT_TILE(4)
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX2: per-byte counts from a 16-entry nibble table (vpshufb), summed in byte lanes for a few      */
+/* iterations and widened with vpsadbw before a byte can overflow.                                    */
+
+#define QVIZ_AVX2_FN __attribute__((target("avx2,fma,popcnt")))
+
+/* Per-byte value of f(v) for 256 bits. The nibble table gives the popcount (or the 2-bit field sum)
+ * of each nibble; 4-bit fields are the nibbles themselves; 8-bit fields are the bytes. */
+static inline QVIZ_AVX2_FN __m256i qviz_avx2_bytes(int op, __m256i v, __m256i table, __m256i low) {
+    if (op == QVIZ_AND_FIELDS4) return _mm256_add_epi8(_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+    __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low));
+    __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+    return _mm256_add_epi8(lo, hi);
+}
+
+/* How many iterations byte lanes can accumulate: max per byte per iteration is 8 (popcount),
+ * 12 (2-bit fields: 6 per nibble), 30 (4-bit fields). */
+static inline int qviz_avx2_flush_every(int op) {
+    return op == QVIZ_AND_FIELDS2 ? 21 : op == QVIZ_AND_FIELDS4 ? 8 : 31;
+}
+
+static inline QVIZ_AVX2_FN __m256i qviz_avx2_combine(int op, __m256i a, __m256i b) {
+    return op == QVIZ_XOR_POPCOUNT ? _mm256_xor_si256(a, b) : _mm256_and_si256(a, b);
+}
+
+static inline QVIZ_AVX2_FN int64_t qviz_avx2_hsum(__m256i v) {
+    __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
+}
+
+/* MR (1-4) rows of A against NR (1-2) rows of B, both known at compile time after inlining, so the
+ * byte accumulators live in registers and each B vector is loaded once per MR pair-ops. */
+static inline __attribute__((always_inline)) QVIZ_AVX2_FN void
+qviz_avx2_tile_body(const int OP, const int MR, const int NR, const uint64_t *A, const uint64_t *B, size_t W,
+                    int64_t *S, size_t lds) {
+    const __m256i table = OP == QVIZ_AND_FIELDS2
+        ? _mm256_setr_epi8(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6, 0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6)
+        : _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const int every = qviz_avx2_flush_every(OP);
+    const size_t V = W / 4;
+    __m256i q[4][2];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) q[i][j] = zero;
+    size_t v = 0;
+    while (v < V) {
+        const size_t end = v + (size_t)every < V ? v + (size_t)every : V;
+        __m256i c[4][2];
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < NR; j++) c[i][j] = zero;
+        for (; v < end; v++) {
+            __m256i y[2];
+            for (int j = 0; j < NR; j++) y[j] = _mm256_loadu_si256((const __m256i *)(B + j * W + 4 * v));
+            for (int i = 0; i < MR; i++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(A + i * W + 4 * v));
+                for (int j = 0; j < NR; j++) {
+                    const __m256i z = qviz_avx2_combine(OP, x, y[j]);
+                    if (OP == QVIZ_AND_FIELDS8) /* bytes are the fields: widen at once */
+                        q[i][j] = _mm256_add_epi64(q[i][j], _mm256_sad_epu8(z, zero));
+                    else
+                        c[i][j] = _mm256_add_epi8(c[i][j], qviz_avx2_bytes(OP, z, table, low));
+                }
+            }
+        }
+        if (OP != QVIZ_AND_FIELDS8)
+            for (int i = 0; i < MR; i++)
+                for (int j = 0; j < NR; j++) q[i][j] = _mm256_add_epi64(q[i][j], _mm256_sad_epu8(c[i][j], zero));
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            int64_t s = qviz_avx2_hsum(q[i][j]);
+            for (size_t w = 4 * V; w < W; w++) s += (int64_t)qviz_word_op_popcnt(OP, A[i * W + w], B[j * W + w]);
+            S[i * lds + j] = s;
+        }
+}
+
+#define QVIZ_DEFINE_AVX2_TILE(OP)                                                                     \
+    static QVIZ_AVX2_FN void qviz_tile_avx2_##OP(const uint64_t *A, const uint64_t *B, size_t W, int mr, \
+                                                  int nr, int64_t *S, size_t lds) {                      \
+        switch (mr * 2 + nr - 3) {                                                                      \
+        case 0: qviz_avx2_tile_body(OP, 1, 1, A, B, W, S, lds); break;                                  \
+        case 1: qviz_avx2_tile_body(OP, 1, 2, A, B, W, S, lds); break;                                  \
+        case 2: qviz_avx2_tile_body(OP, 2, 1, A, B, W, S, lds); break;                                  \
+        case 3: qviz_avx2_tile_body(OP, 2, 2, A, B, W, S, lds); break;                                  \
+        case 4: qviz_avx2_tile_body(OP, 3, 1, A, B, W, S, lds); break;                                  \
+        case 5: qviz_avx2_tile_body(OP, 3, 2, A, B, W, S, lds); break;                                  \
+        case 6: qviz_avx2_tile_body(OP, 4, 1, A, B, W, S, lds); break;                                  \
+        default: qviz_avx2_tile_body(OP, 4, 2, A, B, W, S, lds); break;                                 \
+        }                                                                                               \
+    }
+QVIZ_DEFINE_AVX2_TILE(0)
+QVIZ_DEFINE_AVX2_TILE(1)
+QVIZ_DEFINE_AVX2_TILE(2)
+QVIZ_DEFINE_AVX2_TILE(3)
+QVIZ_DEFINE_AVX2_TILE(4)
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX-512 VPOPCNTDQ: a 64-bit popcount per lane; field sums by masked popcounts or vpsadbw.          */
+
+#define QVIZ_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,fma,popcnt")))
+
+static inline QVIZ_AVX512_FN __m512i qviz_avx512_lanes(int op, __m512i v) {
+    switch (op) {
+    case QVIZ_XOR_POPCOUNT:
+    case QVIZ_AND_POPCOUNT: return _mm512_popcnt_epi64(v);
+    case QVIZ_AND_FIELDS2: {
+        __m512i m1 = _mm512_set1_epi64((long long)QVIZ_M1);
+        return _mm512_add_epi64(_mm512_popcnt_epi64(_mm512_and_si512(v, m1)),
+                                _mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_andnot_si512(m1, v)), 1));
+    }
+    case QVIZ_AND_FIELDS4: {
+        __m512i low = _mm512_set1_epi8(0x0F);
+        __m512i bytes = _mm512_add_epi8(_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        return _mm512_sad_epu8(bytes, _mm512_setzero_si512());
+    }
+    default: return _mm512_sad_epu8(v, _mm512_setzero_si512());
+    }
+}
+
+#define QVIZ_DEFINE_AVX512_TILE(OP)                                                                   \
+    static QVIZ_AVX512_FN void qviz_tile_avx512_##OP(const uint64_t *A, const uint64_t *B, size_t W, int mr, \
+                                                      int nr, int64_t *S, size_t lds) {                  \
+        const size_t V = W / 8;                                                                         \
+        for (int i = 0; i < mr; i++)                                                                    \
+            for (int j = 0; j < nr; j++) {                                                              \
+                const uint64_t *a = A + i * W, *b = B + j * W;                                          \
+                __m512i acc = _mm512_setzero_si512();                                                   \
+                for (size_t v = 0; v < V; v++) {                                                        \
+                    __m512i x = _mm512_loadu_si512((const void *)(a + 8 * v));                          \
+                    __m512i y = _mm512_loadu_si512((const void *)(b + 8 * v));                          \
+                    __m512i z = OP == QVIZ_XOR_POPCOUNT ? _mm512_xor_si512(x, y) : _mm512_and_si512(x, y); \
+                    acc = _mm512_add_epi64(acc, qviz_avx512_lanes(OP, z));                              \
+                }                                                                                       \
+                int64_t s = _mm512_reduce_add_epi64(acc);                                               \
+                for (size_t w = 8 * V; w < W; w++) s += (int64_t)qviz_word_op_popcnt(OP, a[w], b[w]);  \
+                S[i * lds + j] = s;                                                                     \
+            }                                                                                           \
+    }
+QVIZ_DEFINE_AVX512_TILE(0)
+QVIZ_DEFINE_AVX512_TILE(1)
+QVIZ_DEFINE_AVX512_TILE(2)
+QVIZ_DEFINE_AVX512_TILE(3)
+QVIZ_DEFINE_AVX512_TILE(4)
+#endif /* QVIZ_X86 */
+
+static void qviz_set_tile(int mr, int nr) {
+    qviz_tile_mr = mr < 1 ? 1 : (mr > QVIZ_MR ? QVIZ_MR : mr);
+    qviz_tile_nr = nr < 1 ? 1 : (nr > QVIZ_NR ? QVIZ_NR : nr);
+}
+
+static qviz_tile_fn qviz_tile_for(int path, int op) {
+    static const qviz_tile_fn portable[QVIZ_N_OPS] = {qviz_tile_portable_0, qviz_tile_portable_1,
+                                                      qviz_tile_portable_2, qviz_tile_portable_3,
+                                                      qviz_tile_portable_4};
+#if QVIZ_X86 && defined(__GNUC__)
+    static const qviz_tile_fn popcnt[QVIZ_N_OPS] = {qviz_tile_popcnt_0, qviz_tile_popcnt_1, qviz_tile_popcnt_2,
+                                                    qviz_tile_popcnt_3, qviz_tile_popcnt_4};
+    static const qviz_tile_fn avx2[QVIZ_N_OPS] = {qviz_tile_avx2_0, qviz_tile_avx2_1, qviz_tile_avx2_2,
+                                                  qviz_tile_avx2_3, qviz_tile_avx2_4};
+    static const qviz_tile_fn avx512[QVIZ_N_OPS] = {qviz_tile_avx512_0, qviz_tile_avx512_1, qviz_tile_avx512_2,
+                                                    qviz_tile_avx512_3, qviz_tile_avx512_4};
+    if (path == QVIZ_POPCNT) return popcnt[op];
+    if (path == QVIZ_AVX2) return avx2[op];
+    if (path == QVIZ_AVX512) return avx512[op];
+#endif
+    return portable[op];
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Pair reductions over whole matrices: S[m, n] = sum_w f(A[m, w], B[n, w]) with an epilogue.        */
+/* Threads split the weight rows (B), so a GEMV (M = 1) is parallel too.                              */
+
+#define QVIZ_NB 64 /* weight rows per thread block: 64 rows x 512 B (K = 4096, 1 bit) stay in L2 */
+
+static int qviz_threads(int threads) { return threads < 1 ? 1 : threads; }
+
+/* out[m, n] = scale_a * S + offset[m] (the affine epilogues of the binary and hybrid kernels) */
+static void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
+                             int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads) {
+    qviz_tile_fn tile = qviz_tile_for(path, op);
+    const long n_blocks = (long)((N + QVIZ_NB - 1) / QVIZ_NB);
+    (void)threads;
+#if QVIZ_HAVE_OPENMP
+#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1)
+#endif
+    for (long blk = 0; blk < n_blocks; blk++) {
+        int64_t S[QVIZ_MR * QVIZ_NR];
+        size_t n_end = ((size_t)blk + 1) * QVIZ_NB < N ? ((size_t)blk + 1) * QVIZ_NB : N;
+        const size_t MR = (size_t)qviz_tile_mr, NR = (size_t)qviz_tile_nr;
+        for (size_t m = 0; m < M; m += MR) {
+            int mr = (int)(M - m < MR ? M - m : MR);
+            for (size_t n = (size_t)blk * QVIZ_NB; n < n_end; n += NR) {
+                int nr = (int)(n_end - n < NR ? n_end - n : NR);
+                tile(A + m * W, B + n * W, W, mr, nr, S, QVIZ_NR);
+                for (int i = 0; i < mr; i++)
+                    for (int j = 0; j < nr; j++)
+                        out[(m + i) * N + n + j] =
+                            (int32_t)(mul * S[i * QVIZ_NR + j] + offset + (offset_m ? offset_m[m + i] : 0));
+            }
+        }
+    }
+}
+
+/* Sum over the bit planes of A: out[m, n] = sum_i 2^i fields(planes[m, i] AND B[n]), where planes[m, i]
+ * holds, in every b-bit field, all ones where bit i of the activation code is set (bit-serial matmul). */
+static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, size_t M, const uint64_t *B, size_t N,
+                                  size_t W, int32_t *out, int threads) {
+    const int op = bits == 1 ? QVIZ_AND_POPCOUNT : bits == 2 ? QVIZ_AND_FIELDS2 : bits == 4 ? QVIZ_AND_FIELDS4
+                                                                                           : QVIZ_AND_FIELDS8;
+    qviz_tile_fn tile = qviz_tile_for(path, op);
+    const size_t R = M * (size_t)bits; /* plane rows: row r is plane r % bits of activation row r / bits */
+    const int log_bits = bits == 1 ? 0 : bits == 2 ? 1 : bits == 4 ? 2 : 3;
+    const long n_blocks = (long)((N + QVIZ_NB - 1) / QVIZ_NB);
+    (void)threads;
+#if QVIZ_HAVE_OPENMP
+#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1)
+#endif
+    for (long blk = 0; blk < n_blocks; blk++) {
+        int64_t S[QVIZ_MR * QVIZ_NR];
+        const size_t n0 = (size_t)blk * QVIZ_NB, n_end = n0 + QVIZ_NB < N ? n0 + QVIZ_NB : N;
+        for (size_t m = 0; m < M; m++) memset(out + m * N + n0, 0, (n_end - n0) * sizeof(int32_t));
+        const size_t MR = (size_t)qviz_tile_mr, NR = (size_t)qviz_tile_nr;
+        for (size_t r = 0; r < R; r += MR) {
+            const int mr = (int)(R - r < MR ? R - r : MR);
+            for (size_t n = n0; n < n_end; n += NR) {
+                const int nr = (int)(n_end - n < NR ? n_end - n : NR);
+                tile(planes + r * W, B + n * W, W, mr, nr, S, QVIZ_NR);
+                for (int i = 0; i < mr; i++) {
+                    const size_t row = r + (size_t)i; /* bits is a power of two: shift and mask, no division */
+                    int32_t *o = out + (row >> log_bits) * N + n;
+                    const int plane = (int)(row & (size_t)(bits - 1));
+                    for (int j = 0; j < nr; j++) o[j] += (int32_t)(S[i * QVIZ_NR + j] << plane);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Packing activations. Both return 1 if x held NaN (the words are then not meaningful).            */
+
+/* Bit j of row r is 1 where x[r, j] < 0 (sign -1), 0 otherwise (+1, zero included). */
+static int qviz_pack_signs(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            for (size_t k = k0; k < k1; k++) {
+                nan_seen |= row[k] != row[k];
+                word |= (uint64_t)(row[k] < 0.0f) << (k - k0);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan_seen;
+}
+
+#if QVIZ_X86 && defined(__GNUC__)
+static QVIZ_AVX2_FN int qviz_pack_signs_avx2(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+    const __m256 zero = _mm256_setzero_ps();
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K, k = k0;
+            for (; k + 8 <= k1; k += 8) {
+                __m256 v = _mm256_loadu_ps(row + k);
+                word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)) << (k - k0);
+                nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            }
+            for (; k < k1; k++) {
+                nan_seen |= row[k] != row[k];
+                word |= (uint64_t)(row[k] < 0.0f) << (k - k0);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan_seen != 0;
+}
+#endif
+
+static int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX2) return qviz_pack_signs_avx2(x, M, K, out, W);
+#endif
+    (void)path;
+    return qviz_pack_signs(x, M, K, out, W);
+}
+
+/* Uniform quantization of float activations straight into packed codes:
+ * code = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1). row_sums[r] = sum of codes. */
+static inline float qviz_round_half_even(float c) {
+    /* exact for |c| < 2^22 (callers clamp first); avoids a libm call on baseline x86-64 */
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (c + magic) - magic;
+}
+
+static inline uint64_t qviz_code(float v, float inv_scale, float zero_point, float top, int *nan_seen) {
+    float c = v * inv_scale;
+    *nan_seen |= c != c;
+    if (!(c >= -zero_point - 1.0f)) c = -zero_point - 1.0f; /* NaN lands here too */
+    if (c > top - zero_point + 1.0f) c = top - zero_point + 1.0f;
+    c = qviz_round_half_even(c) + zero_point;
+    return (uint64_t)(c < 0.0f ? 0.0f : (c > top ? top : c));
+}
+
+static int qviz_pack_uniform_portable(const float *x, size_t M, size_t K, int bits, float inv_scale, float zero_point,
+                                      uint64_t *out, size_t W, int64_t *row_sums) {
+    const size_t per_word = (size_t)(64 / bits);
+    const float top = (float)((1 << bits) - 1);
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        int64_t sum = 0;
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            size_t k0 = w * per_word, k1 = k0 + per_word < K ? k0 + per_word : K;
+            for (size_t k = k0; k < k1; k++) {
+                uint64_t code = qviz_code(row[k], inv_scale, zero_point, top, &nan_seen);
+                sum += (int64_t)code;
+                word |= code << ((k - k0) * (size_t)bits);
+            }
+            out[r * W + w] = word;
+        }
+        row_sums[r] = sum;
+    }
+    return nan_seen;
+}
+
+#if QVIZ_X86 && defined(__GNUC__)
+static inline QVIZ_AVX2_FN uint32_t qviz_avx2_or_lanes(__m256i v) {
+    __m128i o = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    o = _mm_or_si128(o, _mm_shuffle_epi32(o, _MM_SHUFFLE(1, 0, 3, 2)));
+    o = _mm_or_si128(o, _mm_shuffle_epi32(o, _MM_SHUFFLE(2, 3, 0, 1)));
+    return (uint32_t)_mm_cvtsi128_si32(o);
+}
+
+/* Rows in parallel; 8 codes at a time: scale, round, clamp (vmaxps sends NaN to 0), shift each lane to
+ * its bit offset and OR the lanes into one group of 8 codes. */
+static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                                float zero_point, uint64_t *out, size_t W, int64_t *row_sums,
+                                                int threads) {
+    const size_t per_word = (size_t)(64 / bits);
+    const float top = (float)((1 << bits) - 1);
+    int nan_seen = 0;
+    (void)threads;
+#if QVIZ_HAVE_OPENMP
+#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(static) reduction(| : nan_seen)
+#endif
+    for (long rr = 0; rr < (long)M; rr++) {
+        const size_t r = (size_t)rr;
+        const __m256 inv = _mm256_set1_ps(inv_scale), zp = _mm256_set1_ps(zero_point);
+        const __m256 hi = _mm256_set1_ps(top), lo = _mm256_setzero_ps();
+        const __m256i lane_shift = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+        const float *row = x + r * K;
+        __m256i sums = _mm256_setzero_si256();
+        int64_t sum = 0;
+        int nan_row = 0;
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            size_t k0 = w * per_word, k1 = k0 + per_word < K ? k0 + per_word : K, k = k0;
+            for (; k + 8 <= k1; k += 8) {
+                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + k), inv);
+                nan_row |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                v = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+                __m256i c = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+                sums = _mm256_add_epi32(sums, c);
+                if (bits == 8) {
+                    __m128i b16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+                    word |= (uint64_t)_mm_cvtsi128_si64(_mm_packus_epi16(b16, b16)) << ((k - k0) * 8);
+                } else {
+                    word |= (uint64_t)qviz_avx2_or_lanes(_mm256_sllv_epi32(c, lane_shift)) << ((k - k0) * (size_t)bits);
+                }
+            }
+            for (; k < k1; k++) {
+                uint64_t code = qviz_code(row[k], inv_scale, zero_point, top, &nan_row);
+                sum += (int64_t)code;
+                word |= code << ((k - k0) * (size_t)bits);
+            }
+            out[r * W + w] = word;
+        }
+        __m256i wide = _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(sums)),
+                                        _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sums, 1)));
+        row_sums[r] = sum + qviz_avx2_hsum(wide);
+        nan_seen |= nan_row != 0;
+    }
+    return nan_seen;
+}
+#endif
+
+static int qviz_pack_uniform(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                             float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads) {
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX2) return qviz_pack_uniform_avx2(x, M, K, bits, inv_scale, zero_point, out, W, row_sums, threads);
+#endif
+    (void)path;
+    (void)threads;
+    return qviz_pack_uniform_portable(x, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+}
+
+/* Expand packed b-bit activation codes into b plane masks per row for the bit-serial kernel:
+ * planes[(r * bits + i) * W + w] has every b-bit field all ones where bit i of that field's code is 1. */
+static void qviz_expand_planes(const uint64_t *codes, size_t M, size_t W, int bits, uint64_t *planes) {
+    uint64_t low = 0; /* the lowest bit of every field */
+    for (int s = 0; s < 64; s += bits) low |= 1ULL << s;
+    const uint64_t fill = bits == 64 ? ~0ULL : (1ULL << bits) - 1;
+    for (size_t r = 0; r < M; r++)
+        for (int i = 0; i < bits; i++)
+            for (size_t w = 0; w < W; w++) {
+                uint64_t b = (codes[r * W + w] >> i) & low;
+                planes[(r * bits + i) * W + w] = b * fill; /* fields never carry into each other */
+            }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Codebook (LUT) matmul: out[m, n] = sum_k x[m, k] codebook_n[code(n, k)], float accumulation.       */
+/* `cb` holds 2^bits floats per codebook; cb_stride is 0 for one codebook per layer, 2^bits per row.  */
+
+static void qviz_decode_row_portable(const uint64_t *words, size_t K, int bits, const float *cb, float *dst) {
+    const size_t per_word = (size_t)(64 / bits);
+    const uint64_t mask = (1ULL << bits) - 1;
+    for (size_t w = 0, k = 0; k < K; w++) {
+        uint64_t word = words[w];
+        for (size_t j = 0; j < per_word && k < K; j++, k++, word >>= bits) dst[k] = cb[word & mask];
+    }
+}
+
+static void qviz_lut_matmul_portable(const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N, size_t W,
+                                     int bits, const float *cb, size_t cb_stride, float *out, int threads) {
+    (void)threads;
+#if QVIZ_HAVE_OPENMP
+#pragma omp parallel num_threads(qviz_threads(threads))
+#endif
+    {
+        float *row = (float *)malloc(K * sizeof(float));
+        if (row) {
+#if QVIZ_HAVE_OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (long n = 0; n < (long)N; n++) {
+                qviz_decode_row_portable(Wc + (size_t)n * W, K, bits, cb + (size_t)n * cb_stride, row);
+                for (size_t m = 0; m < M; m++) {
+                    const float *xm = x + m * K;
+                    float s = 0.0f;
+                    for (size_t k = 0; k < K; k++) s += xm[k] * row[k];
+                    out[m * N + (size_t)n] = s;
+                }
+            }
+            free(row);
+        }
+    }
+}
+
+#if QVIZ_X86 && defined(__GNUC__)
+/* Decode 8 codes starting at code index k of a row (k a multiple of 8) into 8 floats. For up to 16
+ * codebook entries the table lives in two registers and vpermps looks codes up; 8-bit codes gather. */
+typedef struct {
+    __m256 t_lo, t_hi;      /* codebook entries 0-7 and 8-15 */
+    __m256i shifts, mask;   /* where each of 8 codes sits in its group, and the code mask */
+    const float *cb;        /* the codebook itself, for 8-bit gathers */
+    int bits;
+} qviz_decoder;
+
+static inline QVIZ_AVX2_FN qviz_decoder qviz_avx2_decoder(const float *cb, int bits) {
+    qviz_decoder d;
+    float t[16] = {0};
+    if (bits < 8) memcpy(t, cb, sizeof(float) * (size_t)(1 << bits));
+    d.t_lo = _mm256_loadu_ps(t);
+    d.t_hi = _mm256_loadu_ps(t + 8);
+    d.shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    d.mask = _mm256_set1_epi32((1 << bits) - 1);
+    d.cb = cb;
+    d.bits = bits;
+    return d;
+}
+
+/* Decode a group of 8 codes, right-aligned in `group` (8 * bits bits), into 8 floats. Up to 16 codebook
+ * entries live in two registers and vpermps looks codes up; 8-bit codes gather from memory. */
+static inline QVIZ_AVX2_FN __m256 qviz_avx2_decode8b(uint64_t group, const qviz_decoder *d, const int bits) {
+    if (bits == 8) {
+        __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)group));
+        return _mm256_i32gather_ps(d->cb, idx, 4);
+    }
+    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(uint32_t)group), d->shifts), d->mask);
+    __m256 lo = _mm256_permutevar8x32_ps(d->t_lo, idx);
+    if (bits < 4) return lo;
+    __m256 hi = _mm256_permutevar8x32_ps(d->t_hi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))); /* bit 3 -> sign */
+}
+
+static inline QVIZ_AVX2_FN __m256 qviz_avx2_decode8(uint64_t group, const qviz_decoder *d) {
+    return qviz_avx2_decode8b(group, d, d->bits);
+}
+
+/* sum_k x[k] codebook[code k] over the whole words of a row, bits known at compile time so the loop
+ * over the 8-code groups of a word unrolls; returns how many codes it covered. */
+static inline QVIZ_AVX2_FN size_t qviz_avx2_gemv_words(const float *x, const uint64_t *words, size_t K,
+                                                        const qviz_decoder *d, const int bits, __m256 *acc) {
+    const size_t per_word = (size_t)(64 / bits);
+    const int groups = 8 / bits;
+    __m256 a0 = acc[0], a1 = acc[1];
+    size_t k = 0, w = 0;
+    for (; k + per_word <= K; w++) {
+        uint64_t word = words[w];
+        for (int g = 0; g < groups; g++, k += 8) {
+            __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + k), qviz_avx2_decode8b(word, d, bits));
+            if (g & 1) a1 = _mm256_add_ps(a1, p); else a0 = _mm256_add_ps(a0, p);
+            if (bits < 8) word >>= 8 * bits;
+        }
+    }
+    acc[0] = a0;
+    acc[1] = a1;
+    return k;
+}
+
+static inline QVIZ_AVX2_FN float qviz_avx2_hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Decode a whole row of K codes into floats (dst holds K rounded up to 8). */
+static inline QVIZ_AVX2_FN void qviz_avx2_decode_row(const uint64_t *words, size_t K, const qviz_decoder *d,
+                                                       float *dst) {
+    const int bits = d->bits, groups = 8 / bits; /* groups of 8 codes per word */
+    for (size_t w = 0, k = 0; k < K; w++) {
+        uint64_t word = words[w];
+        for (int g = 0; g < groups && k < K; g++, k += 8, word = bits == 8 ? 0 : word >> (8 * bits))
+            _mm256_storeu_ps(dst + k, qviz_avx2_decode8(word, d));
+    }
+}
+
+#define QVIZ_LUT_MR 4 /* activation rows per pass over a decoded weight row */
+
+static QVIZ_AVX2_FN void qviz_lut_matmul_avx2(const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N,
+                                               size_t W, int bits, const float *cb, size_t cb_stride, float *out,
+                                               int threads) {
+    const size_t K8 = (K + 7) / 8 * 8, Kfull = K / 8 * 8;
+    (void)threads;
+#if QVIZ_HAVE_OPENMP
+#pragma omp parallel num_threads(qviz_threads(threads))
+#endif
+    {
+        float *row = (float *)aligned_alloc(32, (K8 + 8) * sizeof(float));
+#if QVIZ_HAVE_OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (long nn = 0; nn < (long)N; nn++) {
+            if (row == NULL) continue;
+            const size_t n = (size_t)nn;
+            const uint64_t *words = Wc + n * W;
+            const qviz_decoder dec = qviz_avx2_decoder(cb + n * cb_stride, bits);
+            if (M == 1) {
+                /* GEMV: decode on the fly, word by word; the packed row is read once, x stays in L1. */
+                __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+                size_t k;
+                switch (bits) {
+                case 1: k = qviz_avx2_gemv_words(x, words, K, &dec, 1, acc); break;
+                case 2: k = qviz_avx2_gemv_words(x, words, K, &dec, 2, acc); break;
+                case 4: k = qviz_avx2_gemv_words(x, words, K, &dec, 4, acc); break;
+                default: k = qviz_avx2_gemv_words(x, words, K, &dec, 8, acc); break;
+                }
+                float s = qviz_avx2_hsum_ps(_mm256_add_ps(acc[0], acc[1]));
+                const uint64_t mask = (1ULL << bits) - 1;
+                const size_t per_word = (size_t)(64 / bits);
+                for (; k < K; k++) s += x[k] * dec.cb[(words[k / per_word] >> ((k % per_word) * (size_t)bits)) & mask];
+                out[n] = s;
+                continue;
+            }
+            /* Several activation rows: decode the weight row once, reuse it for every activation row. */
+            qviz_avx2_decode_row(words, K, &dec, row);
+            size_t m = 0;
+            for (; m + QVIZ_LUT_MR <= M; m += QVIZ_LUT_MR) {
+                const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (size_t k = 0; k < Kfull; k += 8) {
+                    __m256 wv = _mm256_load_ps(row + k);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), wv, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), wv, a1);
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), wv, a2);
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), wv, a3);
+                }
+                float s0 = qviz_avx2_hsum_ps(a0), s1 = qviz_avx2_hsum_ps(a1);
+                float s2 = qviz_avx2_hsum_ps(a2), s3 = qviz_avx2_hsum_ps(a3);
+                for (size_t k = Kfull; k < K; k++) {
+                    s0 += x0[k] * row[k]; s1 += x1[k] * row[k]; s2 += x2[k] * row[k]; s3 += x3[k] * row[k];
+                }
+                out[m * N + n] = s0; out[(m + 1) * N + n] = s1; out[(m + 2) * N + n] = s2; out[(m + 3) * N + n] = s3;
+            }
+            for (; m < M; m++) {
+                const float *xm = x + m * K;
+                __m256 a0 = _mm256_setzero_ps();
+                for (size_t k = 0; k < Kfull; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), _mm256_load_ps(row + k), a0);
+                float s = qviz_avx2_hsum_ps(a0);
+                for (size_t k = Kfull; k < K; k++) s += xm[k] * row[k];
+                out[m * N + n] = s;
+            }
+        }
+        free(row);
+    }
+}
+#endif
+
+static void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N, size_t W,
+                            int bits, const float *cb, size_t cb_stride, float *out, int threads) {
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX2) {
+        qviz_lut_matmul_avx2(x, M, K, Wc, N, W, bits, cb, cb_stride, out, threads);
+        return;
+    }
+#endif
+    (void)path;
+    qviz_lut_matmul_portable(x, M, K, Wc, N, W, bits, cb, cb_stride, out, threads);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Packed-index direct convolution (003 Figs. 5.1, 5.2), stride 1, zero padding `pad`:                 */
+/* out[b, co, y, x] = sum_{ci, i, j} x[b, ci, y + i - pad, x + j - pad] codebook_co[code(co, ci, i, j)]. */
+/* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2); the inner loop     */
+/* runs along output columns so the compiler can vectorise it.                                         */
+
+#if QVIZ_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define QVIZ_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QVIZ_CLONES
+#endif
+
+QVIZ_CLONES static void qviz_conv_plane(const float *xin, size_t H, size_t Wd, const float *filt, size_t kh, size_t kw,
+                                        size_t pad, float *o, size_t Ho, size_t Wo) {
+    for (size_t i = 0; i < kh; i++)
+        for (size_t j = 0; j < kw; j++) {
+            const float w = filt[i * kw + j];
+            if (w == 0.0f) continue;
+            for (size_t y = 0; y < Ho; y++) {
+                long yy = (long)y + (long)i - (long)pad;
+                if (yy < 0 || yy >= (long)H) continue;
+                const float *xr = xin + (size_t)yy * Wd;
+                float *orow = o + y * Wo;
+                /* columns whose input index x + j - pad lies inside [0, Wd) */
+                const long shift = (long)j - (long)pad;
+                long x0 = shift < 0 ? -shift : 0;
+                long x1 = (long)Wd - shift < (long)Wo ? (long)Wd - shift : (long)Wo;
+                for (long x = x0; x < x1; x++) orow[x] += w * xr[x + shift];
+            }
+        }
+}
+
+static void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint64_t *Wc, size_t CO,
+                            size_t W, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw, size_t pad,
+                            float *out, size_t Ho, size_t Wo, int threads) {
+    const size_t KF = C * kh * kw;
+    memset(out, 0, B * CO * Ho * Wo * sizeof(float));
+    (void)threads;
+#if QVIZ_HAVE_OPENMP
+#pragma omp parallel num_threads(qviz_threads(threads))
+#endif
+    {
+        float *filt = (float *)malloc(KF * sizeof(float));
+        if (filt) {
+#if QVIZ_HAVE_OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (long co = 0; co < (long)CO; co++) {
+                qviz_decode_row_portable(Wc + (size_t)co * W, KF, bits, cb + (size_t)co * cb_stride, filt);
+                for (size_t b = 0; b < B; b++)
+                    for (size_t ci = 0; ci < C; ci++)
+                        qviz_conv_plane(x + (b * C + ci) * H * Wd, H, Wd, filt + ci * kh * kw, kh, kw, pad,
+                                        out + (b * CO + (size_t)co) * Ho * Wo, Ho, Wo);
+            }
+            free(filt);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The machine's popcount ceiling: popcount of an L1-resident buffer, bits per second measured by    */
+/* the caller. Returns the count so the work cannot be optimised away.                               */
+
+static int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats) {
+    int64_t total = 0;
+    int64_t S[QVIZ_MR * QVIZ_NR];
+    qviz_tile_fn tile = qviz_tile_for(path, QVIZ_XOR_POPCOUNT);
+    for (size_t r = 0; r < repeats; r++) {
+        /* QVIZ_MR rows against QVIZ_NR others: the binary matmul's own inner loop at its largest tile */
+        tile(buf, buf + QVIZ_MR * W, W, QVIZ_MR, QVIZ_NR, S, QVIZ_NR);
+        for (int i = 0; i < QVIZ_MR * QVIZ_NR; i++) total += S[i];
+    }
+    return total;
+}
+
+#endif /* QVIZ_PACKED_KERNELS_H */
