@@ -253,17 +253,36 @@ def _out_int32(a: PackedMatrix, w: PackedMatrix) -> np.ndarray:
     return np.empty((a.shape[0], w.shape[0]), dtype=np.int32)
 
 
-def binary_matmul(a: PackedMatrix, w: PackedMatrix, *, threads: int | None = None) -> np.ndarray:
+def binary_matmul(a: PackedMatrix, w: PackedMatrix, *, scale_a=None, scale_w=None,
+                  threads: int | None = None) -> np.ndarray:
     """Sign matmul of 1-bit a [M, K] and w [N, K] (bit 1 = -1): int32 [M, N] = K - 2 popcount(a XOR w).
 
-    That is the sum of sign products, the XNOR-popcount of BNN (003 §3.2). Scale per channel afterwards
-    for the xnor scheme.
+    That is the sum of sign products, the XNOR-popcount of BNN (003 §3.2). With `scale_w` (one α per
+    output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor scheme's
+    scaling (003 eq. 3-6) is applied afterwards and the result is float32 [M, N]:
+    (sign(a) α_a) @ (sign(w) α_w).T.
     """
     a, w = _packed("a", a, (1,)), _packed("w", w, (1,))
     _same_k(a, w)
     out = _out_int32(a, w)
     _kernels.binary_matmul(a.words, w.words, a.shape[1], out, _path, _threads(threads))
-    return out
+    if scale_a is None and scale_w is None:
+        return out
+    sa = _scales("scale_a", 1.0 if scale_a is None else scale_a, a.shape[0]).reshape(-1, 1)
+    sw = _scales("scale_w", 1.0 if scale_w is None else scale_w, w.shape[0]).reshape(1, -1)
+    return (out * sa * sw).astype(np.float32)
+
+
+def _scales(name: str, value, rows: int) -> np.ndarray:
+    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if not np.issubdtype(v.dtype, np.number):
+        raise TypeError(f"{name} must hold numbers, got dtype {v.dtype}")
+    v = v.astype(np.float64).reshape(-1)
+    if v.size not in (1, rows):
+        raise ValueError(f"{name} must hold 1 or {rows} values, got {v.size}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"{name} contains NaN or Inf; allowed: finite values")
+    return v
 
 
 def hybrid_matmul(a: PackedMatrix, w: PackedMatrix, *, threads: int | None = None) -> np.ndarray:

@@ -77,6 +77,21 @@ def test_binary_matmul_is_the_sum_of_sign_products(path, shape, seed):
     assert np.array_equal(out, sa @ sw.T)
 
 
+def test_binary_matmul_with_xnor_scaling_equals_the_engine_xnor_scheme():
+    from qviz.engine import QuantSpec, fake_quantize
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 130), dtype=np.float32)
+    w = rng.standard_normal((9, 130), dtype=np.float32)
+    xq = fake_quantize(torch.from_numpy(x), QuantSpec("xnor", bits=1, granularity="channel", axis=0))
+    wq = fake_quantize(torch.from_numpy(w), QuantSpec("xnor", bits=1, granularity="channel", axis=0))
+    out = packed.binary_matmul(packed.pack_signs(x), packed.pack_signs(w),
+                               scale_a=np.abs(x).mean(1), scale_w=np.abs(w).mean(1))
+    np.testing.assert_allclose(out, (xq @ wq.T).numpy(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="scale_w must hold 1 or 9 values"):
+        packed.binary_matmul(packed.pack_signs(x), packed.pack_signs(w), scale_w=np.ones(3))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes, seed=seeds)
 def test_hybrid_matmul_is_zero_one_activations_times_sign_weights(path, shape, seed):
