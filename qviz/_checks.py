@@ -6,11 +6,27 @@ message names the argument and says what is allowed, so a widget can show it to 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from collections.abc import Iterable
 
 import torch
+
+# Whether finite_values looks at tensors. A training loop turns it off for its own steps (it checks the
+# loss instead): scanning every activation for NaN on every step would cost more than quantizing it.
+_FINITE_CHECKS = contextvars.ContextVar("qviz_finite_checks", default=True)
+
+
+@contextlib.contextmanager
+def no_finite_checks():
+    """Skip NaN/Inf scans of tensors inside this block (this thread / context only)."""
+    token = _FINITE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _FINITE_CHECKS.reset(token)
 
 
 def choice(name: str, value: object, allowed: Iterable[object]) -> None:
@@ -64,6 +80,8 @@ def float_tensor(name: str, x: object) -> torch.Tensor:
 
 def finite_values(name: str, *values: torch.Tensor) -> None:
     """Raise if any tensor holds NaN or Inf; callers pass small statistics (a min, a max) when they can."""
+    if not _FINITE_CHECKS.get():
+        return
     for v in values:
         if v.numel() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} contains NaN or Inf; only finite values can be quantized")

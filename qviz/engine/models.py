@@ -1,13 +1,19 @@
 """Models and the operations on them that quantization needs.
 
-Batch-norm folding (004 eqs. 20-21) lives here as a pure function on tensors.
+Batch-norm folding (004 eqs. 20-21) as a pure function on tensors; quantized linear layers with float
+shadow weights (002 eqs. 2-4) and batch-norm folding for QAT (004 eqs. 22-31); activation quantizers
+with moving-average ranges (004 §2.5); the fully connected networks of 002 §3 (FCDNN).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from qviz import _checks
+from qviz.engine.observers import MovingAverageMinMaxObserver
+from qviz.engine.quantizers import QuantSpec, fake_quantize
 
 
 def fold_batchnorm(weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
@@ -41,3 +47,323 @@ def fold_batchnorm(weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
     shift = (bias if bias is not None else torch.zeros_like(mean)) - mean
     w_fold = weight * gain.reshape(-1, *([1] * (weight.dim() - 1)))
     return w_fold, beta + gain * shift
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantized layers
+
+
+def _check_spec(name: str, spec) -> QuantSpec | None:
+    if spec is not None and not isinstance(spec, QuantSpec):
+        raise TypeError(f"{name} must be a QuantSpec or None (float), got {type(spec).__name__}")
+    return spec
+
+
+# Where training swaps a deterministic weight quantizer for its stochastic twin (004 §2.3, §4).
+STOCHASTIC_TWIN = {"affine": "stochastic", "binary": "binary_stochastic"}
+
+
+def _training_spec(spec: QuantSpec | None, stochastic: bool) -> QuantSpec | None:
+    if spec is None or not stochastic:
+        return spec
+    if spec.scheme not in STOCHASTIC_TWIN:
+        raise ValueError(f"stochastic training is available for weight schemes {sorted(STOCHASTIC_TWIN)}, "
+                         f"got scheme={spec.scheme!r}")
+    return spec.replace(scheme=STOCHASTIC_TWIN[spec.scheme])
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
+
+    Holds the learnable α of the `ceil` scheme. With `stochastic=True` training uses the scheme's
+    stochastic twin (affine -> stochastic, binary -> binary_stochastic) and evaluation the
+    deterministic scheme, as 004 §4 compares.
+    """
+
+    def __init__(self, spec: QuantSpec | None, stochastic: bool = False):
+        super().__init__()
+        self.spec = _check_spec("w_spec", spec)
+        self.train_spec = _training_spec(spec, stochastic)
+        learns_alpha = spec is not None and spec.scheme == "ceil"
+        self.alpha = nn.Parameter(torch.tensor(spec.alpha or 1.0)) if learns_alpha else None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.spec is None:
+            return w
+        spec = self.train_spec if self.training else self.spec
+        return fake_quantize(w, spec, alpha=self.alpha)
+
+
+# Schemes whose range an activation quantizer fixes from its moving-average observer (004 §2.5);
+# the others either have a fixed range (dorefa_act, bnn_act), learn it (pact) or are defined on the
+# tensor at hand (ceil_act's max, ternary's Δ, ...).
+_OBSERVED = {"affine", "symmetric", "stochastic", "relu"}
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes activations with a range from a moving average of batch min/max (004 §2.5).
+
+    Training batches update the range, evaluation uses it as it stands (so a decision map is a pure
+    function of the input). PACT learns its clip α, initialised (and set by calibration) to the clip
+    with the least squared quantization error on the data seen (`mse_clip`).
+    """
+
+    def __init__(self, spec: QuantSpec | None, momentum: float = 0.1):
+        super().__init__()
+        self.spec = _check_spec("a_spec", spec)
+        self.observer = MovingAverageMinMaxObserver(momentum)
+        self.calibrating = False
+        self.alpha = nn.Parameter(torch.tensor(-1.0)) if spec is not None and spec.scheme == "pact" else None
+
+    def reset_range(self) -> None:
+        self.observer.min_val, self.observer.max_val = torch.tensor([]), torch.tensor([])
+
+    def _fixed(self, x: torch.Tensor) -> QuantSpec:
+        spec = self.spec
+        if spec.scheme not in _OBSERVED or spec.clip is not None:
+            return spec
+        if self.training or self.calibrating or not self.observer.initialized:
+            self.observer(x.detach())
+        lo, hi = float(self.observer.min_val.min()), float(self.observer.max_val.max())
+        if spec.scheme == "relu":
+            return spec.replace(clip=max(hi, 1e-8))
+        if spec.scheme == "symmetric":
+            return spec.replace(clip=max(abs(lo), abs(hi), 1e-8))
+        return spec.replace(clip=(lo, hi) if lo < hi else (lo - 1e-8, hi + 1e-8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec is None:
+            return x
+        if self.alpha is not None:
+            if self.calibrating or float(self.alpha.detach()) <= 0:
+                with torch.no_grad():
+                    self.alpha.fill_(mse_clip(x.detach(), self.spec))
+            return fake_quantize(x, self.spec, alpha=self.alpha)
+        return fake_quantize(x, self._fixed(x))
+
+
+def mse_clip(x: torch.Tensor, spec: QuantSpec, candidates: int = 24) -> float:
+    """The clip α in [q50, max] of the positive values of x that minimises the mean squared quantization
+    error of `spec` with clip α: where PACT starts (and what calibration sets) before α learns.
+
+    At 2 bits the largest activation is a poor clip: most values fall into the first step. A learned α
+    moves only as fast as its learning rate, so a good start saves most of the retraining.
+    """
+    positive = x[x > 0].reshape(-1)
+    if positive.numel() == 0:
+        return 1e-3
+    sample = positive[torch.randperm(positive.numel(), generator=torch.Generator().manual_seed(0))[:65536]]
+    quantiles = torch.quantile(sample, torch.linspace(0.5, 1.0, candidates))
+    best, best_err = float(quantiles[-1]), float("inf")
+    for alpha in quantiles.tolist():
+        if alpha <= 0:
+            continue
+        err = float(((fake_quantize(sample, spec, alpha=torch.tensor(alpha)) - sample) ** 2).mean())
+        if err < best_err:
+            best, best_err = alpha, err
+    return max(best, 1e-3)
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear whose weights pass through a WeightQuantizer."""
+
+    def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec | None = None, *,
+                 bias: bool = True, stochastic: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.wq = WeightQuantizer(w_spec, stochastic)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.wq(self.weight), self.bias)
+
+
+BN_FOLDS = ("none", "naive", "corrected")
+
+
+class QuantLinearBN(nn.Module):
+    """Linear + batch norm whose weights are quantized after folding (004 §3.2.2, eqs. 18-31).
+
+    fold="none": the float BN runs after a linear layer with quantized W (no folding; what inference
+    cannot do). fold="naive": training quantizes γW/σ_B with the batch's σ_B and adds β - γμ_B/σ_B
+    (Fig. 8), so the quantized weights jitter from batch to batch. fold="corrected": training quantizes
+    w_corrected = γW/σ with the long-term σ (eqs. 22-23) and rescales the output by c = σ_B/σ
+    (eqs. 24-27) until `freeze()`, after which the long-term statistics are frozen and used throughout
+    (eqs. 28-31). Evaluation always runs the inference graph: Q(γW/σ) x + β - γμ/σ (eqs. 20-21).
+    """
+
+    def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec | None = None, *,
+                 fold: str = "corrected", stochastic: bool = False, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        _checks.choice("fold", fold, BN_FOLDS)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.bn = nn.BatchNorm1d(out_features, eps=eps, momentum=momentum)
+        self.wq = WeightQuantizer(w_spec, stochastic)
+        self.fold = fold
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def freeze(self) -> None:
+        """Stop updating the moving mean/variance and use them in training too (004 eqs. 28-31)."""
+        self.frozen.fill_(True)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float weights and bias of the inference graph (004 eqs. 20-21)."""
+        bn = self.bn
+        return fold_batchnorm(self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if self.fold == "none":
+            return bn(F.linear(x, self.wq(self.weight)))
+        if not self.training:
+            w, b = self.folded()
+            return F.linear(x, self.wq(w), b)
+        y_float = F.linear(x, self.weight)  # the batch statistics of the unquantized layer (Fig. 9)
+        mean_b, var_b = y_float.mean(0), y_float.var(0, unbiased=False)
+        if not bool(self.frozen):
+            with torch.no_grad():
+                n = y_float.shape[0]
+                bn.running_mean.lerp_(mean_b, bn.momentum)
+                bn.running_var.lerp_(var_b * n / max(n - 1, 1), bn.momentum)
+        sigma_b = torch.sqrt(var_b + bn.eps)
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        gamma, beta = bn.weight, bn.bias
+        if self.fold == "naive":  # Fig. 8: fold with the batch statistics
+            return F.linear(x, self.wq(self.weight * (gamma / sigma_b)[:, None]), beta - gamma * mean_b / sigma_b)
+        y = F.linear(x, self.wq(self.weight * (gamma / sigma)[:, None]))  # eqs. 22-24
+        if bool(self.frozen):
+            return y + beta - gamma * bn.running_mean / sigma  # eqs. 28-31
+        return y * (sigma / sigma_b) + beta - gamma * mean_b / sigma_b  # eqs. 25-27
+
+
+# --------------------------------------------------------------------------------------------------
+# The fully connected networks of 002 §3
+
+
+# Fixed preprocessing inside every FCDNN: the rings are 0.1 apart inside [-1, 1.1]²; a ReLU network learns
+# structure that fine several times faster when its inputs are spread by 4 (measured: 128-4 reaches 96%
+# correct answers in 1,500 steps at scale 4, 85% at scale 1). The input itself is never quantized.
+INPUT_SCALE = 4.0
+
+
+class FCDNN(nn.Module):
+    """Fully connected ReLU network "width-depth" of 002 §3.2: `depth` linear layers, `width` units each.
+
+    2 -> width -> ... -> width -> 2 logits, so depth counts every linear layer (002 App. A: 200-4 has
+    81K parameters, 128-6 66K). residual: each hidden layer's output is added to the previous hidden
+    state and the sum halved, h <- 0.5 (act(W h + b) + h) (002 §3.2), from the second hidden layer on.
+    w_spec / a_spec quantize the weights of every layer and the activation after every hidden ReLU
+    (None: float); quantize_shortcut also quantizes the residual sum (002 Fig. 4 "QRA") with
+    shortcut_spec (default a_spec). batchnorm puts a batch norm after each hidden linear layer, folded
+    for quantization as `bn_fold` says (see QuantLinearBN). overrides maps a layer index (negative
+    counts from the end) to {"w_spec": ..., "a_spec": ...}, e.g. {0: {"w_spec": None}, -1: {"w_spec":
+    None}} keeps the first and last layers in float (000 §4.2). With a_spec = bnn_act the quantizer is the
+    nonlinearity (sign replaces ReLU, as in BNN). Inputs are multiplied by `input_scale` first.
+    """
+
+    def __init__(self, width: int = 128, depth: int = 4, residual: bool = False, w_spec: QuantSpec | None = None,
+                 a_spec: QuantSpec | None = None, batchnorm: bool = False, *, quantize_shortcut: bool = False,
+                 shortcut_spec: QuantSpec | None = None, overrides: dict | None = None, bn_fold: str = "corrected",
+                 stochastic: bool = False, in_features: int = 2, classes: int = 2, input_scale: float = INPUT_SCALE):
+        super().__init__()
+        self.width = _checks.integer("width", width, 1, 65536)
+        self.depth = _checks.integer("depth", depth, 2, 256)
+        self.residual = _checks.boolean("residual", residual)
+        self.batchnorm = _checks.boolean("batchnorm", batchnorm)
+        self.quantize_shortcut = _checks.boolean("quantize_shortcut", quantize_shortcut)
+        _checks.choice("bn_fold", bn_fold, BN_FOLDS)
+        self.w_spec, self.a_spec = _check_spec("w_spec", w_spec), _check_spec("a_spec", a_spec)
+        self.shortcut_spec = _check_spec("shortcut_spec", shortcut_spec) or self.a_spec
+        self.overrides = self._check_overrides(overrides)
+        self.stochastic = _checks.boolean("stochastic", stochastic)
+        self.bn_fold = bn_fold
+        self.input_scale = _checks.real("input_scale", input_scale, 0.0, lo_open=True)
+        sizes = [_checks.integer("in_features", in_features, 1)] + [self.width] * (self.depth - 1)
+        sizes.append(_checks.integer("classes", classes, 2))
+        layers, acts, shortcuts = [], [], []
+        for i in range(self.depth):
+            w_i, a_i = self.specs_of(i)
+            hidden = i < self.depth - 1
+            if hidden and batchnorm:
+                layers.append(QuantLinearBN(sizes[i], sizes[i + 1], w_i, fold=bn_fold, stochastic=stochastic))
+            else:
+                layers.append(QuantLinear(sizes[i], sizes[i + 1], w_i, stochastic=stochastic))
+            if hidden:
+                acts.append(ActivationQuantizer(a_i))
+                shortcut = residual and quantize_shortcut and i > 0
+                shortcuts.append(ActivationQuantizer(self.shortcut_spec if shortcut else None))
+        self.layers, self.acts, self.shortcuts = nn.ModuleList(layers), nn.ModuleList(acts), nn.ModuleList(shortcuts)
+
+    def _check_overrides(self, overrides) -> dict[int, dict]:
+        if overrides is None:
+            return {}
+        if not isinstance(overrides, dict):
+            raise TypeError(f"overrides must be a dict of layer index -> {{'w_spec': ..., 'a_spec': ...}}, "
+                            f"got {type(overrides).__name__}")
+        checked = {}
+        for index, entry in overrides.items():
+            i = _checks.integer("overrides key", index, -self.depth, self.depth - 1) % self.depth
+            if not isinstance(entry, dict) or not set(entry) <= {"w_spec", "a_spec"}:
+                raise ValueError(f"overrides[{index}] must be a dict with keys among 'w_spec', 'a_spec', got {entry!r}")
+            checked[i] = {k: _check_spec(f"overrides[{index}][{k!r}]", v) for k, v in entry.items()}
+        return checked
+
+    def specs_of(self, i: int) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """The (weight, activation) specs layer i uses after overrides."""
+        entry = self.overrides.get(i, {})
+        return entry.get("w_spec", self.w_spec), entry.get("a_spec", self.a_spec)
+
+    def config(self) -> dict:
+        """The constructor arguments, to build a twin of this network."""
+        return {"width": self.width, "depth": self.depth, "residual": self.residual, "w_spec": self.w_spec,
+                "a_spec": self.a_spec, "batchnorm": self.batchnorm, "quantize_shortcut": self.quantize_shortcut,
+                "shortcut_spec": self.shortcut_spec, "overrides": self.overrides, "bn_fold": self.bn_fold,
+                "stochastic": self.stochastic, "input_scale": self.input_scale}
+
+    def hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every hidden state h_1 .. h_{depth-1} (after activation quantization and any residual sum)."""
+        states, h = [], x * self.input_scale
+        for i, layer in enumerate(self.layers[:-1]):
+            act = self.acts[i]
+            z = layer(h)
+            a = act(z if act.spec is not None and act.spec.scheme == "bnn_act" else F.relu(z))
+            h = self.shortcuts[i](0.5 * (a + h)) if self.residual and i > 0 else a
+            states.append(h)
+        return states
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states = self.hidden_states(x)
+        return self.layers[-1](states[-1])
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The float (shadow) weight matrices [out, in] of every layer, in order."""
+        return [layer.weight for layer in self.layers]
+
+    def calibrate(self, X: torch.Tensor, batch: int = 4096) -> FCDNN:
+        """Set every activation range from data without training (post-training quantization, 004 §3.1.2)."""
+        quantizers = [*self.acts, *self.shortcuts]
+        was_training = self.training
+        self.eval()
+        for q in quantizers:
+            q.reset_range()
+            q.calibrating = True
+        try:
+            with torch.no_grad():
+                for start in range(0, len(X), batch):
+                    self(X[start:start + batch])
+        finally:
+            for q in quantizers:
+                q.calibrating = False
+            self.train(was_training)
+        return self
+
+
+def quantized_copy(model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | None, **changes) -> FCDNN:
+    """An FCDNN like `model` with other quantizers, starting from model's float weights (shadow weights)."""
+    if not isinstance(model, FCDNN):
+        raise TypeError(f"model must be an FCDNN, got {type(model).__name__}")
+    config = {**model.config(), "w_spec": w_spec, "a_spec": a_spec, "shortcut_spec": None, **changes}
+    twin = FCDNN(**config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("acts.", "shortcuts."))
+             and ".wq." not in k}
+    twin.load_state_dict(state, strict=False)
+    return twin

@@ -140,24 +140,36 @@ class _StraightThrough(torch.autograd.Function):
 class _PACT(torch.autograd.Function):
     """PACT (002 §2.2): q = round_half_up(clamp(x, 0, α) / Δ) Δ with Δ = α / (2^k - 1).
 
-    Backward (PACT's STE): dq/dx = mask (default 1{0 <= x <= α}), dq/dα = 1{x >= α}.
+    Backward (PACT's STE): dq/dx = 1{0 <= x <= α} (the clipped STE; `ste` may swap it for identity or
+    saturated), dq/dα = 1{x >= α}. Written as few full-tensor passes as possible: it runs on every
+    activation of every training step.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, levels, mask):
-        alpha_c = alpha.detach().clamp(min=SCALE_FLOOR)
-        step = alpha_c / levels
-        q = torch.floor(torch.minimum(x.detach().clamp(min=0), alpha_c) / step + 0.5) * step
-        ctx.save_for_backward(x.detach() >= alpha_c, mask)
-        ctx.identity = mask is None
+    def forward(ctx, x, alpha, levels, ste):
+        a = max(float(alpha.detach().max()), SCALE_FLOOR) if alpha.numel() == 1 else None
+        bound = a if a is not None else alpha.detach().clamp(min=SCALE_FLOOR)
+        clipped = x.clamp(0.0, a) if a is not None else torch.minimum(x.clamp(min=0), bound)
+        if ste == "clipped":
+            inside = clipped == x  # exactly where 0 <= x <= α
+        elif ste == "saturated":
+            inside = x.abs() <= 1
+        else:
+            inside = None
+        above = x >= bound
+        step = bound / levels
+        q = clipped.div_(step).add_(0.5).floor_().mul_(step)
+        ctx.save_for_backward(above, inside)
         ctx.alpha_shape = alpha.shape
         return q
 
     @staticmethod
     def backward(ctx, grad):
-        above, mask = ctx.saved_tensors
-        grad_x = grad if ctx.identity else grad * mask
-        grad_alpha = (grad * above).sum_to_size(ctx.alpha_shape) if ctx.needs_input_grad[1] else None
+        above, inside = ctx.saved_tensors
+        grad_x = grad if inside is None else grad * inside
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = torch.where(above, grad, 0.0).sum_to_size(ctx.alpha_shape)
         return grad_x, grad_alpha, None, None
 
 
@@ -241,6 +253,14 @@ def _reduce(x: torch.Tensor, spec: QuantSpec, fn) -> torch.Tensor:
     out = fn(x, dims) if dims else x.clone()
     _checks.finite_values("x", out)
     return out
+
+
+def _stat_shape(x: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
+    """The keepdim shape of a per-tensor or per-channel statistic of x."""
+    if spec.granularity == "tensor":
+        return (1,) * x.dim()
+    axis = _checks.axis_for("axis", spec.axis, x.dim())
+    return tuple(n if d == axis else 1 for d, n in enumerate(x.shape))
 
 
 def _span_levels(lo, hi, count: int) -> torch.Tensor:
@@ -443,16 +463,15 @@ class Ternary(Scheme):
 
     def stats(self, x, spec, alpha):
         a = x.abs()
-        top = _reduce(a, spec, lambda t, d: t.amax(dim=d, keepdim=True))
         if spec.delta_rule == "twn":
             delta = 0.7 * _reduce(a, spec, lambda t, d: t.mean(dim=d, keepdim=True))
         else:
-            delta = _exact_ternary_delta(a, spec, top.shape)
-        above = (a > delta).to(x.dtype)
-        count = _reduce(above, spec, lambda t, d: t.sum(dim=d, keepdim=True))
-        total = _reduce(a * above, spec, lambda t, d: t.sum(dim=d, keepdim=True))
-        alpha = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-        return {"delta": delta, "alpha": alpha, "top": top}
+            delta = _exact_ternary_delta(a, spec, _stat_shape(a, spec))
+        kept = torch.where(a > delta, a, 0.0)
+        count = _reduce(kept > 0, spec, lambda t, d: t.sum(dim=d, keepdim=True))
+        total = _reduce(kept, spec, lambda t, d: t.sum(dim=d, keepdim=True))
+        alpha = torch.where(count > 0, total / count.clamp(min=1), 0.0).to(x.dtype)
+        return {"delta": delta, "alpha": alpha, "top": _reduce(a, spec, lambda t, d: t.amax(dim=d, keepdim=True))}
 
     def quantize(self, x, spec, st, generator):
         zero = torch.zeros((), dtype=x.dtype)
@@ -470,7 +489,7 @@ class Ternary(Scheme):
         return torch.cat([-d, d], dim=-1)
 
 
-def _exact_ternary_delta(a: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
+def _exact_ternary_delta(a: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> torch.Tensor:
     """Δ* of 003 eq. 3-14 per tensor or channel: argmax over achievable sets I_Δ of (Σ|w|)² / |I_Δ|."""
     if spec.granularity == "channel":
         axis = _checks.axis_for("axis", spec.axis, a.dim())
@@ -650,8 +669,7 @@ class Pact(Relu):
     def apply(self, x, spec, st, alpha, generator):
         if alpha is None:
             return super().apply(x, spec, st, alpha, generator)
-        mask = self.ste_mask(x.detach(), spec, st)
-        return _PACT.apply(x, alpha, float(2**spec.bits - 1), mask)
+        return _PACT.apply(x, alpha, float(2**spec.bits - 1), spec.ste or self.default_ste)
 
 
 class DorefaAct(Scheme):

@@ -1,0 +1,438 @@
+"""Training for the semicircle experiments of papers/002_1b443ddc5a97006e.txt §3-4 (engine only, no UI).
+
+- `train_float`: float training of an FCDNN (Adam, warm-up then cosine decay).
+- `post_training_quantize`: quantize a float model's weights and calibrate activation ranges, no
+  retraining (004 §3.1).
+- `retrain_quantized`: quantization-aware retraining from the float model with float shadow weights
+  and straight-through gradients (002 eqs. 2-4, 004 eqs. 16-17); options: the cyclic learning rate of
+  002 App. B, the Lipschitz regulariser L_Lip of 002 eq. 8, batch-norm folding with correction and
+  freezing (004 eqs. 22-31) or naive folding, DoReFa gradient quantization (000 §2.3.3) and stochastic
+  instead of deterministic weight quantization during training (004 §4).
+- Progress goes to a callback (step, loss, accuracy and, on request, an intermediate decision map);
+  a `threading.Event` cancels training from another thread between two steps.
+- `float_model` caches trained float models on disk (loaded with torch.load(weights_only=True)).
+- `decision_map` and `run_experiment` turn models into the maps and result rows the explorers show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qviz import _checks
+from qviz.engine.data import correct_labels, evaluation_grid, semicircles
+from qviz.engine.metrics import sqnr_db
+from qviz.engine.models import FCDNN, INPUT_SCALE, QuantLinearBN, quantized_copy
+from qviz.engine.quantizers import QuantSpec, fake_quantize, quantize_gradients_of
+
+CACHE_VERSION = 1
+
+
+class TrainingCancelled(Exception):
+    """Raised inside a training call when its cancel event was set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long and how fast to train: Adam, linear warm-up over `warmup` of the steps, cosine decay."""
+
+    steps: int = 1500
+    lr: float = 3e-3
+    batch_size: int = 1024
+    warmup: float = 0.05
+
+    def __post_init__(self):
+        _checks.integer("steps", self.steps, 1, 10**7)
+        _checks.real("lr", self.lr, 0.0, 10.0, lo_open=True)
+        _checks.integer("batch_size", self.batch_size, 1, 10**7)
+        _checks.real("warmup", self.warmup, 0.0, 1.0)
+
+    def factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1.0, self.warmup * self.steps))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps))
+
+
+FLOAT_SCHEDULE = Schedule()
+QAT_SCHEDULE = Schedule(steps=1000, lr=3e-3)
+
+
+def cyclic_lr_factors() -> list[float]:
+    """The 8-step learning-rate factor sequence of one CLR cycle (002 App. B, Fig. 11)."""
+    s = math.sqrt(0.1)
+    return [1.0, s, 0.1, 0.1 * s, 0.01, 0.1 * s, 0.1, s]
+
+
+def clr_factor(step: int, period: int) -> float:
+    """The CLR factor at `step` for a cycle of `period` steps: the factor changes every period / 8 steps."""
+    period = _checks.integer("period", period, 8)
+    return cyclic_lr_factors()[(step * 8 // period) % 8]
+
+
+def lipschitz_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """L_Lip = 1/2 Σ_l ||W_lᵀ W_l - I||² over every linear layer (002 eq. 8).
+
+    002 writes W_l as [in, out]; torch stores weight = W_lᵀ [out, in], so W_lᵀ W_l = weight @ weight.T.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear | QuantLinearBN)]
+    total = torch.zeros(())
+    for w in weights:
+        gram = w @ w.T
+        total = total + ((gram - torch.eye(gram.shape[0])) ** 2).sum()
+    return 0.5 * total
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+_GRID_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _grid(resolution: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (resolution, lo, hi)
+    if key not in _GRID_CACHE:
+        points = evaluation_grid(resolution, lo, hi)
+        _GRID_CACHE[key] = (points, correct_labels(points))
+    return _GRID_CACHE[key]
+
+
+def predict_proba(model: torch.nn.Module, X: torch.Tensor, batch: int = 65536) -> torch.Tensor:
+    """Class-1 probabilities for the points X [n, 2]."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([F.softmax(model(X[i:i + batch]), dim=1)[:, 1]
+                              for i in range(0, len(X), batch)])
+    finally:
+        model.train(was_training)
+
+
+def decision_map(model: torch.nn.Module, lo: float = 0.0, hi: float = 1.0, resolution: int = 200) -> dict:
+    """Class-1 probabilities of `model` on the resolution² grid over (lo, hi)², and its accuracy.
+
+    Returns probs (float32 [resolution, resolution], row i at y_i, column j at x_j), predicted
+    (int64, argmax), correct (the correct-answer labels), accuracy (fraction of the grid where the
+    prediction equals the correct answer, 002 §3.1), lo, hi and resolution.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    points, labels = _grid(_checks.integer("resolution", resolution, 2, 4096), float(lo), float(hi))
+    probs = predict_proba(model, points)
+    predicted = (probs > 0.5).to(torch.int64)
+    shape = (resolution, resolution)
+    return {
+        "probs": probs.reshape(shape).numpy(),
+        "predicted": predicted.reshape(shape).numpy(),
+        "correct": labels.reshape(shape).numpy(),
+        "accuracy": float((predicted == labels).float().mean()),
+        "lo": float(lo), "hi": float(hi), "resolution": resolution,
+    }
+
+
+def grid_accuracy(model: torch.nn.Module, resolution: int = 200) -> float:
+    """Correct-answer accuracy on the resolution² grid over (0, 1)²."""
+    return decision_map(model, resolution=resolution)["accuracy"]
+
+
+def heldout_accuracy(model: torch.nn.Module, X: torch.Tensor) -> float:
+    """Accuracy against the correct-answer labels on held-out points X (e.g. semicircles(seed=1)[0])."""
+    return float(((predict_proba(model, X) > 0.5).long() == correct_labels(X)).float().mean())
+
+
+def roughness(predicted: np.ndarray) -> float:
+    """Fraction of neighbouring grid cells whose predicted classes differ: how ragged a decision map is.
+
+    A smooth but misplaced boundary (weight quantization, "lost capacity") scores low; salt-and-pepper
+    noise (activation quantization) scores high (002 §3.2).
+    """
+    p = np.asarray(predicted)
+    return float((np.count_nonzero(p[1:] != p[:-1]) + np.count_nonzero(p[:, 1:] != p[:, :-1]))
+                 / (p[1:].size + p[:, 1:].size))
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop
+
+
+Callback = Callable[[dict], None]
+
+
+def _check_cancel(cancel) -> threading.Event | None:
+    if cancel is not None and not hasattr(cancel, "is_set"):
+        raise TypeError(f"cancel must be a threading.Event (or have is_set()), got {type(cancel).__name__}")
+    return cancel
+
+
+def train(model: FCDNN, X: torch.Tensor, y: torch.Tensor, schedule: Schedule = FLOAT_SCHEDULE, *,
+          seed: int = 0, clr_period: int | None = None, lip_weight: float = 0.0, grad_bits: int | None = None,
+          freeze_bn_step: int | None = None, callback: Callback | None = None, callback_every: int = 50,
+          map_every: int = 0, map_resolution: int = 64, cancel: threading.Event | None = None) -> dict:
+    """Train `model` on (X, y) in place with cross-entropy, Adam and `schedule`; returns a summary dict.
+
+    clr_period: after warm-up, the cosine decay is replaced by the cyclic factors of 002 App. B with this
+    period (in steps). lip_weight: add lip_weight * L_Lip (002 eq. 8). grad_bits: DoReFa-quantize every
+    parameter gradient to that many bits. freeze_bn_step: freeze batch-norm statistics (004 eqs. 28-31)
+    from that step on. callback(progress) is called every `callback_every` steps and at the end with
+    step, steps, loss, accuracy (correct-answer accuracy on a map_resolution² grid) and, every
+    `map_every` steps (0: never), "map": the decision map at that point. Setting `cancel` stops
+    training before the next step by raising TrainingCancelled.
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    cancel = _check_cancel(cancel)
+    lip_weight = _checks.real("lip_weight", lip_weight, 0.0)
+    callback_every = _checks.integer("callback_every", callback_every, 1)
+    map_every = _checks.integer("map_every", map_every, 0)
+    if clr_period is not None:
+        clr_period = _checks.integer("clr_period", clr_period, 8)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=schedule.lr, foreach=True)
+    hooks = quantize_gradients_of(model, grad_bits, generator=generator) if grad_bits else []
+    warm_steps = max(1, int(schedule.warmup * schedule.steps))
+    model.train()
+    start, loss_value = time.perf_counter(), float("nan")
+    try:
+        for step in range(schedule.steps):
+            if cancel is not None and cancel.is_set():
+                raise TrainingCancelled(f"cancelled at step {step} of {schedule.steps}")
+            if freeze_bn_step is not None and step == freeze_bn_step:
+                for m in model.modules():
+                    if isinstance(m, QuantLinearBN):
+                        m.freeze()
+            if clr_period is not None and step >= warm_steps:
+                factor = clr_factor(step - warm_steps, clr_period)
+            else:
+                factor = schedule.factor(step)
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr * factor
+            idx = torch.randint(0, len(X), (schedule.batch_size,), generator=generator)
+            with _checks.no_finite_checks():  # the loss is checked instead, once per step
+                loss = F.cross_entropy(model(X[idx]), y[idx])
+                if lip_weight:
+                    loss = loss + lip_weight * lipschitz_penalty(model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training diverged at step {step}: the loss is {loss_value}; "
+                                         "lower lr (allowed: any value > 0) or check the data for NaN/Inf")
+            last = step == schedule.steps - 1
+            if callback is not None and ((step + 1) % callback_every == 0 or last):
+                callback(_progress(model, step + 1, schedule.steps, loss_value, map_every, map_resolution, last))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.eval()
+    return {"steps": schedule.steps, "loss": loss_value, "seconds": time.perf_counter() - start}
+
+
+def _progress(model, step, steps, loss, map_every, resolution, last) -> dict:
+    with_map = map_every and (step % map_every == 0 or last)
+    dm = decision_map(model, resolution=resolution)
+    progress = {"step": step, "steps": steps, "loss": loss, "accuracy": dm["accuracy"]}
+    if with_map:
+        progress["map"] = dm
+    model.train()
+    return progress
+
+
+def train_float(model: FCDNN | None = None, X: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                schedule: Schedule = FLOAT_SCHEDULE, **kw) -> FCDNN:
+    """Train a float model (default: FCDNN(128, 4)) on the semicircles (default: semicircles(seed=0))."""
+    model = FCDNN() if model is None else model
+    if X is None:
+        X, y = semicircles(kw.get("seed", 0))
+    train(model, X, y, schedule, **kw)
+    return model
+
+
+def post_training_quantize(float_model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
+                           X: torch.Tensor | None = None, **changes) -> FCDNN:
+    """Quantize `float_model` without retraining: weights as they are, activation ranges calibrated on
+    X (default: 4,096 training points), as in 004 §3.1."""
+    model = quantized_copy(float_model, w_spec, a_spec, **changes)
+    calibration = semicircles(0)[0][::5][:4096] if X is None else X
+    return model.calibrate(calibration).eval()
+
+
+METHODS = ("ptq", "qat", "qat_clr", "qat_lip", "qat_clr_lip")
+
+
+def retrain_quantized(float_model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | None, *,
+                      X: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                      schedule: Schedule = QAT_SCHEDULE, clr: bool = False, lip_weight: float = 0.0,
+                      grad_bits: int | None = None, stochastic: bool = False, seed: int = 0,
+                      freeze_bn_step: int | None = None, callback: Callback | None = None, callback_every: int = 50,
+                      map_every: int = 0, map_resolution: int = 64, cancel: threading.Event | None = None,
+                      **changes) -> FCDNN:
+    """Quantization-aware retraining from `float_model` (002 eqs. 2-4, 004 eqs. 16-17).
+
+    The float weights become the shadow weights; the forward pass uses their quantized values and the
+    STE carries gradients back. clr: after the schedule's warm-up use the cyclic learning rate of 002 App. B
+    with a period of a quarter of the steps (the rate cycles between lr and lr/100). Other options as in
+    `train`; `changes` override FCDNN settings (quantize_shortcut, overrides, bn_fold, ...).
+    """
+    model = quantized_copy(float_model, w_spec, a_spec, stochastic=stochastic, **changes)
+    if X is None:
+        X, y = semicircles(seed)
+    model.calibrate(X[::5][:4096])
+    train(model, X, y, schedule, seed=seed, clr_period=max(8, schedule.steps // 4) if clr else None,
+          lip_weight=lip_weight, grad_bits=grad_bits, freeze_bn_step=freeze_bn_step, callback=callback,
+          callback_every=callback_every, map_every=map_every, map_resolution=map_resolution, cancel=cancel)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Float-model cache
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where trained float models live: `path`, else $QVIZ_CACHE_DIR, else the user cache directory
+    ($XDG_CACHE_HOME/qviz or ~/.cache/qviz)."""
+    if path is None:
+        user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qviz"
+        path = os.environ.get("QVIZ_CACHE_DIR") or user_cache
+    return Path(path)
+
+
+def _cache_key(settings: dict) -> str:
+    blob = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def float_model(width: int = 128, depth: int = 4, residual: bool = False, batchnorm: bool = False, seed: int = 0, *,
+                schedule: Schedule = FLOAT_SCHEDULE, data: dict | None = None,
+                cache: str | os.PathLike | None = None, use_cache: bool = True,
+                callback: Callback | None = None, cancel: threading.Event | None = None) -> FCDNN:
+    """A float FCDNN trained on the semicircles, from the on-disk cache when it was trained before.
+
+    Keyed by (width, depth, residual, batchnorm, seed, data settings, schedule); the file holds only a
+    state dict and is read with torch.load(weights_only=True).
+    """
+    data = dict(data or {})
+    settings = {"width": width, "depth": depth, "residual": residual, "batchnorm": batchnorm, "seed": seed,
+                "data": data, "schedule": dataclasses.asdict(schedule), "input_scale": INPUT_SCALE,
+                "version": CACHE_VERSION}
+    model = FCDNN(width, depth, residual, batchnorm=batchnorm)
+    path = cache_dir(cache) / "float" / f"{_cache_key(settings)}.pt"
+    if use_cache and path.exists():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        except (RuntimeError, OSError, EOFError, ValueError):
+            pass  # an unreadable or stale file is retrained and replaced
+    torch.manual_seed(seed)
+    model = FCDNN(width, depth, residual, batchnorm=batchnorm)
+    X, y = semicircles(seed, **data)
+    train(model, X, y, schedule, seed=seed, callback=callback, cancel=cancel)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# One experiment
+
+
+def weight_spec(bits: int | None, scheme: str = "auto", granularity: str = "tensor") -> QuantSpec | None:
+    """The weight quantizer for `bits` (None: float). scheme="auto": xnor for 1 bit, ternary (TWN) for
+    2 bits (002 eq. 1's 3 levels with an L2-fitted step, as 002's [18]), symmetric narrow for more."""
+    if bits is None:
+        return None
+    if scheme == "auto":
+        scheme = {1: "xnor", 2: "ternary"}.get(bits, "symmetric")
+    kw = {"narrow": True} if scheme == "symmetric" else {}
+    return QuantSpec(scheme, bits=bits, granularity=granularity, **kw)
+
+
+def activation_spec(bits: int | None, scheme: str = "pact") -> QuantSpec | None:
+    """The activation quantizer for `bits` (None: float); PACT by default, as in 002."""
+    return None if bits is None else QuantSpec(scheme, bits=bits)
+
+
+def run_experiment(width: int = 128, depth: int = 4, residual: bool = False, w_bits: int | None = 2,
+                   a_bits: int | None = None, method: str = "qat", seed: int = 0, *, w_scheme: str = "auto",
+                   a_scheme: str = "pact", batchnorm: bool = False, quantize_shortcut: bool = False,
+                   qat_schedule: Schedule = QAT_SCHEDULE, float_schedule: Schedule = FLOAT_SCHEDULE,
+                   resolution: int = 200, cache: str | os.PathLike | None = None, with_maps: bool = False,
+                   callback: Callback | None = None, cancel: threading.Event | None = None, **options) -> dict:
+    """Train (or load) the float model, quantize it with `method`, and report one result row.
+
+    method: "ptq" (no retraining), "qat", "qat_clr" (with the cyclic learning rate), "qat_lip" (with
+    L_Lip, weight options.get("lip_weight", 1e-4) as in 002 §5.4), "qat_clr_lip". The row holds the
+    settings, acc_float and acc_quant (correct-answer accuracy on the resolution² grid), test_float and
+    test_quant (on semicircles(seed + 1000)), sqnr_db (weights, all layers), model_bytes (quantized
+    weights at w_bits, float32 otherwise), roughness of both maps, and train_seconds. with_maps adds the
+    two decision maps.
+    """
+    _checks.choice("method", method, METHODS)
+    start = time.perf_counter()
+    base = float_model(width, depth, residual, batchnorm, seed, schedule=float_schedule, cache=cache, cancel=cancel)
+    float_seconds = time.perf_counter() - start
+    w_spec, a_spec = weight_spec(w_bits, w_scheme), activation_spec(a_bits, a_scheme)
+    changes = {"quantize_shortcut": quantize_shortcut and residual}
+    start = time.perf_counter()
+    if method == "ptq":
+        model = post_training_quantize(base, w_spec, a_spec, **changes)
+    else:
+        lip = options.pop("lip_weight", 1e-4) if "lip" in method else 0.0
+        model = retrain_quantized(base, w_spec, a_spec, schedule=qat_schedule, clr="clr" in method, lip_weight=lip,
+                                  seed=seed, callback=callback, cancel=cancel, **options, **changes)
+    quant_seconds = time.perf_counter() - start
+    float_map, quant_map = decision_map(base, resolution=resolution), decision_map(model, resolution=resolution)
+    X_test = semicircles(seed + 1000)[0]
+    row = {
+        "width": width, "depth": depth, "residual": residual, "w_bits": w_bits, "a_bits": a_bits, "method": method,
+        "seed": seed, "w_scheme": None if w_spec is None else w_spec.scheme,
+        "a_scheme": None if a_spec is None else a_spec.scheme, "batchnorm": batchnorm,
+        "quantize_shortcut": changes["quantize_shortcut"],
+        "acc_float": float_map["accuracy"], "acc_quant": quant_map["accuracy"],
+        "test_float": heldout_accuracy(base, X_test), "test_quant": heldout_accuracy(model, X_test),
+        "roughness_float": roughness(float_map["predicted"]), "roughness_quant": roughness(quant_map["predicted"]),
+        "sqnr_db": _weight_sqnr(model), "model_bytes": _model_bytes(model, w_bits),
+        "float_seconds": float_seconds, "train_seconds": quant_seconds,
+    }
+    if with_maps:
+        row["float_map"], row["quant_map"] = float_map, quant_map
+    return row
+
+
+def quantized_weights(model: FCDNN) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(float shadow weights, weights as the quantized model uses them) for every layer, eval mode."""
+    pairs = []
+    with torch.no_grad():
+        for layer in model.layers:
+            w = layer.folded()[0] if isinstance(layer, QuantLinearBN) and layer.fold != "none" else layer.weight
+            q = w if layer.wq.spec is None else fake_quantize(w, layer.wq.spec, alpha=layer.wq.alpha)
+            pairs.append((w.detach(), q.detach()))
+    return pairs
+
+
+def _weight_sqnr(model: FCDNN) -> float:
+    pairs = quantized_weights(model)
+    w = torch.cat([p[0].reshape(-1) for p in pairs])
+    q = torch.cat([p[1].reshape(-1) for p in pairs])
+    return sqnr_db(w, q)
+
+
+def _model_bytes(model: FCDNN, w_bits: int | None) -> int:
+    n = sum(layer.weight.numel() for layer in model.layers)
+    return 4 * n if w_bits is None else math.ceil(n * w_bits / 8)
