@@ -1,15 +1,25 @@
 """The qviz quantization engine: PyTorch + numpy only, usable from a script with no UI."""
 
 from qviz.engine.data import correct_labels, evaluation_grid, semicircles
-from qviz.engine.metrics import compression_ratio, levels_used, quantization_error, sqnr_db, weight_power
+from qviz.engine.metrics import (
+    compression_ratio,
+    histogram,
+    levels_used,
+    quantization_error,
+    sqnr_db,
+    weight_power,
+    weight_report,
+)
 from qviz.engine.models import (
     FCDNN,
     ActivationQuantizer,
     QuantLinear,
     QuantLinearBN,
+    WeightLayer,
     WeightQuantizer,
     fold_batchnorm,
     quantized_copy,
+    weight_layers,
 )
 from qviz.engine.observers import (
     MinMaxObserver,
@@ -33,7 +43,9 @@ from qviz.engine.quantizers import (
     transfer_curve,
 )
 from qviz.engine.training import (
+    FLOAT_SCHEDULE,
     METHODS,
+    QAT_SCHEDULE,
     Schedule,
     TrainingCancelled,
     activation_spec,
@@ -45,17 +57,22 @@ from qviz.engine.training import (
     heldout_accuracy,
     lipschitz_penalty,
     post_training_quantize,
+    prepare_qat,
+    qat_clr_period,
     retrain_quantized,
     roughness,
     run_experiment,
     train,
     train_float,
+    train_iter,
     weight_spec,
 )
 
 __all__ = [
     "FCDNN",
+    "FLOAT_SCHEDULE",
     "METHODS",
+    "QAT_SCHEDULE",
     "SCHEMES",
     "STES",
     "ActivationQuantizer",
@@ -67,6 +84,7 @@ __all__ = [
     "QuantSpec",
     "Schedule",
     "TrainingCancelled",
+    "WeightLayer",
     "WeightQuantizer",
     "activation_spec",
     "clr_factor",
@@ -82,10 +100,13 @@ __all__ = [
     "fold_batchnorm",
     "grid_accuracy",
     "heldout_accuracy",
+    "histogram",
     "levels_used",
     "lipschitz_penalty",
     "minmax",
     "post_training_quantize",
+    "prepare_qat",
+    "qat_clr_period",
     "quant_params",
     "quantization_error",
     "quantize_gradient",
@@ -101,7 +122,10 @@ __all__ = [
     "sqnr_db",
     "train",
     "train_float",
+    "train_iter",
     "transfer_curve",
+    "weight_layers",
     "weight_power",
+    "weight_report",
     "weight_spec",
 ]

@@ -100,3 +100,59 @@ def levels_used(q, axis: int | None = None):
     axis = _checks.axis_for("axis", axis, q.ndim)
     rows = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
     return np.array([np.unique(r).size for r in rows])
+
+
+def histogram(values, bins: int = 50, lo: float | None = None,
+              hi: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(edges [bins + 1], counts [bins]) of the finite values, over [lo, hi] (default: their range)."""
+    v = _array("values", values).reshape(-1)
+    bins = _checks.integer("bins", bins, 1, 10_000)
+    if v.size == 0:
+        raise ValueError("values is empty; a histogram needs at least one value")
+    lo = float(v.min()) if lo is None else float(lo)
+    hi = float(v.max()) if hi is None else float(hi)
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
+    return edges, counts
+
+
+def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:
+    """Everything the weight explorer shows about one layer's weights under `spec` (004 §2.6, Appendix A).
+
+    weight: [out, ...] (dim 0 = output kernels); folded: the batch-norm-folded weights (004 eqs.
+    20-21) when the layer has a batch norm. Returns edges / counts of the weights, the levels and how
+    many weights land on each, the quantized weights' overall SQNR, per-kernel SQNR histograms for
+    per-layer and per-channel quantization with the same scheme, and the weight power histograms
+    before and after folding.
+    """
+    import torch
+
+    from qviz.engine.quantizers import fake_quantize, quantizer_levels
+
+    w = weight.detach().float() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight, dtype=torch.float32)
+    if w.dim() < 2:
+        raise ValueError(f"weight must have at least 2 dims [out, in, ...], got shape {tuple(w.shape)}")
+    q = fake_quantize(w, spec)
+    levels = quantizer_levels(w, spec)
+    level_values = np.unique(levels.numpy().round(9)) if spec.granularity == "tensor" else np.unique(q.numpy())
+    used = np.array([(np.isclose(q.numpy(), v, rtol=0, atol=1e-7)).sum() for v in level_values])
+    edges, counts = histogram(w, bins)
+    per_layer = sqnr_db(w, fake_quantize(w, spec.replace(granularity="tensor")), axis=0)
+    per_channel = sqnr_db(w, fake_quantize(w, spec.replace(granularity="channel", axis=0)), axis=0)
+    finite = np.concatenate([per_layer[np.isfinite(per_layer)], per_channel[np.isfinite(per_channel)]])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    sqnr_edges, layer_counts = histogram(np.clip(per_layer, lo, hi), 24, lo, hi)
+    _, channel_counts = histogram(np.clip(per_channel, lo, hi), 24, lo, hi)
+    power_before = weight_power(w)
+    power_after = weight_power(folded) if folded is not None else None
+    top = float(max(power_before.max(), power_after.max() if power_after is not None else 0.0))
+    power_edges, before_counts = histogram(power_before, 40, 0.0, top)
+    after_counts = histogram(power_after, 40, 0.0, top)[1] if power_after is not None else None
+    return {
+        "edges": edges, "counts": counts, "levels": level_values, "level_counts": used,
+        "sqnr_db": sqnr_db(w, q), "sqnr_per_layer": per_layer, "sqnr_per_channel": per_channel,
+        "sqnr_edges": sqnr_edges, "sqnr_layer_counts": layer_counts, "sqnr_channel_counts": channel_counts,
+        "power_edges": power_edges, "power_before": before_counts, "power_after": after_counts,
+        "levels_used": levels_used(q),
+    }

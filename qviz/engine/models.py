@@ -7,6 +7,8 @@ with moving-average ranges (004 §2.5); the fully connected networks of 002 §3 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -367,3 +369,50 @@ def quantized_copy(model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | N
              and ".wq." not in k}
     twin.load_state_dict(state, strict=False)
     return twin
+
+
+@dataclasses.dataclass
+class WeightLayer:
+    """A layer with a weight matrix or kernel, and its batch norm if one follows it."""
+
+    name: str
+    module: nn.Module
+    bn: nn.Module | None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight.detach()
+
+    def folded_weight(self) -> torch.Tensor | None:
+        """γ W / σ with the batch norm's running statistics (004 eq. 20), or None without a batch norm."""
+        if self.bn is None:
+            return None
+        bn = self.bn
+        return fold_batchnorm(self.weight, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var,
+                              bn.eps)[0]
+
+
+def weight_layers(model: nn.Module) -> list[WeightLayer]:
+    """Every Linear / Conv layer of `model` (QuantLinearBN included) with the batch norm that follows it.
+
+    A batch norm follows a layer when it is the layer's own (QuantLinearBN) or the next module in
+    registration order and has as many features as the layer has outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    layers = []
+    for i, (name, m) in enumerate(modules):
+        if isinstance(m, QuantLinearBN):
+            layers.append(WeightLayer(name, m, m.bn))
+        elif isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) and not _inside_linear_bn(name, modules):
+            follower = modules[i + 1][1] if i + 1 < len(modules) else None
+            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            is_bn = isinstance(follower, nn.modules.batchnorm._BatchNorm) and follower.num_features == out
+            bn = follower if is_bn else None
+            layers.append(WeightLayer(name, m, bn))
+    return layers
+
+
+def _inside_linear_bn(name: str, modules) -> bool:
+    return any(isinstance(m, QuantLinearBN) and name.startswith(n + ".") for n, m in modules)

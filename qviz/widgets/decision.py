@@ -1,0 +1,126 @@
+"""DecisionMapExplorer: float and quantized decision maps of an FCDNN on the semicircles (002 §3)."""
+
+from __future__ import annotations
+
+import ipywidgets as W
+import numpy as np
+
+from qviz.engine import (
+    QAT_SCHEDULE,
+    activation_spec,
+    decision_map,
+    float_model,
+    post_training_quantize,
+    prepare_qat,
+    qat_clr_period,
+    semicircles,
+    train_iter,
+    weight_spec,
+)
+from qviz.widgets import _charts
+from qviz.widgets._base import Explorer
+from qviz.widgets._image import data_url
+
+WIDTHS = [16, 32, 64, 128, 200, 256]
+BITS = [("float", 0), ("1", 1), ("2", 2), ("3", 3), ("4", 4), ("6", 6), ("8", 8)]
+METHODS = [("PTQ (no retraining)", "ptq"), ("QAT", "qat"), ("QAT + CLR", "qat_clr"), ("QAT + L_Lip", "qat_lip"),
+           ("QAT + CLR + L_Lip", "qat_clr_lip")]
+W_SCHEMES = [("auto", "auto"), ("ternary (TWN)", "ternary"), ("symmetric", "symmetric"), ("affine", "affine"),
+             ("xnor", "xnor"), ("DoReFa", "dorefa"), ("ceil", "ceil")]
+A_SCHEMES = [("PACT", "pact"), ("ReLU clip", "relu"), ("DoReFa", "dorefa_act"), ("ceil A_b", "ceil_act")]
+
+
+class DecisionMapExplorer(Explorer):
+    """Width, depth, residual, quantized shortcut, weight / activation bits, schemes and method: the float
+    and quantized decision maps over the training points, their correct-answer accuracy and the
+    difference map. A change shows the PTQ map at once, then QAT refinements stream in with a progress
+    bar; a newer change cancels stale training (last write wins).
+
+    Float models are trained once per architecture and then loaded from the cache (a first 256-8 takes
+    about half a minute on 2 cores; the progress bar says so).
+    """
+
+    title = "Decision-map explorer"
+
+    def __init__(self, *, resolution: int = 150, qat_steps: int = QAT_SCHEDULE.steps, refresh_every: int = 100,
+                 points: int = 1500, **kwargs):
+        self.resolution, self.qat_steps, self.refresh_every = resolution, qat_steps, refresh_every
+        X, y = semicircles(0)
+        keep = (X[:, 0] > 0) & (X[:, 0] < 1) & (X[:, 1] > 0) & (X[:, 1] < 1)
+        pick = np.random.default_rng(0).permutation(int(keep.sum()))[:points]
+        self._points = {"x": X[keep][pick, 0].numpy(), "y": X[keep][pick, 1].numpy(), "label": y[keep][pick].numpy()}
+        self._model_listeners = []
+        self.float_model = None
+        super().__init__(**kwargs)
+
+    def on_float_model(self, callback) -> None:
+        """Call callback(model) whenever the float model behind the maps changes."""
+        self._model_listeners.append(callback)
+
+    def _controls(self):
+        style = {"description_width": "95px"}
+        self.width = W.SelectionSlider(options=WIDTHS, value=128, description="width", style=style)
+        self.depth = W.IntSlider(value=4, min=2, max=8, description="depth", style=style)
+        self.w_bits = W.SelectionSlider(options=BITS, value=2, description="weight bits", style=style)
+        self.a_bits = W.SelectionSlider(options=BITS, value=0, description="activation bits", style=style)
+        self.w_scheme = W.Dropdown(options=W_SCHEMES, value="auto", description="weights", style=style)
+        self.a_scheme = W.Dropdown(options=A_SCHEMES, value="pact", description="activations", style=style)
+        self.method = W.Dropdown(options=METHODS, value="ptq", description="method", style=style)
+        self.residual = W.Checkbox(value=False, description="residual", indent=False)
+        self.shortcut = W.Checkbox(value=False, description="quantize shortcut", indent=False)
+        return [self.width, self.depth, self.method, self.w_bits, self.a_bits, self.w_scheme, self.a_scheme,
+                W.HBox([self.residual, self.shortcut])]
+
+    def _params(self) -> dict:
+        return {"width": self.width.value, "depth": self.depth.value, "residual": self.residual.value,
+                "shortcut": self.shortcut.value, "w_bits": self.w_bits.value or None,
+                "a_bits": self.a_bits.value or None, "w_scheme": self.w_scheme.value, "a_scheme": self.a_scheme.value,
+                "method": self.method.value}
+
+    def _compute(self, params, cancel, progress):
+        arch = f"{params['width']}-{params['depth']}{' residual' if params['residual'] else ''}"
+        progress(0.0, f"float {arch}: loading or training")
+        base = float_model(params["width"], params["depth"], params["residual"], cancel=cancel,
+                           callback=lambda p: progress(0.5 * p["step"] / p["steps"], f"training float {arch}: "
+                                                       f"step {p['step']} of {p['steps']}"))
+        if base is not self.float_model:
+            self.float_model = base
+            for listener in self._model_listeners:
+                listener(base)
+        float_map = decision_map(base, resolution=self.resolution)
+        w_spec = weight_spec(params["w_bits"], params["w_scheme"])
+        a_spec = activation_spec(params["a_bits"], params["a_scheme"])
+        changes = {"quantize_shortcut": params["shortcut"] and params["residual"]}
+        ptq = post_training_quantize(base, w_spec, a_spec, **changes)
+        yield {"float": float_map, "quant": decision_map(ptq, resolution=self.resolution), "stage": "PTQ",
+               "w_spec": w_spec, "a_spec": a_spec}
+        if params["method"] == "ptq" or (w_spec is None and a_spec is None):
+            return
+        X, y = semicircles(0)
+        model = prepare_qat(base, w_spec, a_spec, X=X, **changes)
+        schedule = QAT_SCHEDULE.__class__(steps=self.qat_steps, lr=QAT_SCHEDULE.lr, batch_size=QAT_SCHEDULE.batch_size)
+        method = params["method"]
+        for p in train_iter(model, X, y, schedule, report_every=self.refresh_every, map_every=self.refresh_every,
+                            map_resolution=self.resolution, cancel=cancel,
+                            clr_period=qat_clr_period(schedule) if "clr" in method else None,
+                            lip_weight=1e-4 if "lip" in method else 0.0):
+            progress(0.5 + 0.5 * p["step"] / p["steps"], f"QAT step {p['step']} of {p['steps']}")
+            if "map" in p:
+                yield {"float": float_map, "quant": p["map"], "stage": f"QAT step {p['step']}",
+                       "w_spec": w_spec, "a_spec": a_spec}
+
+    def _figure(self, result, params):
+        f, q = result["float"], result["quant"]
+        label = "W" + (str(params["w_bits"]) if params["w_bits"] else "F") + "A" + (
+            str(params["a_bits"]) if params["a_bits"] else "F")
+        wrong_f = (f["predicted"] != f["correct"]).astype(float)
+        wrong_q = (q["predicted"] != q["correct"]).astype(float)
+        titles = [f"float: {f['accuracy']:.1%} correct", f"{label} {result['stage']}: {q['accuracy']:.1%} correct",
+                  "difference (green: newly wrong, purple: fixed)"]
+        return _charts.decision_maps(data_url(f["probs"]), data_url(q["probs"]),
+                                     data_url(wrong_f - wrong_q, -1.0, 1.0, diverging_difference=True),
+                                     self._points, titles, f["lo"], f["hi"])
+
+    def _summary(self, result, params) -> str:
+        return (f"{params['width']}-{params['depth']}: float {result['float']['accuracy']:.1%}, "
+                f"quantized {result['quant']['accuracy']:.1%} ({result['stage']})")

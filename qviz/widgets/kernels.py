@@ -1,0 +1,109 @@
+"""KernelReadout: live memory and latency of a layer in the bit-packed Cython kernels."""
+
+from __future__ import annotations
+
+import ipywidgets as W
+import torch
+
+from qviz import packed
+from qviz.engine import weight_layers
+from qviz.widgets import _charts
+from qviz.widgets._base import Explorer
+
+KINDS = [("binary XOR-popcount (W1 x A1)", "binary"), ("hybrid AND-popcount (W1 x A{0,1})", "hybrid"),
+         ("bit-serial low-bit (Wb x Ab)", "lowbit"), ("codebook W x float A", "lut")]
+KIND_BITS = {"binary": [1], "hybrid": [1], "lowbit": [1, 2, 4], "lut": [1, 2, 4, 8]}
+
+
+class KernelReadout(Explorer):
+    """A layer shape (typed, or picked from a model) and bits -> bytes of the packed weights against
+    float32 (with the ratio of 003 eq. 2-17 beside the achieved one) and the latency of the qviz kernel
+    against torch float32 on the same shape and threads, measured within a small time budget.
+    """
+
+    title = "Kernel readout"
+
+    def __init__(self, model: torch.nn.Module | None = None, **kwargs):
+        self._model_layers = weight_layers(model) if model is not None else []
+        super().__init__(**kwargs)
+
+    def set_model(self, model: torch.nn.Module) -> None:
+        """Offer the layers of `model` as shapes (the dashboard shares its model)."""
+        self._model_layers = weight_layers(model)
+        self.source.options = self._sources()
+        self.refresh()
+
+    def _sources(self):
+        return [("typed shape", "")] + [(f"{x.name} {tuple(x.weight.shape)}", x.name) for x in self._model_layers]
+
+    def _controls(self):
+        style = {"description_width": "90px"}
+        self.source = W.Dropdown(options=self._sources(), value="", description="layer", style=style)
+        self.out_features = W.BoundedIntText(value=4096, min=1, max=65536, description="out features", style=style)
+        self.in_features = W.BoundedIntText(value=4096, min=1, max=65536, description="in features", style=style)
+        self.kernel = W.Dropdown(options=[("1x1 (linear)", 1), ("3x3", 3), ("4x4", 4), ("5x5", 5)], value=1,
+                                 description="kernel", style=style)
+        self.batch = W.BoundedIntText(value=1, min=1, max=4096, description="batch (M)", style=style)
+        self.kind = W.Dropdown(options=KINDS, value="lut", description="kernel kind", style=style)
+        self.bits = W.Dropdown(options=KIND_BITS["lut"], value=4, description="bits", style=style)
+        self.per_channel = W.Checkbox(value=False, description="codebook per channel", indent=False)
+        self.budget = W.FloatSlider(value=0.25, min=0.05, max=2.0, step=0.05, description="budget (s)", style=style)
+        self.kind.observe(self._kind_changed, names="value")
+        self.source.observe(self._source_changed, names="value")
+        return [self.source, self.out_features, self.in_features, self.kernel, self.batch, self.kind, self.bits,
+                self.budget, self.per_channel]
+
+    def _kind_changed(self, change=None) -> None:
+        options = KIND_BITS[self.kind.value]
+        value = self.bits.value if self.bits.value in options else options[min(1, len(options) - 1)]
+        self.bits.options = options
+        self.bits.value = value
+
+    def _source_changed(self, change=None) -> None:
+        layer = next((x for x in self._model_layers if x.name == self.source.value), None)
+        typed = layer is None
+        for control in (self.out_features, self.in_features, self.kernel):
+            control.disabled = not typed
+        if layer is not None:
+            shape = tuple(layer.weight.shape)
+            self.out_features.value = shape[0]
+            self.in_features.value = shape[1]
+            self.kernel.value = shape[2] if len(shape) == 4 and shape[2] in (1, 3, 4, 5) else 1
+
+    def _params(self) -> dict:
+        return {"out": self.out_features.value, "in": self.in_features.value, "kernel": self.kernel.value,
+                "m": self.batch.value, "kind": self.kind.value, "bits": self.bits.value,
+                "per_channel": self.per_channel.value, "budget": self.budget.value}
+
+    def _compute(self, params, cancel, progress):
+        k = params["kernel"]
+        memory = packed.memory_report(params["out"], params["in"], kernel=(k, k), bits=params["bits"],
+                                      codebook_bits=32, per_channel=params["per_channel"])
+        yield {"memory": memory, "latency": None}
+        if cancel.is_set():
+            return
+        progress(0.5, f"timing within {params['budget']:.2f} s")
+        latency = packed.measure_latency(params["kind"], params["m"], params["in"] * k * k, params["out"],
+                                         bits=params["bits"], budget_s=params["budget"])
+        yield {"memory": memory, "latency": latency}
+
+    def _figure(self, result, params):
+        mem = result["memory"]
+        bars = {"float32": mem["float32_bytes"], f"packed ({params['bits']}-bit rows)": mem["packed_bytes"],
+                "codebook": mem["codebook_bytes"]}
+        title_mem = f"memory: {mem['ratio']:.2f}x smaller (eq. 2-17: {mem['ratio_formula']:.2f}x)"
+        lat = result["latency"]
+        if lat is None:
+            return _charts.kernel_bars(bars, None, title_mem, "")
+        timing = {"torch float32": lat["torch_s"] * 1e3, f"qviz {params['kind']}": lat["qviz_s"] * 1e3}
+        faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
+        return _charts.kernel_bars(bars, timing, title_mem, f"latency: qviz {faster} ({lat['path']}, "
+                                                              f"{lat['threads']} threads)")
+
+    def _summary(self, result, params) -> str:
+        mem, lat = result["memory"], result["latency"]
+        text = (f"packed {mem['packed_bytes']:,} B + codebook {mem['codebook_bytes']:,} B vs float32 "
+                f"{mem['float32_bytes']:,} B")
+        if lat is not None:
+            text += f"; qviz {lat['qviz_s'] * 1e3:.3f} ms vs torch {lat['torch_s'] * 1e3:.3f} ms ({lat['runs']} runs)"
+        return text

@@ -1,0 +1,309 @@
+"""Every explorer, driven by setting traits (no browser): the chart data changes as the engine says."""
+
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import qviz
+from qviz import packed
+from qviz.engine import FCDNN, Schedule, float_model, quantizer_levels, transfer_curve
+from qviz.widgets import (
+    Dashboard,
+    DecisionMapExplorer,
+    KernelReadout,
+    QuantizerExplorer,
+    WeightExplorer,
+)
+from qviz.widgets.decision import BITS
+
+
+def _layer_values(chart_dict: dict, name: str) -> list:
+    """The inline data rows of the view called `name` (Altair may suffix it: levels_0) anywhere in a spec."""
+    found = []
+    pattern = re.compile(re.escape(name) + r"(_\d+)?")
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str) and pattern.fullmatch(node["name"]) and "data" in node:
+                found.extend(node["data"].get("values", []))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(chart_dict)
+    return found
+
+
+@pytest.fixture
+def quantizer():
+    e = QuantizerExplorer(background=False)
+    yield e
+    e.close()
+
+
+def test_explorers_are_importable_from_qviz():
+    assert qviz.QuantizerExplorer is QuantizerExplorer
+    assert qviz.Dashboard is Dashboard
+    with pytest.raises(AttributeError):
+        qviz.NoSuchExplorer  # noqa: B018
+
+
+def test_quantizer_bits_change_the_staircase_as_the_engine_says(quantizer):
+    for bits in (2, 3, 4):
+        quantizer.bits.value = bits
+        spec = QuantizerExplorer.spec_for(quantizer._params())
+        curve = transfer_curve(spec, -1.5, 1.5, 601)
+        levels = [row["y"] for row in _layer_values(quantizer.chart.to_dict(), "levels")]
+        assert len(levels) == 2**bits
+        assert np.allclose(sorted(levels), curve["levels"], atol=1e-6)
+        staircase = _layer_values(quantizer.chart.to_dict(), "staircase")
+        assert np.allclose([r["y"] for r in staircase], curve["q"], atol=1e-5)
+
+
+def test_quantizer_every_control_reaches_the_spec(quantizer):
+    quantizer.scheme.value = "symmetric"
+    quantizer.signed.value = False
+    quantizer.narrow.value = True
+    quantizer.range.value = (-0.5, 1.2)
+    quantizer.ste.value = "saturated"
+    spec = quantizer.data["spec"]
+    assert (spec.scheme, spec.signed, spec.narrow, spec.clip, spec.ste) == ("symmetric", False, True, 1.2, "saturated")
+    assert len(quantizer.data["curve"]["levels"]) == 2**quantizer.bits.value - 1  # narrow drops one
+    quantizer.scheme.value = "pact"
+    quantizer.ste.value = "default"
+    quantizer.alpha.value = 0.7
+    assert quantizer.data["spec"].alpha == 0.7 and quantizer.narrow.disabled and not quantizer.alpha.disabled
+    grad = quantizer.data["curve"]["grad"]
+    x = quantizer.data["curve"]["x"]
+    assert np.array_equal(grad, ((x >= 0) & (x <= 0.7)).astype(np.float32))  # PACT's STE with the control's α
+
+
+def test_quantizer_keeps_bits_inside_the_scheme_range(quantizer):
+    quantizer.bits.value = 5
+    quantizer.scheme.value = "ternary"
+    assert quantizer.bits.value == 2 and quantizer.bits.disabled
+    quantizer.scheme.value = "binary"
+    assert quantizer.bits.value == 1
+    assert len(_layer_values(quantizer.chart.to_dict(), "levels")) == 2
+
+
+def test_stochastic_schemes_show_a_sample_and_the_expected_value(quantizer):
+    quantizer.scheme.value = "stochastic"
+    spec = quantizer.chart.to_dict()
+    assert _layer_values(spec, "sample") and _layer_values(spec, "expected")
+    assert not _layer_values(spec, "staircase")
+
+
+def test_errors_show_inside_the_widget_and_it_keeps_working(quantizer):
+    quantizer.scheme.value = "relu"
+    quantizer.range.value = (-1.0, -0.5)  # a clip that is not positive
+    assert "range upper end" in quantizer.status.error.value
+    assert quantizer.status.error.layout.display != "none"
+    quantizer.range.value = (-1.0, 0.8)
+    assert quantizer.status.error.value == ""
+    assert quantizer.data["spec"].clip == 0.8
+
+
+@pytest.fixture(scope="module")
+def bn_model():
+    return float_model(32, 3, batchnorm=True, schedule=Schedule(steps=40, batch_size=256), use_cache=False)
+
+
+def test_weight_explorer_controls_change_the_histograms(bn_model):
+    e = WeightExplorer(bn_model, background=False)
+    try:
+        assert "+ BN" in e.layer.label
+        layer = next(x for x in packed_layers(bn_model) if x.name == e.layer.value)
+        e.bits.value = 3
+        w = layer.weight.reshape(layer.weight.shape[0], -1)
+        spec = WeightExplorer.spec_for(e._params())
+        expected = np.unique(quantizer_levels(w, spec).numpy().round(9))
+        assert np.allclose(e.data["report"]["levels"], expected)
+        assert [r["x"] for r in _layer_values(e.chart.to_dict(), "levels")] == pytest.approx(list(expected))
+        per_layer = e.data["report"]["sqnr_db"]
+        e.granularity.value = "channel"
+        assert e.data["report"]["sqnr_db"] > per_layer  # per-channel fits each kernel's range
+        before = e.data["report"]["edges"].copy()
+        e.fold.value = True
+        assert e.data["folded"] and not np.allclose(e.data["report"]["edges"], before)
+        assert e.data["report"]["power_after"] is not None
+        e.symmetric.value = False
+        assert e.data["spec"].scheme == "affine"
+        e.scheme.value = "ternary"
+        e.granularity.value = "tensor"
+        assert len(e.data["report"]["levels"]) == 3 and e.bits.value == 2
+    finally:
+        e.close()
+
+
+def packed_layers(model):
+    from qviz.engine import weight_layers
+
+    return weight_layers(model)
+
+
+def test_weight_explorer_takes_any_module():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 4 * 4, 5))
+    e = WeightExplorer(net, background=False)
+    try:
+        assert [o[1] for o in e.layer.options] == ["0", "4"]
+        e.layer.value = "0"
+        assert not e.fold.disabled  # the conv is followed by its batch norm
+        assert e.data["report"]["sqnr_per_channel"].shape == (8,)
+    finally:
+        e.close()
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        WeightExplorer("not a model")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+
+    path = tmp_path_factory.mktemp("qviz-cache")
+    old = os.environ.get("QVIZ_CACHE_DIR")
+    os.environ["QVIZ_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["QVIZ_CACHE_DIR"]
+    else:
+        os.environ["QVIZ_CACHE_DIR"] = old
+
+
+def _small_decision(**kw):
+    e = DecisionMapExplorer(background=False, resolution=40, qat_steps=20, refresh_every=10, points=200, **kw)
+    return e
+
+
+def test_decision_map_changes_with_width_and_bits(cache, monkeypatch):
+    from qviz.engine import training
+
+    monkeypatch.setattr(training, "FLOAT_SCHEDULE", Schedule(steps=30, batch_size=128))
+    monkeypatch.setattr("qviz.widgets.decision.float_model",
+                        lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
+    e = _small_decision()
+    try:
+        first = e.data["quant"]["probs"].copy()
+        e.width.value = 32
+        assert not np.allclose(e.data["quant"]["probs"], first)
+        assert e.float_model.width == 32
+        e.w_bits.value = 0  # float weights, float activations: the "quantized" map is the float map
+        assert np.allclose(e.data["quant"]["probs"], e.data["float"]["probs"])
+        e.a_bits.value = 2
+        assert e.data["a_spec"].scheme == "pact" and e.data["a_spec"].bits == 2
+        e.method.value = "qat"
+        assert e.data["stage"] == "QAT step 20"
+        e.residual.value = True
+        e.shortcut.value = True
+        assert e.float_model.residual
+        spec = e.chart.to_dict()
+        assert _layer_values(spec, "float_map")[0]["url"].startswith("data:image/png;base64,")
+        assert len(_layer_values(spec, "points")) == 2 * 200  # over the float and the quantized map
+    finally:
+        e.close()
+
+
+def test_decision_map_streams_ptq_then_qat_refinements(cache, monkeypatch):
+    monkeypatch.setattr("qviz.widgets.decision.float_model",
+                        lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
+    e = _small_decision()
+    stages = []
+    original = e._apply
+
+    def spy(result, params):
+        stages.append(result["stage"])
+        original(result, params)
+
+    e._apply = spy
+    e.runner._apply = spy
+    try:
+        e.method.value = "qat_clr"
+        assert stages[-3:] == ["PTQ", "QAT step 10", "QAT step 20"]
+    finally:
+        e.close()
+
+
+def test_a_newer_change_cancels_stale_training(cache, monkeypatch):
+    monkeypatch.setattr("qviz.widgets.decision.float_model",
+                        lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
+    e = DecisionMapExplorer(resolution=32, qat_steps=100_000, refresh_every=50, points=100)
+    try:
+        assert e.wait(60)
+        e.method.value = "qat"  # a long QAT run starts in the background
+        threading.Event().wait(1.0)
+        e.method.value = "ptq"  # ... and this must cancel it
+        assert e.wait(20), "the stale QAT run was not cancelled"
+        assert e.data["stage"] == "PTQ" and e.params["method"] == "ptq"
+    finally:
+        e.close()
+
+
+def test_kernel_readout_bytes_follow_bits_and_latency_is_measured():
+    e = KernelReadout(background=False)
+    try:
+        e.out_features.value, e.in_features.value, e.budget.value = 256, 512, 0.05
+        e.kind.value = "lut"
+        e.bits.value = 4
+        mem = e.data["memory"]
+        assert mem == packed.memory_report(256, 512, bits=4, codebook_bits=32)
+        assert e.data["latency"]["qviz_s"] > 0 and e.data["latency"]["torch_s"] > 0
+        e.bits.value = 2
+        assert e.data["memory"]["packed_bytes"] == mem["packed_bytes"] // 2
+        rows = _layer_values(e.chart.to_dict(), "memory")
+        assert {r["v"] for r in rows} >= {256 * 512 * 4, e.data["memory"]["packed_bytes"]}
+        e.kind.value = "binary"
+        assert e.bits.value == 1 and e.data["latency"]["kind"] == "binary"
+    finally:
+        e.close()
+
+
+def test_kernel_readout_picks_shapes_from_a_model():
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    e = KernelReadout(net, background=False)
+    try:
+        e.budget.value = 0.05
+        e.source.value = "2"
+        assert (e.out_features.value, e.in_features.value) == (10, 32) and e.out_features.disabled
+        assert e.data["memory"]["weights"] == 320
+    finally:
+        e.close()
+
+
+def test_dashboard_shares_bits_and_the_model(cache, monkeypatch):
+    monkeypatch.setattr("qviz.widgets.decision.float_model",
+                        lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
+    model = FCDNN(16, 3)
+    d = Dashboard(model, background=False)
+    try:
+        d.kernels.budget.value = 0.05
+        d.bits.value = 4
+        assert d.quantizer.bits.value == 4 and d.weights.bits.value == 4 and d.decision.w_bits.value == 4
+        assert d.kernels.bits.value == 4
+        assert d.weights.model is model
+    finally:
+        d.close()
+    assert BITS[0] == ("float", 0)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf", ".html"])
+def test_save_writes_every_format_offline(quantizer, tmp_path, suffix):
+    path = quantizer.save(tmp_path / f"figure{suffix}")
+    data = path.read_bytes()
+    assert len(data) > 1000
+    magic = {".png": b"\x89PNG", ".svg": b"<svg", ".pdf": b"%PDF", ".html": b"<!DOCTYPE html>"}[suffix]
+    assert data.lstrip().startswith(magic) or magic in data[:300]
+    if suffix == ".html":
+        assert b"https://cdn" not in data  # self-contained: Vega is inlined, nothing to fetch
+    with pytest.raises(ValueError, match=r"path suffix='\.gif'"):
+        quantizer.save(tmp_path / "figure.gif")
+
+
+def test_snapshot_is_a_static_png_for_pages_without_widget_javascript(quantizer):
+    html = quantizer.snapshot_html()
+    assert "data:image/png;base64," in html and "qviz-snapshot" in html
