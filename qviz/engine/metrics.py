@@ -121,10 +121,11 @@ def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:
     """Everything the weight explorer shows about one layer's weights under `spec` (004 §2.6, Appendix A).
 
     weight: [out, ...] (dim 0 = output kernels); folded: the batch-norm-folded weights (004 eqs.
-    20-21) when the layer has a batch norm. Returns edges / counts of the weights, the levels and how
-    many weights land on each, the quantized weights' overall SQNR, per-kernel SQNR histograms for
-    per-layer and per-channel quantization with the same scheme, and the weight power histograms
-    before and after folding.
+    20-21) when the layer has a batch norm. Returns edges / counts of the weights; the levels (per
+    channel: those of the kernel with the widest range, named by `levels_kernel`); the quantized weights
+    as one count per level (per tensor) or as a histogram (per channel, where every kernel has its own
+    levels); the overall SQNR; per-kernel SQNR histograms for per-layer and per-channel quantization with
+    the same scheme; and the weight power histograms before and after folding.
     """
     import torch
 
@@ -135,9 +136,17 @@ def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:
         raise ValueError(f"weight must have at least 2 dims [out, in, ...], got shape {tuple(w.shape)}")
     q = fake_quantize(w, spec)
     levels = quantizer_levels(w, spec)
-    level_values = np.unique(levels.numpy().round(9)) if spec.granularity == "tensor" else np.unique(q.numpy())
-    used = np.array([(np.isclose(q.numpy(), v, rtol=0, atol=1e-7)).sum() for v in level_values])
     edges, counts = histogram(w, bins)
+    if spec.granularity == "tensor":
+        kernel = None
+        level_values = np.unique(levels.numpy().round(9))
+        quantized = {"values": level_values,
+                     "counts": np.array([np.isclose(q.numpy(), v, rtol=0, atol=1e-7).sum() for v in level_values])}
+    else:
+        kernel = int(w.reshape(w.shape[0], -1).abs().amax(1).argmax())
+        level_values = np.unique(levels[kernel].numpy().round(9))
+        q_edges, q_counts = histogram(q, bins, float(edges[0]), float(edges[-1]))
+        quantized = {"edges": q_edges, "counts": q_counts}
     per_layer = sqnr_db(w, fake_quantize(w, spec.replace(granularity="tensor")), axis=0)
     per_channel = sqnr_db(w, fake_quantize(w, spec.replace(granularity="channel", axis=0)), axis=0)
     finite = np.concatenate([per_layer[np.isfinite(per_layer)], per_channel[np.isfinite(per_channel)]])
@@ -150,7 +159,7 @@ def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:
     power_edges, before_counts = histogram(power_before, 40, 0.0, top)
     after_counts = histogram(power_after, 40, 0.0, top)[1] if power_after is not None else None
     return {
-        "edges": edges, "counts": counts, "levels": level_values, "level_counts": used,
+        "edges": edges, "counts": counts, "levels": level_values, "levels_kernel": kernel, "quantized": quantized,
         "sqnr_db": sqnr_db(w, q), "sqnr_per_layer": per_layer, "sqnr_per_channel": per_channel,
         "sqnr_edges": sqnr_edges, "sqnr_layer_counts": layer_counts, "sqnr_channel_counts": channel_counts,
         "power_edges": power_edges, "power_before": before_counts, "power_after": after_counts,

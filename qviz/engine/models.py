@@ -88,12 +88,18 @@ class WeightQuantizer(nn.Module):
         self.train_spec = _training_spec(spec, stochastic)
         learns_alpha = spec is not None and spec.scheme == "ceil"
         self.alpha = nn.Parameter(torch.tensor(spec.alpha or 1.0)) if learns_alpha else None
+        self._cached: tuple | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return w
-        spec = self.train_spec if self.training else self.spec
-        return fake_quantize(w, spec, alpha=self.alpha)
+        if self.training or torch.is_grad_enabled():
+            return fake_quantize(w, self.train_spec if self.training else self.spec, alpha=self.alpha)
+        # Inference quantizes the same weights for every batch: do it once until they change.
+        key = (id(w), w._version, None if self.alpha is None else float(self.alpha.detach()))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, fake_quantize(w, self.spec, alpha=self.alpha))
+        return self._cached[1]
 
 
 # Schemes whose range an activation quantizer fixes from its moving-average observer (004 §2.5);

@@ -66,8 +66,9 @@ class Explorer(W.VBox):
 
     Subclasses define `_controls()` (a list of widgets whose `value` changes trigger updates),
     `_params()`, `_compute(params, cancel, progress)` (a generator of results, run off the main thread)
-    and `_figure(result, params)` (an Altair chart from a result, built by the pure functions of
-    `_charts`). `data` holds the latest result, `chart` the latest chart.
+    and `_figure(fig, result, params)` (a Vega-Lite body built by the pure functions of `_charts`).
+    `data` holds the latest result, `spec` the Vega-Lite spec on screen and `chart` the same as an
+    Altair chart.
     """
 
     title = ""
@@ -76,11 +77,12 @@ class Explorer(W.VBox):
         enable_offline()
         self.status = StatusPanel()
         self.data: Any = None
-        self.chart: alt.TopLevelMixin | None = None
+        self.spec: dict | None = None
+        self._shape: str | None = None
         self.params: dict = {}
-        self.view = alt.JupyterChart(alt.Chart(alt.Data(values=[])).mark_point(),
-                                     embed_options={"renderer": "svg", "actions": False})
-        self.view.add_class("qviz-chart")
+        # the chart widget is created with its first spec: a chart that ever drew a placeholder would keep
+        # applying later data and params to it (see _show)
+        self.view: W.Widget = W.HTML("<i style='color:#777'>computing…</i>")
         self.runner = Runner(self._compute, self._apply, on_error=self.status.show_error,
                              on_progress=self.status.progress, on_done=self.status.done,
                              debounce_s=debounce_s, background=background)
@@ -98,8 +100,11 @@ class Explorer(W.VBox):
         raise NotImplementedError
 
     def _layout_controls(self, controls: list[W.Widget]) -> W.Widget:
-        return W.GridBox(controls, layout=W.Layout(grid_template_columns="repeat(3, max-content)",
-                                                   grid_gap="4px 16px"))
+        # three fixed columns: the controls fit a 1024-pixel projector and never jump as values change
+        for control in controls:
+            if not isinstance(control, W.Box | W.Checkbox):
+                control.layout.width = "320px"
+        return W.GridBox(controls, layout=W.Layout(grid_template_columns="repeat(3, 330px)", grid_gap="4px 12px"))
 
     def _params(self) -> dict:
         raise NotImplementedError
@@ -107,7 +112,7 @@ class Explorer(W.VBox):
     def _compute(self, params: dict, cancel: threading.Event, progress):
         raise NotImplementedError
 
-    def _figure(self, result: Any, params: dict) -> alt.TopLevelMixin:
+    def _figure(self, fig: _charts.Figure, result: Any, params: dict) -> dict:
         raise NotImplementedError
 
     def _summary(self, result: Any, params: dict) -> str:
@@ -128,13 +133,52 @@ class Explorer(W.VBox):
         self.status.clear_error()
         self.runner.request(params)
 
+    def _build(self, result: Any, params: dict, title: str | None = None) -> dict:
+        fig = _charts.Figure()
+        return fig.spec(self._figure(fig, result, params), title)
+
     def _apply(self, result: Any, params: dict) -> None:
-        chart = _charts.finish(self._figure(result, params))
-        self.data, self.params, self.chart = result, params, chart
-        self.view.chart = chart
+        spec = self._build(result, params)
+        self._show(spec)
+        self.data, self.params = result, params
         summary = self._summary(result, params)
         if summary:
             self.status.text.value = summary
+
+    @staticmethod
+    def _new_view() -> alt.JupyterChart:
+        view = alt.JupyterChart(alt.Chart(alt.Data(values=[])).mark_point(),
+                                embed_options={"renderer": "svg", "actions": False})
+        view.add_class("qviz-chart")
+        return view
+
+    def _show(self, spec: dict) -> None:
+        """Send `spec` to the front end: only its changed datasets and params when the chart's structure is
+        the one on screen (the browser redraws without compiling a chart), else a new chart.
+
+        A new structure gets a new JupyterChart widget rather than a new spec for the old one: the
+        widget's front end keeps listening to data and param updates with every chart it ever drew,
+        and those old charts would fail on names they do not have.
+        """
+        shape = _charts.structure(spec)
+        texts = {p["name"]: p["value"] for p in spec.get("params", [])}
+        if self.spec is not None and shape == self._shape:
+            old = self.spec["datasets"]
+            updates = [{"namespace": "data", "name": name, "scope": [], "value": rows}
+                       for name, rows in spec["datasets"].items() if rows != old.get(name)]
+            with self.view.hold_sync():
+                if updates:
+                    self.view._py_to_js_updates = updates
+                self.view._params = texts
+        else:
+            view = self._new_view()
+            with view.hold_sync():
+                view._params = texts
+                view.spec = spec  # JupyterChart's `chart` trait would re-validate a whole chart
+            old_view, self.view = self.view, view
+            self.children = tuple(view if child is old_view else child for child in self.children)
+            old_view.close()
+        self.spec, self._shape = spec, shape
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Block until the explorer has shown the result of its latest control change."""
@@ -148,25 +192,30 @@ class Explorer(W.VBox):
 
     # ------------------------------------------------------------ export
 
-    def figure(self) -> alt.TopLevelMixin:
-        """The current view as one Altair chart with the settings in its title (what `save` writes)."""
+    @property
+    def chart(self) -> alt.TopLevelMixin | None:
+        """The chart on screen as an Altair chart (to compose or restyle with Altair)."""
+        return None if self.spec is None else _charts.as_altair(self.spec)
+
+    def figure_spec(self) -> dict:
+        """The current view with the settings in its title, as one Vega-Lite spec (what `save` renders)."""
         if self.data is None:
             raise ValueError("nothing to show yet: the explorer has not finished its first update")
-        settings = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return _charts.finish(self._figure(self.data, self.params), f"{self.title} — {settings}")
+        title = f"{self.title} — " + ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return self._build(self.data, self.params, title)
 
     def save(self, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
         """Write the current view to `path`: .png, .svg, .pdf or self-contained .html (all offline)."""
-        from qviz.widgets.export import save_chart
+        from qviz.widgets.export import save_spec
 
         self.wait()
-        return save_chart(self.figure(), path, scale=scale)
+        return save_spec(self.figure_spec(), path, scale=scale)
 
     def snapshot_html(self) -> str:
         """A static PNG of the current view for pages without widget JavaScript."""
         from qviz.widgets.export import png_bytes
 
-        png = base64.b64encode(png_bytes(self.figure(), scale=1.0)).decode("ascii")
+        png = base64.b64encode(png_bytes(self.figure_spec(), scale=1.0)).decode("ascii")
         return (f"{_SNAPSHOT_CSS}<div class='qviz-snapshot'><img alt='{self.title}' "
                 f"src='data:image/png;base64,{png}'></div>")
 

@@ -1,11 +1,23 @@
-"""Chart builders: plain data in, `altair` charts out. They never compute what they show.
+"""Chart builders: plain data in, Vega-Lite specs out. They never compute what they show.
 
-Layers that tests and the browser suite look for carry names (`name=`), which Vega turns into SVG
-classes such as `levels_marks`. Sizes and fonts suit a projector.
+The builders write Vega-Lite JSON (the dicts Altair's `to_dict` produces) rather than Altair objects:
+Altair's object model copies and validates a chart on every method call, which costs about 350 ms for
+the quantizer explorer's figure; the dicts cost a few milliseconds, inside the 30 ms an update may
+take. `as_altair(spec)` turns any of them into an Altair chart for composition; `alt.JupyterChart`
+renders them as they are.
+
+Everything that changes from one update to the next lives outside the chart's structure: data in
+top-level named datasets (d0, d1, ... in building order) and text in params (t0, t1, ...). Two figures
+built from different values but the same structure differ only there, so an explorer can send the
+browser new data and params instead of a new chart, and the chart redraws without being compiled again.
+
+Layers that tests and the browser suite look for carry names, which Vega turns into SVG classes such
+as `levels_marks`. Sizes and fonts suit a projector.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import altair as alt
@@ -13,195 +25,256 @@ import numpy as np
 
 BLUE, RED, GREY, INK = "#2166ac", "#b2182b", "#9e9e9e", "#222222"
 GREEN, PURPLE, ORANGE = "#1b7837", "#762a83", "#e08214"
-PANEL = {"width": 330, "height": 250}
+WIDTH, HEIGHT = 330, 250
+SCHEMA = "https://vega.github.io/schema/vega-lite/v6.json"
+CONFIG = {"axis": {"labelFontSize": 13, "titleFontSize": 14, "grid": True, "gridOpacity": 0.4},
+          "title": {"fontSize": 15, "anchor": "start"},
+          "legend": {"labelFontSize": 13, "titleFontSize": 13, "orient": "bottom"},
+          "view": {"stroke": None}}
 
 
-def _values(**columns) -> alt.Data:
-    """Columns of equal length -> inline rows (floats rounded so specs stay small)."""
-    names = list(columns)
-    arrays = [np.asarray(columns[n]).reshape(-1) for n in names]
-    rows = [dict(zip(names, (_plain(v) for v in row), strict=True)) for row in zip(*arrays, strict=True)]
-    return alt.Data(values=rows)
+class Figure:
+    """Collects the datasets and the texts of one figure while its views are built."""
+
+    def __init__(self):
+        self.datasets: dict[str, list[dict]] = {}
+        self.texts: dict[str, str] = {}
+
+    def data(self, **columns) -> dict:
+        """Columns of equal length -> a named dataset (floats rounded so specs stay small)."""
+        names = list(columns)
+        arrays = [np.asarray(columns[n]).reshape(-1).tolist() for n in names]
+        rows = [dict(zip(names, (_plain(v) for v in row), strict=True)) for row in zip(*arrays, strict=True)]
+        name = f"d{len(self.datasets)}"
+        self.datasets[name] = rows
+        return {"name": name}
+
+    def title(self, text: str) -> dict:
+        """A view title whose text is a param, so it can change without a new chart."""
+        name = f"t{len(self.texts)}"
+        self.texts[name] = text
+        return {"text": {"expr": name}}
+
+    def spec(self, body: dict, title: str | None = None) -> dict:
+        """The top-level spec: body + datasets + text params + configuration (+ an overall title)."""
+        spec = {"$schema": SCHEMA, **body, "datasets": self.datasets, "config": CONFIG}
+        if self.texts:
+            spec["params"] = [{"name": n, "value": v} for n, v in self.texts.items()]
+        if title:
+            spec["title"] = {"text": title, "fontSize": 17, "anchor": "start"}
+        return spec
+
+
+def structure(spec: dict) -> str:
+    """What must stay equal for a spec to be shown by sending only its data and params."""
+    shape = {**spec, "datasets": sorted(spec.get("datasets", {})),
+             "params": [p["name"] for p in spec.get("params", [])]}
+    return json.dumps(shape, sort_keys=True)
 
 
 def _plain(v):
-    if isinstance(v, np.floating | float):
-        return round(float(v), 6) if np.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
+    if isinstance(v, float):
+        return round(v, 6) if np.isfinite(v) else None
     return v
 
 
-def finish(chart: alt.TopLevelMixin, title: str | None = None) -> alt.TopLevelMixin:
-    """Top-level configuration: readable fonts, no chart border, an optional overall title."""
-    if title:
-        chart = chart.properties(title=alt.TitleParams(title, fontSize=17, anchor="start"))
-    return (chart.configure_axis(labelFontSize=13, titleFontSize=14, grid=True, gridOpacity=0.4)
-            .configure_title(fontSize=15, anchor="start")
-            .configure_legend(labelFontSize=13, titleFontSize=13, orient="bottom")
-            .configure_view(stroke=None))
+def view(data: dict, mark: dict, encoding: dict | None = None, name: str | None = None, **props) -> dict:
+    spec = {"data": data, "mark": mark, **props}
+    if encoding:
+        spec["encoding"] = encoding
+    if name:
+        spec["name"] = name
+    return spec
+
+
+def q(field: str, title: str | None = None, **extra) -> dict:
+    """A quantitative channel."""
+    enc = {"field": field, "type": "quantitative", **extra}
+    if title is not None:
+        enc["title"] = title
+    return enc
+
+
+def layer(*views: dict, **props) -> dict:
+    return {"layer": list(views), **props}
+
+
+def as_altair(spec: dict) -> alt.TopLevelMixin:
+    """An Altair chart of a spec built here (for composing figures with Altair)."""
+    return alt.Chart.from_dict(spec, validate=False)
 
 
 # --------------------------------------------------------------------------------------------------
 # Quantizer explorer
 
 
-def staircase(curve: dict, title: str) -> alt.LayerChart:
+def staircase(fig: Figure, curve: dict, title: str) -> dict:
     """q(x) over the identity line, levels as horizontal rules, thresholds as vertical rules."""
     x = curve["x"]
     lo, hi = float(x[0]), float(x[-1])
-    ys = np.concatenate([curve["q"], x, curve["levels"]])
-    y_dom = [float(min(ys.min(), lo)), float(max(ys.max(), hi))]
-    xs = alt.X("x:Q", title="input x", scale=alt.Scale(domain=[lo, hi], nice=False))
-    ys_enc = alt.Y("y:Q", title="q(x)", scale=alt.Scale(domain=y_dom, nice=False))
-    identity = alt.Chart(_values(x=[lo, hi], y=[lo, hi]), name="identity").mark_line(
-        color=GREY, strokeDash=[5, 4], strokeWidth=1.5).encode(xs, ys_enc)
-    levels = alt.Chart(_values(y=curve["levels"]), name="levels").mark_rule(
-        color=BLUE, opacity=0.35, strokeWidth=1).encode(y="y:Q")
+    x_enc = q("x", "input x", scale={"domain": [lo, hi], "nice": False})
+    y_enc = q("y", "q(x)", scale={"nice": False, "zero": False})  # the identity line and the levels set it
     inside = curve["thresholds"][(curve["thresholds"] >= lo) & (curve["thresholds"] <= hi)]
-    thresholds = alt.Chart(_values(x=inside), name="thresholds").mark_rule(
-        color=ORANGE, opacity=0.45, strokeDash=[2, 3]).encode(x="x:Q")
-    layers = [identity, levels, thresholds]
+    layers = [
+        view(fig.data(x=[lo, hi], y=[lo, hi]), {"type": "line", "color": GREY, "strokeDash": [5, 4]},
+             {"x": x_enc, "y": y_enc}, "identity"),
+        view(fig.data(y=curve["levels"]), {"type": "rule", "color": BLUE, "opacity": 0.35}, {"y": q("y")}, "levels"),
+        view(fig.data(x=inside), {"type": "rule", "color": ORANGE, "opacity": 0.45, "strokeDash": [2, 3]},
+             {"x": q("x")}, "thresholds"),
+    ]
     if bool(curve["stochastic"]):
         step = max(1, len(x) // 250)
-        layers.append(alt.Chart(_values(x=x[::step], y=curve["q"][::step]), name="sample").mark_circle(
-            color=RED, size=14, opacity=0.5).encode(xs, ys_enc))
-        layers.append(alt.Chart(_values(x=x, y=curve["expected"]), name="expected").mark_line(
-            color=INK, strokeWidth=2.5).encode(xs, ys_enc))
+        layers.append(view(fig.data(x=x[::step], y=curve["q"][::step]),
+                           {"type": "circle", "color": RED, "size": 14, "opacity": 0.5}, {"x": x_enc, "y": y_enc},
+                           "sample"))
+        layers.append(view(fig.data(x=x, y=curve["expected"]), {"type": "line", "color": INK, "strokeWidth": 2.5},
+                           {"x": x_enc, "y": y_enc}, "expected"))
     else:
-        layers.append(alt.Chart(_values(x=x, y=curve["q"]), name="staircase").mark_line(
-            color=INK, strokeWidth=2.5, interpolate="step-after").encode(xs, ys_enc))
-    return alt.layer(*layers).properties(title=title, **PANEL)
+        layers.append(view(fig.data(x=x, y=curve["q"]),
+                           {"type": "line", "color": INK, "strokeWidth": 2.5, "interpolate": "step-after"},
+                           {"x": x_enc, "y": y_enc}, "staircase"))
+    return layer(*layers, title=fig.title(title), width=WIDTH, height=HEIGHT)
 
 
-def error_chart(curve: dict) -> alt.LayerChart:
+def error_chart(fig: Figure, curve: dict) -> dict:
     """Quantization error x - E[q(x)] (002 §2.2's ε)."""
     x = curve["x"]
-    xs = alt.X("x:Q", title="input x", scale=alt.Scale(domain=[float(x[0]), float(x[-1])], nice=False))
-    zero = alt.Chart(_values(y=[0.0]), name="zero").mark_rule(color=GREY).encode(y="y:Q")
-    err = alt.Chart(_values(x=x, e=curve["error"]), name="error").mark_line(color=PURPLE, strokeWidth=2).encode(
-        xs, alt.Y("e:Q", title="error x − q(x)"))
-    return alt.layer(zero, err).properties(title="Quantization error", **PANEL)
+    x_enc = q("x", "input x", scale={"domain": [float(x[0]), float(x[-1])], "nice": False})
+    return layer(view(fig.data(y=[0.0]), {"type": "rule", "color": GREY}, {"y": q("y")}, "zero"),
+                 view(fig.data(x=x, e=curve["error"]), {"type": "line", "color": PURPLE, "strokeWidth": 2},
+                      {"x": x_enc, "y": q("e", "error x − q(x)")}, "error"),
+                 title="Quantization error", width=WIDTH, height=HEIGHT)
 
 
-def gradient_chart(curve: dict, ste_name: str) -> alt.LayerChart:
+def gradient_chart(fig: Figure, curve: dict, ste_name: str) -> dict:
     """The STE gradient next to the true derivative (0 almost everywhere, a Dirac spike per threshold)."""
     x = curve["x"]
     lo, hi = float(x[0]), float(x[-1])
-    xs = alt.X("x:Q", title="input x", scale=alt.Scale(domain=[lo, hi], nice=False))
     top = float(max(1.0, np.max(curve["grad"]) * 1.15))
-    y = alt.Y("g:Q", title="dq/dx", scale=alt.Scale(domain=[-0.05 * top, top], nice=False))
-    true = alt.Chart(_values(x=[lo, hi], g=[0.0, 0.0]), name="true_derivative").mark_line(
-        color=GREY, strokeWidth=2).encode(xs, y)
+    x_enc = q("x", "input x", scale={"domain": [lo, hi], "nice": False})
+    y_enc = q("g", "dq/dx", scale={"nice": False})
     inside = curve["thresholds"][(curve["thresholds"] >= lo) & (curve["thresholds"] <= hi)]
-    spikes = alt.Chart(_values(x=inside), name="dirac").mark_rule(color=GREY, strokeDash=[2, 2]).encode(x="x:Q")
-    ste = alt.Chart(_values(x=x, g=curve["grad"]), name="ste").mark_line(
-        color=GREEN, strokeWidth=2.5, interpolate="step-after").encode(xs, y)
-    return alt.layer(true, spikes, ste).properties(
-        title=f"STE ({ste_name}) vs true derivative (0 a.e.)", width=2 * PANEL["width"] + 40, height=150)
+    return layer(
+        # invisible points that set the y range from the data, so a new range needs no new chart
+        view(fig.data(x=[lo, lo], g=[-0.05 * top, top]), {"type": "point", "opacity": 0}, {"x": x_enc, "y": y_enc},
+             "bounds"),
+        view(fig.data(x=[lo, hi], g=[0.0, 0.0]), {"type": "line", "color": GREY, "strokeWidth": 2},
+             {"x": x_enc, "y": y_enc}, "true_derivative"),
+        view(fig.data(x=inside), {"type": "rule", "color": GREY, "strokeDash": [2, 2]}, {"x": q("x")}, "dirac"),
+        view(fig.data(x=x, g=curve["grad"]), {"type": "line", "color": GREEN, "strokeWidth": 2.5,
+                                              "interpolate": "step-after"}, {"x": x_enc, "y": y_enc}, "ste"),
+        title=fig.title(f"STE ({ste_name}) vs true derivative (0 a.e.)"), width=2 * WIDTH + 40, height=150)
 
 
-def quantizer_figure(curve: dict, title: str, ste_name: str) -> alt.VConcatChart:
-    return alt.vconcat(alt.hconcat(staircase(curve, title), error_chart(curve)), gradient_chart(curve, ste_name))
+def quantizer_figure(fig: Figure, curve: dict, title: str, ste_name: str) -> dict:
+    return {"vconcat": [{"hconcat": [staircase(fig, curve, title), error_chart(fig, curve)]},
+                        gradient_chart(fig, curve, ste_name)]}
 
 
 # --------------------------------------------------------------------------------------------------
 # Weight explorer
 
 
-def _bars(edges: np.ndarray, counts: np.ndarray, name: str, color: str, title: str, x_title: str,
-          log_y: bool = False) -> alt.Chart:
-    data = _values(a=edges[:-1], b=edges[1:], n=counts)
-    y = alt.Y("n:Q", title="count", scale=alt.Scale(type="symlog") if log_y else alt.Undefined)
-    return alt.Chart(data, name=name).mark_rect(color=color, opacity=0.75).encode(
-        x=alt.X("a:Q", title=x_title), x2="b:Q", y=y).properties(title=title, **PANEL)
+def _bars(fig: Figure, edges, counts, name: str, color: str, title: str, x_title: str, log_y: bool = False) -> dict:
+    y = q("n", "count", **({"scale": {"type": "symlog"}} if log_y else {}))
+    return view(fig.data(a=edges[:-1], b=edges[1:], n=counts), {"type": "rect", "color": color, "opacity": 0.75},
+                {"x": q("a", x_title), "x2": {"field": "b"}, "y": y}, name, title=fig.title(title), width=WIDTH,
+                height=HEIGHT)
 
 
-def weight_histograms(edges: np.ndarray, counts: np.ndarray, levels: np.ndarray, level_counts: np.ndarray,
-                      layer: str) -> alt.HConcatChart:
-    """Float weights with the quantization levels overlaid, and how many weights each level takes."""
-    hist = _bars(edges, counts, "weights", BLUE, f"{layer}: float weights and levels", "weight", log_y=True)
-    rules = alt.Chart(_values(x=levels), name="levels").mark_rule(color=RED, strokeWidth=1.5).encode(x="x:Q")
-    used = alt.Chart(_values(level=levels, n=level_counts), name="quantized").mark_bar(color=RED, size=6).encode(
-        x=alt.X("level:Q", title="quantized weight"), y=alt.Y("n:Q", title="count")).properties(
-        title="Quantized weights per level", **PANEL)
-    return alt.hconcat(alt.layer(hist, rules), used)
+def weight_histograms(fig: Figure, edges, counts, levels, quantized: dict, title: str) -> dict:
+    """Float weights with the quantization levels overlaid, and the histogram of the quantized weights.
+
+    quantized: {"values", "counts"} (one bar per level) or {"edges", "counts"} (binned, when every
+    kernel has its own levels).
+    """
+    hist = _bars(fig, edges, counts, "weights", BLUE, title, "weight", log_y=True)
+    title_of_hist = hist.pop("title")
+    for key in ("width", "height"):
+        hist.pop(key)
+    rules = view(fig.data(x=levels), {"type": "rule", "color": RED, "strokeWidth": 1.5, "opacity": 0.8},
+                 {"x": q("x")}, "levels")
+    left = layer(hist, rules, title=title_of_hist, width=WIDTH, height=HEIGHT)
+    if "values" in quantized:
+        right = view(fig.data(level=quantized["values"], n=quantized["counts"]),
+                     {"type": "bar", "color": RED, "size": 6},
+                     {"x": q("level", "quantized weight"), "y": q("n", "count")}, "quantized",
+                     title=fig.title("Quantized weights per level"), width=WIDTH, height=HEIGHT)
+    else:
+        right = _bars(fig, quantized["edges"], quantized["counts"], "quantized", RED, "Quantized weights",
+                      "quantized weight", log_y=True)
+    return {"hconcat": [left, right]}
 
 
-def sqnr_histograms(edges: np.ndarray, per_layer: np.ndarray, per_channel: np.ndarray) -> alt.Chart:
+def _colors(domain: Sequence[str], colors: Sequence[str]) -> dict:
+    return {"field": "group", "type": "nominal", "title": None,
+            "scale": {"domain": list(domain), "range": list(colors)}}
+
+
+def sqnr_histograms(fig: Figure, edges, per_layer, per_channel) -> dict:
     """Per-kernel SQNR histograms, per-layer vs per-channel quantization (004 Figs. 18-19)."""
     n = len(edges) - 1
-    data = _values(a=np.tile(edges[:-1], 2), b=np.tile(edges[1:], 2), n=np.concatenate([per_layer, per_channel]),
-                   scheme=["per-layer"] * n + ["per-channel"] * n)
-    return alt.Chart(data, name="sqnr").mark_rect(opacity=0.6).encode(
-        x=alt.X("a:Q", title="SQNR per output kernel (dB)"), x2="b:Q", y=alt.Y("n:Q", title="kernels", stack=None),
-        color=alt.Color("scheme:N", scale=alt.Scale(domain=["per-layer", "per-channel"], range=[ORANGE, GREEN]),
-                        title=None)).properties(title="SQNR per kernel", **PANEL)
+    data = fig.data(a=np.tile(edges[:-1], 2), b=np.tile(edges[1:], 2), n=np.concatenate([per_layer, per_channel]),
+                    group=["per-layer"] * n + ["per-channel"] * n)
+    return view(data, {"type": "rect", "opacity": 0.6},
+                {"x": q("a", "SQNR per output kernel (dB)"), "x2": {"field": "b"}, "y": q("n", "kernels", stack=None),
+                 "color": _colors(["per-layer", "per-channel"], [ORANGE, GREEN])},
+                "sqnr", title="SQNR per kernel", width=WIDTH, height=HEIGHT)
 
 
-def power_histograms(edges: np.ndarray, before: np.ndarray, after: np.ndarray, folded: bool) -> alt.Chart:
+def power_histograms(fig: Figure, edges, before, after) -> dict:
     """Weight power W²/E[W²] before and after batch-norm folding (004 Appendix A)."""
     n = len(edges) - 1
-    labels = ["before folding"] * n + (["after folding"] * n if folded else [])
-    counts = np.concatenate([before, after]) if folded else before
-    a = np.tile(edges[:-1], 2 if folded else 1)
-    b = np.tile(edges[1:], 2 if folded else 1)
-    return alt.Chart(_values(a=a, b=b, n=counts, stage=labels), name="power").mark_rect(opacity=0.6).encode(
-        x=alt.X("a:Q", title="W² / E[W²]"), x2="b:Q",
-        y=alt.Y("n:Q", title="weights", stack=None, scale=alt.Scale(type="symlog")),
-        color=alt.Color("stage:N", title=None, scale=alt.Scale(domain=["before folding", "after folding"],
-                                                              range=[BLUE, RED]))).properties(
-        title="Weight power distribution", **PANEL)
+    folded = after is not None
+    groups = ["before folding"] * n + (["after folding"] * n if folded else [])
+    data = fig.data(a=np.tile(edges[:-1], 2 if folded else 1), b=np.tile(edges[1:], 2 if folded else 1),
+                    n=np.concatenate([before, after]) if folded else before, group=groups)
+    return view(data, {"type": "rect", "opacity": 0.6},
+                {"x": q("a", "W² / E[W²]"), "x2": {"field": "b"},
+                 "y": q("n", "weights", stack=None, scale={"type": "symlog"}),
+                 "color": _colors(["before folding", "after folding"], [BLUE, RED])},
+                "power", title="Weight power distribution", width=WIDTH, height=HEIGHT)
 
 
-def weights_figure(hist: alt.HConcatChart, sqnr: alt.Chart, power: alt.Chart) -> alt.VConcatChart:
-    return alt.vconcat(hist, alt.hconcat(sqnr, power))
+def weights_figure(hist: dict, sqnr: dict, power: dict) -> dict:
+    return {"vconcat": [hist, {"hconcat": [sqnr, power], "resolve": {"scale": {"color": "independent"}}}]}
 
 
 # --------------------------------------------------------------------------------------------------
 # Decision maps
 
 
-def _map_panel(url: str, title: str, name: str, points: dict | None, lo: float, hi: float) -> alt.LayerChart:
+def _map_panel(fig: Figure, url: str, title: str, name: str, lo: float, hi: float) -> dict:
     size = 260
-    scale = alt.Scale(domain=[lo, hi], nice=False)
-    image = alt.Chart(_values(x=[(lo + hi) / 2], y=[(lo + hi) / 2], url=[url]), name=name).mark_image(
-        width=size, height=size).encode(x=alt.X("x:Q", scale=scale, title="x"), y=alt.Y("y:Q", scale=scale, title="y"),
-                                        url="url:N")
-    layers = [image]
-    if points is not None:
-        data = _values(x=points["x"], y=points["y"], label=points["label"])
-        layers.append(alt.Chart(data, name="points").mark_circle(size=7, opacity=0.5, stroke="white",
-                                                                 strokeWidth=0.2).encode(
-            x=alt.X("x:Q", scale=scale), y=alt.Y("y:Q", scale=scale),
-            color=alt.Color("label:N", scale=alt.Scale(domain=[0, 1], range=[BLUE, RED]), legend=None)))
-    return alt.layer(*layers).properties(title=title, width=size, height=size)
+    scale = {"domain": [lo, hi], "nice": False}
+    image = view(fig.data(x=[(lo + hi) / 2], y=[(lo + hi) / 2], url=[url]),
+                 {"type": "image", "width": size, "height": size, "smooth": True},
+                 {"x": q("x", "x", scale=scale), "y": q("y", "y", scale=scale),
+                  "url": {"field": "url", "type": "nominal"}}, name)
+    return layer(image, title=fig.title(title), width=size, height=size)
 
 
-def decision_maps(float_url: str, quant_url: str, diff_url: str, points: dict | None, titles: Sequence[str],
-                  lo: float = 0.0, hi: float = 1.0) -> alt.HConcatChart:
-    """Float map, quantized map (over the training points) and their difference, side by side."""
-    return alt.hconcat(_map_panel(float_url, titles[0], "float_map", points, lo, hi),
-                       _map_panel(quant_url, titles[1], "quant_map", points, lo, hi),
-                       _map_panel(diff_url, titles[2], "difference", None, lo, hi))
+def decision_maps(fig: Figure, float_url: str, quant_url: str, diff_url: str, titles: Sequence[str],
+                  lo: float = 0.0, hi: float = 1.0) -> dict:
+    """Float map, quantized map and their difference, side by side (pictures: see `_image.data_url`)."""
+    return {"hconcat": [_map_panel(fig, float_url, titles[0], "float_map", lo, hi),
+                        _map_panel(fig, quant_url, titles[1], "quant_map", lo, hi),
+                        _map_panel(fig, diff_url, titles[2], "difference", lo, hi)]}
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernel readout
 
 
-def kernel_bars(memory: dict, latency: dict | None, title_memory: str, title_latency: str) -> alt.HConcatChart:
-    """Bytes of float32 vs packed weights, and latency of torch vs the qviz kernel."""
-    mem = alt.Chart(_values(what=list(memory), v=list(memory.values())), name="memory").mark_bar().encode(
-        y=alt.Y("what:N", title=None, sort=None), x=alt.X("v:Q", title="bytes"),
-        color=alt.Color("what:N", legend=None, scale=alt.Scale(range=[GREY, BLUE, GREEN, ORANGE]))).properties(
-        title=title_memory, width=PANEL["width"], height=120)
-    if latency is None:
-        return alt.hconcat(mem)
-    lat = alt.Chart(_values(what=list(latency), v=list(latency.values())), name="latency").mark_bar().encode(
-        y=alt.Y("what:N", title=None, sort=None), x=alt.X("v:Q", title="milliseconds (median)"),
-        color=alt.Color("what:N", legend=None, scale=alt.Scale(range=[GREY, RED, PURPLE]))).properties(
-        title=title_latency, width=PANEL["width"], height=120)
-    return alt.hconcat(mem, lat)
+def _hbars(fig: Figure, values: dict, name: str, colors: Sequence[str], title: str, x_title: str) -> dict:
+    return view(fig.data(group=list(values), v=list(values.values())), {"type": "bar"},
+                {"y": {"field": "group", "type": "nominal", "title": None, "sort": None}, "x": q("v", x_title),
+                 "color": {"field": "group", "type": "nominal", "legend": None, "scale": {"range": list(colors)}}},
+                name, title=fig.title(title), width=WIDTH, height=120)
+
+
+def kernel_bars(fig: Figure, memory: dict, latency: dict, title_memory: str, title_latency: str) -> dict:
+    """Bytes of float32 vs packed weights, and latency of torch vs the qviz kernel ({} while measuring)."""
+    return {"hconcat": [_hbars(fig, memory, "memory", [GREY, BLUE, GREEN], title_memory, "bytes"),
+                        _hbars(fig, latency, "latency", [GREY, RED], title_latency, "milliseconds (median)")],
+            "resolve": {"scale": {"color": "independent"}}}

@@ -41,8 +41,33 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def data_url(grid: np.ndarray, lo: float = 0.0, hi: float = 1.0, *, diverging_difference: bool = False) -> str:
-    """PNG data URL of grid [h, w] whose row 0 is the bottom (y = lo of the map), as a chart expects."""
+# class 0, class 1: darker than the map's own ends so the dots stand out on either colour
+POINT_COLORS = np.array([[8, 48, 107], [103, 0, 13]], dtype=np.uint8)
+
+
+def draw_points(rgb: np.ndarray, points: dict, extent: tuple[float, float], radius: int = 1) -> np.ndarray:
+    """Dots for the training points on an image whose row 0 is the top (y = hi): baked into the picture
+    because a thousand SVG circles make every redraw of the chart slow in the browser."""
+    h, w, _ = rgb.shape
+    lo, hi = extent
+    cols = np.clip(((np.asarray(points["x"]) - lo) / (hi - lo) * w).astype(int), 0, w - 1)
+    rows = np.clip(((hi - np.asarray(points["y"])) / (hi - lo) * h).astype(int), 0, h - 1)
+    labels = np.asarray(points["label"]).astype(int)
+    out = rgb.copy()
+    for dr in range(-radius, radius + 1):
+        for dc in range(-radius, radius + 1):
+            r, c = np.clip(rows + dr, 0, h - 1), np.clip(cols + dc, 0, w - 1)
+            edge = max(abs(dr), abs(dc)) == radius and radius > 0
+            out[r, c] = 255 if edge else POINT_COLORS[labels]
+    return out
+
+
+def data_url(grid: np.ndarray, lo: float = 0.0, hi: float = 1.0, *, diverging_difference: bool = False,
+             points: dict | None = None, extent: tuple[float, float] = (0.0, 1.0), upscale: int = 2) -> str:
+    """PNG data URL of grid [h, w] whose row 0 is the bottom (y = lo of the map), as a chart expects;
+    optionally with the training `points` drawn on it (the picture is upscaled so dots stay small)."""
     stops = _DIFF_STOPS if diverging_difference else _STOPS
     rgb = colorize(np.asarray(grid)[::-1], lo, hi, stops)
+    if points is not None:
+        rgb = draw_points(np.repeat(np.repeat(rgb, upscale, axis=0), upscale, axis=1), points, extent)
     return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")

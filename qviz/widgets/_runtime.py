@@ -1,8 +1,9 @@
 """How an explorer turns control changes into pictures without freezing the notebook.
 
-One `Runner` per explorer owns one worker thread. A control change calls `request(params)`; the worker
-waits until the controls have been quiet for `debounce_s` (a dragged slider sends dozens of values),
-then computes with the latest params only. Computations are generators: each value they yield is an
+One `Runner` per explorer owns one worker thread. A control change calls `request(params)`; a single
+change (a key press, a click) runs at once, while a burst (a dragged slider sends dozens of values)
+waits until the controls have been quiet for `debounce_s`, then computes with the latest params only.
+Computations are generators: each value they yield is an
 intermediate result (a PTQ map, then QAT refinements) that is applied only if no newer request has
 arrived since: last write wins, and a stale result never overwrites a newer one. A newer request also
 sets the running job's cancel event so long work (training) stops early. Errors go to `on_error` and
@@ -42,6 +43,7 @@ class Runner:
         self._generation = 0  # bumped by every request
         self._pending: tuple[int, dict] | None = None
         self._last_request = 0.0
+        self._burst = False  # did this request follow the previous one within debounce_s?
         self._cancel = threading.Event()
         self._busy = False
         self._closed = False
@@ -55,7 +57,9 @@ class Runner:
         with self._cond:
             self._generation += 1
             self._pending = (self._generation, dict(params))
-            self._last_request = time.monotonic()
+            now = time.monotonic()
+            self._burst = now - self._last_request < self.debounce_s
+            self._last_request = now
             self._cancel.set()  # the running job, if any, is stale now
             if not self.background:
                 job = self._pending
@@ -78,8 +82,8 @@ class Runner:
                     self._cond.wait()
                 if self._closed:
                     return
-                # debounce: wait until no request has come for debounce_s
-                while True:
+                # debounce a burst: wait until no request has come for debounce_s
+                while self._burst:
                     quiet = time.monotonic() - self._last_request
                     if quiet >= self.debounce_s or self._closed:
                         break

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import altair as alt
 import ipywidgets as W
 
 from qviz.widgets import _charts
@@ -51,14 +50,17 @@ class Dashboard(W.VBox):
     def wait(self, timeout: float = 300.0) -> bool:
         return all(e.wait(timeout) for e in self.explorers)
 
-    def figure(self) -> alt.TopLevelMixin:
-        return _charts.finish(alt.vconcat(*(e._figure(e.data, e.params) for e in self.explorers)), "qviz dashboard")
+    def figure_spec(self) -> dict:
+        """All four views stacked, as one Vega-Lite spec."""
+        fig = _charts.Figure()
+        return fig.spec({"vconcat": [e._figure(fig, e.data, e.params) for e in self.explorers]}, "qviz dashboard")
 
     def save(self, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
-        from qviz.widgets.export import save_chart
+        """Write all four views to `path` (.png, .svg, .pdf or self-contained .html)."""
+        from qviz.widgets.export import save_spec
 
         self.wait()
-        return save_chart(self.figure(), path, scale=scale)
+        return save_spec(self.figure_spec(), path, scale=scale)
 
     def close(self) -> None:
         for e in self.explorers:

@@ -42,15 +42,21 @@ class DecisionMapExplorer(Explorer):
 
     title = "Decision-map explorer"
 
-    def __init__(self, *, resolution: int = 150, qat_steps: int = QAT_SCHEDULE.steps, refresh_every: int = 100,
-                 points: int = 1500, **kwargs):
+    def __init__(self, *, width: int = 128, depth: int = 4, residual: bool = False, w_bits: int | None = 2,
+                 a_bits: int | None = None, method: str = "ptq", resolution: int = 120,
+                 qat_steps: int = QAT_SCHEDULE.steps, refresh_every: int = 100, points: int = 1500,
+                 cache: str | None = None, **kwargs):
+        self._initial = {"width": width, "depth": depth, "residual": residual, "w_bits": w_bits or 0,
+                         "a_bits": a_bits or 0, "method": method}
         self.resolution, self.qat_steps, self.refresh_every = resolution, qat_steps, refresh_every
+        self.cache = cache  # where float models are cached (default: the user cache directory)
         X, y = semicircles(0)
         keep = (X[:, 0] > 0) & (X[:, 0] < 1) & (X[:, 1] > 0) & (X[:, 1] < 1)
         pick = np.random.default_rng(0).permutation(int(keep.sum()))[:points]
         self._points = {"x": X[keep][pick, 0].numpy(), "y": X[keep][pick, 1].numpy(), "label": y[keep][pick].numpy()}
         self._model_listeners = []
         self.float_model = None
+        self._float_map = None
         super().__init__(**kwargs)
 
     def on_float_model(self, callback) -> None:
@@ -59,14 +65,16 @@ class DecisionMapExplorer(Explorer):
 
     def _controls(self):
         style = {"description_width": "95px"}
-        self.width = W.SelectionSlider(options=WIDTHS, value=128, description="width", style=style)
-        self.depth = W.IntSlider(value=4, min=2, max=8, description="depth", style=style)
-        self.w_bits = W.SelectionSlider(options=BITS, value=2, description="weight bits", style=style)
-        self.a_bits = W.SelectionSlider(options=BITS, value=0, description="activation bits", style=style)
+        init = self._initial
+        self.width = W.SelectionSlider(options=WIDTHS, value=init["width"], description="width", style=style)
+        self.depth = W.IntSlider(value=init["depth"], min=2, max=8, description="depth", style=style)
+        self.w_bits = W.SelectionSlider(options=BITS, value=init["w_bits"], description="weight bits", style=style)
+        self.a_bits = W.SelectionSlider(options=BITS, value=init["a_bits"], description="activation bits",
+                                        style=style)
         self.w_scheme = W.Dropdown(options=W_SCHEMES, value="auto", description="weights", style=style)
         self.a_scheme = W.Dropdown(options=A_SCHEMES, value="pact", description="activations", style=style)
-        self.method = W.Dropdown(options=METHODS, value="ptq", description="method", style=style)
-        self.residual = W.Checkbox(value=False, description="residual", indent=False)
+        self.method = W.Dropdown(options=METHODS, value=init["method"], description="method", style=style)
+        self.residual = W.Checkbox(value=init["residual"], description="residual", indent=False)
         self.shortcut = W.Checkbox(value=False, description="quantize shortcut", indent=False)
         return [self.width, self.depth, self.method, self.w_bits, self.a_bits, self.w_scheme, self.a_scheme,
                 W.HBox([self.residual, self.shortcut])]
@@ -80,14 +88,16 @@ class DecisionMapExplorer(Explorer):
     def _compute(self, params, cancel, progress):
         arch = f"{params['width']}-{params['depth']}{' residual' if params['residual'] else ''}"
         progress(0.0, f"float {arch}: loading or training")
-        base = float_model(params["width"], params["depth"], params["residual"], cancel=cancel,
+        base = float_model(params["width"], params["depth"], params["residual"], cache=self.cache, cancel=cancel,
                            callback=lambda p: progress(0.5 * p["step"] / p["steps"], f"training float {arch}: "
                                                        f"step {p['step']} of {p['steps']}"))
         if base is not self.float_model:
             self.float_model = base
             for listener in self._model_listeners:
                 listener(base)
-        float_map = decision_map(base, resolution=self.resolution)
+        if self._float_map is None or self._float_map[0] is not base:  # one float map per float model
+            self._float_map = (base, decision_map(base, resolution=self.resolution))
+        float_map = self._float_map[1]
         w_spec = weight_spec(params["w_bits"], params["w_scheme"])
         a_spec = activation_spec(params["a_bits"], params["a_scheme"])
         changes = {"quantize_shortcut": params["shortcut"] and params["residual"]}
@@ -109,7 +119,7 @@ class DecisionMapExplorer(Explorer):
                 yield {"float": float_map, "quant": p["map"], "stage": f"QAT step {p['step']}",
                        "w_spec": w_spec, "a_spec": a_spec}
 
-    def _figure(self, result, params):
+    def _figure(self, fig, result, params):
         f, q = result["float"], result["quant"]
         label = "W" + (str(params["w_bits"]) if params["w_bits"] else "F") + "A" + (
             str(params["a_bits"]) if params["a_bits"] else "F")
@@ -117,9 +127,12 @@ class DecisionMapExplorer(Explorer):
         wrong_q = (q["predicted"] != q["correct"]).astype(float)
         titles = [f"float: {f['accuracy']:.1%} correct", f"{label} {result['stage']}: {q['accuracy']:.1%} correct",
                   "difference (green: newly wrong, purple: fixed)"]
-        return _charts.decision_maps(data_url(f["probs"]), data_url(q["probs"]),
+        extent = (f["lo"], f["hi"])
+        if f.get("url") is None:  # the float map's picture is drawn once per float model
+            f["url"] = data_url(f["probs"], points=self._points, extent=extent)
+        return _charts.decision_maps(fig, f["url"], data_url(q["probs"], points=self._points, extent=extent),
                                      data_url(wrong_f - wrong_q, -1.0, 1.0, diverging_difference=True),
-                                     self._points, titles, f["lo"], f["hi"])
+                                     titles, f["lo"], f["hi"])
 
     def _summary(self, result, params) -> str:
         return (f"{params['width']}-{params['depth']}: float {result['float']['accuracy']:.1%}, "

@@ -16,21 +16,25 @@ from qviz import _checks
 FORMATS = (".png", ".svg", ".pdf", ".html")
 
 
-def png_bytes(chart: alt.TopLevelMixin, scale: float = 2.0) -> bytes:
+def png_bytes(spec: dict | alt.TopLevelMixin, scale: float = 2.0) -> bytes:
     import vl_convert as vlc
 
-    return vlc.vegalite_to_png(chart.to_dict(), scale=scale)
+    return vlc.vegalite_to_png(_as_dict(spec), scale=scale)
 
 
-def save_chart(chart: alt.TopLevelMixin, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
-    """Write `chart` to `path` in the format its extension names (.png, .svg, .pdf, .html)."""
+def _as_dict(spec: dict | alt.TopLevelMixin) -> dict:
+    return spec if isinstance(spec, dict) else spec.to_dict()
+
+
+def save_spec(spec: dict, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
+    """Write a Vega-Lite spec to `path` in the format its extension names (.png, .svg, .pdf, .html)."""
     import vl_convert as vlc
 
     path = Path(path)
     suffix = path.suffix.lower()
     _checks.choice("path suffix", suffix, FORMATS)
     scale = _checks.real("scale", scale, 0.0, 16.0, lo_open=True)
-    spec = chart.to_dict()
+    spec = _as_dict(spec)
     if suffix == ".png":
         path.write_bytes(vlc.vegalite_to_png(spec, scale=scale))
     elif suffix == ".svg":

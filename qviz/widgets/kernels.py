@@ -87,17 +87,17 @@ class KernelReadout(Explorer):
                                          bits=params["bits"], budget_s=params["budget"])
         yield {"memory": memory, "latency": latency}
 
-    def _figure(self, result, params):
+    def _figure(self, fig, result, params):
         mem = result["memory"]
         bars = {"float32": mem["float32_bytes"], f"packed ({params['bits']}-bit rows)": mem["packed_bytes"],
                 "codebook": mem["codebook_bytes"]}
         title_mem = f"memory: {mem['ratio']:.2f}x smaller (eq. 2-17: {mem['ratio_formula']:.2f}x)"
         lat = result["latency"]
         if lat is None:
-            return _charts.kernel_bars(bars, None, title_mem, "")
+            return _charts.kernel_bars(fig, bars, {}, title_mem, f"latency: timing within {params['budget']:.2f} s")
         timing = {"torch float32": lat["torch_s"] * 1e3, f"qviz {params['kind']}": lat["qviz_s"] * 1e3}
         faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
-        return _charts.kernel_bars(bars, timing, title_mem, f"latency: qviz {faster} ({lat['path']}, "
+        return _charts.kernel_bars(fig, bars, timing, title_mem, f"latency: qviz {faster} ({lat['path']}, "
                                                               f"{lat['threads']} threads)")
 
     def _summary(self, result, params) -> str:

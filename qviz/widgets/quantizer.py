@@ -96,12 +96,12 @@ class QuantizerExplorer(Explorer):
         spec = self.spec_for(params)
         yield {"spec": spec, "curve": transfer_curve(spec, *X_RANGE, POINTS)}
 
-    def _figure(self, result, params):
+    def _figure(self, fig, result, params):
         spec, curve = result["spec"], result["curve"]
         n = len(set(curve["levels"].round(9).tolist()))
         title = f"{spec.scheme}, {spec.bits} bit{'s' if spec.bits > 1 else ''}: {n} levels"
         ste = spec.ste or SCHEMES[spec.scheme].default_ste
-        return _charts.quantizer_figure(curve, title, ste)
+        return _charts.quantizer_figure(fig, curve, title, ste)
 
     def _summary(self, result, params) -> str:
         curve = result["curve"]

@@ -57,9 +57,9 @@ class WeightExplorer(Explorer):
         self.scheme = W.Dropdown(options=SCHEMES, value="uniform", description="scheme", style=style)
         self.bits = W.IntSlider(value=4, min=2, max=8, description="bits", style=style)
         self.granularity = W.ToggleButtons(options=[("per-layer", "tensor"), ("per-channel", "channel")],
-                                           value="tensor", style={"button_width": "90px"})
+                                           value="tensor", style={"button_width": "110px"})
         self.symmetric = W.ToggleButtons(options=[("symmetric", True), ("asymmetric", False)], value=True,
-                                         style={"button_width": "90px"})
+                                         style={"button_width": "110px"})
         self.fold = W.Checkbox(value=False, description="fold batch norm", indent=False)
         self.scheme.observe(self._scheme_changed, names="value")
         self._fill_layers()
@@ -123,14 +123,14 @@ class WeightExplorer(Explorer):
         self.fold.disabled = not result["has_bn"]
         super()._apply(result, params)
 
-    def _figure(self, result, params):
+    def _figure(self, fig, result, params):
         r = result["report"]
-        hist = _charts.weight_histograms(r["edges"], r["counts"], r["levels"], r["level_counts"],
-                                         result["layer"] + (" (folded)" if result["folded"] else ""))
-        sqnr = _charts.sqnr_histograms(r["sqnr_edges"], r["sqnr_layer_counts"], r["sqnr_channel_counts"])
-        power = _charts.power_histograms(r["power_edges"], r["power_before"],
-                                         r["power_after"] if r["power_after"] is not None else r["power_before"],
-                                         folded=r["power_after"] is not None)
+        name = result["layer"] + (" folded" if result["folded"] else "")
+        which = "levels" if r["levels_kernel"] is None else f"levels of kernel {r['levels_kernel']}"
+        hist = _charts.weight_histograms(fig, r["edges"], r["counts"], r["levels"], r["quantized"],
+                                         f"{name}: float weights, {which}")
+        sqnr = _charts.sqnr_histograms(fig, r["sqnr_edges"], r["sqnr_layer_counts"], r["sqnr_channel_counts"])
+        power = _charts.power_histograms(fig, r["power_edges"], r["power_before"], r["power_after"])
         return _charts.weights_figure(hist, sqnr, power)
 
     def _summary(self, result, params) -> str:

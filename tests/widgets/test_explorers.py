@@ -17,25 +17,41 @@ from qviz.widgets import (
     QuantizerExplorer,
     WeightExplorer,
 )
+from qviz.widgets._image import POINT_COLORS
 from qviz.widgets.decision import BITS
 
 
-def _layer_values(chart_dict: dict, name: str) -> list:
-    """The inline data rows of the view called `name` (Altair may suffix it: levels_0) anywhere in a spec."""
+def _png_pixels(url: str) -> np.ndarray:
+    """Decode the RGB PNG data URLs qviz writes (8-bit, filter 0) back to an array."""
+    import base64
+    import struct
+    import zlib
+
+    data = base64.b64decode(url.split(",", 1)[1])
+    w, h = struct.unpack(">II", data[16:24])
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 3 * w)
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def _layer_values(spec: dict, name: str) -> list:
+    """The data rows of the view called `name` (Altair may suffix it: levels_0) anywhere in a spec."""
     found = []
     pattern = re.compile(re.escape(name) + r"(_\d+)?")
+    datasets = spec.get("datasets", {})
 
     def walk(node):
         if isinstance(node, dict):
             if isinstance(node.get("name"), str) and pattern.fullmatch(node["name"]) and "data" in node:
-                found.extend(node["data"].get("values", []))
+                data = node["data"]
+                found.extend(data["values"] if "values" in data else datasets[data["name"]])
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
             for v in node:
                 walk(v)
 
-    walk(chart_dict)
+    walk(spec)
     return found
 
 
@@ -58,10 +74,10 @@ def test_quantizer_bits_change_the_staircase_as_the_engine_says(quantizer):
         quantizer.bits.value = bits
         spec = QuantizerExplorer.spec_for(quantizer._params())
         curve = transfer_curve(spec, -1.5, 1.5, 601)
-        levels = [row["y"] for row in _layer_values(quantizer.chart.to_dict(), "levels")]
+        levels = [row["y"] for row in _layer_values(quantizer.spec, "levels")]
         assert len(levels) == 2**bits
         assert np.allclose(sorted(levels), curve["levels"], atol=1e-6)
-        staircase = _layer_values(quantizer.chart.to_dict(), "staircase")
+        staircase = _layer_values(quantizer.spec, "staircase")
         assert np.allclose([r["y"] for r in staircase], curve["q"], atol=1e-5)
 
 
@@ -89,12 +105,12 @@ def test_quantizer_keeps_bits_inside_the_scheme_range(quantizer):
     assert quantizer.bits.value == 2 and quantizer.bits.disabled
     quantizer.scheme.value = "binary"
     assert quantizer.bits.value == 1
-    assert len(_layer_values(quantizer.chart.to_dict(), "levels")) == 2
+    assert len(_layer_values(quantizer.spec, "levels")) == 2
 
 
 def test_stochastic_schemes_show_a_sample_and_the_expected_value(quantizer):
     quantizer.scheme.value = "stochastic"
-    spec = quantizer.chart.to_dict()
+    spec = quantizer.spec
     assert _layer_values(spec, "sample") and _layer_values(spec, "expected")
     assert not _layer_values(spec, "staircase")
 
@@ -124,7 +140,7 @@ def test_weight_explorer_controls_change_the_histograms(bn_model):
         spec = WeightExplorer.spec_for(e._params())
         expected = np.unique(quantizer_levels(w, spec).numpy().round(9))
         assert np.allclose(e.data["report"]["levels"], expected)
-        assert [r["x"] for r in _layer_values(e.chart.to_dict(), "levels")] == pytest.approx(list(expected))
+        assert [r["x"] for r in _layer_values(e.spec, "levels")] == pytest.approx(list(expected))
         per_layer = e.data["report"]["sqnr_db"]
         e.granularity.value = "channel"
         assert e.data["report"]["sqnr_db"] > per_layer  # per-channel fits each kernel's range
@@ -202,9 +218,12 @@ def test_decision_map_changes_with_width_and_bits(cache, monkeypatch):
         e.residual.value = True
         e.shortcut.value = True
         assert e.float_model.residual
-        spec = e.chart.to_dict()
+        spec = e.spec
         assert _layer_values(spec, "float_map")[0]["url"].startswith("data:image/png;base64,")
-        assert len(_layer_values(spec, "points")) == 2 * 200  # over the float and the quantized map
+        for panel in ("float_map", "quant_map"):  # the 200 training points are drawn into both maps
+            pixels = _png_pixels(_layer_values(spec, panel)[0]["url"])
+            for color in POINT_COLORS:
+                assert (pixels == color).all(axis=-1).sum() >= 9  # at least one dot of each class
     finally:
         e.close()
 
@@ -255,7 +274,7 @@ def test_kernel_readout_bytes_follow_bits_and_latency_is_measured():
         assert e.data["latency"]["qviz_s"] > 0 and e.data["latency"]["torch_s"] > 0
         e.bits.value = 2
         assert e.data["memory"]["packed_bytes"] == mem["packed_bytes"] // 2
-        rows = _layer_values(e.chart.to_dict(), "memory")
+        rows = _layer_values(e.spec, "memory")
         assert {r["v"] for r in rows} >= {256 * 512 * 4, e.data["memory"]["packed_bytes"]}
         e.kind.value = "binary"
         assert e.bits.value == 1 and e.data["latency"]["kind"] == "binary"
@@ -307,3 +326,20 @@ def test_save_writes_every_format_offline(quantizer, tmp_path, suffix):
 def test_snapshot_is_a_static_png_for_pages_without_widget_javascript(quantizer):
     html = quantizer.snapshot_html()
     assert "data:image/png;base64," in html and "qviz-snapshot" in html
+
+
+def test_every_figure_is_a_valid_vega_lite_spec(quantizer, bn_model, tmp_path):
+    """The live path skips Altair's validation for speed; the specs must still be valid Vega-Lite."""
+    from altair.utils.schemapi import validate_jsonschema
+    from altair.vegalite.v6.schema import core
+
+    schema = core.load_schema()
+    explorers = [quantizer, WeightExplorer(bn_model, background=False), KernelReadout(background=False)]
+    explorers[2].out_features.value, explorers[2].in_features.value, explorers[2].budget.value = 64, 64, 0.02
+    quantizer.scheme.value = "stochastic"  # the sample + expected-value variant too
+    for e in explorers:
+        validate_jsonschema(e.spec, schema)
+        validate_jsonschema(e.figure_spec(), schema)
+        assert e.chart is not None  # and Altair can load it for composition
+    for e in explorers[1:]:
+        e.close()

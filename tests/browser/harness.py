@@ -1,0 +1,170 @@
+"""Real JupyterLab on 127.0.0.1 driven by headless system Chromium through Playwright.
+
+Shared by tests/browser and benchmarks/browser.py. Every request the page makes to anything but
+127.0.0.1 is aborted and recorded; console errors are recorded too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import nbformat
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_notebook(path: Path, sources: list[str]) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+class JupyterLab:
+    """A JupyterLab server in its own process, serving `root` on 127.0.0.1 with a token."""
+
+    def __init__(self, root: Path, env: dict | None = None):
+        self.root, self.port, self.token = root, free_port(), secrets.token_hex(16)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "jupyterlab.log"
+
+    def __enter__(self) -> JupyterLab:
+        args = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
+                "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            args.append("--allow-root")  # CI machines and containers run as root
+        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited early; see {self.log}:\n{self.log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2)
+                return self
+            time.sleep(0.3)
+        raise RuntimeError(f"JupyterLab did not start within 120 s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, notebook: str, workspace: str) -> str:
+        return f"{self.base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={self.token}"
+
+
+class Browser:
+    """Headless Chromium (the system's, never a downloaded one) with the network outside 127.0.0.1 cut."""
+
+    def __init__(self):
+        self.blocked: list[str] = []
+        self.console_errors: list[str] = []
+
+    def __enter__(self) -> Browser:
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        self.context = self.browser.new_context(viewport={"width": 1500, "height": 1100})
+        self.context.route("**/*", self._route)
+        return self
+
+    def _route(self, route) -> None:
+        host = urlparse(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            self.blocked.append(route.request.url)
+            route.abort()
+
+    def new_page(self):
+        page = self.context.new_page()
+        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
+        return page
+
+    def __exit__(self, *exc) -> None:
+        self.context.close()
+        self.browser.close()
+        self._pw.stop()
+
+
+def open_and_run(page, lab: JupyterLab, notebook: str, workspace: str, timeout_ms: int = 240_000) -> None:
+    """Open `notebook` in a fresh workspace, run all cells and wait until the kernel is idle."""
+    page.goto(lab.url(notebook, workspace), timeout=120_000)
+    page.wait_for_selector(".jp-Notebook", timeout=120_000)
+    # the kernel, not just the page, must be ready: the status bar says "Python 3 (ipykernel) | Idle"
+    page.get_by_text(re.compile(r"\| Idle$")).first.wait_for(timeout=120_000)
+    started = ("() => [...document.querySelectorAll('.jp-InputArea-prompt')]"
+               ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
+    for _ in range(3):  # a click that lands while JupyterLab is still settling is lost: try again
+        page.locator(".jp-NotebookPanel").first.click()
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+        try:
+            page.wait_for_function(started, timeout=15_000)
+            break
+        except Exception:
+            page.keyboard.press("Escape")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-InputArea-prompt')].every(p => !p.textContent.includes('*'))"
+        " && [...document.querySelectorAll('.jp-InputArea-prompt')].some(p => /\\[\\d+\\]/.test(p.textContent))",
+        timeout=timeout_ms)
+
+
+def marks(page, name: str, root: str = ".qviz-chart") -> int:
+    """How many items the chart layer called `name` draws (Vega names its SVG group `<name>[_n]_marks`)."""
+    return page.evaluate(
+        """([root, name]) => {
+            const re = new RegExp('(^|\\\\s)' + name + '(_\\\\d+)?_marks(\\\\s|$)');
+            const groups = [...document.querySelectorAll(root + ' g')]
+                .filter(g => re.test(g.getAttribute('class') || ''));
+            const items = ':scope > path, :scope > line, :scope > image';
+            return groups.reduce((n, g) => n + g.querySelectorAll(items).length, 0);
+        }""", [root, name])
+
+
+def image_href(page, name: str, root: str = ".qviz-chart") -> str | None:
+    return page.evaluate(
+        """([root, name]) => {
+            const re = new RegExp('(^|\\\\s)' + name + '(_\\\\d+)?_marks(\\\\s|$)');
+            const g = [...document.querySelectorAll(root + ' g')].find(g => re.test(g.getAttribute('class') || ''));
+            const img = g && g.querySelector('image');
+            return img ? (img.getAttribute('href') || img.getAttribute('xlink:href')) : null;
+        }""", [root, name])
+
+
+def status_text(page, root: str = ".qviz-explorer") -> str:
+    return page.locator(f"{root} .widget-html-content").all_inner_texts()[-2] if page.locator(
+        f"{root} .widget-html-content").count() >= 2 else ""
