@@ -93,9 +93,10 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return w
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or not isinstance(w, nn.Parameter):
             return fake_quantize(w, self.train_spec if self.training else self.spec, alpha=self.alpha)
-        # Inference quantizes the same weights for every batch: do it once until they change.
+        # Inference quantizes the same weights for every batch: do it once until they change (folded
+        # weights are computed afresh each time and are not cached).
         key = (id(w), w._version, None if self.alpha is None else float(self.alpha.detach()))
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, fake_quantize(w, self.spec, alpha=self.alpha))

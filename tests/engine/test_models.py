@@ -136,3 +136,19 @@ def test_bad_configurations_raise_clear_errors(kwargs, error, words):
 def test_unknown_scheme_is_refused_where_it_is_named():
     with pytest.raises(ValueError, match="scheme='nope'"):
         FCDNN(w_spec=QuantSpec("nope"))
+
+
+def test_inference_quantizes_weights_once_and_notices_changes():
+    torch.manual_seed(0)
+    m = FCDNN(8, 3, w_spec=QuantSpec("symmetric", bits=3)).eval()
+    x = torch.rand(4, 2)
+    with torch.inference_mode():
+        first = m(x)
+        assert torch.equal(m(x), first)
+    with torch.no_grad():
+        m.layers[1].weight.mul_(2.0)  # an in-place change bumps the version: the cache must not hide it
+    with torch.inference_mode():
+        assert not torch.equal(m(x), first)
+    bn = FCDNN(8, 3, w_spec=QuantSpec("symmetric", bits=3), batchnorm=True).eval()
+    with torch.inference_mode():
+        assert bn(x).shape == (4, 2)  # folded weights are computed tensors: quantized afresh, never cached
