@@ -93,8 +93,9 @@ class KernelReadout(Explorer):
                 "codebook": mem["codebook_bytes"]}
         title_mem = f"memory: {mem['ratio']:.2f}x smaller (eq. 2-17: {mem['ratio_formula']:.2f}x)"
         lat = result["latency"]
-        if lat is None:
-            return _charts.kernel_bars(fig, bars, {}, title_mem, f"latency: timing within {params['budget']:.2f} s")
+        if lat is None:  # the same bars at zero until measured: the chart keeps its structure
+            timing = {"torch float32": 0.0, f"qviz {params['kind']}": 0.0}
+            return _charts.kernel_bars(fig, bars, timing, title_mem, f"latency: timing within {params['budget']:.2f} s")
         timing = {"torch float32": lat["torch_s"] * 1e3, f"qviz {params['kind']}": lat["qviz_s"] * 1e3}
         faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
         return _charts.kernel_bars(fig, bars, timing, title_mem, f"latency: qviz {faster} ({lat['path']}, "
