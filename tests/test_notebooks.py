@@ -11,12 +11,20 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 BUDGET_S = 180  # each notebook: under 3 minutes on 2 cores with default settings
 
 
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory):
+    """One empty model cache for the whole run, as on a fresh machine: the tour trains, later notebooks reuse."""
+    return tmp_path_factory.mktemp("qviz-cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes_within_budget(path, tmp_path):
+def test_notebook_executes_within_budget(path, tmp_path, fresh_cache, monkeypatch):
+    monkeypatch.setenv("QVIZ_CACHE_DIR", str(fresh_cache))  # the kernel inherits the environment
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    work = tmp_path / "work"  # notebooks that write files (06_reports) write them here
+    work.mkdir()
+    client = NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3", resources={"metadata": {"path": str(work)}})
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start

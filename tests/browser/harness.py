@@ -101,8 +101,8 @@ class Browser:
         return self
 
     def _route(self, route) -> None:
-        host = urlparse(route.request.url).hostname
-        if host in ("127.0.0.1", "localhost"):
+        url = urlparse(route.request.url)
+        if url.scheme in ("file", "data", "blob") or url.hostname in ("127.0.0.1", "localhost"):
             route.continue_()
         else:
             self.blocked.append(route.request.url)
