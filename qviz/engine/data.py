@@ -95,3 +95,22 @@ def evaluation_grid(resolution: int = 200, lo: float = 0.0, hi: float = 1.0) -> 
     axis = lo + (torch.arange(resolution, dtype=torch.float64) + 0.5) * (hi - lo) / resolution
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1).float()
+
+
+def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, bundled with the package: no download),
+    scaled to [0, 1] and split with a seeded shuffle: X_train, y_train, X_test, y_test."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # an optional extra: say how to get it
+        raise ImportError("the digits data set needs scikit-learn: pip install 'qviz[digits]'") from err
+
+    seed = _checks.integer("seed", seed, 0)
+    test_fraction = _checks.real("test_fraction", test_fraction, 0.0, 0.9, lo_open=True)
+    data = load_digits()
+    X = torch.from_numpy((data.data / 16.0).astype(np.float32))
+    y = torch.from_numpy(data.target.astype(np.int64))
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(X)))
+    n_test = round(len(X) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return X[train], y[train], X[test], y[test]

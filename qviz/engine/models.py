@@ -8,6 +8,7 @@ with moving-average ranges (004 §2.5); the fully connected networks of 002 §3 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -423,3 +424,125 @@ def weight_layers(model: nn.Module) -> list[WeightLayer]:
 
 def _inside_linear_bn(name: str, modules) -> bool:
     return any(isinstance(m, QuantLinearBN) and name.startswith(n + ".") for n, m in modules)
+
+
+# --------------------------------------------------------------------------------------------------
+# A real data set's models: LeNet-300-style MLP and small residual CNNs (for the sweeps)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network with any layer sizes, e.g. LeNet-300-100 (64 -> 300 -> 100 -> 10
+    on the 8x8 digits, the LeNet300 of 001). Weights and hidden activations quantized as in FCDNN."""
+
+    def __init__(self, sizes: tuple[int, ...] = (64, 300, 100, 10), w_spec: QuantSpec | None = None,
+                 a_spec: QuantSpec | None = None):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least an input and an output size, got {sizes!r}")
+        self.sizes = tuple(_checks.integer("sizes[i]", s, 1) for s in sizes)
+        self.w_spec, self.a_spec = _check_spec("w_spec", w_spec), _check_spec("a_spec", a_spec)
+        self.layers = nn.ModuleList(QuantLinear(a, b, w_spec) for a, b in itertools.pairwise(sizes))
+        self.acts = nn.ModuleList(ActivationQuantizer(a_spec) for _ in sizes[1:-1])
+
+    def config(self) -> dict:
+        return {"sizes": self.sizes, "w_spec": self.w_spec, "a_spec": self.a_spec}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], -1)
+        for layer, act in zip(self.layers[:-1], self.acts, strict=True):
+            h = act(F.relu(layer(h)))
+        return self.layers[-1](h)
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d whose weights pass through a WeightQuantizer (per output channel along axis 0)."""
+
+    def __init__(self, *args, w_spec: QuantSpec | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wq = WeightQuantizer(w_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.wq(self.weight), self.bias)
+
+
+BLOCKS = ("basic", "preact", "depthwise")
+
+
+class ResidualBlock(nn.Module):
+    """The three residual blocks of 002 Fig. 4, with activation quantization (QA) after every ReLU and
+    quantization of the residual addition (QRA).
+
+    basic:     x -> conv-bn-relu-QA -> conv-bn, + x -> relu -> QRA
+    preact:    x -> bn-relu-QA -> conv -> bn-relu-QA -> conv, + x -> QRA
+    depthwise: x -> 1x1 expand-bn-relu-QA -> 3x3 depthwise-bn-relu-QA -> 1x1 project-bn, + x -> QRA
+    """
+
+    def __init__(self, kind: str, channels: int, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
+                 expand: int = 4):
+        super().__init__()
+        _checks.choice("kind", kind, BLOCKS)
+        self.kind = kind
+        c = channels
+
+        def conv(cin, cout, k, groups=1):
+            return QuantConv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False, w_spec=w_spec)
+
+        if kind == "basic":
+            self.body = nn.ModuleList([conv(c, c, 3), nn.BatchNorm2d(c), conv(c, c, 3), nn.BatchNorm2d(c)])
+        elif kind == "preact":
+            self.body = nn.ModuleList([nn.BatchNorm2d(c), conv(c, c, 3), nn.BatchNorm2d(c), conv(c, c, 3)])
+        else:
+            e = c * expand
+            self.body = nn.ModuleList([conv(c, e, 1), nn.BatchNorm2d(e), conv(e, e, 3, groups=e), nn.BatchNorm2d(e),
+                                       conv(e, c, 1), nn.BatchNorm2d(c)])
+        self.qa = nn.ModuleList([ActivationQuantizer(a_spec), ActivationQuantizer(a_spec)])
+        self.qra = ActivationQuantizer(a_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, qa = self.body, self.qa
+        if self.kind == "basic":
+            h = b[3](b[2](qa[0](F.relu(b[1](b[0](x))))))
+            return self.qra(F.relu(h + x))
+        if self.kind == "preact":
+            h = b[1](qa[0](F.relu(b[0](x))))
+            h = b[3](qa[1](F.relu(b[2](h))))
+            return self.qra(h + x)
+        h = qa[0](F.relu(b[1](b[0](x))))
+        h = qa[1](F.relu(b[3](b[2](h))))
+        return self.qra(b[5](b[4](h)) + x)
+
+
+class SmallResNet(nn.Module):
+    """A small residual CNN for 8x8 images: stem conv, `blocks` residual blocks of one kind, global
+    average pooling and a linear classifier (the block-type comparison of 002 Fig. 8, in miniature)."""
+
+    def __init__(self, block: str = "basic", blocks: int = 2, channels: int = 16, w_spec: QuantSpec | None = None,
+                 a_spec: QuantSpec | None = None, classes: int = 10):
+        super().__init__()
+        _checks.choice("block", block, BLOCKS)
+        self.block, self.blocks = block, _checks.integer("blocks", blocks, 1, 64)
+        self.channels = _checks.integer("channels", channels, 1, 1024)
+        self.w_spec, self.a_spec = _check_spec("w_spec", w_spec), _check_spec("a_spec", a_spec)
+        self.stem = QuantConv2d(1, channels, 3, padding=1, bias=False, w_spec=None)  # first layer kept in float
+        self.stem_bn = nn.BatchNorm2d(channels)
+        self.stem_q = ActivationQuantizer(a_spec)
+        self.body = nn.Sequential(*(ResidualBlock(block, channels, w_spec, a_spec) for _ in range(blocks)))
+        self.head = QuantLinear(channels, classes, None)  # last layer kept in float (000 §4.2)
+
+    def config(self) -> dict:
+        return {"block": self.block, "blocks": self.blocks, "channels": self.channels, "w_spec": self.w_spec,
+                "a_spec": self.a_spec}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem_q(F.relu(self.stem_bn(self.stem(x.reshape(x.shape[0], 1, 8, 8)))))
+        return self.head(self.body(h).mean(dim=(2, 3)))
+
+
+def requantized(model: MLP | SmallResNet, w_spec: QuantSpec | None, a_spec: QuantSpec | None) -> nn.Module:
+    """A twin of an MLP or SmallResNet with other quantizers, starting from its float weights."""
+    config = {**model.config(), "w_spec": w_spec, "a_spec": a_spec}
+    twin = type(model)(**config)
+    state = {k: v for k, v in model.state_dict().items() if ".wq." not in k and "observer" not in k
+             and not k.endswith("alpha")}
+    twin.load_state_dict(state, strict=False)
+    return twin

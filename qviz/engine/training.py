@@ -469,3 +469,116 @@ def _weight_sqnr(model: FCDNN) -> float:
 def _model_bytes(model: FCDNN, w_bits: int | None) -> int:
     n = sum(layer.weight.numel() for layer in model.layers)
     return 4 * n if w_bits is None else math.ceil(n * w_bits / 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The digits experiments (sweeps over 001 Fig. 5 and 002 Fig. 8 in miniature)
+
+
+def fit(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 3e-3,
+        batch_size: int = 128, seed: int = 0, cancel: threading.Event | None = None) -> torch.nn.Module:
+    """Plain minibatch training of any classifier (Adam, cosine decay), in place."""
+    epochs = _checks.integer("epochs", epochs, 1, 100_000)
+    cancel = _check_cancel(cancel)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=True)
+    steps = epochs * max(1, math.ceil(len(X) / batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(X), generator=generator)
+        for start in range(0, len(X), batch_size):
+            if cancel is not None and cancel.is_set():
+                raise TrainingCancelled("cancelled")
+            idx = order[start:start + batch_size]
+            with _checks.no_finite_checks():
+                loss = F.cross_entropy(model(X[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of X whose predicted class is y."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return float((model(X).argmax(1) == y).float().mean())
+    finally:
+        model.train(was_training)
+
+
+def digits_model(model: str = "mlp", block: str = "basic", blocks: int = 2, channels: int = 16,
+                 w_spec: QuantSpec | None = None, a_spec: QuantSpec | None = None) -> torch.nn.Module:
+    """LeNet-300-100 ("mlp", 001's LeNet300) or a small residual CNN ("cnn") for the 8x8 digits."""
+    from qviz.engine.models import MLP, SmallResNet
+
+    _checks.choice("model", model, ("mlp", "cnn"))
+    if model == "mlp":
+        return MLP((64, 300, 100, 10), w_spec, a_spec)
+    return SmallResNet(block, blocks, channels, w_spec, a_spec)
+
+
+def digits_float_model(model: str = "mlp", block: str = "basic", blocks: int = 2, channels: int = 16, seed: int = 0,
+                       epochs: int = 40, cache: str | os.PathLike | None = None) -> torch.nn.Module:
+    """A float digits model trained once per settings, then loaded from the on-disk cache."""
+    settings = {"model": model, "block": block, "blocks": blocks, "channels": channels, "seed": seed,
+                "epochs": epochs, "version": CACHE_VERSION}
+    path = cache_dir(cache) / "digits" / f"{_cache_key(settings)}.pt"
+    torch.manual_seed(seed)
+    net = digits_model(model, block, blocks, channels)
+    if path.exists():
+        try:
+            net.load_state_dict(torch.load(path, weights_only=True))
+            return net.eval()
+        except (RuntimeError, OSError, EOFError, ValueError):
+            pass
+    from qviz.engine.data import digits
+
+    X, y, _, _ = digits(seed)
+    fit(net, X, y, epochs=epochs, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)
+    return net.eval()
+
+
+def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | None = None, *, block: str = "basic",
+                      blocks: int = 2, channels: int = 16, w_scheme: str = "ceil", a_scheme: str = "ceil_act",
+                      epochs: int = 15, seed: int = 0, cache: str | os.PathLike | None = None) -> dict:
+    """Float model -> quantization-aware retraining at (w_bits, a_bits) -> test accuracies and more.
+
+    The defaults follow 001: Q_b weights with a trainable α (eq. 3-4) and A_b activations (eq. 5).
+    The row also holds a histogram of the quantized weights of the first quantized layer.
+    """
+    from qviz.engine.data import digits
+    from qviz.engine.metrics import histogram
+    from qviz.engine.models import requantized
+
+    start = time.perf_counter()
+    base = digits_float_model(model, block, blocks, channels, seed, cache=cache)
+    X, y, X_test, y_test = digits(seed)
+    w_spec = None if w_bits is None else QuantSpec(w_scheme, bits=w_bits)
+    a_spec = None if a_bits is None else QuantSpec(a_scheme, bits=a_bits)
+    net = requantized(base, w_spec, a_spec)
+    if w_spec is not None or a_spec is not None:
+        fit(net, X, y, epochs=epochs, lr=1e-3, seed=seed)
+    layers = [m for m in net.modules() if hasattr(m, "wq") and m.wq.spec is not None]
+    row = {"model": model, "block": block if model == "cnn" else None, "blocks": blocks if model == "cnn" else None,
+           "channels": channels if model == "cnn" else None, "w_bits": w_bits, "a_bits": a_bits,
+           "w_scheme": None if w_spec is None else w_scheme, "a_scheme": None if a_spec is None else a_scheme,
+           "seed": seed, "acc_float": accuracy(base, X_test, y_test), "acc_quant": accuracy(net, X_test, y_test),
+           "params": sum(p.numel() for p in net.parameters()), "train_seconds": time.perf_counter() - start}
+    if layers:
+        with torch.no_grad():
+            w = layers[0].weight
+            q = layers[0].wq(w)
+        edges, counts = histogram(q, 40)
+        row.update(sqnr_db=sqnr_db(w, q), weight_edges=edges.tolist(), weight_counts=counts.tolist(),
+                   weight_layer=next(n for n, m in net.named_modules() if m is layers[0]))
+    return row
