@@ -7,7 +7,8 @@ imported on first use so that scripts never pay for ipywidgets and Altair.
 
 __version__ = "0.1.0"
 
-_WIDGETS = {"QuantizerExplorer", "WeightExplorer", "DecisionMapExplorer", "KernelReadout", "Dashboard"}
+_WIDGETS = {"QuantizerExplorer", "WeightExplorer", "DecisionMapExplorer", "KernelReadout", "Dashboard",
+            "SweepExplorer"}
 
 
 def __getattr__(name: str):

@@ -5,7 +5,8 @@ from qviz.widgets.dashboard import Dashboard
 from qviz.widgets.decision import DecisionMapExplorer
 from qviz.widgets.kernels import KernelReadout
 from qviz.widgets.quantizer import QuantizerExplorer
+from qviz.widgets.sweeps import SweepExplorer
 from qviz.widgets.weights import WeightExplorer
 
-__all__ = ["Dashboard", "DecisionMapExplorer", "Explorer", "KernelReadout", "QuantizerExplorer", "WeightExplorer",
-           "enable_offline"]
+__all__ = ["Dashboard", "DecisionMapExplorer", "Explorer", "KernelReadout", "QuantizerExplorer", "SweepExplorer",
+           "WeightExplorer", "enable_offline"]

@@ -72,6 +72,7 @@ class Explorer(W.VBox):
     """
 
     title = ""
+    selections: tuple[str, ...] = ()  # names of click selections the charts define (see _selected)
 
     def __init__(self, *, background: bool = True, debounce_s: float = 0.04, **kwargs: Any):
         enable_offline()
@@ -145,12 +146,30 @@ class Explorer(W.VBox):
         if summary:
             self.status.text.value = summary
 
-    @staticmethod
-    def _new_view() -> alt.JupyterChart:
+    def _new_view(self) -> alt.JupyterChart:
         view = alt.JupyterChart(alt.Chart(alt.Data(values=[])).mark_point(),
                                 embed_options={"renderer": "svg", "actions": False})
         view.add_class("qviz-chart")
+        if self.selections:  # the front end reports clicks on these through _vl_selections
+            from altair.jupyter.jupyter_chart import PointSelection, Selections
+
+            # what JupyterChart itself sets up when given an Altair chart with point selections
+            view.selections = Selections({n: PointSelection(name=n, value=[], store=[]) for n in self.selections})
+            view._selection_types = {name: "point" for name in self.selections}
+            view._vl_selections = {name: {"value": None, "store": []} for name in self.selections}
+            view.observe(self._selection_changed, names="_vl_selections")
         return view
+
+    def _selection_changed(self, change) -> None:
+        for name, state in (change["new"] or {}).items():
+            if state and state.get("value") not in (None, [], {}) and state != (change["old"] or {}).get(name):
+                try:
+                    self._selected(name, state["value"])
+                except Exception as e:  # shown inside the widget, which keeps working
+                    self.status.show_error(e)
+
+    def _selected(self, name: str, value) -> None:
+        """A click on the chart selected `value` in selection `name` (explorers with selections override)."""
 
     def _show(self, spec: dict) -> None:
         """Send `spec` to the front end: only its changed datasets and params when the chart's structure is

@@ -269,12 +269,59 @@ def decision_maps(fig: Figure, float_url: str, quant_url: str, diff_url: str, ti
 def _hbars(fig: Figure, values: dict, name: str, colors: Sequence[str], title: str, x_title: str) -> dict:
     return view(fig.data(group=list(values), v=list(values.values())), {"type": "bar"},
                 {"y": {"field": "group", "type": "nominal", "title": None, "sort": None}, "x": q("v", x_title),
-                 "color": {"field": "group", "type": "nominal", "legend": None, "scale": {"range": list(colors)}}},
+                 "color": {"field": "group", "type": "nominal", "legend": None,
+                           "scale": {"domain": list(values), "range": list(colors)[:len(values)]}}},
                 name, title=fig.title(title), width=WIDTH, height=120)
 
 
 def kernel_bars(fig: Figure, memory: dict, latency: dict, title_memory: str, title_latency: str) -> dict:
-    """Bytes of float32 vs packed weights, and latency of torch vs the qviz kernel ({} while measuring)."""
+    """Bytes of float32 vs packed weights, and latency of torch vs the qviz kernel."""
     return {"hconcat": [_hbars(fig, memory, "memory", [GREY, BLUE, GREEN], title_memory, "bytes"),
                         _hbars(fig, latency, "latency", [GREY, RED], title_latency, "milliseconds (median)")],
             "resolve": {"scale": {"color": "independent"}}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def heatmap(fig: Figure, xs: Sequence, ys: Sequence, matrix: Sequence[Sequence], x_title: str, y_title: str,
+            metric: str, title: str) -> dict:
+    """One cell per (x, y) setting, coloured by the metric, value printed; clicking a cell selects it."""
+    cols = [(i, j, str(x), str(y), v) for j, y in enumerate(ys) for i, x in enumerate(xs)
+            if (v := matrix[j][i]) is not None]
+    data = fig.data(xi=[c[0] for c in cols], yi=[c[1] for c in cols], x=[c[2] for c in cols],
+                    y=[c[3] for c in cols], v=[c[4] for c in cols])
+    x_enc = {"field": "x", "type": "ordinal", "title": x_title, "sort": [str(x) for x in xs]}
+    y_enc = {"field": "y", "type": "ordinal", "title": y_title, "sort": [str(y) for y in ys][::-1]}
+    cells = view(data, {"type": "rect", "stroke": "white", "strokeWidth": 2, "cursor": "pointer"},
+                 {"x": x_enc, "y": y_enc, "color": q("v", metric, scale={"scheme": "viridis"}),
+                  "opacity": {"condition": {"param": "pick", "empty": True, "value": 1}, "value": 0.45}},
+                 "cells", params=[{"name": "pick", "select": {"type": "point", "fields": ["xi", "yi"]}}])
+    labels = view(data, {"type": "text", "fontSize": 13, "fontWeight": "bold"},
+                  {"x": x_enc, "y": y_enc, "text": {"field": "v", "type": "quantitative", "format": ".3g"},
+                   "color": {"value": "white"}}, "values")
+    return layer(cells, labels, title=fig.title(title), width=max(240, 70 * len(xs)), height=max(180, 50 * len(ys)))
+
+
+def lines(fig: Figure, xs: Sequence, series: dict[str, Sequence], x_title: str, metric: str, title: str) -> dict:
+    """The metric against one setting, one line per value of another."""
+    rows = [(str(x), name, v) for name, values in series.items() for x, v in zip(xs, values, strict=True)
+            if v is not None]
+    data = fig.data(x=[r[0] for r in rows], group=[r[1] for r in rows], v=[r[2] for r in rows])
+    return view(data, {"type": "line", "point": True, "strokeWidth": 2.5},
+                {"x": {"field": "x", "type": "ordinal", "title": x_title, "sort": [str(x) for x in xs]},
+                 "y": q("v", metric, scale={"zero": False}),
+                 "color": {"field": "group", "type": "nominal", "title": None}}, "lines",
+                title=fig.title(title), width=max(300, 80 * len(xs)), height=250)
+
+
+def run_detail(fig: Figure, title: str, maps: Sequence[tuple[str, str]] | None, histogram: dict | None) -> dict:
+    """What one run of a sweep looked like: its decision maps, or its quantized weights."""
+    if maps:
+        return {"hconcat": [_map_panel(fig, url, name, f"detail_{i}", 0.0, 1.0) for i, (name, url) in enumerate(maps)],
+                "title": title}
+    edges = np.asarray(histogram["edges"])
+    body = _bars(fig, edges, np.asarray(histogram["counts"]), "detail_weights", RED, histogram["title"],
+                 "quantized weight", log_y=True)
+    return {**body, "title": title} if "title" not in body else {"vconcat": [body], "title": title}

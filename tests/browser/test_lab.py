@@ -18,6 +18,11 @@ NOTEBOOKS = {
     "decision": ["import qviz\nd = qviz.DecisionMapExplorer(width=16, depth=3, resolution=100)\nd"],
     "kernels": ["import qviz\nk = qviz.KernelReadout()\nk.out_features.value, k.in_features.value = 1024, 1024\n"
                 "k.budget.value = 0.1\nk.wait()\nk"],
+    "sweep": ["import qviz\nfrom qviz.engine import Schedule\nfrom qviz.engine.sweep import grid, run_sweep\n"
+              "result = run_sweep(grid(width=[16, 32], w_bits=[1, 2, None], depth=3, method='ptq', resolution=64,\n"
+              "                        float_schedule=Schedule(steps=300, batch_size=512)), 'semicircles',\n"
+              "                   executor='serial', progress=False)\n"
+              "s = qviz.SweepExplorer(result)\ns"],
 }
 SHOTS = ARTIFACTS / "screenshots"
 
@@ -154,4 +159,19 @@ def test_kernel_readout_bytes_change_with_bits(lab, browser):
     _wait_for(page, lambda: "runs" in summary(), what="the latency at 2 bits")
     assert marks(page, "memory") == 3 and marks(page, "latency") == 2
     _shot(page, "kernels")
+    page.close()
+
+
+def test_sweep_heatmap_click_shows_that_run(lab, browser):
+    page = _open(browser, lab, "sweep")
+    _wait_for(page, lambda: marks(page, "cells") == 6, timeout=120, what="2 x 3 heat-map cells")
+    assert page.locator(".qviz-explorer", has_text="click a cell").count() == 1
+    # the cell of width 32 and 2-bit weights: rows are w_bits (1, 2, float), columns width (16, 32)
+    cell = page.locator('.qviz-chart svg g[class*="cells"] path').nth(3)
+    cell.click()
+    _wait_for(page, lambda: page.locator(".qviz-explorer svg text", has_text=re.compile(r"^quantized: \d")).count(),
+              timeout=60, what="the clicked run's decision maps")
+    detail = page.locator(".qviz-explorer svg text", has_text=re.compile("width=")).first.inner_text()
+    assert "width=32" in detail and "w_bits=2" in detail, detail
+    _shot(page, "sweep")
     page.close()

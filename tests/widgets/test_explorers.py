@@ -343,3 +343,31 @@ def test_every_figure_is_a_valid_vega_lite_spec(quantizer, bn_model, tmp_path):
         assert e.chart is not None  # and Altair can load it for composition
     for e in explorers[1:]:
         e.close()
+
+
+def test_sweep_explorer_heatmap_filters_lines_and_clicks(tmp_path):
+    from qviz.engine.sweep import grid, run_sweep
+    from qviz.widgets import SweepExplorer
+
+    result = run_sweep(grid(x=[1, 2, 3], y=["a", "b"], seed=[0, 1]), "echo", executor="serial", cache=tmp_path,
+                       progress=False)
+    for row in result.rows:  # give the echo rows a metric to plot
+        row["acc_quant"] = row["x"] / 10 + (0.01 if row["y"] == "b" else 0) + row["seed"] / 100
+    e = SweepExplorer(result, background=False)
+    try:
+        assert e.data["kind"] == "heatmap" and e.params["x"] == "x" and e.params["y"] == "y"
+        cells = _layer_values(e.spec, "cells")
+        assert len(cells) == 6  # 3 x 2 cells, seeds averaged
+        assert {round(c["v"], 4) for c in cells} == {round(x / 10 + d + 0.005, 4) for x in (1, 2, 3) for d in (0, .01)}
+        e.filters["seed"].value = "1"
+        assert {round(c["v"], 4) for c in _layer_values(e.spec, "cells")} == {
+            round(x / 10 + d + 0.01, 4) for x in (1, 2, 3) for d in (0, .01)}
+        e.y.value = "(line chart)"
+        assert e.data["kind"] == "lines" and set(e.data["series"]) == {"y=a", "y=b"}
+        e.y.value = "y"
+        # a click as the front end reports it: Vega's point-selection signal for cell (x=3, y='a')
+        e.view._vl_selections = {"pick": {"value": {"xi": [2], "yi": [0], "vlPoint": {"or": [{"xi": 2, "yi": 0}]}},
+                                          "store": []}}
+        assert "nothing to draw" in e.detail.value and "x=3" in e.detail.value
+    finally:
+        e.close()
