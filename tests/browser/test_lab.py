@@ -75,6 +75,17 @@ def _choose(page, label, option_prefix):
     select.select_option(label=next(t for t in texts if t.startswith(option_prefix)))
 
 
+def _settled_box(page, locator):
+    box = locator.bounding_box()
+    for _ in range(50):
+        page.wait_for_timeout(100)
+        now = locator.bounding_box()
+        if now == box:
+            return now
+        box = now
+    raise AssertionError("the element kept moving for 5 s")
+
+
 def _wait_for(page, predicate, timeout=60.0, what=""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,9 +109,10 @@ def test_quantizer_staircase_has_2_to_the_bits_levels(lab, browser):
     _wait_for(page, lambda: marks(page, "levels") == 8, what="8 levels at 3 bits")
     title = page.locator(".qviz-chart svg text", has_text="3 bits: 8 levels")
     assert title.count() == 1
-    # mouse: drag the bits handle to the right end of its track (8 bits)
+    # mouse: drag the bits handle to the right end of its track (8 bits). The key press animates the
+    # handle to its new place; grabbing it mid-animation would miss it, so wait until it stands still.
     track = _slider(page, "bits").locator(".noUi-base").first.bounding_box()
-    handle = _slider(page, "bits").locator(".noUi-handle").first.bounding_box()
+    handle = _settled_box(page, _slider(page, "bits").locator(".noUi-handle").first)
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
     page.mouse.down()
     page.mouse.move(track["x"] + track["width"] + 20, handle["y"] + handle["height"] / 2, steps=8)
@@ -171,7 +183,7 @@ def test_sweep_heatmap_click_shows_that_run(lab, browser):
     cell.click()
     _wait_for(page, lambda: page.locator(".qviz-explorer svg text", has_text=re.compile(r"^quantized: \d")).count(),
               timeout=60, what="the clicked run's decision maps")
-    detail = page.locator(".qviz-explorer svg text", has_text=re.compile("width=")).first.inner_text()
+    detail = page.locator(".qviz-explorer svg text", has_text=re.compile("width=")).first.text_content()
     assert "width=32" in detail and "w_bits=2" in detail, detail
     _shot(page, "sweep")
     page.close()
