@@ -290,8 +290,12 @@ def heatmap(fig: Figure, xs: Sequence, ys: Sequence, matrix: Sequence[Sequence],
     """One cell per (x, y) setting, coloured by the metric, value printed; clicking a cell selects it."""
     cols = [(i, j, str(x), str(y), v) for j, y in enumerate(ys) for i, x in enumerate(xs)
             if (v := matrix[j][i]) is not None]
+    values = [c[4] for c in cols]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    # viridis runs from dark purple to bright yellow: white digits on the dark 60%, black on the rest
+    on_dark = [v - lo <= 0.6 * (hi - lo) for v in values]
     data = fig.data(xi=[c[0] for c in cols], yi=[c[1] for c in cols], x=[c[2] for c in cols],
-                    y=[c[3] for c in cols], v=[c[4] for c in cols])
+                    y=[c[3] for c in cols], v=values, dark=on_dark)
     x_enc = {"field": "x", "type": "ordinal", "title": x_title, "sort": [str(x) for x in xs]}
     y_enc = {"field": "y", "type": "ordinal", "title": y_title, "sort": [str(y) for y in ys][::-1]}
     cells = view(data, {"type": "rect", "stroke": "white", "strokeWidth": 2, "cursor": "pointer"},
@@ -300,7 +304,7 @@ def heatmap(fig: Figure, xs: Sequence, ys: Sequence, matrix: Sequence[Sequence],
                  "cells", params=[{"name": "pick", "select": {"type": "point", "fields": ["xi", "yi"]}}])
     labels = view(data, {"type": "text", "fontSize": 13, "fontWeight": "bold"},
                   {"x": x_enc, "y": y_enc, "text": {"field": "v", "type": "quantitative", "format": ".3g"},
-                   "color": {"value": "white"}}, "values")
+                   "color": {"condition": {"test": "datum.dark", "value": "white"}, "value": "black"}}, "values")
     return layer(cells, labels, title=fig.title(title), width=max(240, 70 * len(xs)), height=max(180, 50 * len(ys)))
 
 
