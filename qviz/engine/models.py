@@ -78,7 +78,7 @@ def _training_spec(spec: QuantSpec | None, stochastic: bool) -> QuantSpec | None
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
 
-    Holds the learnable α of the `ceil` scheme. With `stochastic=True` training uses the scheme's
+    Holds the learnable α of the `ceil` scheme (starting at max|w| unless the spec gives one). With `stochastic=True` training uses the scheme's
     stochastic twin (affine -> stochastic, binary -> binary_stochastic) and evaluation the
     deterministic scheme, as 004 §4 compares.
     """
@@ -88,12 +88,17 @@ class WeightQuantizer(nn.Module):
         self.spec = _check_spec("w_spec", spec)
         self.train_spec = _training_spec(spec, stochastic)
         learns_alpha = spec is not None and spec.scheme == "ceil"
-        self.alpha = nn.Parameter(torch.tensor(spec.alpha or 1.0)) if learns_alpha else None
+        # 001 leaves α's start open; α = max|w| of the first weights seen keeps the quantized layer at the
+        # float layer's scale (α = 1 would blow small weights up twentyfold). -1 marks "not yet set".
+        self.alpha = nn.Parameter(torch.tensor(spec.alpha or -1.0)) if learns_alpha else None
         self._cached: tuple | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return w
+        if self.alpha is not None and float(self.alpha.detach()) <= 0:
+            with torch.no_grad():
+                self.alpha.fill_(float(w.detach().abs().max()) or 1.0)
         if self.training or torch.is_grad_enabled() or not isinstance(w, nn.Parameter):
             return fake_quantize(w, self.train_spec if self.training else self.spec, alpha=self.alpha)
         # Inference quantizes the same weights for every batch: do it once until they change (folded
