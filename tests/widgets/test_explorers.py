@@ -369,5 +369,7 @@ def test_sweep_explorer_heatmap_filters_lines_and_clicks(tmp_path):
         e.view._vl_selections = {"pick": {"value": {"xi": [2], "yi": [0], "vlPoint": {"or": [{"xi": 2, "yi": 0}]}},
                                           "store": []}}
         assert "nothing to draw" in e.detail.value and "x=3" in e.detail.value
+        svg = e.save(tmp_path / "sweep.svg").read_text()  # the same export as every explorer
+        assert svg.startswith("<svg") and "acc_quant" in svg
     finally:
         e.close()
