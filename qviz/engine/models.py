@@ -78,9 +78,9 @@ def _training_spec(spec: QuantSpec | None, stochastic: bool) -> QuantSpec | None
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
 
-    Holds the learnable α of the `ceil` scheme (starting at max|w| unless the spec gives one). With `stochastic=True` training uses the scheme's
-    stochastic twin (affine -> stochastic, binary -> binary_stochastic) and evaluation the
-    deterministic scheme, as 004 §4 compares.
+    Holds the learnable α of the `ceil` scheme (starting at max|w| unless the spec gives one). With
+    `stochastic=True` training uses the scheme's stochastic twin (affine -> stochastic, binary ->
+    binary_stochastic) and evaluation the deterministic scheme, as 004 §4 compares.
     """
 
     def __init__(self, spec: QuantSpec | None, stochastic: bool = False):
