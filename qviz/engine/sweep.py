@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from qviz import _checks
@@ -84,7 +85,10 @@ def digits_task(settings: dict) -> dict:
 
 
 def echo_task(settings: dict) -> dict:
-    """Returns its settings: a task that costs nothing, to measure what an executor adds per task."""
+    """Returns its settings: a task that costs nothing, to measure what an executor adds per task.
+    {"fail": msg} raises, {"crash": True} ends the worker process abruptly (for tests of both)."""
+    if settings.get("crash"):
+        os._exit(3)
     if settings.get("fail"):
         raise RuntimeError(f"asked to fail: {settings['fail']}")
     return dict(settings)
@@ -225,9 +229,24 @@ class _Progress:
                 sys.stderr.write("\n")
 
 
+# Local pools outlive one sweep: starting a worker (spawn + importing torch) costs a second or two, as
+# much as several short runs, and a notebook session typically runs sweep after sweep.
+_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+
+
 def _local_pool(workers: int) -> cf.ProcessPoolExecutor:
-    # spawn, not fork: a forked copy of a process that already runs OpenMP / torch threads can deadlock
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = _POOLS.get(workers)
+    if pool is None:
+        # spawn, not fork: a forked copy of a process that already runs OpenMP / torch threads can deadlock
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        _POOLS[workers] = pool
+    return pool
+
+
+def shutdown_pools() -> None:
+    """Stop the worker processes that local sweeps keep for the next sweep (they stop at exit anyway)."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(cancel_futures=True)
 
 
 def _is_dask_client(executor) -> bool:
@@ -292,10 +311,16 @@ def _threads_per_worker(workers: int) -> int:
 def _execute(executor, workers: int, task: str, items: list[dict], indices: list[int]) -> Iterable[tuple[int, dict]]:
     if executor in (None, "local"):
         threads = _threads_per_worker(workers)
-        with _local_pool(min(workers, len(items))) as pool:
-            futures = {pool.submit(_run_safely, task, s, threads): i for s, i in zip(items, indices, strict=True)}
-            for future in cf.as_completed(futures):
-                yield futures[future], future.result()
+        size = min(workers, len(items))
+        pool = _local_pool(size)
+        futures = {pool.submit(_run_safely, task, s, threads): (i, s) for s, i in zip(items, indices, strict=True)}
+        for future in cf.as_completed(futures):
+            i, s = futures[future]
+            try:
+                yield i, future.result()
+            except BrokenProcessPool as e:  # a worker died (killed, out of memory): record, renew
+                _POOLS.pop(size, None)
+                yield i, {**s, "status": "error", "error": f"worker process died: {e}", "seconds": 0.0}
         return
     if executor == "serial":
         for s, i in zip(items, indices, strict=True):

@@ -54,6 +54,19 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert [r["status"] for r in pooled] == ["error", "ok"]
 
 
+def test_a_dead_worker_is_recorded_and_the_next_sweep_gets_new_ones(tmp_path):
+    from qviz.engine.sweep import _POOLS
+
+    first = run_sweep([{"x": 1}, {"x": 2}], "echo", cache=tmp_path, progress=False)
+    pool = _POOLS[2]
+    again = run_sweep([{"x": 3}, {"x": 4}], "echo", cache=tmp_path, progress=False)
+    assert [r["status"] for r in [*first, *again]] == ["ok"] * 4 and _POOLS[2] is pool  # workers are kept
+    crashed = run_sweep([{"x": 5, "crash": True}, {"x": 8}], "echo", cache=tmp_path, progress=False)
+    assert crashed.rows[0]["status"] == "error" and "worker process died" in crashed.rows[0]["error"]
+    after = run_sweep([{"x": 6}, {"x": 7}], "echo", cache=tmp_path, progress=False)
+    assert [r["status"] for r in after] == ["ok", "ok"] and _POOLS[2] is not pool
+
+
 def test_a_rerun_hits_the_cache(tmp_path):
     settings = [{**s, "cache": str(tmp_path)} for s in GRID[:2]]
     first = run_sweep(settings, "digits", executor="serial", cache=tmp_path, progress=False)
