@@ -15,13 +15,12 @@ NOTEBOOKS = {
     "weights": ["import qviz\nfrom qviz.engine import Schedule, float_model\n"
                 "model = float_model(32, 3, batchnorm=True, schedule=Schedule(steps=300, batch_size=512))\n"
                 "w = qviz.WeightExplorer(model)\nw"],
-    "decision": ["import qviz\nd = qviz.DecisionMapExplorer(width=16, depth=3, resolution=100)\nd"],
+    "decision": ["import qviz\nd = qviz.DecisionMapExplorer(width=64, depth=4, resolution=100)\nd"],
     "kernels": ["import qviz\nk = qviz.KernelReadout()\nk.out_features.value, k.in_features.value = 1024, 1024\n"
                 "k.budget.value = 0.1\nk.wait()\nk"],
-    "sweep": ["import qviz\nfrom qviz.engine import Schedule\nfrom qviz.engine.sweep import grid, run_sweep\n"
-              "result = run_sweep(grid(width=[16, 32], w_bits=[1, 2, None], depth=3, method='ptq', resolution=64,\n"
-              "                        float_schedule=Schedule(steps=300, batch_size=512)), 'semicircles',\n"
-              "                   executor='serial', progress=False)\n"
+    "sweep": ["import qviz\nfrom qviz.engine.sweep import grid, run_sweep\n"
+              "result = run_sweep(grid(width=[64, 128], w_bits=[1, 2, None], depth=4, method='ptq', resolution=64),\n"
+              "                   'semicircles', executor='serial', progress=False)\n"
               "s = qviz.SweepExplorer(result)\ns"],
 }
 SHOTS = ARTIFACTS / "screenshots"
@@ -147,7 +146,7 @@ def test_decision_map_changes_when_width_changes(lab, browser):
     before_float, before_quant = image_href(page, "float_map"), image_href(page, "quant_map")
     assert before_float.startswith("data:image/png;base64,")
     assert marks(page, "quant_map") == 1 and marks(page, "difference") == 1
-    _press(page, "width", "ArrowRight")  # 16 -> 32: another float model, another map
+    _press(page, "width", "ArrowRight")  # 64 -> 128: another float model, another map
     _wait_for(page, lambda: image_href(page, "float_map") not in (None, before_float), timeout=120,
               what="a new float map after the width changed")
     assert image_href(page, "quant_map") != before_quant
@@ -178,12 +177,13 @@ def test_sweep_heatmap_click_shows_that_run(lab, browser):
     page = _open(browser, lab, "sweep")
     _wait_for(page, lambda: marks(page, "cells") == 6, timeout=120, what="2 x 3 heat-map cells")
     assert page.locator(".qviz-explorer", has_text="click a cell").count() == 1
-    # the cell of width 32 and 2-bit weights: rows are w_bits (1, 2, float), columns width (16, 32)
+    # the cell of width 128 and 2-bit weights: rows are w_bits (1, 2, float), columns width (64, 128); the
+    # float models are the decision test's, from the cache
     cell = page.locator('.qviz-chart svg g[class*="cells"] path').nth(3)
     cell.click()
     _wait_for(page, lambda: page.locator(".qviz-explorer svg text", has_text=re.compile(r"^quantized: \d")).count(),
               timeout=60, what="the clicked run's decision maps")
     detail = page.locator(".qviz-explorer svg text", has_text=re.compile("width=")).first.text_content()
-    assert "width=32" in detail and "w_bits=2" in detail, detail
+    assert "width=128" in detail and "w_bits=2" in detail, detail
     _shot(page, "sweep")
     page.close()
