@@ -1,0 +1,53 @@
+"""The explorers as a Voila app: the notebook rendered as a page with live widgets and no code, served by
+the Voila extension of the same Jupyter server, offline, in headless Chromium."""
+
+import re
+import time
+
+import pytest
+from harness import ARTIFACTS, Browser, JupyterLab, marks, write_notebook
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voila")
+    write_notebook(root / "app.ipynb", ["import qviz\nq = qviz.QuantizerExplorer(scheme='affine', bits=2)\nq"])
+    with JupyterLab(root, env={"QVIZ_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}) as lab:
+        yield lab
+
+
+def test_quantizer_explorer_runs_live_in_voila(server):
+    with Browser() as browser:
+        page = browser.new_page()
+        page.goto(f"{server.base}/voila/render/app.ipynb?token={server.token}", timeout=240_000)
+        _wait(page, lambda: marks(page, "levels") == 4, "4 levels at 2 bits")
+        assert page.locator("text=import qviz").count() == 0  # an app: outputs only, no code
+        handle = page.locator(".qviz-explorer .widget-slider", has=page.locator(
+            "label", has_text=re.compile("^bits$"))).locator(".noUi-handle").first
+        handle.focus()
+        handle.press("ArrowRight")  # the kernel behind the page answers: 3 bits
+        _wait(page, lambda: marks(page, "levels") == 8, "8 levels at 3 bits")
+        shots = ARTIFACTS / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        page.locator(".qviz-explorer").first.screenshot(path=str(shots / "voila.png"))
+        page.close()
+    # Voila's own page template asks CDNs for Font Awesome and MathJax; offline those fail and the app
+    # works without them (as above). Nothing else may leave 127.0.0.1, and nothing else may log an error.
+    theirs = re.compile(r"fontawesome|mathjax")
+    assert [u for u in browser.blocked if not theirs.search(u)] == [], browser.blocked
+    assert [e for e in browser.console_errors if not _failed_load(e)] == [], browser.console_errors
+
+
+def _failed_load(message: str) -> bool:
+    return "net::ERR_FAILED" in message  # what an aborted (blocked) request logs; a local 404 still fails
+
+
+def _wait(page, predicate, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"timed out waiting for {what}")
