@@ -24,6 +24,14 @@ def report(tmp_path_factory):
     return work
 
 
+def test_every_explorer_saved_every_format(report):
+    magic = {".png": b"\x89PNG", ".svg": b"<svg", ".pdf": b"%PDF", ".html": b"<!DOCTYPE html>"}
+    for name in ("quantizer", "weights", "decision", "kernels"):
+        for suffix, head in magic.items():
+            data = (report / "figures" / f"{name}{suffix}").read_bytes()
+            assert data.lstrip()[:len(head)].lower() == head.lower() and len(data) > 2000, (name, suffix)
+
+
 def test_every_chart_of_the_report_renders_offline(report):
     with Browser() as browser:
         page = browser.new_page()
