@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from qviz import _checks
-from qviz.engine.data import correct_labels, evaluation_grid, semicircles
+from qviz.engine.data import correct_labels, digits, evaluation_grid, semicircles
 from qviz.engine.metrics import sqnr_db
 from qviz.engine.models import FCDNN, INPUT_SCALE, QuantLinearBN, quantized_copy
 from qviz.engine.quantizers import QuantSpec, fake_quantize, quantize_gradients_of
@@ -361,18 +361,30 @@ def float_model(width: int = 128, depth: int = 4, residual: bool = False, batchn
     settings = {"width": width, "depth": depth, "residual": residual, "batchnorm": batchnorm, "seed": seed,
                 "data": data, "schedule": dataclasses.asdict(schedule), "input_scale": INPUT_SCALE,
                 "version": CACHE_VERSION}
-    model = FCDNN(width, depth, residual, batchnorm=batchnorm)
     path = cache_dir(cache) / "float" / f"{_cache_key(settings)}.pt"
+
+    def fit_semicircles(model: FCDNN) -> None:
+        X, y = semicircles(seed, **data)
+        train(model, X, y, schedule, seed=seed, callback=callback, cancel=cancel)
+
+    return _trained_once(path, lambda: FCDNN(width, depth, residual, batchnorm=batchnorm), fit_semicircles, seed,
+                         use_cache)
+
+
+def _trained_once(path: Path, build: Callable[[], torch.nn.Module], fit_model: Callable[[torch.nn.Module], None],
+                  seed: int, use_cache: bool = True) -> torch.nn.Module:
+    """build() loaded from the state dict at `path` (torch.load(weights_only=True)) when it was trained
+    before; otherwise built from `seed`, trained by fit_model and saved there."""
     if use_cache and path.exists():
+        model = build()
         try:
             model.load_state_dict(torch.load(path, weights_only=True))
             return model.eval()
         except (RuntimeError, OSError, EOFError, ValueError):
             pass  # an unreadable or stale file is retrained and replaced
     torch.manual_seed(seed)
-    model = FCDNN(width, depth, residual, batchnorm=batchnorm)
-    X, y = semicircles(seed, **data)
-    train(model, X, y, schedule, seed=seed, callback=callback, cancel=cancel)
+    model = build()
+    fit_model(model)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
@@ -529,23 +541,12 @@ def digits_float_model(model: str = "mlp", block: str = "basic", blocks: int = 2
     settings = {"model": model, "block": block, "blocks": blocks, "channels": channels, "seed": seed,
                 "epochs": epochs, "version": CACHE_VERSION}
     path = cache_dir(cache) / "digits" / f"{_cache_key(settings)}.pt"
-    torch.manual_seed(seed)
-    net = digits_model(model, block, blocks, channels)
-    if path.exists():
-        try:
-            net.load_state_dict(torch.load(path, weights_only=True))
-            return net.eval()
-        except (RuntimeError, OSError, EOFError, ValueError):
-            pass
-    from qviz.engine.data import digits
 
-    X, y, _, _ = digits(seed)
-    fit(net, X, y, epochs=epochs, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
-    return net.eval()
+    def fit_digits(net: torch.nn.Module) -> None:
+        X, y, _, _ = digits(seed)
+        fit(net, X, y, epochs=epochs, seed=seed)
+
+    return _trained_once(path, lambda: digits_model(model, block, blocks, channels), fit_digits, seed)
 
 
 def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | None = None, *, block: str = "basic",
@@ -556,7 +557,6 @@ def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | 
     The defaults follow 001: Q_b weights with a trainable α (eq. 3-4) and A_b activations (eq. 5).
     The row also holds a histogram of the quantized weights of the first quantized layer.
     """
-    from qviz.engine.data import digits
     from qviz.engine.metrics import histogram
     from qviz.engine.models import requantized
 
