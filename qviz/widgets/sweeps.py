@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import ipywidgets as W
 
 from qviz.engine.sweep import SweepResult
@@ -55,7 +57,7 @@ class SweepExplorer(Explorer):
         return {"x": self.x.value, "y": self.y.value, "metric": self.metric.value, "fixed": fixed}
 
     def _rows(self, params) -> SweepResult:
-        conditions = {name: eval(value, {}) for name, value in params["fixed"].items()}  # reprs of plain values
+        conditions = {name: _setting(value) for name, value in params["fixed"].items()}
         return self.result.where(**conditions) if conditions else self.result
 
     def _compute(self, params, cancel, progress):
@@ -94,7 +96,7 @@ class SweepExplorer(Explorer):
         x = self.data["xs"][int(picked["xi"])]
         y = self.data["ys"][int(picked["yi"])]
         self.show_run(**{self.params["x"]: x, self.params["y"]: y}, **{
-            k: eval(v, {}) for k, v in self.params["fixed"].items()})
+            k: _setting(v) for k, v in self.params["fixed"].items()})
 
     def show_run(self, **settings) -> dict:
         """Show the first run whose settings match `settings` below the chart; returns its row."""
@@ -123,6 +125,11 @@ class SweepExplorer(Explorer):
             return row
         self.detail.value = vl_convert.vegalite_to_svg(fig.spec(body))
         return row
+
+
+def _setting(text: str):
+    """A filter menu's entry (the repr of a setting's value) back to the value."""
+    return ast.literal_eval(text)
 
 
 def _label(value) -> str:
