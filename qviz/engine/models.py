@@ -376,11 +376,16 @@ def quantized_copy(model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | N
     """An FCDNN like `model` with other quantizers, starting from model's float weights (shadow weights)."""
     if not isinstance(model, FCDNN):
         raise TypeError(f"model must be an FCDNN, got {type(model).__name__}")
-    config = {**model.config(), "w_spec": w_spec, "a_spec": a_spec, "shortcut_spec": None, **changes}
-    twin = FCDNN(**config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("acts.", "shortcuts."))
-             and ".wq." not in k}
-    twin.load_state_dict(state, strict=False)
+    return _twin(model, w_spec=w_spec, a_spec=a_spec, shortcut_spec=None, **changes)
+
+
+def _twin(model: nn.Module, **changes) -> nn.Module:
+    """type(model) built from model.config() with `changes`, holding model's float weights and batch-norm
+    statistics but none of its quantizers' state (ranges, α): the new quantizers start afresh."""
+    twin = type(model)(**{**model.config(), **changes})
+    quantizers = tuple(f"{name}." for name, m in model.named_modules()
+                       if isinstance(m, WeightQuantizer | ActivationQuantizer))
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(quantizers)}, strict=False)
     return twin
 
 
@@ -545,9 +550,4 @@ class SmallResNet(nn.Module):
 
 def requantized(model: MLP | SmallResNet, w_spec: QuantSpec | None, a_spec: QuantSpec | None) -> nn.Module:
     """A twin of an MLP or SmallResNet with other quantizers, starting from its float weights."""
-    config = {**model.config(), "w_spec": w_spec, "a_spec": a_spec}
-    twin = type(model)(**config)
-    state = {k: v for k, v in model.state_dict().items() if ".wq." not in k and "observer" not in k
-             and not k.endswith("alpha")}
-    twin.load_state_dict(state, strict=False)
-    return twin
+    return _twin(model, w_spec=w_spec, a_spec=a_spec)
