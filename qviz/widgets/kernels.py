@@ -93,13 +93,15 @@ class KernelReadout(Explorer):
                 "codebook": mem["codebook_bytes"]}
         title_mem = f"memory: {mem['ratio']:.2f}x smaller (eq. 2-17: {mem['ratio_formula']:.2f}x)"
         lat = result["latency"]
-        if lat is None:  # the same bars at zero until measured: the chart keeps its structure
-            timing = {"torch float32": 0.0, f"qviz {params['kind']}": 0.0}
-            return _charts.kernel_bars(fig, bars, timing, title_mem, f"latency: timing within {params['budget']:.2f} s")
-        timing = {"torch float32": lat["torch_s"] * 1e3, f"qviz {params['kind']}": lat["qviz_s"] * 1e3}
-        faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
-        return _charts.kernel_bars(fig, bars, timing, title_mem, f"latency: qviz {faster} ({lat['path']}, "
-                                                              f"{lat['threads']} threads)")
+        # the same bars at zero until measured: the chart keeps its structure
+        torch_ms, qviz_ms = (0.0, 0.0) if lat is None else (lat["torch_s"] * 1e3, lat["qviz_s"] * 1e3)
+        timing = {"torch float32": torch_ms, f"qviz {params['kind']}": qviz_ms}
+        if lat is None:
+            title_lat = f"latency: timing within {params['budget']:.2f} s"
+        else:
+            faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
+            title_lat = f"latency: qviz {faster} ({lat['path']}, {lat['threads']} threads)"
+        return _charts.kernel_bars(fig, bars, timing, title_mem, title_lat)
 
     def _summary(self, result, params) -> str:
         mem, lat = result["memory"], result["latency"]
