@@ -12,6 +12,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 # Whether finite_values looks at tensors. A training loop turns it off for its own steps (it checks the
@@ -63,9 +64,10 @@ def real(name: str, value: object, lo: float | None = None, hi: float | None = N
 
 
 def boolean(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
+    # numpy's bool is not a bool subclass, but a value read from an array is as good a flag as any
+    if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
+    return bool(value)
 
 
 def float_tensor(name: str, x: object) -> torch.Tensor:
@@ -73,8 +75,12 @@ def float_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         hint = " (use torch.from_numpy)" if type(x).__module__ == "numpy" else ""
         raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}; use .to_dense()")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype (float16/32/64, bfloat16), got {x.dtype}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device and holds no values; allowed: a tensor with data")
     return x
 
 

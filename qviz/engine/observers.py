@@ -74,7 +74,8 @@ def minmax(x: torch.Tensor, granularity: str = "tensor", axis: int = 0) -> tuple
 
 
 def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: int, *,
-                 symmetric: bool = False, signed: bool = True, narrow: bool = False) -> QuantParams:
+                 symmetric: bool = False, signed: bool = True, narrow: bool = False,
+                 dtype: torch.dtype | None = None) -> QuantParams:
     """Scale and zero-point for the range [xmin, xmax] (a pure function; tensors broadcast).
 
     Affine (004 eqs. 1-3): the range is first relaxed to include 0 so that 0 is exact, then
@@ -87,6 +88,9 @@ def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: i
     scale `SCALE_FLOOR` (float32 eps) and zero-point qmin (affine) or 0 (symmetric), so the tensor
     quantizes to exact zeros. A constant non-zero tensor is not degenerate for affine (the range is
     relaxed to include 0) and lands on a level exactly.
+
+    The scale is float32 unless `dtype` (the dtype of the data to quantize; default: float64 if the range
+    is) asks for float64, whose ranges can exceed float32's.
     """
     bits = _checks.integer("bits", bits, 1, 32)
     if symmetric and signed and bits < 2:
@@ -94,20 +98,34 @@ def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: i
     qmin, qmax = code_range(bits, symmetric=symmetric, signed=signed, narrow=narrow)
     if narrow and qmax - qmin < 1:
         raise ValueError(f"bits={bits} with narrow=True leaves a single level; allowed: bits >= 2")
-    xmin = torch.as_tensor(xmin, dtype=torch.float32)
-    xmax = torch.as_tensor(xmax, dtype=torch.float32)
+    # float64 throughout: a float32 range as wide as [-2e38, 2e38] overflows (hi - lo) and would make a
+    # finite tensor quantize to NaN; dividing before subtracting keeps even float64's extremes finite.
+    xmin, xmax = torch.as_tensor(xmin).detach(), torch.as_tensor(xmax).detach()
+    # float64 data gets a float64 scale (its range can exceed float32's); everything else float32
+    if dtype is None:
+        dtype = torch.float64 if torch.float64 in (xmin.dtype, xmax.dtype) else torch.float32
+    scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    xmin, xmax = xmin.to(torch.float64), xmax.to(torch.float64)
     _checks.finite_values("range", xmin, xmax)
     if bool((xmin > xmax).any()):
         raise ValueError("range is reversed: xmin must be <= xmax")
     if symmetric:
         top = torch.maximum(xmin.abs(), xmax.abs()) if signed else xmax.clamp(min=0)
-        scale = (top / qmax).clamp(min=SCALE_FLOOR)
+        scale = _scale_as(top / qmax, scale_dtype)
         zero_point = torch.zeros_like(scale, dtype=torch.int64)
         return QuantParams(scale, zero_point, qmin, qmax)
     lo, hi = xmin.clamp(max=0), xmax.clamp(min=0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_FLOOR)
-    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int64)
+    scale = _scale_as(hi / (qmax - qmin) - lo / (qmax - qmin), scale_dtype)
+    zero_point = (qmin - torch.round(lo / scale.double())).clamp(qmin, qmax).to(torch.int64)
     return QuantParams(scale, zero_point, qmin, qmax)
+
+
+def _scale_as(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale in `dtype`, at least SCALE_FLOOR. A float32 tensor spanning more than float32's largest
+    value (1-bit codes over [-3e38, 3e38]) needs a scale float32 cannot hold: that one stays float64."""
+    if dtype == torch.float32 and bool((scale > torch.finfo(torch.float32).max).any()):
+        dtype = torch.float64
+    return scale.clamp(SCALE_FLOOR, torch.finfo(dtype).max).to(dtype)
 
 
 class MinMaxObserver(nn.Module):

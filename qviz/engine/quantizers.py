@@ -66,11 +66,12 @@ class QuantSpec:
         _checks.choice("scheme", self.scheme, SCHEMES)
         scheme = SCHEMES[self.scheme]
         lo, hi = scheme.bits_for(self)
-        _checks.integer("bits", self.bits, lo, hi)
+        # stored as plain Python values: numpy integers and bools are welcome, and equal specs hash equal
+        object.__setattr__(self, "bits", _checks.integer("bits", self.bits, lo, hi))
         _checks.choice("granularity", self.granularity, GRANULARITIES)
-        _checks.integer("axis", self.axis)
-        _checks.boolean("narrow", self.narrow)
-        _checks.boolean("signed", self.signed)
+        object.__setattr__(self, "axis", _checks.integer("axis", self.axis))
+        object.__setattr__(self, "narrow", _checks.boolean("narrow", self.narrow))
+        object.__setattr__(self, "signed", _checks.boolean("signed", self.signed))
         if self.ste is not None:
             _checks.choice("ste", self.ste, STES)
         _checks.choice("delta_rule", self.delta_rule, DELTA_RULES)
@@ -83,7 +84,7 @@ class QuantSpec:
             if not scheme.takes_alpha:
                 raise ValueError(f"alpha is not used by scheme {self.scheme!r}; "
                                  f"schemes that take alpha: {_names_with('takes_alpha')}")
-            _checks.real("alpha", self.alpha, 0.0, lo_open=True)
+            object.__setattr__(self, "alpha", _checks.real("alpha", self.alpha, 0.0, lo_open=True))
 
     def _check_clip(self, scheme: Scheme) -> None:
         if not scheme.takes_clip:
@@ -159,6 +160,8 @@ class _PACT(torch.autograd.Function):
         above = x >= bound
         step = bound / levels
         q = clipped.div_(step).add_(0.5).floor_().mul_(step)
+        if a is not None and a > torch.finfo(x.dtype).max / 2:  # the top level may round past the largest float
+            q.clamp_(max=torch.finfo(x.dtype).max)
         ctx.save_for_backward(above, inside)
         ctx.alpha_shape = alpha.shape
         return q
@@ -250,9 +253,37 @@ def _reduce(x: torch.Tensor, spec: QuantSpec, fn) -> torch.Tensor:
         raise ValueError(f"x is empty; scheme {spec.scheme!r} needs at least one value for its statistics")
     axis = _checks.axis_for("axis", spec.axis, x.dim()) if spec.granularity == "channel" else 0
     dims = reduce_dims(x, spec.granularity, axis)
-    out = fn(x, dims) if dims else x.clone()
+    if dims:
+        out = fn(x, dims)
+    else:
+        # every statistic covers one value (a 0-d tensor, or a 1-d tensor per channel): reduce over a unit
+        # dim, so that mean |w| is |w| and not w (torch reduces over all dims when given none)
+        out = fn(x.unsqueeze(-1), (x.dim(),)).squeeze(-1)
     _checks.finite_values("x", out)
     return out
+
+
+def _mean(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """mean over dims (keepdim) that cannot overflow: a float32 sum of values near 3e38 would be inf.
+
+    When the sum could overflow, each slice is summed in units of its own largest magnitude (a global
+    unit would push small slices into subnormals and cost them precision).
+    """
+    top = float(t.detach().abs().amax()) if t.numel() else 0.0
+    if top * t.numel() < torch.finfo(t.dtype).max / 2:
+        return t.mean(dim=dims, keepdim=True)
+    unit = t.detach().abs().amax(dim=dims, keepdim=True).clamp(min=torch.finfo(t.dtype).tiny)
+    return (t / unit).mean(dim=dims, keepdim=True) * unit
+
+
+def _finite_limit(bound: torch.Tensor | float, dtype: torch.dtype) -> float | None:
+    """The largest finite value of `dtype` when a level could round past it (else None: no clamp needed).
+
+    Levels are computed from a scale and codes; at the very top of a dtype's range the product can round
+    one step beyond the largest finite number and turn a finite input into inf.
+    """
+    limit = torch.finfo(dtype).max
+    return limit if float(torch.as_tensor(bound, dtype=torch.float64).abs().max()) >= limit / 2 else None
 
 
 def _stat_shape(x: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
@@ -261,6 +292,18 @@ def _stat_shape(x: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
         return (1,) * x.dim()
     axis = _checks.axis_for("axis", spec.axis, x.dim())
     return tuple(n if d == axis else 1 for d, n in enumerate(x.shape))
+
+
+def _in_range_of(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed clip or α as a tensor of the data's dtype, or float64 when the dtype cannot hold it (a clip of
+    1e300 is finite and legal; its levels lie beyond float32, so the quantizer computes in float64)."""
+    wide = abs(value) > torch.finfo(dtype).max
+    return torch.tensor(value, dtype=torch.float64 if wide else dtype)
+
+
+def _widened(x: torch.Tensor, stat: torch.Tensor) -> torch.Tensor:
+    """x in the dtype of a statistic that needed more range than x's dtype has (see _in_range_of)."""
+    return x.to(stat.dtype) if stat.dtype == torch.float64 and x.dtype != torch.float64 else x
 
 
 def _span_levels(lo, hi, count: int) -> torch.Tensor:
@@ -293,26 +336,32 @@ class _Uniform(Scheme):
         if spec.clip is None:
             return minmax(x, spec.granularity, spec.axis) if x.numel() else _empty_range(spec)
         _checks.finite_values("x", x)
-        if isinstance(spec.clip, tuple):
-            return torch.tensor(spec.clip[0]), torch.tensor(spec.clip[1])
-        return torch.tensor(-spec.clip if spec.signed else 0.0), torch.tensor(spec.clip)
+        lo, hi = spec.clip if isinstance(spec.clip, tuple) else (-spec.clip if spec.signed else 0.0, spec.clip)
+        return _in_range_of(lo, x.dtype), _in_range_of(hi, x.dtype)
 
     def stats(self, x, spec, alpha):
         lo, hi = self._range(x, spec)
-        p = quant_params(lo, hi, spec.bits, symmetric=self.symmetric, signed=spec.signed, narrow=spec.narrow)
-        return {"scale": p.scale, "zero_point": p.zero_point.to(torch.float32), "qmin": p.qmin, "qmax": p.qmax}
+        p = quant_params(lo, hi, spec.bits, symmetric=self.symmetric, signed=spec.signed, narrow=spec.narrow,
+                         dtype=x.dtype)
+        zero_point = p.zero_point.to(torch.float32)
+        top_code = torch.maximum((p.qmin - zero_point).abs(), (p.qmax - zero_point).abs())
+        return {"scale": p.scale, "zero_point": zero_point, "qmin": p.qmin, "qmax": p.qmax,
+                "limit": _finite_limit(top_code.double() * p.scale.double(), x.dtype)}
 
     def _code(self, x, st):
-        return torch.round(x * (1.0 / st["scale"])) + st["zero_point"]
+        # a float32 tensor spanning beyond float32's range has a float64 scale (see quant_params); compute
+        # in float64 then, since a 0-d float64 scale would not promote x and 1/scale would underflow
+        return torch.round(x.to(st["scale"].dtype) * (1.0 / st["scale"])) + st["zero_point"]
 
     def _dequantize(self, code, st):
         return (code.clamp(st["qmin"], st["qmax"]) - st["zero_point"]) * st["scale"]
 
     def quantize(self, x, spec, st, generator):
-        return self._dequantize(self._code(x, st), st).to(x.dtype)
+        return _within(self._dequantize(self._code(x, st), st), st).to(x.dtype)
 
     def span(self, spec, st):
-        return (st["qmin"] - st["zero_point"]) * st["scale"], (st["qmax"] - st["zero_point"]) * st["scale"]
+        return (_within((st["qmin"] - st["zero_point"]) * st["scale"], st),
+                _within((st["qmax"] - st["zero_point"]) * st["scale"], st))
 
     def clipped_mask(self, x, spec, st):
         code = self._code(x, st)
@@ -320,11 +369,17 @@ class _Uniform(Scheme):
 
     def levels(self, spec, st):
         codes = torch.arange(st["qmin"], st["qmax"] + 1, dtype=torch.float32)
-        return (codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1)
+        return _within((codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1), st)
 
     def thresholds(self, spec, st):
         codes = torch.arange(st["qmin"], st["qmax"], dtype=torch.float32) + 0.5
-        return (codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1)
+        return _within((codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1), st)
+
+
+def _within(t: torch.Tensor, st: dict) -> torch.Tensor:
+    """t clamped to the finite range when the stats found that its top level could round past it."""
+    limit = st.get("limit")
+    return t if limit is None else t.clamp(-limit, limit)
 
 
 def _empty_range(spec):
@@ -358,14 +413,15 @@ class Stochastic(_Uniform):
 
     def quantize(self, x, spec, st, generator):
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5
-        return self._dequantize(torch.round(x * (1.0 / st["scale"]) + noise) + st["zero_point"], st).to(x.dtype)
+        code = torch.round(x.to(st["scale"].dtype) * (1.0 / st["scale"]) + noise) + st["zero_point"]
+        return _within(self._dequantize(code, st), st).to(x.dtype)
 
     def expected(self, x, spec, st):
-        v = x * (1.0 / st["scale"]) + st["zero_point"]
+        v = x.to(st["scale"].dtype) * (1.0 / st["scale"]) + st["zero_point"]
         low = torch.floor(v)
         p_up = v - low  # round(v + ε) = floor(v) + 1 with probability frac(v)
         clamp = lambda c: c.clamp(st["qmin"], st["qmax"])  # noqa: E731
-        return ((1 - p_up) * clamp(low) + p_up * clamp(low + 1) - st["zero_point"]) * st["scale"]
+        return _within(((1 - p_up) * clamp(low) + p_up * clamp(low + 1) - st["zero_point"]) * st["scale"], st)
 
 
 class _Sign(Scheme):
@@ -429,7 +485,7 @@ class Xnor(Scheme):
     default_ste = "saturated"
 
     def stats(self, x, spec, alpha):
-        return {"alpha": _reduce(x, spec, lambda t, d: t.abs().mean(dim=d, keepdim=True))}
+        return {"alpha": _reduce(x.abs(), spec, _mean)}
 
     def quantize(self, x, spec, st, generator):
         return torch.where(x >= 0, st["alpha"], -st["alpha"]).to(x.dtype)
@@ -464,13 +520,15 @@ class Ternary(Scheme):
     def stats(self, x, spec, alpha):
         a = x.abs()
         if spec.delta_rule == "twn":
-            delta = 0.7 * _reduce(a, spec, lambda t, d: t.mean(dim=d, keepdim=True))
+            delta = 0.7 * _reduce(a, spec, _mean)
         else:
             delta = _exact_ternary_delta(a, spec, _stat_shape(a, spec))
         kept = torch.where(a > delta, a, 0.0)
         count = _reduce(kept > 0, spec, lambda t, d: t.sum(dim=d, keepdim=True))
-        total = _reduce(kept, spec, lambda t, d: t.sum(dim=d, keepdim=True))
-        alpha = torch.where(count > 0, total / count.clamp(min=1), 0.0).to(x.dtype)
+        # α = mean of the kept |w|, summed in units of max|w| so that no sum can overflow
+        top = _reduce(a, spec, lambda t, d: t.amax(dim=d, keepdim=True)).clamp(min=torch.finfo(a.dtype).tiny)
+        total = _reduce(kept / top, spec, lambda t, d: t.sum(dim=d, keepdim=True))
+        alpha = torch.where(count > 0, total / count.clamp(min=1) * top, 0.0).to(x.dtype)
         return {"delta": delta, "alpha": alpha, "top": _reduce(a, spec, lambda t, d: t.amax(dim=d, keepdim=True))}
 
     def quantize(self, x, spec, st, generator):
@@ -497,12 +555,15 @@ def _exact_ternary_delta(a: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...
     else:
         rows = a.reshape(1, -1)
     s, _ = rows.double().sort(dim=1, descending=True)
-    objective = s.cumsum(dim=1) ** 2 / torch.arange(1, s.shape[1] + 1, dtype=s.dtype)
+    # the objective's argmax does not change when a row is divided by its largest value, and then no
+    # cumulative sum of float64 extremes can overflow
+    unit = s[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
+    objective = (s / unit).cumsum(dim=1) ** 2 / torch.arange(1, s.shape[1] + 1, dtype=s.dtype)
     below = torch.cat([s[:, 1:], torch.zeros_like(s[:, :1])], dim=1)
     # I_Δ = the j largest values is achievable only where the j-th value is strictly above the next one.
     objective = torch.where(s > below, objective, torch.full_like(objective, -1.0))
     j = objective.argmax(dim=1, keepdim=True)
-    delta = (s.gather(1, j) + below.gather(1, j)) / 2
+    delta = s.gather(1, j) / 2 + below.gather(1, j) / 2
     return delta.to(a.dtype).reshape(shape)
 
 
@@ -519,7 +580,7 @@ class Dorefa(Scheme):
 
     def stats(self, x, spec, alpha):
         if spec.bits == 1:
-            return {"alpha": _reduce(x, spec, lambda t, d: t.abs().mean(dim=d, keepdim=True))}
+            return {"alpha": _reduce(x.abs(), spec, _mean)}
         # max|tanh(w)| = tanh(max|w|); reducing |w| first also lets NaN/Inf reach the finite check
         top = _reduce(x.abs(), spec, lambda t, d: t.amax(dim=d, keepdim=True))
         return {"m": torch.tanh(top).clamp(min=SCALE_FLOOR)}
@@ -579,10 +640,10 @@ class Ceil(Scheme):
     def stats(self, x, spec, alpha):
         if spec.clip is not None:
             _checks.finite_values("x", x)
-            m = torch.tensor(spec.clip)
+            m = _in_range_of(spec.clip, x.dtype)
         else:
             m = _reduce(x.abs(), spec, lambda t, d: t.amax(dim=d, keepdim=True))
-        a = alpha if alpha is not None else torch.tensor(spec.alpha if spec.alpha is not None else 1.0)
+        a = alpha if alpha is not None else _in_range_of(spec.alpha if spec.alpha is not None else 1.0, x.dtype)
         return {"m": m.clamp(min=SCALE_FLOOR), "alpha": a.detach()}
 
     @staticmethod
@@ -592,12 +653,13 @@ class Ceil(Scheme):
         return torch.where(v >= 0, torch.ceil(v).clamp(min=1), torch.floor(v)) / half
 
     def quantize(self, x, spec, st, generator):
-        return (st["alpha"].abs() * self._q_b(x / st["m"], spec.bits)).to(x.dtype)
+        # no cast back to x's dtype here: an α beyond float32 gives levels that fake_quantize clamps
+        return st["alpha"].abs() * self._q_b(_widened(x, st["m"]) / st["m"], spec.bits)
 
     def apply(self, x, spec, st, alpha, generator):
         if alpha is None and not x.requires_grad:
             return self.quantize(x, spec, st, generator)
-        u = x / st["m"]
+        u = _widened(x, st["m"]) / st["m"]
         qu = _StraightThrough.apply(u, self._q_b(u.detach(), spec.bits), self.ste_mask(x.detach(), spec, st))
         return (alpha if alpha is not None else st["alpha"]).abs() * qu
 
@@ -629,23 +691,24 @@ class Relu(Scheme):
     def stats(self, x, spec, alpha):
         if spec.clip is not None:
             _checks.finite_values("x", x)
-            beta = torch.tensor(spec.clip)
+            beta = _in_range_of(spec.clip, x.dtype)
         else:
             beta = minmax(x, spec.granularity, spec.axis)[1].clamp(min=0)
-        return {"beta": beta, "step": (beta / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)}
+        step = (beta / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)
+        return {"beta": beta, "step": step, "limit": _finite_limit(step.double() * (2**spec.bits - 1), x.dtype)}
 
     def quantize(self, x, spec, st, generator):
-        clipped = torch.minimum(x.clamp(min=0), st["beta"])
-        return (torch.floor(clipped / st["step"] + 0.5) * st["step"]).to(x.dtype)
+        clipped = torch.minimum(_widened(x, st["step"]).clamp(min=0), st["beta"])
+        return _within(torch.floor(clipped / st["step"] + 0.5) * st["step"], st).to(x.dtype)
 
     def span(self, spec, st):
         return 0.0, st["beta"]
 
     def levels(self, spec, st):
-        return st["step"].unsqueeze(-1) * torch.arange(2**spec.bits, dtype=torch.float32)
+        return _within(st["step"].unsqueeze(-1) * torch.arange(2**spec.bits, dtype=torch.float32), st)
 
     def thresholds(self, spec, st):
-        return st["step"].unsqueeze(-1) * (torch.arange(2**spec.bits - 1, dtype=torch.float32) + 0.5)
+        return _within(st["step"].unsqueeze(-1) * (torch.arange(2**spec.bits - 1, dtype=torch.float32) + 0.5), st)
 
 
 class Pact(Relu):
@@ -663,8 +726,10 @@ class Pact(Relu):
         if alpha is None and spec.alpha is None:
             return super().stats(x, spec, alpha)
         _checks.finite_values("x", x)
-        beta = (alpha.detach() if alpha is not None else torch.tensor(spec.alpha)).clamp(min=SCALE_FLOOR)
-        return {"beta": beta, "step": beta / (2**spec.bits - 1)}
+        beta = alpha.detach().to(x.dtype) if alpha is not None else _in_range_of(spec.alpha, x.dtype)
+        beta = beta.clamp(min=SCALE_FLOOR)
+        step = beta / (2**spec.bits - 1)
+        return {"beta": beta, "step": step, "limit": _finite_limit(step.double() * (2**spec.bits - 1), x.dtype)}
 
     def apply(self, x, spec, st, alpha, generator):
         if alpha is None:
@@ -707,7 +772,7 @@ class CeilAct(Scheme):
 
     def stats(self, x, spec, alpha):
         _checks.finite_values("x", x)  # the clip below would hide an Inf
-        c = torch.tensor(spec.clip if spec.clip is not None else float(2**spec.bits - 1))
+        c = _in_range_of(spec.clip if spec.clip is not None else float(2**spec.bits - 1), x.dtype)
         top = _reduce(torch.minimum(x.clamp(min=0), c), spec, lambda t, d: t.amax(dim=d, keepdim=True))
         return {"c": c, "step": (top / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)}
 
@@ -755,21 +820,74 @@ def _check_spec(spec: object) -> QuantSpec:
     return spec
 
 
-def _check_alpha(alpha: object) -> torch.Tensor | None:
-    if alpha is not None and not isinstance(alpha, torch.Tensor):
+def _check_alpha(alpha: object, spec: QuantSpec, x: torch.Tensor) -> torch.Tensor | None:
+    """A learnable α: a finite float tensor that broadcasts to x; PACT's clip must be > 0, ceil's scale ≠ 0."""
+    if alpha is None:
+        return None
+    if not isinstance(alpha, torch.Tensor):
         raise TypeError(f"alpha must be a torch.Tensor (a learnable parameter) or None, got {type(alpha).__name__}")
+    if not SCHEMES[spec.scheme].takes_alpha:
+        raise ValueError(f"alpha is not used by scheme {spec.scheme!r}; "
+                         f"schemes that take alpha: {_names_with('takes_alpha')}")
+    _checks.float_tensor("alpha", alpha)
+    try:
+        fits = torch.broadcast_shapes(alpha.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if alpha.numel() == 0 or not fits:
+        raise ValueError(f"alpha has shape {tuple(alpha.shape)}, which does not broadcast to x's shape "
+                         f"{tuple(x.shape)}; allowed: one value, or one per channel shaped to broadcast against x")
+    values = alpha.detach()
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("alpha contains NaN or Inf; allowed: finite values")
+    if spec.scheme == "pact" and bool((values <= 0).any()):
+        raise ValueError(f"alpha must be > 0 for scheme 'pact' (it is the clip), got min {float(values.min()):g}")
+    if spec.scheme == "ceil" and bool((values == 0).any()):
+        raise ValueError("alpha must be non-zero for scheme 'ceil' (the levels are ±|α| k / 2^(b-1))")
     return alpha
 
 
+# Half-precision tensors are quantized in float32 and the result rounded back: their own arithmetic
+# overflows at 65504 (a range of ±6e4 has a width that float16 cannot hold).
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _prepare(x: object, spec: object, alpha: object = None):
-    spec, x, alpha = _check_spec(spec), _checks.float_tensor("x", x), _check_alpha(alpha)
+    spec, x = _check_spec(spec), _checks.float_tensor("x", x)
     if spec.granularity == "channel":
         _checks.axis_for("axis", spec.axis, x.dim())
-    if alpha is not None and not SCHEMES[spec.scheme].takes_alpha:
-        raise ValueError(f"alpha is not used by scheme {spec.scheme!r}; "
-                         f"schemes that take alpha: {_names_with('takes_alpha')}")
+    alpha = _check_alpha(alpha, spec, x)
     scheme = SCHEMES[spec.scheme]
+    if x.dtype in _HALF:  # (the cast's backward brings float32 gradients back within x's range)
+        x = _CastWithin.apply(x, torch.float32)
+        alpha = None if alpha is None else _CastWithin.apply(alpha, torch.float32)
     return scheme, spec, x, alpha, scheme.stats(x.detach(), spec, alpha)
+
+
+def _as_input_dtype(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q if q.dtype == dtype else _CastWithin.apply(q, dtype)
+
+
+class _CastWithin(torch.autograd.Function):
+    """A cast to a narrower float dtype that clamps to its finite range, in the forward pass for values
+    and in the backward pass for gradients: a level just past float16's largest value, or DoReFa's
+    gradient 1/max|w| for a tiny float16 tensor, would otherwise become inf."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        ctx.dtype = t.dtype
+        return _narrowed(t, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _narrowed(grad, ctx.dtype), None
+
+
+def _narrowed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    if limit < torch.finfo(t.dtype).max:
+        t = t.clamp(-limit, limit)
+    return t.to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, alpha: torch.Tensor | None = None,
@@ -780,8 +898,9 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, alpha: torch.Tensor | Non
     the module docstring and each scheme's docstring). `alpha` is a learnable tensor for the schemes
     that train one (`ceil`, `pact`); `generator` seeds the stochastic schemes.
     """
+    dtype = x.dtype if isinstance(x, torch.Tensor) else None
     scheme, spec, x, alpha, st = _prepare(x, spec, alpha)
-    return scheme.apply(x, spec, st, alpha, generator)
+    return _as_input_dtype(scheme.apply(x, spec, st, alpha, generator), dtype)
 
 
 def quantizer_levels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
