@@ -31,6 +31,7 @@ from qviz import _checks
 
 RADIUS = 0.1
 RINGS = 5  # i in 0..4
+MAX_SAMPLES = 20_000_000  # 160 MB of float32 points: far beyond any lecture, well within a laptop
 
 
 def _core_points(r: float, rings: int, points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,11 +55,16 @@ def semicircles(seed: int = 0, *, r: float = RADIUS, rings: int = RINGS, points:
     (numpy's PCG64); the order is label-blocked, so shuffle before minibatching.
     """
     seed = _checks.integer("seed", seed, 0)
-    r = _checks.real("r", r, 0.0, lo_open=True)
+    # bounded so that every coordinate stays a finite float32 and the set fits in memory
+    r = _checks.real("r", r, 0.0, 1e6, lo_open=True)
     rings = _checks.integer("rings", rings, 1, 50)
     points = _checks.integer("points", points, 1, 100_000)
     subsamples = _checks.integer("subsamples", subsamples, 0, 1000)
-    noise = r / 3 if noise is None else _checks.real("noise", noise, 0.0)
+    noise = r / 3 if noise is None else _checks.real("noise", noise, 0.0, 1e6)
+    samples = 4 * rings * points * (subsamples + 1)
+    if samples > MAX_SAMPLES:
+        raise ValueError(f"rings={rings}, points={points}, subsamples={subsamples} make {samples:,} samples; "
+                         f"allowed: at most {MAX_SAMPLES:,} (4 rings points (subsamples + 1))")
     cores, labels = _core_points(r, rings, points)
     rng = np.random.default_rng(seed)
     copies = cores[:, None, :] + rng.normal(0.0, noise, size=(len(cores), subsamples, 2))

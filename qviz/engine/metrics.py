@@ -16,7 +16,12 @@ from qviz import _checks
 
 def _array(name: str, a: object) -> np.ndarray:
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
+        if a.layout != torch.strided or a.is_nested or a.device.type == "meta":
+            raise TypeError(f"{name} must be a dense tensor with values, got layout {a.layout} on {a.device}")
+        a = a.detach().cpu()
+        a = (a.float() if a.dtype in (torch.float16, torch.bfloat16) else a).numpy()  # numpy has no bfloat16
+    if isinstance(a, np.generic):
+        a = np.asarray(a)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
@@ -35,10 +40,21 @@ def _pair(w: object, w_q: object) -> tuple[np.ndarray, np.ndarray]:
     return w, w_q
 
 
-def _sum_per_slice(a: np.ndarray, axis: int | None) -> np.ndarray | float:
+def _rows(a: np.ndarray, axis: int | None) -> np.ndarray:
+    """a as rows: one row for the whole array, or one per slice along axis."""
     if axis is None:
-        return float(a.sum())
-    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).sum(axis=1)
+        return a.reshape(1, -1)
+    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+
+
+def _power_db(rows: np.ndarray) -> np.ndarray:
+    """10 log10 Σ v² per row, summed in units of the row's largest |v|: neither 1e200² overflows nor
+    1e-200² vanishes. -inf for a row of zeros."""
+    unit = np.abs(rows).max(axis=1)
+    safe = np.where(unit > 0, unit, 1.0)
+    total = ((rows / safe[:, None]) ** 2).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.where(unit > 0, 20 * np.log10(safe) + 10 * np.log10(total), -np.inf)
 
 
 def sqnr_db(w, w_q, axis: int | None = None):
@@ -46,17 +62,20 @@ def sqnr_db(w, w_q, axis: int | None = None):
 
     With `axis`, one value per slice along that axis (e.g. per output channel, "per kernel", as in
     004 Figs. 18-19), as a numpy array. A slice quantized without error has SQNR +inf; a slice with no
-    signal but some error has -inf.
+    signal but some error has -inf. Signal and noise are summed in decibels of their own largest value,
+    so any finite float64 input gives the ratio to full precision.
     """
     w, w_q = _pair(w, w_q)
     if axis is not None:
         axis = _checks.axis_for("axis", axis, w.ndim)
-    signal = _sum_per_slice(w * w, axis)
-    noise = _sum_per_slice((w - w_q) ** 2, axis)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(noise == 0, np.inf, np.divide(signal, noise))
-        out = 10 * np.log10(ratio)
-    return float(out) if axis is None else out
+    signal = _power_db(_rows(w, axis))
+    if max(float(np.abs(w).max()), float(np.abs(w_q).max())) < np.finfo(np.float64).max / 2:
+        noise = _power_db(_rows(w - w_q, axis))
+    else:  # (w - w_q) / 2 cannot overflow where w - w_q can (1e308 - -1e308); 20 log10(2) puts the 2 back
+        noise = _power_db(_rows(w / 2 - w_q / 2, axis)) + 20 * np.log10(2.0)
+    with np.errstate(invalid="ignore"):
+        out = np.where(noise == -np.inf, np.inf, signal - noise)
+    return float(out[0]) if axis is None else out
 
 
 def quantization_error(x, x_q) -> np.ndarray:
@@ -73,7 +92,8 @@ def weight_power(w) -> np.ndarray:
     w = _array("w", w)
     if w.size == 0:
         raise ValueError("w is empty; the power distribution needs at least one value")
-    power = w * w
+    unit = float(np.abs(w).max())
+    power = (w / unit) ** 2 if unit > 0 else w * w  # a ratio of powers: units of max|w| cannot overflow
     mean = power.mean()
     return power / mean if mean > 0 else np.zeros_like(power)
 
@@ -109,12 +129,23 @@ def histogram(values, bins: int = 50, lo: float | None = None,
     bins = _checks.integer("bins", bins, 1, 10_000)
     if v.size == 0:
         raise ValueError("values is empty; a histogram needs at least one value")
-    lo = float(v.min()) if lo is None else float(lo)
-    hi = float(v.max()) if hi is None else float(hi)
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
-    return edges, counts
+    given = lo is not None and hi is not None
+    lo = float(v.min()) if lo is None else _checks.real("lo", lo)
+    hi = float(v.max()) if hi is None else _checks.real("hi", hi)
+    if given and not hi >= lo:
+        raise ValueError(f"lo={lo:g}, hi={hi:g}: allowed lo <= hi")
+    if not hi > lo:  # one value: a bin around it (that stays finite at float64's largest value)
+        half, biggest = max(0.5, abs(lo) * 1e-6), np.finfo(np.float64).max
+        lo, hi = max(lo - half, -biggest), min(hi + half, biggest)
+    top = np.finfo(np.float64).max / 4
+    if max(abs(lo), abs(hi)) < top:
+        counts, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
+        return edges, counts
+    # near float64's end hi - lo overflows (numpy refuses the range): bin in halves instead
+    t = np.linspace(0.0, 1.0, bins + 1)
+    edges = lo * (1 - t) + hi * t
+    index = np.floor((np.clip(v, lo, hi) / 2 - lo / 2) / (hi / 2 - lo / 2) * bins).astype(np.int64)
+    return edges, np.bincount(np.clip(index, 0, bins - 1), minlength=bins)
 
 
 def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:

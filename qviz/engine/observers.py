@@ -8,8 +8,10 @@ the affine quantizer, eqs. 7-11 for the symmetric one).
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,7 +102,7 @@ def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: i
         raise ValueError(f"bits={bits} with narrow=True leaves a single level; allowed: bits >= 2")
     # float64 throughout: a float32 range as wide as [-2e38, 2e38] overflows (hi - lo) and would make a
     # finite tensor quantize to NaN; dividing before subtracting keeps even float64's extremes finite.
-    xmin, xmax = torch.as_tensor(xmin).detach(), torch.as_tensor(xmax).detach()
+    xmin, xmax = _range_end("xmin", xmin), _range_end("xmax", xmax)
     # float64 data gets a float64 scale (its range can exceed float32's); everything else float32
     if dtype is None:
         dtype = torch.float64 if torch.float64 in (xmin.dtype, xmax.dtype) else torch.float32
@@ -118,6 +120,20 @@ def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: i
     scale = _scale_as(hi / (qmax - qmin) - lo / (qmax - qmin), scale_dtype)
     zero_point = (qmin - torch.round(lo / scale.double())).clamp(qmin, qmax).to(torch.int64)
     return QuantParams(scale, zero_point, qmin, qmax)
+
+
+def _range_end(name: str, value: object) -> torch.Tensor:
+    """A range end: a real number, or a real tensor / array (one value per channel)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.Tensor | np.ndarray | list | tuple):
+        raise TypeError(f"{name} must be a real number or a tensor of them, got {type(value).__name__}")
+    try:
+        t = torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must hold real numbers, got {value!r:.80}") from err
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype.is_signed or
+                                                       t.dtype == torch.uint8):
+        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    return t
 
 
 def _scale_as(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,7 +166,14 @@ class MinMaxObserver(nn.Module):
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._update(*minmax(x, self.granularity, self.axis))
+        lo, hi = minmax(x, self.granularity, self.axis)
+        if self.min_val.numel() and self.granularity == "channel" and lo.numel() != self.min_val.numel():
+            raise ValueError(f"x has {lo.numel()} channels along axis {self.axis}, but this observer has seen "
+                             f"{self.min_val.numel()}; allowed: tensors with {self.min_val.numel()} channels "
+                             "(or reset the observer)")
+        if self.min_val.numel() and lo.dim() != self.min_val.dim():
+            lo, hi = lo.reshape(self.min_val.shape), hi.reshape(self.max_val.shape)
+        self._update(lo, hi)
         return x
 
     @property

@@ -982,9 +982,12 @@ def quantize_gradient(g: torch.Tensor, bits: int, *, generator: torch.Generator 
     if m == 0:
         return g
     n = 2**bits - 1
-    noise = (torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device) - 0.5) / n
-    u = (g / (2 * m) + 0.5 + noise).clamp(0, 1)
-    return 2 * m * (torch.round(u * n) / n - 0.5)
+    work = torch.float32 if g.dtype in _HALF else g.dtype  # float16 cannot hold 2 m for m near its max
+    noise = (torch.rand(g.shape, generator=generator, dtype=work, device=g.device) - 0.5) / n
+    m = m.to(work)
+    # g / m / 2 and m (2 u - 1) rather than g / (2 m) and 2 m (u - 1/2): 2 m overflows for m > max / 2
+    u = (g.to(work) / m / 2 + 0.5 + noise).clamp(0, 1)
+    return _narrowed(m * (2 * torch.round(u * n) / n - 1), g.dtype)
 
 
 def quantize_gradients_of(module: torch.nn.Module, bits: int, *,

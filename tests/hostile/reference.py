@@ -100,7 +100,7 @@ def _exact_delta(a):
             continue
         value = (s[:j] / s[0]).sum() ** 2 / j if s[0] > 0 else 0.0
         if value > best:
-            best, best_delta = value, (s[j - 1] + below) / 2
+            best, best_delta = value, s[j - 1] / 2 + below / 2
     return best_delta
 
 
