@@ -774,17 +774,18 @@ class CeilAct(Scheme):
         _checks.finite_values("x", x)  # the clip below would hide an Inf
         c = _in_range_of(spec.clip if spec.clip is not None else float(2**spec.bits - 1), x.dtype)
         top = _reduce(torch.minimum(x.clamp(min=0), c), spec, lambda t, d: t.amax(dim=d, keepdim=True))
-        return {"c": c, "step": (top / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)}
+        step = (top / (2**spec.bits - 1)).clamp(min=SCALE_FLOOR)
+        return {"c": c, "step": step, "limit": _finite_limit(step.double() * (2**spec.bits - 1), x.dtype)}
 
     def quantize(self, x, spec, st, generator):
         clipped = torch.minimum(x.clamp(min=0), st["c"])
-        return (torch.ceil(clipped / st["step"]).clamp(max=2**spec.bits - 1) * st["step"]).to(x.dtype)
+        return _within(torch.ceil(clipped / st["step"]).clamp(max=2**spec.bits - 1) * st["step"], st).to(x.dtype)
 
     def span(self, spec, st):
         return 0.0, st["c"]
 
     def levels(self, spec, st):
-        return st["step"].unsqueeze(-1) * torch.arange(2**spec.bits, dtype=torch.float32)
+        return _within(st["step"].unsqueeze(-1) * torch.arange(2**spec.bits, dtype=torch.float32), st)
 
     def thresholds(self, spec, st):
         return st["step"].unsqueeze(-1) * torch.arange(2**spec.bits - 1, dtype=torch.float32)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -33,6 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from qviz import _checks
+from qviz.engine import _cache
 
 CACHE_VERSION = 1
 EXECUTORS = ("local", "serial")
@@ -45,14 +45,38 @@ EXECUTORS = ("local", "serial")
 def grid(**axes) -> list[dict]:
     """Every combination of the given settings: grid(width=[64, 128], w_bits=[2, 4]) -> 4 settings dicts.
 
-    A value that is not a list or tuple is a single setting shared by every combination.
+    An axis is a list, tuple, range, set (sorted), 1-D numpy array or any other iterable of values; a
+    string, dict or single number is one setting shared by every combination. numpy scalars become the
+    Python numbers they hold (so settings print, compare and cache like the numbers you typed).
     """
+    if not axes:
+        raise ValueError("grid needs at least one setting, e.g. grid(width=[64, 128])")
     names = list(axes)
-    values = [v if isinstance(v, list | tuple) else [v] for v in axes.values()]
-    for name, options in zip(names, values, strict=True):
-        if len(options) == 0:
-            raise ValueError(f"{name} has no values; give at least one")
+    values = [_axis(name, v) for name, v in axes.items()]
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def _axis(name: str, value) -> list:
+    if isinstance(value, str | bytes | dict) or not isinstance(value, Iterable) or getattr(value, "ndim", 1) == 0:
+        options = [value]
+    elif isinstance(value, set | frozenset):
+        options = sorted(value, key=_order_key)
+    else:
+        options = list(value)
+    if not options:
+        raise ValueError(f"{name} has no values; give at least one")
+    return [_plain_setting(v) for v in options]
+
+
+def _plain_setting(value):
+    """numpy scalars (np.int64(128), np.True_) as Python values; everything else as it is."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def _order_key(value):
+    return (value is None, not isinstance(value, int | float), value if isinstance(value, int | float) else str(value))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,6 +120,22 @@ def echo_task(settings: dict) -> dict:
 
 TASKS: dict[str, Callable[[dict], dict]] = {"semicircles": semicircle_task, "digits": digits_task,
                                             "echo": echo_task}
+
+
+def check_settings(task: str, settings: dict) -> None:
+    """Raise TypeError / ValueError (naming the argument) for a settings dict its task would refuse; nothing
+    is trained. run_sweep checks every settings dict this way before it starts any run."""
+    if task == "semicircles":
+        from qviz.engine.training import check_experiment
+
+        s = dict(settings)
+        if "resolution" in s:
+            _checks.integer("resolution", s.pop("resolution"), 2, 4096)
+        check_experiment(**s)
+    elif task == "digits":
+        from qviz.engine.training import check_digits_experiment
+
+        check_digits_experiment(**settings)
 
 
 def _round_grid(probs) -> list[list[float]]:
@@ -201,14 +241,11 @@ def _order(encoded: str):
 
 
 def sweep_cache_dir(cache: str | os.PathLike | None = None) -> Path:
-    from qviz.engine.training import cache_dir
-
-    return cache_dir(cache) / "sweeps"
+    return _cache.folder(cache) / "sweeps"
 
 
 def _key(task: str, settings: dict) -> str:
-    blob = json.dumps({"task": task, "settings": settings, "version": CACHE_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return _cache.key({"task": task, "settings": settings, "version": CACHE_VERSION}, length=24)
 
 
 class _Progress:
@@ -264,24 +301,23 @@ def run_sweep(settings: Sequence[dict] | dict, task: str = "semicircles", *, exe
     row)` follows the progress.
     """
     _checks.choice("task", task, TASKS)
-    if isinstance(settings, dict):
-        settings = grid(**settings)
-    settings = [dict(s) for s in settings]
-    if not settings:
-        raise ValueError("settings is empty: nothing to run")
+    settings = _settings_list(settings)
+    for i, s in enumerate(settings):
+        try:
+            check_settings(task, s)
+        except (TypeError, ValueError) as err:  # every run is checked before the first one starts
+            raise type(err)(f"settings[{i}] {s}: {err}") from None
     workers = _checks.integer("workers", workers, 1, 1024)
+    _checks.boolean("use_cache", use_cache)
     folder = sweep_cache_dir(cache) / task
     rows: list[dict | None] = [None] * len(settings)
     todo = []
     for i, s in enumerate(settings):
-        path = folder / f"{_key(task, s)}.json"
-        if use_cache and path.exists():
-            try:
-                rows[i] = json.loads(path.read_text())
-                continue
-            except (OSError, ValueError):
-                pass
-        todo.append(i)
+        row = _cache.read(folder / f"{_key(task, s)}.json", _cached_row, "sweep row") if use_cache else None
+        if row is None:
+            todo.append(i)
+        else:
+            rows[i] = row
     cached = len(settings) - len(todo)
     bar = _Progress(len(settings), progress)
     bar.step(cached)
@@ -289,11 +325,7 @@ def run_sweep(settings: Sequence[dict] | dict, task: str = "semicircles", *, exe
     def finish(i: int, row: dict) -> None:
         rows[i] = row
         if row.get("status") == "ok" and use_cache:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{_key(task, settings[i])}.json"
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(row, default=_jsonable))
-            os.replace(tmp, path)
+            _cache.write_text(folder / f"{_key(task, settings[i])}.json", json.dumps(row, default=_jsonable))
         bar.step()
         if callback is not None:
             callback(bar.done, bar.total, row)
@@ -304,23 +336,40 @@ def run_sweep(settings: Sequence[dict] | dict, task: str = "semicircles", *, exe
     return SweepResult([r for r in rows if r is not None], settings, task, cached)
 
 
+def _settings_list(settings) -> list[dict]:
+    """A list of settings dicts from a list (or other iterable) of dicts, or one dict of axes for `grid`."""
+    if isinstance(settings, dict):
+        if not settings:
+            raise ValueError("settings is an empty dict: give at least one axis, e.g. {'width': [64, 128]}")
+        return grid(**settings)
+    if isinstance(settings, str | bytes) or not isinstance(settings, Iterable):
+        raise TypeError(f"settings must be a list of settings dicts or one dict of axes, got {type(settings).__name__}")
+    settings = list(settings)
+    if not settings:
+        raise ValueError("settings is empty: nothing to run")
+    for i, s in enumerate(settings):
+        if not isinstance(s, dict):
+            raise TypeError(f"settings[{i}] must be a dict of settings, got {type(s).__name__}")
+        if not all(isinstance(k, str) for k in s):
+            raise TypeError(f"settings[{i}] must have str keys (argument names), got {list(s)!r}")
+    return [{k: _plain_setting(v) for k, v in s.items()} for s in settings]
+
+
+def _cached_row(path: Path) -> dict:
+    """A cached row: a dict with status "ok" (anything else is a damaged entry and runs again)."""
+    row = json.loads(path.read_text())
+    if not isinstance(row, dict) or row.get("status") != "ok":
+        raise ValueError(f"the entry holds {type(row).__name__} {str(row)[:60]!r}, not a result row")
+    return row
+
+
 def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _execute(executor, workers: int, task: str, items: list[dict], indices: list[int]) -> Iterable[tuple[int, dict]]:
     if executor in (None, "local"):
-        threads = _threads_per_worker(workers)
-        size = min(workers, len(items))
-        pool = _local_pool(size)
-        futures = {pool.submit(_run_safely, task, s, threads): (i, s) for s, i in zip(items, indices, strict=True)}
-        for future in cf.as_completed(futures):
-            i, s = futures[future]
-            try:
-                yield i, future.result()
-            except BrokenProcessPool as e:  # a worker died (killed, out of memory): record, renew
-                _POOLS.pop(size, None)
-                yield i, {**s, "status": "error", "error": f"worker process died: {e}", "seconds": 0.0}
+        yield from _execute_local(workers, task, list(zip(indices, items, strict=True)))
         return
     if executor == "serial":
         for s, i in zip(items, indices, strict=True):
@@ -340,6 +389,36 @@ def _execute(executor, workers: int, task: str, items: list[dict], indices: list
         return
     raise TypeError(f"executor must be 'local', 'serial', a dask.distributed.Client or a scheduler address, "
                     f"got {type(executor).__name__}")
+
+
+def _execute_local(workers: int, task: str, jobs: list[tuple[int, dict]]) -> Iterable[tuple[int, dict]]:
+    """Run jobs on the local pool. When a worker process dies (killed, out of memory, a crash in C), every
+    unfinished job of the pool fails with it, though only one caused it: those jobs run again on a new
+    pool, and a job caught in a second death runs alone, where only the job that kills its worker fails."""
+    threads = _threads_per_worker(workers)
+    deaths: dict[int, int] = {}
+    suspects: list[tuple[int, dict]] = []
+    while jobs or suspects:
+        alone = not jobs
+        batch = jobs if jobs else [suspects.pop(0)]
+        size = min(workers, len(batch)) if not alone else 1
+        pool = _local_pool(size)
+        futures = {pool.submit(_run_safely, task, s, threads): (i, s) for i, s in batch}
+        jobs, broken = [], False
+        for future in cf.as_completed(futures):
+            i, s = futures[future]
+            try:
+                yield i, future.result()
+                continue
+            except BrokenProcessPool as e:
+                broken, message = True, f"the worker process died while running this task ({e})"
+            deaths[i] = deaths.get(i, 0) + 1
+            if alone:
+                yield i, {**s, "status": "error", "error": message, "seconds": 0.0}
+            else:
+                (suspects if deaths[i] >= 2 else jobs).append((i, s))
+        if broken:
+            _POOLS.pop(size, None)
 
 
 def _execute_dask(client, task: str, items: list[dict], indices: list[int]) -> Iterable[tuple[int, dict]]:

@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import threading
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qviz import _checks
+from qviz.engine import _cache
 from qviz.engine.data import correct_labels, digits, evaluation_grid, semicircles
 from qviz.engine.metrics import sqnr_db
 from qviz.engine.models import FCDNN, INPUT_SCALE, QuantLinearBN, quantized_copy
@@ -337,15 +336,7 @@ def qat_clr_period(schedule: Schedule) -> int:
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """Where trained float models live: `path`, else $QVIZ_CACHE_DIR, else the user cache directory
     ($XDG_CACHE_HOME/qviz or ~/.cache/qviz)."""
-    if path is None:
-        user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qviz"
-        path = os.environ.get("QVIZ_CACHE_DIR") or user_cache
-    return Path(path)
-
-
-def _cache_key(settings: dict) -> str:
-    blob = json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return _cache.folder(path)
 
 
 def float_model(width: int = 128, depth: int = 4, residual: bool = False, batchnorm: bool = False, seed: int = 0, *,
@@ -361,7 +352,7 @@ def float_model(width: int = 128, depth: int = 4, residual: bool = False, batchn
     settings = {"width": width, "depth": depth, "residual": residual, "batchnorm": batchnorm, "seed": seed,
                 "data": data, "schedule": dataclasses.asdict(schedule), "input_scale": INPUT_SCALE,
                 "version": CACHE_VERSION}
-    path = cache_dir(cache) / "float" / f"{_cache_key(settings)}.pt"
+    path = cache_dir(cache) / "float" / f"{_cache.key(settings)}.pt"
 
     def fit_semicircles(model: FCDNN) -> None:
         X, y = semicircles(seed, **data)
@@ -374,22 +365,26 @@ def float_model(width: int = 128, depth: int = 4, residual: bool = False, batchn
 def _trained_once(path: Path, build: Callable[[], torch.nn.Module], fit_model: Callable[[torch.nn.Module], None],
                   seed: int, use_cache: bool = True) -> torch.nn.Module:
     """build() loaded from the state dict at `path` (torch.load(weights_only=True)) when it was trained
-    before; otherwise built from `seed`, trained by fit_model and saved there."""
-    if use_cache and path.exists():
+    before; otherwise built from `seed`, trained by fit_model and saved there. A cached file that cannot be
+    read, does not fit the architecture or holds NaN/Inf is reported in a warning and retrained."""
+
+    def load(p: Path) -> torch.nn.Module:
         model = build()
-        try:
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval()
-        except (RuntimeError, OSError, EOFError, ValueError):
-            pass  # an unreadable or stale file is retrained and replaced
+        model.load_state_dict(torch.load(p, weights_only=True))
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise ValueError(f"{len(bad)} tensors hold NaN or Inf (first: {bad[0]})")
+        return model.eval()
+
+    if use_cache:
+        model = _cache.read(path, load, "float model")
+        if model is not None:
+            return model
     torch.manual_seed(seed)
     model = build()
     fit_model(model)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        _cache.write_with(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval()
 
 
@@ -413,6 +408,75 @@ def activation_spec(bits: int | None, scheme: str = "pact") -> QuantSpec | None:
     return None if bits is None else QuantSpec(scheme, bits=bits)
 
 
+# What run_experiment passes on to retraining (002 §5, 004 §3.2, §4) and to FCDNN.
+EXPERIMENT_OPTIONS = ("lip_weight", "grad_bits", "stochastic", "freeze_bn_step", "callback_every", "map_every",
+                      "map_resolution", "overrides", "bn_fold")
+
+
+def check_experiment(width: int = 128, depth: int = 4, residual: bool = False, w_bits: int | None = 2,
+                     a_bits: int | None = None, method: str = "qat", seed: int = 0, *, w_scheme: str = "auto",
+                     a_scheme: str = "pact", batchnorm: bool = False, quantize_shortcut: bool = False,
+                     qat_schedule: Schedule = QAT_SCHEDULE, float_schedule: Schedule = FLOAT_SCHEDULE,
+                     resolution: int = 200, cache: str | os.PathLike | None = None, with_maps: bool = False,
+                     callback: Callback | None = None, cancel: threading.Event | None = None,
+                     **options) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """Check every argument of `run_experiment` without training anything; returns (w_spec, a_spec).
+
+    Raises TypeError / ValueError naming the argument, as run_experiment would after minutes of work.
+    Sweeps call it for every setting before they start.
+    """
+    for name, value in (("residual", residual), ("batchnorm", batchnorm), ("quantize_shortcut", quantize_shortcut),
+                        ("with_maps", with_maps)):
+        _checks.boolean(name, value)
+    _checks.choice("method", method, METHODS)
+    _checks.integer("seed", seed, 0, 2**63 - 1)
+    _checks.integer("resolution", resolution, 2, 4096)
+    for name, schedule in (("qat_schedule", qat_schedule), ("float_schedule", float_schedule)):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"{name} must be a Schedule, got {type(schedule).__name__}")
+    _cache.folder(cache)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    _check_cancel(cancel)
+    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS))
+    if unknown:
+        raise TypeError(f"run_experiment got unknown options {unknown}; allowed: {', '.join(EXPERIMENT_OPTIONS)}")
+    w_spec = _spec_for("w_bits", w_bits, "w_scheme", w_scheme, weight_spec)
+    a_spec = _spec_for("a_bits", a_bits, "a_scheme", a_scheme, activation_spec)
+    _check_options(options, w_spec)
+    structure = {k: options[k] for k in ("overrides", "bn_fold") if k in options}
+    FCDNN(width, depth, residual, w_spec, a_spec, batchnorm, quantize_shortcut=quantize_shortcut, **structure)
+    return w_spec, a_spec
+
+
+def _spec_for(bits_name: str, bits, scheme_name: str, scheme, make) -> QuantSpec | None:
+    """make(bits, scheme), with errors that name run_experiment's arguments (w_bits, not bits)."""
+    if bits is not None:
+        _checks.integer(bits_name, bits)
+    if not isinstance(scheme, str):
+        raise TypeError(f"{scheme_name} must be a scheme name (str), got {type(scheme).__name__}")
+    try:
+        return make(bits, scheme)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{bits_name}={bits!r} with {scheme_name}={scheme!r}: {err}") from None
+
+
+def _check_options(options: dict, w_spec: QuantSpec | None) -> None:
+    if "lip_weight" in options:
+        _checks.real("lip_weight", options["lip_weight"], 0.0)
+    if options.get("grad_bits") is not None:
+        _checks.integer("grad_bits", options["grad_bits"], 1, 16)
+    if "stochastic" in options and _checks.boolean("stochastic", options["stochastic"]) and w_spec is not None:
+        from qviz.engine.models import STOCHASTIC_TWIN
+
+        _checks.choice("w_scheme (with stochastic=True)", w_spec.scheme, STOCHASTIC_TWIN)
+    if options.get("freeze_bn_step") is not None:
+        _checks.integer("freeze_bn_step", options["freeze_bn_step"], 0)
+    for name, lo in (("callback_every", 1), ("map_every", 0), ("map_resolution", 2)):
+        if name in options:
+            _checks.integer(name, options[name], lo, 4096 if name == "map_resolution" else None)
+
+
 def run_experiment(width: int = 128, depth: int = 4, residual: bool = False, w_bits: int | None = 2,
                    a_bits: int | None = None, method: str = "qat", seed: int = 0, *, w_scheme: str = "auto",
                    a_scheme: str = "pact", batchnorm: bool = False, quantize_shortcut: bool = False,
@@ -428,11 +492,19 @@ def run_experiment(width: int = 128, depth: int = 4, residual: bool = False, w_b
     weights at w_bits, float32 otherwise), roughness of both maps, and train_seconds. with_maps adds the
     two decision maps.
     """
-    _checks.choice("method", method, METHODS)
+    # every argument is checked before any training: a typo must not cost half a minute of float training
+    w_spec, a_spec = check_experiment(width, depth, residual, w_bits, a_bits, method, seed, w_scheme=w_scheme,
+                                      a_scheme=a_scheme, batchnorm=batchnorm, quantize_shortcut=quantize_shortcut,
+                                      qat_schedule=qat_schedule, float_schedule=float_schedule,
+                                      resolution=resolution, cache=cache, with_maps=with_maps, callback=callback,
+                                      cancel=cancel, **options)
+    width, depth, seed, resolution = int(width), int(depth), int(seed), int(resolution)
+    w_bits = None if w_bits is None else int(w_bits)
+    a_bits = None if a_bits is None else int(a_bits)
+    residual, batchnorm, quantize_shortcut = bool(residual), bool(batchnorm), bool(quantize_shortcut)
     start = time.perf_counter()
     base = float_model(width, depth, residual, batchnorm, seed, schedule=float_schedule, cache=cache, cancel=cancel)
     float_seconds = time.perf_counter() - start
-    w_spec, a_spec = weight_spec(w_bits, w_scheme), activation_spec(a_bits, a_scheme)
     changes = {"quantize_shortcut": quantize_shortcut and residual}
     start = time.perf_counter()
     if method == "ptq":
@@ -540,13 +612,31 @@ def digits_float_model(model: str = "mlp", block: str = "basic", blocks: int = 2
     """A float digits model trained once per settings, then loaded from the on-disk cache."""
     settings = {"model": model, "block": block, "blocks": blocks, "channels": channels, "seed": seed,
                 "epochs": epochs, "version": CACHE_VERSION}
-    path = cache_dir(cache) / "digits" / f"{_cache_key(settings)}.pt"
+    path = cache_dir(cache) / "digits" / f"{_cache.key(settings)}.pt"
 
     def fit_digits(net: torch.nn.Module) -> None:
         X, y, _, _ = digits(seed)
         fit(net, X, y, epochs=epochs, seed=seed)
 
     return _trained_once(path, lambda: digits_model(model, block, blocks, channels), fit_digits, seed)
+
+
+def check_digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | None = None, *,
+                            block: str = "basic", blocks: int = 2, channels: int = 16, w_scheme: str = "ceil",
+                            a_scheme: str = "ceil_act", epochs: int = 15, seed: int = 0,
+                            cache: str | os.PathLike | None = None) -> None:
+    """Check every argument of `digits_experiment` without training (sweeps check all settings first)."""
+    from qviz.engine.models import BLOCKS
+
+    _checks.choice("model", model, ("mlp", "cnn"))
+    _checks.choice("block", block, BLOCKS)
+    _checks.integer("blocks", blocks, 1, 64)
+    _checks.integer("channels", channels, 1, 1024)
+    _checks.integer("epochs", epochs, 1, 100_000)
+    _checks.integer("seed", seed, 0, 2**63 - 1)
+    _cache.folder(cache)
+    _spec_for("w_bits", w_bits, "w_scheme", w_scheme, lambda b, s: None if b is None else QuantSpec(s, bits=b))
+    _spec_for("a_bits", a_bits, "a_scheme", a_scheme, lambda b, s: None if b is None else QuantSpec(s, bits=b))
 
 
 def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | None = None, *, block: str = "basic",
@@ -560,6 +650,8 @@ def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | 
     from qviz.engine.metrics import histogram
     from qviz.engine.models import requantized
 
+    check_digits_experiment(model, w_bits, a_bits, block=block, blocks=blocks, channels=channels, w_scheme=w_scheme,
+                            a_scheme=a_scheme, epochs=epochs, seed=seed, cache=cache)
     start = time.perf_counter()
     base = digits_float_model(model, block, blocks, channels, seed, cache=cache)
     X, y, X_test, y_test = digits(seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -29,21 +28,26 @@ def enable_offline() -> None:
             return
         import vl_convert
 
-        key = hashlib.sha256(f"{alt.__version__}-{vl_convert.__version__}".encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("QVIZ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                     / "qviz") / f"jupyterchart-offline-{key}.js"
-        if cache.exists() and hasattr(alt.JupyterChart, "_esm"):
-            alt.JupyterChart._esm = cache.read_text()
+        from qviz.engine import _cache
+
+        name = f"jupyterchart-offline-{_cache.key([alt.__version__, vl_convert.__version__], 16)}.js"
+        path = _cache.folder() / name
+        known = hasattr(alt.JupyterChart, "_esm")  # the attribute the bundle replaces (Altair 5.4+)
+        bundle = _cache.read(path, _offline_bundle, "offline chart bundle") if known else None
+        if bundle is not None:
+            alt.JupyterChart._esm = bundle
             alt.JupyterChart._is_offline = True
             return
         alt.JupyterChart.enable_offline()
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(alt.JupyterChart._esm)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home only costs the next kernel a few seconds
+        _cache.write_text(path, alt.JupyterChart._esm)  # a read-only home only costs the next kernel seconds
+
+
+def _offline_bundle(path: Path) -> str:
+    """The cached JupyterChart module with Vega inlined; a truncated or foreign file is no bundle."""
+    text = path.read_text(encoding="utf-8")
+    if len(text) < 100_000 or "vega" not in text:
+        raise ValueError(f"{len(text)} characters that are not the Vega bundle")
+    return text
 
 
 # Hide the static snapshot when the live widget rendered just before it (JupyterLab, Voila); a page
