@@ -30,7 +30,7 @@ def no_finite_checks():
         _FINITE_CHECKS.reset(token)
 
 
-def choice(name: str, value: object, allowed: Iterable[object]) -> None:
+def choice(name: str, value: object, allowed: Iterable[object]):
     allowed = tuple(allowed)
     # Only plain scalars are compared: an array or tensor has no single truth value, and True == 1
     # must not pass for bits=1.
@@ -38,6 +38,7 @@ def choice(name: str, value: object, allowed: Iterable[object]) -> None:
     if not scalar or value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name}={value!r} is not allowed; allowed values: {shown}")
+    return value.item() if isinstance(value, np.generic) else value  # np.int64(4) -> 4
 
 
 def integer(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -246,5 +247,68 @@ class Explorer(W.VBox):
         from IPython.display import display
 
         display(self._repr_mimebundle_(), raw=True)
-        if self.wait(float(os.environ.get("QVIZ_SNAPSHOT_TIMEOUT", "300"))) and self.data is not None:
-            display({"text/html": self.snapshot_html()}, raw=True)
+        _snapshots.promise(self)
+
+
+class _Snapshots:
+    """Static pictures of displayed explorers, for pages without widget JavaScript (an nbconvert report),
+    delivered without making the notebook wait.
+
+    Displaying an explorer leaves an empty placeholder output. After each cell runs (IPython's post_execute
+    event) every placeholder whose explorer has its first result gets its PNG. In an interactive front end
+    (the kernel was told it may ask for input: JupyterLab, Notebook 7) the next cell never waits for a
+    result: the picture arrives with whichever later cell runs once it exists. Headless runs (nbconvert,
+    nbclient, papermill: no input possible, nobody interacting) wait for it, up to QVIZ_SNAPSHOT_TIMEOUT
+    seconds, so a report always carries its pictures.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[weakref.ref, object]] = []
+        self._hooked = False
+
+    def promise(self, explorer: Explorer) -> None:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        shell = get_ipython()
+        if shell is None:  # a plain Python shell: no outputs to fill later
+            return
+        handle = display({"text/html": ""}, raw=True, display_id=True)
+        self._pending.append((weakref.ref(explorer), handle))
+        if not self._hooked:
+            shell.events.register("post_execute", self.deliver)
+            self._hooked = True
+
+    def deliver(self) -> None:
+        waiting = not _interactive()
+        # interactive: a quarter second lets a quick explorer (a staircase) picture itself in its own cell
+        timeout = float(os.environ.get("QVIZ_SNAPSHOT_TIMEOUT" if waiting else "QVIZ_SNAPSHOT_GRACE",
+                                       "300" if waiting else "0.25"))
+        still = []
+        for ref, handle in self._pending:
+            explorer = ref()
+            if explorer is None or getattr(explorer.runner, "_closed", False):
+                continue
+            ready = explorer.wait(timeout)
+            timeout = 0.0 if not waiting else timeout  # one grace period per cell, not one per explorer
+            if not (ready and explorer.data is not None):
+                if not waiting:
+                    still.append((ref, handle))
+                continue
+            try:
+                handle.update({"text/html": explorer.snapshot_html()}, raw=True)
+            except Exception as e:  # a picture that cannot be drawn leaves the placeholder; say why there
+                explorer.status.show_error(e)
+        self._pending = still
+
+
+def _interactive() -> bool:
+    """Does a person's front end run this cell? Interactive front ends let the kernel ask for input;
+    nbconvert, nbclient, papermill and Voila's executor do not."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)
+    return bool(getattr(kernel, "_allow_stdin", False))
+
+
+_snapshots = _Snapshots()

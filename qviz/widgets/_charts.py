@@ -329,3 +329,11 @@ def run_detail(fig: Figure, title: str, maps: Sequence[tuple[str, str]] | None, 
     body = _bars(fig, edges, np.asarray(histogram["counts"]), "detail_weights", RED, histogram["title"],
                  "quantized weight", log_y=True)
     return {**body, "title": title} if "title" not in body else {"vconcat": [body], "title": title}
+
+
+def message(fig: Figure, text: str, title: str) -> dict:
+    """A chart-sized panel that says why there is nothing to draw (no run matches, every run failed)."""
+    data = fig.data(text=[text])
+    return view(data, {"type": "text", "fontSize": 14, "align": "left", "baseline": "top", "x": 10, "y": 10,
+                       "limit": 620, "lineBreak": "\n"}, {"text": {"field": "text"}}, "message",
+                title=fig.title(title), width=640, height=120)

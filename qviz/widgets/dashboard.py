@@ -25,7 +25,8 @@ class Dashboard(W.VBox):
         enable_offline()
         self.quantizer = QuantizerExplorer(background=background)
         self.decision = DecisionMapExplorer(background=background)
-        self.weights = WeightExplorer(model, background=background)
+        # without a model of its own the weight explorer shows the decision map's, rather than train another
+        self.weights = WeightExplorer(model, background=background, train_default=model is not None)
         self.kernels = KernelReadout(model, background=background)
         self.explorers = [self.quantizer, self.weights, self.decision, self.kernels]
         self.bits = W.IntSlider(value=2, min=1, max=8, description="weight bits (all)",
@@ -63,6 +64,6 @@ class Dashboard(W.VBox):
         return save_spec(self.figure_spec(), path, scale=scale)
 
     def close(self) -> None:
-        for e in self.explorers:
+        for e in getattr(self, "explorers", ()):  # (a dashboard whose construction failed has none)
             e.close()
         super().close()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import ipywidgets as W
 import numpy as np
 
+from qviz import _checks
 from qviz.engine import (
     QAT_SCHEDULE,
+    _cache,
     activation_spec,
     decision_map,
     float_model,
@@ -46,22 +50,38 @@ class DecisionMapExplorer(Explorer):
                  a_bits: int | None = None, method: str = "ptq", resolution: int = 120,
                  qat_steps: int = QAT_SCHEDULE.steps, refresh_every: int = 100, points: int = 1500,
                  cache: str | None = None, **kwargs):
-        self._initial = {"width": width, "depth": depth, "residual": residual, "w_bits": w_bits or 0,
-                         "a_bits": a_bits or 0, "method": method}
-        self.resolution, self.qat_steps, self.refresh_every = resolution, qat_steps, refresh_every
-        self.cache = cache  # where float models are cached (default: the user cache directory)
+        bits = [b for _, b in BITS if b]
+        self._initial = {
+            "width": _checks.choice("width", width, WIDTHS),
+            "depth": _checks.integer("depth", depth, 2, 8),
+            "residual": _checks.boolean("residual", residual),
+            "w_bits": 0 if w_bits is None else _checks.choice("w_bits", w_bits, [*bits, None]),
+            "a_bits": 0 if a_bits is None else _checks.choice("a_bits", a_bits, [*bits, None]),
+            "method": _checks.choice("method", method, [m for _, m in METHODS]),
+        }
+        self.resolution = _checks.integer("resolution", resolution, 2, 1024)
+        self.qat_steps = _checks.integer("qat_steps", qat_steps, 1, 10**6)
+        self.refresh_every = _checks.integer("refresh_every", refresh_every, 1)
+        _checks.integer("points", points, 0, 20000)
+        self.cache = None if cache is None else _cache.folder(cache)  # where float models are cached
         X, y = semicircles(0)
         keep = (X[:, 0] > 0) & (X[:, 0] < 1) & (X[:, 1] > 0) & (X[:, 1] < 1)
         pick = np.random.default_rng(0).permutation(int(keep.sum()))[:points]
         self._points = {"x": X[keep][pick, 0].numpy(), "y": X[keep][pick, 1].numpy(), "label": y[keep][pick].numpy()}
         self._model_listeners = []
+        self._model_lock = threading.Lock()
         self.float_model = None
         self._float_map = None
         super().__init__(**kwargs)
 
     def on_float_model(self, callback) -> None:
-        """Call callback(model) whenever the float model behind the maps changes."""
-        self._model_listeners.append(callback)
+        """Call callback(model) whenever the float model behind the maps changes, and at once if there is
+        one already (a model from the cache can be ready before anyone listens)."""
+        with self._model_lock:
+            self._model_listeners.append(callback)
+            current = self.float_model
+        if current is not None:
+            callback(current)
 
     def _controls(self):
         style = {"description_width": "95px"}
@@ -91,10 +111,12 @@ class DecisionMapExplorer(Explorer):
         base = float_model(params["width"], params["depth"], params["residual"], cache=self.cache, cancel=cancel,
                            callback=lambda p: progress(0.5 * p["step"] / p["steps"], f"training float {arch}: "
                                                        f"step {p['step']} of {p['steps']}"))
-        if base is not self.float_model:
+        with self._model_lock:
+            changed = base is not self.float_model
             self.float_model = base
-            for listener in self._model_listeners:
-                listener(base)
+            listeners = list(self._model_listeners) if changed else []
+        for listener in listeners:
+            listener(base)
         if self._float_map is None or self._float_map[0] is not base:  # one float map per float model
             self._float_map = (base, decision_map(base, resolution=self.resolution))
         float_map = self._float_map[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ipywidgets as W
 import torch
 
@@ -13,6 +15,18 @@ from qviz.widgets._base import Explorer
 KINDS = [("binary XOR-popcount (W1 x A1)", "binary"), ("hybrid AND-popcount (W1 x A{0,1})", "hybrid"),
          ("bit-serial low-bit (Wb x Ab)", "lowbit"), ("codebook W x float A", "lut")]
 KIND_BITS = {"binary": [1], "hybrid": [1], "lowbit": [1, 2, 4], "lut": [1, 2, 4, 8]}
+KERNELS = [("1x1 (linear)", (1, 1)), ("3x3", (3, 3)), ("4x4", (4, 4)), ("5x5", (5, 5)), ("7x7", (7, 7))]
+
+
+def kernel_of(weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    """A layer's kernel as (kh, kw) for the memory report: (1, 1) for a linear layer, (1, k) for Conv1d,
+    (kh, kw) for Conv2d and (kd * kh, kw) for Conv3d; only the product kh kw counts for memory and K."""
+    k = tuple(int(v) for v in weight_shape[2:])
+    if not k:
+        return (1, 1)
+    if len(k) == 1:
+        return (1, k[0])
+    return (math.prod(k[:-1]), k[-1])
 
 
 class KernelReadout(Explorer):
@@ -41,8 +55,7 @@ class KernelReadout(Explorer):
         self.source = W.Dropdown(options=self._sources(), value="", description="layer", style=style)
         self.out_features = W.BoundedIntText(value=4096, min=1, max=65536, description="out features", style=style)
         self.in_features = W.BoundedIntText(value=4096, min=1, max=65536, description="in features", style=style)
-        self.kernel = W.Dropdown(options=[("1x1 (linear)", 1), ("3x3", 3), ("4x4", 4), ("5x5", 5)], value=1,
-                                 description="kernel", style=style)
+        self.kernel = W.Dropdown(options=KERNELS, value=(1, 1), description="kernel", style=style)
         self.batch = W.BoundedIntText(value=1, min=1, max=4096, description="batch (M)", style=style)
         self.kind = W.Dropdown(options=KINDS, value="lut", description="kernel kind", style=style)
         self.bits = W.Dropdown(options=KIND_BITS["lut"], value=4, description="bits", style=style)
@@ -66,9 +79,12 @@ class KernelReadout(Explorer):
             control.disabled = not typed
         if layer is not None:
             shape = tuple(layer.weight.shape)
+            kernel = kernel_of(shape)
+            if kernel not in [v for _, v in self.kernel.options]:  # e.g. a 7x3 or 11x11 kernel: show it as it is
+                self.kernel.options = [*KERNELS, (f"{kernel[0]}x{kernel[1]} (this layer)", kernel)]
             self.out_features.value = shape[0]
             self.in_features.value = shape[1]
-            self.kernel.value = shape[2] if len(shape) == 4 and shape[2] in (1, 3, 4, 5) else 1
+            self.kernel.value = kernel
 
     def _params(self) -> dict:
         return {"out": self.out_features.value, "in": self.in_features.value, "kernel": self.kernel.value,
@@ -76,15 +92,19 @@ class KernelReadout(Explorer):
                 "per_channel": self.per_channel.value, "budget": self.budget.value}
 
     def _compute(self, params, cancel, progress):
-        k = params["kernel"]
-        memory = packed.memory_report(params["out"], params["in"], kernel=(k, k), bits=params["bits"],
+        kh, kw = params["kernel"]
+        memory = packed.memory_report(params["out"], params["in"], kernel=(kh, kw), bits=params["bits"],
                                       codebook_bits=32, per_channel=params["per_channel"])
         yield {"memory": memory, "latency": None}
         if cancel.is_set():
             return
         progress(0.5, f"timing within {params['budget']:.2f} s")
-        latency = packed.measure_latency(params["kind"], params["m"], params["in"] * k * k, params["out"],
-                                         bits=params["bits"], budget_s=params["budget"])
+        try:
+            latency = packed.measure_latency(params["kind"], params["m"], params["in"] * kh * kw, params["out"],
+                                             bits=params["bits"], budget_s=params["budget"])
+        except ValueError as err:  # a shape too large to time here: the memory readout still stands
+            yield {"memory": memory, "latency": None, "not_timed": str(err)}
+            return
         yield {"memory": memory, "latency": latency}
 
     def _figure(self, fig, result, params):
@@ -96,7 +116,9 @@ class KernelReadout(Explorer):
         # the same bars at zero until measured: the chart keeps its structure
         torch_ms, qviz_ms = (0.0, 0.0) if lat is None else (lat["torch_s"] * 1e3, lat["qviz_s"] * 1e3)
         timing = {"torch float32": torch_ms, f"qviz {params['kind']}": qviz_ms}
-        if lat is None:
+        if result.get("not_timed"):
+            title_lat = "latency: not timed (see below)"
+        elif lat is None:
             title_lat = f"latency: timing within {params['budget']:.2f} s"
         else:
             faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
@@ -109,4 +131,6 @@ class KernelReadout(Explorer):
                 f"{mem['float32_bytes']:,} B")
         if lat is not None:
             text += f"; qviz {lat['qviz_s'] * 1e3:.3f} ms vs torch {lat['torch_s'] * 1e3:.3f} ms ({lat['runs']} runs)"
+        elif result.get("not_timed"):
+            text += f"; latency not timed: {result['not_timed']}"
         return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 
+from qviz import _checks
 from qviz.engine import SCHEMES, QuantSpec, transfer_curve
 from qviz.widgets import _charts
 from qviz.widgets._base import Explorer
@@ -33,7 +34,9 @@ class QuantizerExplorer(Explorer):
     title = "Quantizer explorer"
 
     def __init__(self, scheme: str = "affine", bits: int = 2, **kwargs):
-        self._initial = {"scheme": scheme, "bits": bits}
+        _checks.choice("scheme", scheme, SCHEMES)
+        hi = _bits_range(scheme, True)[1]  # the slider stops at 8 bits: 256 steps already fill a projector
+        self._initial = {"scheme": scheme, "bits": _checks.integer("bits", bits, SCHEMES[scheme].bits[0], hi)}
         super().__init__(**kwargs)
 
     def _controls(self):

@@ -14,6 +14,7 @@ from qviz.widgets._image import data_url
 METRICS = ["acc_quant", "acc_float", "test_quant", "sqnr_db", "model_bytes", "roughness_quant", "train_seconds",
            "params"]
 AVERAGE = "(average)"
+NO_RESULTS = "(no results)"
 NONE = "(line chart)"
 
 
@@ -40,14 +41,14 @@ class SweepExplorer(Explorer):
     def _controls(self):
         style = {"description_width": "70px"}
         varying = self.result.varying() or [self.result.columns()[0]]
-        metrics = [m for m in METRICS if any(isinstance(r.get(m), int | float) for r in self.result.rows)]
+        metrics = [m for m in METRICS if any(_is_number(r.get(m)) for r in self.result.rows)] or [NO_RESULTS]
         self.x = W.Dropdown(options=varying, value=varying[0], description="x", style=style)
         self.y = W.Dropdown(options=[*varying, NONE], value=varying[1] if len(varying) > 1 else NONE,
                             description="y", style=style)
         self.metric = W.Dropdown(options=metrics, value=metrics[0], description="metric", style=style)
         self.filters = {}
         for name in varying:
-            values = sorted({repr(s.get(name)) for s in self.result.settings})
+            values = [repr(v) for v in _distinct_sorted(s.get(name) for s in self.result.settings)]
             self.filters[name] = W.Dropdown(options=[AVERAGE, *values], value=AVERAGE, description=name, style=style)
         return [self.x, self.y, self.metric, *self.filters.values()]
 
@@ -62,6 +63,10 @@ class SweepExplorer(Explorer):
 
     def _compute(self, params, cancel, progress):
         table = self._rows(params)
+        failed = [r for r in table.rows if r.get("status") != "ok"]
+        if params["metric"] == NO_RESULTS or not table.rows or len(failed) == len(table.rows):
+            yield {"kind": "message", "text": self._why_empty(params, table, failed)}
+            return
         if params["y"] == NONE or params["y"] == params["x"]:
             others = [v for v in table.varying() if v != params["x"]]
             if others:  # one line per value of the next varying setting
@@ -75,12 +80,22 @@ class SweepExplorer(Explorer):
         xs, ys, matrix = table.pivot(params["x"], params["y"], params["metric"])
         yield {"kind": "heatmap", "xs": xs, "ys": ys, "matrix": matrix, "table": table}
 
+    @staticmethod
+    def _why_empty(params, table, failed) -> str:
+        if not table.rows:
+            where = ", ".join(f"{k}={v}" for k, v in params["fixed"].items())
+            return f"No run matches {where}. Set a filter back to {AVERAGE} or pick another value."
+        first = failed[0].get("error", "no error message recorded")
+        return f"All {len(failed)} runs here failed, so there is nothing to plot. First error: {first}"
+
     def _figure_labels(self, values):
         return [_label(v) for v in values]
 
     def _figure(self, fig, result, params):
         where = ", ".join(f"{k}={v}" for k, v in params["fixed"].items()) or "others averaged"
         title = f"{params['metric']} ({where})"
+        if result["kind"] == "message":
+            return _charts.message(fig, result["text"], title)
         if result["kind"] == "lines":
             return _charts.lines(fig, result["xs"], result["series"], params["x"], params["metric"], title)
         return _charts.heatmap(fig, self._figure_labels(result["xs"]), self._figure_labels(result["ys"]),
@@ -125,6 +140,16 @@ class SweepExplorer(Explorer):
             return row
         self.detail.value = vl_convert.vegalite_to_svg(fig.spec(body))
         return row
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _distinct_sorted(values) -> list:
+    """Distinct setting values, numbers in numeric order, None (float) last."""
+    distinct = {repr(v): v for v in values}
+    return sorted(distinct.values(), key=lambda v: (v is None, not _is_number(v), v if _is_number(v) else repr(v)))
 
 
 def _setting(text: str):

@@ -22,12 +22,13 @@ class WeightExplorer(Explorer):
     histogram, per-kernel SQNR for per-layer vs per-channel quantization (004 Figs. 18-19), the weight
     power distribution before/after batch-norm folding (004 Appendix A) and the overall SQNR.
 
-    model=None trains (once, then loads from the cache) an FCDNN 128-4 with batch norm on the semicircles.
+    model=None trains (once, then loads from the cache) an FCDNN 128-4 with batch norm on the semicircles,
+    unless train_default=False: then it waits for `set_model` (the dashboard hands it the decision map's).
     """
 
     title = "Weight explorer"
 
-    def __init__(self, model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, model: torch.nn.Module | None = None, *, train_default: bool = True, **kwargs):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         self._model = model
@@ -35,6 +36,7 @@ class WeightExplorer(Explorer):
         if self._layers is not None and not self._layers:
             raise ValueError("model has no Linear or Conv layers with weights to explore")
         self._model_lock = threading.Lock()
+        self._train_default = bool(train_default)
         super().__init__(**kwargs)
 
     @property
@@ -97,18 +99,23 @@ class WeightExplorer(Explorer):
         kw = {"narrow": True} if scheme == "symmetric" else {}
         return QuantSpec(scheme, bits=params["bits"], granularity=params["granularity"], axis=0, **kw)
 
-    def _ensure_model(self, cancel, progress) -> None:
+    def _ensure_model(self, cancel, progress) -> bool:
         if self._layers is not None:
-            return
+            return True
+        if not self._train_default:
+            progress(0.0, "waiting for a model")
+            return False
         progress(0.0, "training the default FCDNN 128-4 with batch norm (once; later loads from the cache)")
         model = float_model(128, 4, batchnorm=True, cancel=cancel,
                             callback=lambda p: progress(p["step"] / p["steps"], f"training: step {p['step']}"))
         with self._model_lock:
             self._model, self._layers = model, weight_layers(model)
         self._fill_layers()
+        return True
 
     def _compute(self, params, cancel, progress):
-        self._ensure_model(cancel, progress)
+        if not self._ensure_model(cancel, progress):
+            return
         params = {**params, "layer": params["layer"] or self.layer.value}
         layer = next((x for x in self._layers if x.name == params["layer"]), self._layers[0])
         spec = self.spec_for(params)
