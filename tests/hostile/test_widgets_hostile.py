@@ -9,7 +9,6 @@ import time
 import hostile
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from qviz import packed
