@@ -35,12 +35,53 @@ def enable_offline() -> None:
         path = _cache.folder() / name
         known = hasattr(alt.JupyterChart, "_esm")  # the attribute the bundle replaces (Altair 5.4+)
         bundle = _cache.read(path, _offline_bundle, "offline chart bundle") if known else None
-        if bundle is not None:
-            alt.JupyterChart._esm = bundle
-            alt.JupyterChart._is_offline = True
-            return
-        alt.JupyterChart.enable_offline()
-        _cache.write_text(path, alt.JupyterChart._esm)  # a read-only home only costs the next kernel seconds
+        if bundle is None:
+            alt.JupyterChart.enable_offline()
+            bundle = alt.JupyterChart._esm
+            _cache.write_text(path, bundle)  # a read-only home only costs the next kernel seconds
+        alt.JupyterChart._esm = serialize_view_updates(bundle)
+        alt.JupyterChart._is_offline = True
+
+
+# JupyterChart's front end applies each data or param update to the Vega view as it arrives and then awaits
+# view.runAsync(). An update that arrives while the previous run is still in flight is applied to a running
+# dataflow, and Vega drops it: the chart keeps the older data (seen in the browser tests as a bits slider at
+# 8 whose staircase still had the 128 levels of 7 bits, once in a few runs). The replacement queues every
+# update behind the previous run, so the last update is always the one drawn.
+_UPDATE_HANDLERS = (
+    ('model.on("change:_params",async new_params=>{for(const[param,value]of Object.entries(new_params.changed?'
+     'new_params.changed._params:new_params)){api.view.signal(param,value);}await api.view.runAsync();});',
+     'let qvizQueue=Promise.resolve();const qvizApply=apply=>{qvizQueue=qvizQueue.then(async()=>{apply();'
+     'await api.view.runAsync();}).catch(error=>console.error(error));};'
+     'model.on("change:_params",new_params=>{const changed=Object.entries(new_params.changed?'
+     'new_params.changed._params:new_params);qvizApply(()=>{for(const[param,value]of changed){'
+     'api.view.signal(param,value);}});});'),
+    ('model.on("change:_py_to_js_updates",async updates=>{const py_to_js_updates=updates.changed?'
+     'updates.changed._py_to_js_updates:updates;for(const update of py_to_js_updates??[]){'
+     'if(update.namespace==="signal"){setSignalValue(api.view,update.name,update.scope,update.value);}'
+     'else if(update.namespace==="data"){setDataValue(api.view,update.name,update.scope,update.value);}}'
+     'await api.view.runAsync();});',
+     'model.on("change:_py_to_js_updates",updates=>{const py_to_js_updates=updates.changed?'
+     'updates.changed._py_to_js_updates:updates;qvizApply(()=>{for(const update of py_to_js_updates??[]){'
+     'if(update.namespace==="signal"){setSignalValue(api.view,update.name,update.scope,update.value);}'
+     'else if(update.namespace==="data"){setDataValue(api.view,update.name,update.scope,update.value);}}});});'),
+)
+
+
+def serialize_view_updates(esm: str) -> str:
+    """JupyterChart's module with its two update handlers queued one behind the other (see above). An
+    Altair whose module reads differently is left as it is, with a warning: updates may then be lost."""
+    if all(new in esm for _, new in _UPDATE_HANDLERS):
+        return esm
+    if not all(esm.count(old) == 1 for old, _ in _UPDATE_HANDLERS):
+        import warnings
+
+        warnings.warn(f"Altair {alt.__version__}'s JupyterChart module is not the one qviz knows; fast slider "
+                      "updates may occasionally leave a chart showing an older value", RuntimeWarning, stacklevel=3)
+        return esm
+    for old, new in _UPDATE_HANDLERS:
+        esm = esm.replace(old, new)
+    return esm
 
 
 def _offline_bundle(path: Path) -> str:

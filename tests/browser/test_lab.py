@@ -18,6 +18,9 @@ NOTEBOOKS = {
     "decision": ["import qviz\nd = qviz.DecisionMapExplorer(width=64, depth=4, resolution=100)\nd"],
     "kernels": ["import qviz\nk = qviz.KernelReadout()\nk.out_features.value, k.in_features.value = 1024, 1024\n"
                 "k.budget.value = 0.1\nk.wait()\nk"],
+    # 256-6 is in no other test: its float model trains for half a minute, which the next cell must not wait for
+    "training": ["import qviz\nd = qviz.DecisionMapExplorer(width=256, depth=6, resolution=60)\nd",
+                 "print('next cell ran while the float model trained:', d.float_model is None)"],
     "sweep": ["import qviz\nfrom qviz.engine.sweep import grid, run_sweep\n"
               "result = run_sweep(grid(width=[64, 128], w_bits=[1, 2, None], depth=4, method='ptq', resolution=64),\n"
               "                   'semicircles', executor='serial', progress=False)\n"
@@ -85,14 +88,21 @@ def _settled_box(page, locator):
     raise AssertionError("the element kept moving for 5 s")
 
 
-def _wait_for(page, predicate, timeout=60.0, what=""):
+def _wait_for(page, predicate, timeout=60.0, what="", state=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         page.wait_for_timeout(100)
-    raise AssertionError(f"timed out waiting for {what}")
+    seen = f"; the page shows {state()}" if state else ""
+    raise AssertionError(f"timed out waiting for {what}{seen}")
+
+
+def _quantizer_state(page):
+    readout = _slider(page, "bits").locator(".widget-readout").first.inner_text()
+    titles = page.locator(".qviz-chart svg text", has_text="levels").all_text_contents()
+    return f"bits slider at {readout!r}, {marks(page, 'levels')} level marks, titles {titles}"
 
 
 def _shot(page, name):
@@ -116,7 +126,8 @@ def test_quantizer_staircase_has_2_to_the_bits_levels(lab, browser):
     page.mouse.down()
     page.mouse.move(track["x"] + track["width"] + 20, handle["y"] + handle["height"] / 2, steps=8)
     page.mouse.up()
-    _wait_for(page, lambda: marks(page, "levels") == 256, what="256 levels at 8 bits")
+    _wait_for(page, lambda: marks(page, "levels") == 256, what="256 levels at 8 bits",
+              state=lambda: _quantizer_state(page))
     _choose(page, "scheme", "ternary")
     _wait_for(page, lambda: marks(page, "levels") == 3, what="3 ternary levels")
     _shot(page, "quantizer")
@@ -187,3 +198,25 @@ def test_sweep_heatmap_click_shows_that_run(lab, browser):
     assert "width=128" in detail and "w_bits=2" in detail, detail
     _shot(page, "sweep")
     page.close()
+
+
+def test_the_cell_after_an_explorer_runs_while_its_float_model_trains(lab, browser):
+    page = browser.new_page()
+    open_and_run(page, lab, "training.ipynb", f"test-training-{int(time.time())}", timeout_ms=60_000)
+    output = page.locator(".jp-OutputArea-output", has_text="next cell ran while the float model trained")
+    _wait_for(page, lambda: output.count() == 1, timeout=30, what="the second cell's output")
+    assert output.first.inner_text().strip().endswith("True"), output.first.inner_text()
+    _wait_for(page, lambda: page.locator(".qviz-explorer", has_text="training float 256-6").count() == 1,
+              timeout=30, what="the explorer's training progress")
+    page.close()
+    _shut_down_kernels(lab)  # the 256-6 training would slow every later test
+
+
+def _shut_down_kernels(lab):
+    import json
+    import urllib.request
+
+    url = f"{lab.base}/api/kernels?token={lab.token}"
+    for kernel in json.loads(urllib.request.urlopen(url, timeout=10).read()):
+        request = urllib.request.Request(f"{lab.base}/api/kernels/{kernel['id']}?token={lab.token}", method="DELETE")
+        urllib.request.urlopen(request, timeout=30)

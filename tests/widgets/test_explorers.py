@@ -373,3 +373,18 @@ def test_sweep_explorer_heatmap_filters_lines_and_clicks(tmp_path):
         assert svg.startswith("<svg") and "acc_quant" in svg
     finally:
         e.close()
+
+
+def test_chart_updates_are_queued_behind_the_running_vega_update():
+    """JupyterChart applied a data update to a Vega view still running the previous one, and Vega dropped
+    it; the module qviz renders with queues them (the browser suite's quantizer test caught the drop)."""
+    import altair as alt
+
+    from qviz.widgets._base import _UPDATE_HANDLERS, enable_offline, serialize_view_updates
+
+    enable_offline()
+    esm = alt.JupyterChart._esm
+    assert "qvizQueue" in esm and all(old not in esm for old, _ in _UPDATE_HANDLERS)
+    assert serialize_view_updates(esm) == esm  # applying it twice changes nothing
+    with pytest.warns(RuntimeWarning, match="not the one qviz knows"):
+        assert serialize_view_updates("export default {}") == "export default {}"
