@@ -1,4 +1,4 @@
-"""Rerun the synthetic study of papers/002 (§3.2, Appendix A) with fixed seeds and check its findings.
+"""Rerun the synthetic study of 002 (Boo, Shin, Sung 2020; §3.2, Appendix A) with fixed seeds and check its findings.
 
 For 128-3, 128-4, 256-3, 200-4, 128-6 and 128-8, without and with residual connections (the residual
 runs quantize the shortcut sums, as 002 Fig. 10 does), the float model is trained (or loaded from the

@@ -1,4 +1,4 @@
-"""The 2-D semicircle data set of papers/002_1b443ddc5a97006e.txt §3.1 (eqs. 5-7), its grid and its answers.
+"""The 2-D semicircle data set of 002 §3.1 (eqs. 5-7), its grid and its answers.
 
 For i in 0..4 and r = 0.1, label 0 owns the upper semicircle of radius (2i+1) r centred at the origin and
 the lower semicircle of radius (2i+2) r centred at (r, 0) (eq. 5); label 1 owns the upper semicircle of

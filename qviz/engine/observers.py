@@ -1,4 +1,4 @@
-"""Range estimation and quantizer parameters (papers/004_138808ff8dbfe4e0.txt §2.5, §2.6).
+"""Range estimation and quantizer parameters (004 §2.5, §2.6; docs/references.md).
 
 Weights use the actual minimum and maximum; activations the moving average of the per-batch minimum and
 maximum (004 §2.5). Both work per tensor ("per-layer") or per slice along any axis ("per-channel",
@@ -21,7 +21,9 @@ GRANULARITIES = ("tensor", "channel")
 
 # The smallest scale we ever return. A range of width zero (an all-zero tensor) would otherwise give a
 # zero scale and a division by zero; with this floor every output is finite and the tensor maps to 0.
-SCALE_FLOOR = float(torch.finfo(torch.float32).eps)
+# It is float32's smallest normal number, not its eps as in PyTorch's observers: an untrained network's
+# activations can be 1e-26 in size, and an eps floor (1.2e-7) would quantize all of them to zero.
+SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
 
 
 class QuantParams(NamedTuple):
@@ -87,7 +89,7 @@ def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: i
     Δ = max(xmax, 0) / qmax.
 
     Degenerate ranges give a finite, documented result: a range of width zero (all zeros) gets the
-    scale `SCALE_FLOOR` (float32 eps) and zero-point qmin (affine) or 0 (symmetric), so the tensor
+    scale `SCALE_FLOOR` (float32's smallest normal number) and zero-point qmin (affine) or 0 (symmetric), so the tensor
     quantizes to exact zeros. A constant non-zero tensor is not degenerate for affine (the range is
     relaxed to include 0) and lands on a level exactly.
 

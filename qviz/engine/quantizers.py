@@ -5,7 +5,8 @@ backward pass is the scheme's STE (or the one `spec.ste` names). Statistics a sc
 data (ranges, mean |w|, thresholds) are computed from `x` and treated as constants in the backward
 pass, as the observers of 004 §2.5 do.
 
-Papers (in ../shared/papers): 000 = Liu, 001 = Ivan, 002 = Boo et al., 003 = Kütükcü, 004 = Krishnamoorthi.
+Papers are cited by number (000 = Liu, 001 = Ivan, 002 = Boo et al., 003 = Kütükcü, 004 = Krishnamoorthi);
+docs/references.md gives authors, titles, years and arXiv identifiers.
 
 STEs (the `ste` field), all masks on the quantizer's input x:
 
@@ -19,6 +20,7 @@ replaces the derivative of the rounding step only and the chain rule keeps the s
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -30,6 +32,10 @@ from qviz import _checks
 from qviz.engine.observers import GRANULARITIES, SCALE_FLOOR, minmax, quant_params, reduce_dims
 
 STES = ("identity", "clipped", "saturated")
+
+# Set while a model is exported to ONNX: quantizers then emit PyTorch's own fake-quantize ops, which the
+# exporter writes as QuantizeLinear/DequantizeLinear pairs (see export_quantize).
+EXPORTING = contextvars.ContextVar("qviz_exporting", default=False)
 DELTA_RULES = ("twn", "exact")
 
 
@@ -181,23 +187,33 @@ class _PACT(torch.autograd.Function):
 
 
 class Scheme:
-    """One quantization scheme: its forward rule, its statistics, its level set and its STE.
+    """One quantization scheme: its forward rule, its statistics, its level set and its STE, and every fact
+    about it that layers, models and explorers act on (they never branch on a scheme's name).
 
     Subclasses set the class attributes and implement `stats`, `quantize`, `span`, `levels` and
-    `thresholds`; `apply` wires the forward values to the STE.
+    `thresholds`; `apply` wires the forward values to the STE. `register_scheme` adds one.
     """
 
     name = ""
-    source = ""
+    source = ""  # the paper and equation, resolved by the references table (docs/references.md)
     summary = ""
-    bits: tuple[int, int] = (1, 16)
+    label = ""  # how menus name it; the name itself when empty
+    bits: tuple[int, int] = (1, 16)  # the bit widths it allows (symmetric signed: from 2, see bits_for)
     default_ste = "clipped"
     kind = "weights"  # "weights" or "activations": what the papers quantize with it
-    stochastic = False
+    stochastic = False  # draws random numbers: two calls on one tensor may differ
+    stochastic_twin: str | None = None  # the scheme QAT may train with instead (004 §2.3, §4)
+    observed = False  # as an activation quantizer its range comes from a moving-average observer (004 §2.5)
+    nonlinearity = False  # replaces the ReLU before it (BNN's sign activation, 003 eq. 3-5)
+    onnx = False  # QuantizeLinear/DequantizeLinear can express it exactly (uniform codes, up to 8 bits)
     takes_clip = False
     takes_clip_pair = False
-    takes_alpha = False
+    takes_alpha = False  # takes α, as a number (spec.alpha) or a learnable tensor (fake_quantize's alpha)
     takes_narrow = False
+
+    @property
+    def menu_label(self) -> str:
+        return self.label or self.name
 
     def bits_for(self, spec: QuantSpec) -> tuple[int, int]:
         return self.bits
@@ -232,6 +248,11 @@ class Scheme:
     def expected(self, x: torch.Tensor, spec: QuantSpec, st: dict) -> torch.Tensor:
         """E[q(x)]: q itself for a deterministic scheme."""
         return self.quantize(x, spec, st, None)
+
+    def qdq_params(self, x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None):
+        """(scale, zero_point, qmin, qmax, axis or None) of the uniform code grid this scheme quantizes to,
+        for schemes with onnx = True (what QuantizeLinear/DequantizeLinear need)."""
+        raise NotImplementedError(f"scheme {self.name!r} has no uniform code grid to export")
 
     def ste_mask(self, x: torch.Tensor, spec: QuantSpec, st: dict) -> torch.Tensor | None:
         ste = spec.ste or self.default_ste
@@ -367,6 +388,11 @@ class _Uniform(Scheme):
         code = self._code(x, st)
         return (code >= st["qmin"]) & (code <= st["qmax"])
 
+    def qdq_params(self, x, spec, alpha):
+        st = self.stats(x, spec, alpha)
+        axis = _checks.axis_for("axis", spec.axis, x.dim()) if spec.granularity == "channel" else None
+        return st["scale"], st["zero_point"].round().to(torch.int64), st["qmin"], st["qmax"], axis
+
     def levels(self, spec, st):
         codes = torch.arange(st["qmin"], st["qmax"] + 1, dtype=torch.float32)
         return _within((codes - st["zero_point"].unsqueeze(-1)) * st["scale"].unsqueeze(-1), st)
@@ -390,11 +416,14 @@ def _empty_range(spec):
 class Affine(_Uniform):
     name, source = "affine", "004 eqs. 1-3"
     summary = "uniform affine, integer zero-point, range relaxed to include 0"
+    stochastic_twin = "stochastic"
+    observed = onnx = True
 
 
 class Symmetric(_Uniform):
     name, source = "symmetric", "004 eqs. 7-11"
     summary = "zero-point 0, signed or unsigned; narrow=True drops the most negative level"
+    observed = onnx = True
     symmetric = True
 
 
@@ -410,6 +439,7 @@ class Stochastic(_Uniform):
     name, source = "stochastic", "004 §2.3"
     summary = "affine with uniform noise of up to half a step before rounding"
     stochastic = True
+    observed = True
 
     def quantize(self, x, spec, st, generator):
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5
@@ -450,6 +480,8 @@ class Binary(_Sign):
 
     name, source = "binary", "003 eq. 3-1"
     summary = "BinaryConnect sign, weights clipped to [-1, 1]"
+    label = "binary (sign)"
+    stochastic_twin = "binary_stochastic"
 
 
 class BinaryStochastic(_Sign):
@@ -473,7 +505,9 @@ class BnnAct(_Sign):
 
     name, source = "bnn_act", "003 eqs. 3-4, 3-5"
     summary = "sign with the htanh STE"
+    label = "BNN sign"
     kind = "activations"
+    nonlinearity = True
 
 
 class Xnor(Scheme):
@@ -481,6 +515,7 @@ class Xnor(Scheme):
 
     name, source = "xnor", "003 eq. 3-6"
     summary = "sign(w) * mean |w|"
+    label = "binary (xnor)"
     bits = (1, 1)
     default_ste = "saturated"
 
@@ -511,6 +546,7 @@ class Ternary(Scheme):
 
     name, source = "ternary", "003 eqs. 3-10 ... 3-14"
     summary = "TWN: delta = 0.7 E|w|, alpha = mean |w| over |w| > delta"
+    label = "ternary (TWN)"
     bits = (2, 2)
     default_ste = "identity"
 
@@ -576,6 +612,7 @@ class Dorefa(Scheme):
 
     name, source = "dorefa", "003 eq. 3-8"
     summary = "DoReFa k-bit weights via tanh"
+    label = "DoReFa"
     default_ste = "identity"
 
     def stats(self, x, spec, alpha):
@@ -634,6 +671,7 @@ class Ceil(Scheme):
 
     name, source = "ceil", "001 eqs. 3, 4"
     summary = "Q_b without a zero level, weights scaled by a trainable alpha"
+    label = "ceil (Q_b)"
     takes_clip = True
     takes_alpha = True
 
@@ -685,7 +723,9 @@ class Relu(Scheme):
 
     name, source = "relu", "002 eq. 1"
     summary = "unsigned clip to [0, delta (2^n - 1)]"
+    label = "ReLU clip"
     kind = "activations"
+    observed = onnx = True
     takes_clip = True
 
     def stats(self, x, spec, alpha):
@@ -700,6 +740,13 @@ class Relu(Scheme):
     def quantize(self, x, spec, st, generator):
         clipped = torch.minimum(_widened(x, st["step"]).clamp(min=0), st["beta"])
         return _within(torch.floor(clipped / st["step"] + 0.5) * st["step"], st).to(x.dtype)
+
+    def qdq_params(self, x, spec, alpha):
+        # codes 0 .. 2^b - 1 of the step; QuantizeLinear rounds half to even where this rounds half up,
+        # which differs only for inputs exactly halfway between two levels
+        st = self.stats(x, spec, alpha)
+        axis = _checks.axis_for("axis", spec.axis, x.dim()) if spec.granularity == "channel" else None
+        return st["step"], torch.zeros_like(st["step"], dtype=torch.int64), 0, 2**spec.bits - 1, axis
 
     def span(self, spec, st):
         return 0.0, st["beta"]
@@ -720,7 +767,9 @@ class Pact(Relu):
 
     name, source = "pact", "002 §2.2 (PACT)"
     summary = "relu with a learnable clip alpha"
+    label = "PACT"
     takes_alpha = True
+    observed = False  # PACT learns its clip instead
 
     def stats(self, x, spec, alpha):
         if alpha is None and spec.alpha is None:
@@ -742,11 +791,16 @@ class DorefaAct(Scheme):
 
     name, source = "dorefa_act", "003 eq. 3-7"
     summary = "quantize_k on [0, 1]"
+    label = "DoReFa"
     kind = "activations"
+    onnx = True
 
     def quantize(self, x, spec, st, generator):
         n = 2**spec.bits - 1
         return (torch.round(x.clamp(0, 1) * n) / n).to(x.dtype)
+
+    def qdq_params(self, x, spec, alpha):
+        return torch.tensor(1.0 / (2**spec.bits - 1)), torch.tensor(0), 0, 2**spec.bits - 1, None
 
     def span(self, spec, st):
         return 0.0, 1.0
@@ -767,6 +821,7 @@ class CeilAct(Scheme):
 
     name, source = "ceil_act", "001 eq. 5"
     summary = "A_b: ceil activation quantizer"
+    label = "ceil A_b"
     kind = "activations"
     takes_clip = True
 
@@ -798,15 +853,50 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
+def register_scheme(scheme: Scheme) -> Scheme:
+    """Add a scheme to the registry: fake_quantize, quantize_model and every explorer menu offer it from
+    then on. `scheme` is an instance of a Scheme subclass with a new name (`unregister_scheme` removes it)."""
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be an instance of a qviz.engine.quantizers.Scheme subclass, got "
+                        f"{type(scheme).__name__}")
+    if not isinstance(scheme.name, str) or not scheme.name.isidentifier():
+        raise ValueError(f"scheme.name must be a name like 'my_scheme', got {scheme.name!r}")
+    if scheme.name in SCHEMES:
+        raise ValueError(f"a scheme named {scheme.name!r} exists already; allowed: a new name")
+    _checks.choice("scheme.kind", scheme.kind, ("weights", "activations"))
+    lo, hi = scheme.bits
+    _checks.integer("scheme.bits[0]", lo, 1, 16)
+    _checks.integer("scheme.bits[1]", hi, lo, 16)
+    if scheme.stochastic_twin is not None:
+        _checks.choice("scheme.stochastic_twin", scheme.stochastic_twin, SCHEMES)
+    for method in ("quantize", "span", "levels", "thresholds"):
+        if getattr(type(scheme), method) is getattr(Scheme, method):
+            raise TypeError(f"scheme {scheme.name!r} must implement {method}()")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def unregister_scheme(name: str) -> None:
+    """Remove a scheme added by register_scheme (the built-in schemes stay)."""
+    _checks.choice("name", name, [n for n in SCHEMES if n not in _BUILT_IN])
+    del SCHEMES[name]
+
+
+_BUILT_IN = frozenset(SCHEMES)
+
+
 def _names_with(flag: str) -> str:
     return ", ".join(repr(n) for n, s in SCHEMES.items() if getattr(s, flag))
 
 
 def describe_schemes() -> list[dict]:
-    """One row per scheme: name, what it does, the paper it follows, bits, default STE, kind."""
+    """One row per scheme: name, label, what it does, the paper it follows, bits, default STE, kind, and the
+    facts layers and explorers act on."""
     return [
-        {"name": s.name, "summary": s.summary, "source": s.source, "bits": s.bits,
-         "default_ste": s.default_ste, "kind": s.kind, "stochastic": s.stochastic}
+        {"name": s.name, "label": s.menu_label, "summary": s.summary, "source": s.source, "bits": s.bits,
+         "default_ste": s.default_ste, "kind": s.kind, "stochastic": s.stochastic,
+         "stochastic_twin": s.stochastic_twin, "observed": s.observed, "nonlinearity": s.nonlinearity,
+         "learns_alpha": s.takes_alpha, "onnx": s.onnx}
         for s in SCHEMES.values()
     ]
 
@@ -902,6 +992,25 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, alpha: torch.Tensor | Non
     dtype = x.dtype if isinstance(x, torch.Tensor) else None
     scheme, spec, x, alpha, st = _prepare(x, spec, alpha)
     return _as_input_dtype(scheme.apply(x, spec, st, alpha, generator), dtype)
+
+
+def export_quantize(x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """fake_quantize for ONNX export: PyTorch's fake-quantize ops on 8-bit codes (what the exporter writes as
+    QuantizeLinear/DequantizeLinear), after a clip to the scheme's own code range, so lower bit widths
+    export exactly. Statistics are computed now and become constants of the graph."""
+    scheme = SCHEMES[spec.scheme]
+    scale, zero, qmin, qmax, axis = scheme.qdq_params(x.detach().float(), spec, alpha)
+    container = (0, 255) if qmin >= 0 else (-128, 127)
+    lo, hi = (qmin - zero) * scale, (qmax - zero) * scale
+    if axis is None:
+        x = x.clamp(float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0]))
+        return torch.fake_quantize_per_tensor_affine(x, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]),
+                                                     *container)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    x = torch.maximum(torch.minimum(x, hi.reshape(shape).to(x.dtype)), lo.reshape(shape).to(x.dtype))
+    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1).float(), zero.reshape(-1).to(torch.int32),
+                                                  axis, *container)
 
 
 def quantizer_levels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

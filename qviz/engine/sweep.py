@@ -85,7 +85,7 @@ def _order_key(value):
 
 def semicircle_task(settings: dict) -> dict:
     """One run of `run_experiment` (002 §3); the row also keeps both decision maps at 64x64 for viewing."""
-    from qviz.engine.training import run_experiment
+    from qviz.engine.experiments import run_experiment
 
     s = dict(settings)
     resolution = s.pop("resolution", 120)
@@ -103,7 +103,7 @@ def digits_task(settings: dict) -> dict:
     w_bits / a_bits (None: float), w_scheme (default "ceil", 001 eq. 3), a_scheme (default "ceil_act",
     001 eq. 5), epochs (QAT, default 15), seed.
     """
-    from qviz.engine.training import digits_experiment
+    from qviz.engine.experiments import digits_experiment
 
     return digits_experiment(**settings)
 
@@ -126,14 +126,14 @@ def check_settings(task: str, settings: dict) -> None:
     """Raise TypeError / ValueError (naming the argument) for a settings dict its task would refuse; nothing
     is trained. run_sweep checks every settings dict this way before it starts any run."""
     if task == "semicircles":
-        from qviz.engine.training import check_experiment
+        from qviz.engine.experiments import check_experiment
 
         s = dict(settings)
         if "resolution" in s:
             _checks.integer("resolution", s.pop("resolution"), 2, 4096)
         check_experiment(**s)
     elif task == "digits":
-        from qviz.engine.training import check_digits_experiment
+        from qviz.engine.experiments import check_digits_experiment
 
         check_digits_experiment(**settings)
 

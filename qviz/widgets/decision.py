@@ -10,6 +10,7 @@ import numpy as np
 from qviz import _checks
 from qviz.engine import (
     QAT_SCHEDULE,
+    Schedule,
     _cache,
     activation_spec,
     decision_map,
@@ -17,6 +18,7 @@ from qviz.engine import (
     post_training_quantize,
     prepare_qat,
     qat_clr_period,
+    semicircle_evaluation,
     semicircles,
     train_iter,
     weight_spec,
@@ -130,10 +132,10 @@ class DecisionMapExplorer(Explorer):
             return
         X, y = semicircles(0)
         model = prepare_qat(base, w_spec, a_spec, X=X, **changes)
-        schedule = QAT_SCHEDULE.__class__(steps=self.qat_steps, lr=QAT_SCHEDULE.lr, batch_size=QAT_SCHEDULE.batch_size)
+        schedule = Schedule(steps=self.qat_steps, lr=QAT_SCHEDULE.lr, batch_size=QAT_SCHEDULE.batch_size)
         method = params["method"]
-        for p in train_iter(model, X, y, schedule, report_every=self.refresh_every, map_every=self.refresh_every,
-                            map_resolution=self.resolution, cancel=cancel,
+        for p in train_iter(model, X, y, schedule, report_every=self.refresh_every, cancel=cancel,
+                            evaluate=semicircle_evaluation(self.refresh_every, self.resolution),
                             clr_period=qat_clr_period(schedule) if "clr" in method else None,
                             lip_weight=1e-4 if "lip" in method else 0.0):
             progress(0.5 + 0.5 * p["step"] / p["steps"], f"QAT step {p['step']} of {p['steps']}")

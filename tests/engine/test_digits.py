@@ -3,11 +3,12 @@ CNNs with the three block types of 002 Fig. 4 (basic, pre-activation, depthwise)
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
-from qviz.engine import QuantSpec
+from qviz.engine import QuantSpec, accuracy, fit, quantize_model, quantized_layers
 from qviz.engine.data import digits
-from qviz.engine.models import BLOCKS, MLP, ResidualBlock, SmallResNet, requantized
-from qviz.engine.training import accuracy, digits_experiment, digits_model, fit
+from qviz.engine.experiments import digits_experiment, digits_model
+from qviz.engine.nets import BLOCKS, MLP, ResidualBlock, SmallResNet
 
 A2 = QuantSpec("dorefa_act", bits=2)  # 4 levels in [0, 1] (003 eq. 3-7)
 
@@ -37,7 +38,7 @@ def test_residual_block_adds_its_input(kind):
     """With the body's last convolution zeroed the block passes its input through the shortcut (after the
     final ReLU in the basic block, which adds before its ReLU)."""
     torch.manual_seed(0)
-    block = ResidualBlock(kind, 4, None, None).eval()
+    block = ResidualBlock(kind, 4).eval()
     convs = [m for m in block.body if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
         convs[-1].weight.zero_()
@@ -50,31 +51,34 @@ def test_residual_block_adds_its_input(kind):
 def test_residual_sum_is_quantized_qra(kind):
     torch.manual_seed(0)
     x = torch.rand(2, 4, 8, 8)
-    plain = ResidualBlock(kind, 4, None, None).eval()
-    quantized = ResidualBlock(kind, 4, QuantSpec("symmetric", bits=2), A2).eval()
+    plain = ResidualBlock(kind, 4).eval()
+    quantized = quantize_model(plain, QuantSpec("symmetric", bits=2), A2).eval()
     assert plain(x).unique().numel() > 50
     out = quantized(x)
     assert out.shape == x.shape and out.unique().numel() <= 4  # the shortcut sum itself is 2-bit
     conv = next(m for m in quantized.body if isinstance(m, torch.nn.Conv2d))
-    assert conv.wq(conv.weight).unique().numel() <= 4  # weights too
+    assert conv.weight.unique().numel() <= 4  # weights too
 
 
 def test_small_resnet_keeps_first_and_last_layer_float():
     net = SmallResNet("depthwise", blocks=2, channels=8, w_spec=QuantSpec("symmetric", bits=2), a_spec=A2)
     assert net(torch.rand(3, 64)).shape == (3, 10)
-    assert net.stem.wq.spec is None and net.head.wq.spec is None
-    assert all(m.wq.spec is not None for m in net.body.modules() if hasattr(m, "wq"))
+    specs = {row["name"]: row["weights"] for row in quantized_layers(net)}
+    assert specs["stem"] is None and specs["head"] is None
+    assert all(spec is not None for name, spec in specs.items() if name.startswith("body."))
     with pytest.raises(ValueError, match="block"):
         SmallResNet("bottleneck")
 
 
-def test_requantized_twin_starts_from_the_float_weights():
+def test_a_quantized_twin_starts_from_the_float_weights():
     torch.manual_seed(0)
     base = digits_model("cnn", "preact", blocks=1, channels=4)
-    twin = requantized(base, QuantSpec("symmetric", bits=4), A2)
-    assert torch.equal(twin.stem.weight, base.stem.weight)
-    assert torch.equal(twin.body[0].body[1].weight, base.body[0].body[1].weight)
-    assert twin.body[0].body[1].wq.spec == QuantSpec("symmetric", bits=4)
+    twin = quantize_model(base, QuantSpec("symmetric", bits=4), A2, overrides=base.quantization_overrides())
+    assert torch.equal(twin.stem.weight, base.stem.weight)  # kept float
+    conv = twin.body[0].body[1]
+    assert torch.equal(conv.parametrizations.weight.original, base.body[0].body[1].weight)
+    assert parametrize.is_parametrized(conv, "weight") and not parametrize.is_parametrized(base.body[0].body[1])
+    assert conv.parametrizations.weight[0].spec == QuantSpec("symmetric", bits=4)
 
 
 @pytest.mark.slow

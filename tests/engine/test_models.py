@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from qviz.engine import FCDNN, QuantSpec, fold_batchnorm, quantized_copy
-from qviz.engine.models import QuantLinearBN
+from qviz.engine import FCDNN, LinearBN, QuantSpec, fold_batchnorm, quantized_fcdnn, quantized_layers
+from qviz.engine.layers import WeightQuantizer
+
+
+def _linear_bn(in_features, out_features, spec=None, fold="corrected"):
+    layer = LinearBN(in_features, out_features, fold=fold)
+    layer.wq.configure(spec)
+    return layer
 
 
 def test_depth_counts_linear_layers_like_002_appendix_a():
@@ -34,7 +40,7 @@ def test_quantized_shortcut_actually_quantizes_the_sum():
     torch.manual_seed(0)
     a = QuantSpec("relu", bits=2)
     plain = FCDNN(16, 4, residual=True, a_spec=a)
-    qra = quantized_copy(plain, None, a, quantize_shortcut=True)
+    qra = quantized_fcdnn(plain, None, a, quantize_shortcut=True)
     x = torch.rand(512, 2)
     plain.calibrate(x)
     qra.calibrate(x)
@@ -46,9 +52,9 @@ def test_quantized_shortcut_actually_quantizes_the_sum():
 def test_overrides_keep_first_and_last_layer_in_float():
     w = QuantSpec("ternary", bits=2)
     m = FCDNN(16, 4, w_spec=w, overrides={0: {"w_spec": None}, -1: {"w_spec": None}})
-    assert [layer.wq.spec for layer in m.layers] == [None, w, w, None]
-    assert torch.equal(m.layers[0].wq(m.layers[0].weight), m.layers[0].weight)
-    assert torch.unique(m.layers[1].wq(m.layers[1].weight)).numel() <= 3
+    assert [row["weights"] for row in quantized_layers(m)] == [None, w, w, None]
+    assert isinstance(m.layers[0], nn.Linear) and m.layers[0].in_features == 2  # still a plain Linear
+    assert torch.unique(m.layers[1].weight).numel() <= 3
 
 
 def test_activation_quantizer_uses_its_moving_range_in_eval():
@@ -62,7 +68,7 @@ def test_activation_quantizer_uses_its_moving_range_in_eval():
 @pytest.mark.parametrize("fold", ["naive", "corrected"])
 def test_folded_batchnorm_equals_unfolded_in_eval_mode(fold):
     torch.manual_seed(0)
-    layer = QuantLinearBN(6, 5, fold=fold).train()
+    layer = _linear_bn(6, 5, fold=fold).train()
     for _ in range(20):  # let the moving statistics move
         layer(torch.randn(64, 6) * 2 + 1)
     layer.bn.weight.data.uniform_(0.5, 1.5)
@@ -79,7 +85,7 @@ def test_folded_batchnorm_equals_unfolded_in_eval_mode(fold):
 def test_corrected_folding_matches_batchnorm_in_training_until_frozen():
     """004 eqs. 24-27: with float weights the corrected graph reproduces batch norm on batch statistics."""
     torch.manual_seed(0)
-    layer = QuantLinearBN(6, 5, fold="corrected").train()
+    layer = _linear_bn(6, 5, fold="corrected").train()
     x = torch.randn(64, 6)
     y = layer(x)
     z = nn.functional.linear(x, layer.weight)
@@ -89,6 +95,10 @@ def test_corrected_folding_matches_batchnorm_in_training_until_frozen():
     before = layer.bn.running_mean.clone()
     layer(x + 5)
     assert torch.equal(layer.bn.running_mean, before)  # frozen statistics do not move
+
+
+def test_the_weight_quantizer_of_a_linear_bn_is_a_weight_quantizer():
+    assert isinstance(_linear_bn(3, 2).wq, WeightQuantizer)
 
 
 def _quantized_weights_over_batches(layer, batches):
@@ -109,7 +119,7 @@ def test_naive_folding_makes_quantized_weights_jitter_and_corrected_does_not():
     batches = [torch.randn(32, 8) * s for s in (0.5, 1.0, 2.0, 1.5, 0.7)]
     jitter = {}
     for fold in ("naive", "corrected"):
-        layer = QuantLinearBN(8, 4, spec, fold=fold).train()
+        layer = _linear_bn(8, 4, spec, fold=fold).train()
         for x in warm:
             layer(x)
         jitter[fold] = _quantized_weights_over_batches(layer, batches)
@@ -146,7 +156,9 @@ def test_inference_quantizes_weights_once_and_notices_changes():
         first = m(x)
         assert torch.equal(m(x), first)
     with torch.no_grad():
-        m.layers[1].weight.mul_(2.0)  # an in-place change bumps the version: the cache must not hide it
+        # the float shadow weights behind the quantized ones; an in-place change bumps their version, and the
+        # cache must not hide it
+        m.layers[1].parametrizations.weight.original.mul_(2.0)
     with torch.inference_mode():
         assert not torch.equal(m(x), first)
     bn = FCDNN(8, 3, w_spec=QuantSpec("symmetric", bits=3), batchnorm=True).eval()

@@ -24,9 +24,11 @@ from qviz.engine import (
     retrain_quantized,
     roughness,
     run_experiment,
+    semicircle_evaluation,
     semicircles,
     train,
 )
+from qviz.engine.quantize import float_weight
 
 TINY = Schedule(steps=12, lr=3e-3, batch_size=128)
 
@@ -91,8 +93,8 @@ def test_ptq_and_qat_run_for_every_weight_scheme(name, small_float, data):
         dm = decision_map(model, resolution=16)
         assert dm["probs"].shape == (16, 16) and np.isfinite(dm["probs"]).all()
     # QAT moved the float shadow weights; PTQ kept them
-    assert torch.equal(ptq.layers[1].weight, small_float.layers[1].weight)
-    assert not torch.equal(qat.layers[1].weight, small_float.layers[1].weight)
+    assert torch.equal(float_weight(ptq.layers[1]), small_float.layers[1].weight)
+    assert not torch.equal(float_weight(qat.layers[1]), small_float.layers[1].weight)
 
 
 @pytest.mark.parametrize("name", ACTIVATION_SCHEMES)
@@ -156,7 +158,7 @@ def test_callback_reports_progress_and_maps_on_request(data):
     seen = []
     model = FCDNN(16, 3)
     train(model, *data, Schedule(steps=20, lr=1e-2, batch_size=64), callback=seen.append, callback_every=5,
-          map_every=10, map_resolution=12)
+          evaluate=semicircle_evaluation(map_every=10, resolution=12))
     assert [p["step"] for p in seen] == [5, 10, 15, 20]
     assert all(set(p) >= {"step", "steps", "loss", "accuracy"} for p in seen)
     assert ["map" in p for p in seen] == [False, True, False, True]
@@ -205,7 +207,7 @@ def test_float_cache_trains_once_then_loads_from_disk(tmp_path):
 
 
 def test_the_cache_directory_is_overridable(tmp_path, monkeypatch):
-    from qviz.engine.training import cache_dir
+    from qviz.engine.experiments import cache_dir
 
     monkeypatch.setenv("QVIZ_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert cache_dir() == tmp_path / "elsewhere"

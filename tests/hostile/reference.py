@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-EPS32 = float(np.finfo(np.float32).eps)  # the engine's smallest scale, as PyTorch's observers use
+EPS32 = float(np.finfo(np.float32).tiny)  # the engine's smallest scale (float32's smallest normal number)
 TIE = 1e-4  # relative distance to a rounding tie below which float32 and float64 may disagree
 
 

@@ -190,7 +190,7 @@ def test_displaying_an_explorer_returns_while_its_model_trains_and_the_picture_f
                     return outputs, time.monotonic() - start
 
         run("import qviz")
-        shown, seconds = run("d = qviz.DecisionMapExplorer(width=200, depth=4, resolution=40)\nd")
+        _, seconds = run("d = qviz.DecisionMapExplorer(width=200, depth=4, resolution=40)\nd")
         assert seconds < 10, f"the explorer cell blocked for {seconds:.1f} s"
         after, seconds = run("print('next cell', d.float_model is None)")
         text = "".join(m["content"].get("text", "") for m in after if m["msg_type"] == "stream")

@@ -198,9 +198,9 @@ def _small_decision(**kw):
 
 
 def test_decision_map_changes_with_width_and_bits(cache, monkeypatch):
-    from qviz.engine import training
+    from qviz.engine import experiments
 
-    monkeypatch.setattr(training, "FLOAT_SCHEDULE", Schedule(steps=30, batch_size=128))
+    monkeypatch.setattr(experiments, "FLOAT_SCHEDULE", Schedule(steps=30, batch_size=128))
     monkeypatch.setattr("qviz.widgets.decision.float_model",
                         lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
     e = _small_decision()

@@ -1,17 +1,16 @@
-"""Training for the semicircle experiments of papers/002_1b443ddc5a97006e.txt §3-4 (engine only, no UI).
+"""The paper recipes: the semicircle experiments of 002 §3-5 and the digits experiments of 001 and 002 Fig. 8.
 
-- `train_float`: float training of an FCDNN (Adam, warm-up then cosine decay).
+- `float_model` / `digits_float_model`: float networks trained once, then loaded from the on-disk cache
+  (state dicts, read with torch.load(weights_only=True); damaged entries are retrained).
 - `post_training_quantize`: quantize a float model's weights and calibrate activation ranges, no
   retraining (004 §3.1).
-- `retrain_quantized`: quantization-aware retraining from the float model with float shadow weights
-  and straight-through gradients (002 eqs. 2-4, 004 eqs. 16-17); options: the cyclic learning rate of
-  002 App. B, the Lipschitz regulariser L_Lip of 002 eq. 8, batch-norm folding with correction and
-  freezing (004 eqs. 22-31) or naive folding, DoReFa gradient quantization (000 §2.3.3) and stochastic
-  instead of deterministic weight quantization during training (004 §4).
-- Progress goes to a callback (step, loss, accuracy and, on request, an intermediate decision map);
-  a `threading.Event` cancels training from another thread between two steps.
-- `float_model` caches trained float models on disk (loaded with torch.load(weights_only=True)).
-- `decision_map` and `run_experiment` turn models into the maps and result rows the explorers show.
+- `retrain_quantized`: quantization-aware retraining from the float model (002 eqs. 2-4, 004 eqs. 16-17)
+  with the options of 002 App. B (cyclic learning rate), 002 eq. 8 (L_Lip), 004 eqs. 22-31 (batch-norm
+  folding, correction, freezing), 000 §2.3.3 (DoReFa gradients) and 004 §4 (stochastic weights).
+- `run_experiment` / `digits_experiment`: one experiment, settings in, one result row out; the sweeps and
+  the explorers use them. `check_experiment` checks settings without training.
+
+Every quantized network here comes from `quantize_model`, the path any user's model takes.
 """
 
 from __future__ import annotations
@@ -24,249 +23,29 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qviz import _checks
 from qviz.engine import _cache
-from qviz.engine.data import correct_labels, digits, evaluation_grid, semicircles
+from qviz.engine.data import digits, semicircles
+from qviz.engine.evaluate import accuracy, decision_map, heldout_accuracy, roughness, semicircle_evaluation
+from qviz.engine.layers import LinearBN
 from qviz.engine.metrics import sqnr_db
-from qviz.engine.models import FCDNN, INPUT_SCALE, QuantLinearBN, quantized_copy
-from qviz.engine.quantizers import QuantSpec, fake_quantize, quantize_gradients_of
+from qviz.engine.nets import BLOCKS, FCDNN, INPUT_SCALE, MLP, SmallResNet, fcdnn_overrides
+from qviz.engine.quantize import quantize_model, weight_pairs
+from qviz.engine.quantizers import QuantSpec
+from qviz.engine.train import (
+    FLOAT_SCHEDULE,
+    QAT_SCHEDULE,
+    Callback,
+    Schedule,
+    check_cancel,
+    fit,
+    train,
+)
 
-CACHE_VERSION = 1
-
-
-class TrainingCancelled(Exception):
-    """Raised inside a training call when its cancel event was set."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """How long and how fast to train: Adam, linear warm-up over `warmup` of the steps, cosine decay."""
-
-    steps: int = 1500
-    lr: float = 3e-3
-    batch_size: int = 1024
-    warmup: float = 0.05
-
-    def __post_init__(self):
-        _checks.integer("steps", self.steps, 1, 10**7)
-        _checks.real("lr", self.lr, 0.0, 10.0, lo_open=True)
-        _checks.integer("batch_size", self.batch_size, 1, 10**7)
-        _checks.real("warmup", self.warmup, 0.0, 1.0)
-
-    def factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1.0, self.warmup * self.steps))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps))
-
-
-FLOAT_SCHEDULE = Schedule()
-QAT_SCHEDULE = Schedule(steps=1000, lr=3e-3)
-
-
-def cyclic_lr_factors() -> list[float]:
-    """The 8-step learning-rate factor sequence of one CLR cycle (002 App. B, Fig. 11)."""
-    s = math.sqrt(0.1)
-    return [1.0, s, 0.1, 0.1 * s, 0.01, 0.1 * s, 0.1, s]
-
-
-def clr_factor(step: int, period: int) -> float:
-    """The CLR factor at `step` for a cycle of `period` steps: the factor changes every period / 8 steps."""
-    period = _checks.integer("period", period, 8)
-    return cyclic_lr_factors()[(step * 8 // period) % 8]
-
-
-def lipschitz_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """L_Lip = 1/2 Σ_l ||W_lᵀ W_l - I||² over every linear layer (002 eq. 8).
-
-    002 writes W_l as [in, out]; torch stores weight = W_lᵀ [out, in], so W_lᵀ W_l = weight @ weight.T.
-    """
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear | QuantLinearBN)]
-    total = torch.zeros(())
-    for w in weights:
-        gram = w @ w.T
-        total = total + ((gram - torch.eye(gram.shape[0])) ** 2).sum()
-    return 0.5 * total
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-_GRID_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _grid(resolution: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (resolution, lo, hi)
-    if key not in _GRID_CACHE:
-        points = evaluation_grid(resolution, lo, hi)
-        _GRID_CACHE[key] = (points, correct_labels(points))
-    return _GRID_CACHE[key]
-
-
-def predict_proba(model: torch.nn.Module, X: torch.Tensor, batch: int = 2048) -> torch.Tensor:
-    """Class-1 probabilities for the points X [n, 2].
-
-    Batches of 2,048 points keep a 256-wide layer's activations (2 MB) in cache: measured twice as fast
-    as one batch of 40,000 for a 200x200 grid.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return torch.cat([F.softmax(model(X[i:i + batch]), dim=1)[:, 1]
-                              for i in range(0, len(X), batch)])
-    finally:
-        model.train(was_training)
-
-
-def decision_map(model: torch.nn.Module, lo: float = 0.0, hi: float = 1.0, resolution: int = 200) -> dict:
-    """Class-1 probabilities of `model` on the resolution² grid over (lo, hi)², and its accuracy.
-
-    Returns probs (float32 [resolution, resolution], row i at y_i, column j at x_j), predicted
-    (int64, argmax), correct (the correct-answer labels), accuracy (fraction of the grid where the
-    prediction equals the correct answer, 002 §3.1), lo, hi and resolution.
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    points, labels = _grid(_checks.integer("resolution", resolution, 2, 4096), float(lo), float(hi))
-    probs = predict_proba(model, points)
-    predicted = (probs > 0.5).to(torch.int64)
-    shape = (resolution, resolution)
-    return {
-        "probs": probs.reshape(shape).numpy(),
-        "predicted": predicted.reshape(shape).numpy(),
-        "correct": labels.reshape(shape).numpy(),
-        "accuracy": float((predicted == labels).float().mean()),
-        "lo": float(lo), "hi": float(hi), "resolution": resolution,
-    }
-
-
-def grid_accuracy(model: torch.nn.Module, resolution: int = 200) -> float:
-    """Correct-answer accuracy on the resolution² grid over (0, 1)²."""
-    return decision_map(model, resolution=resolution)["accuracy"]
-
-
-def heldout_accuracy(model: torch.nn.Module, X: torch.Tensor) -> float:
-    """Accuracy against the correct-answer labels on held-out points X (e.g. semicircles(seed=1)[0])."""
-    return float(((predict_proba(model, X) > 0.5).long() == correct_labels(X)).float().mean())
-
-
-def roughness(predicted: np.ndarray) -> float:
-    """Fraction of neighbouring grid cells whose predicted classes differ: how ragged a decision map is.
-
-    A smooth but misplaced boundary (weight quantization, "lost capacity") scores low; salt-and-pepper
-    noise (activation quantization) scores high (002 §3.2).
-    """
-    p = np.asarray(predicted)
-    return float((np.count_nonzero(p[1:] != p[:-1]) + np.count_nonzero(p[:, 1:] != p[:, :-1]))
-                 / (p[1:].size + p[:, 1:].size))
-
-
-# --------------------------------------------------------------------------------------------------
-# The training loop
-
-
-Callback = Callable[[dict], None]
-
-
-def _check_cancel(cancel) -> threading.Event | None:
-    if cancel is not None and not hasattr(cancel, "is_set"):
-        raise TypeError(f"cancel must be a threading.Event (or have is_set()), got {type(cancel).__name__}")
-    return cancel
-
-
-def train(model: FCDNN, X: torch.Tensor, y: torch.Tensor, schedule: Schedule = FLOAT_SCHEDULE, *,
-          callback: Callback | None = None, callback_every: int = 50, **options) -> dict:
-    """Train `model` on (X, y) in place with cross-entropy, Adam and `schedule`; returns a summary dict.
-
-    callback(progress) is called every `callback_every` steps and at the end (see `train_iter` for the
-    progress dict and the other options).
-    """
-    start = time.perf_counter()
-    every = _checks.integer("callback_every", callback_every, 1) if callback is not None else None
-    last = {"loss": float("nan")}
-    for progress in train_iter(model, X, y, schedule, report_every=every, **options):
-        last = progress
-        if callback is not None:
-            callback(progress)
-    return {"steps": schedule.steps, "loss": last["loss"], "seconds": time.perf_counter() - start}
-
-
-def train_iter(model: FCDNN, X: torch.Tensor, y: torch.Tensor, schedule: Schedule = FLOAT_SCHEDULE, *,
-               seed: int = 0, clr_period: int | None = None, lip_weight: float = 0.0, grad_bits: int | None = None,
-               freeze_bn_step: int | None = None, report_every: int | None = 50, map_every: int = 0,
-               map_resolution: int = 64, cancel: threading.Event | None = None):
-    """Train `model` in place, yielding progress every `report_every` steps (None: only at the end).
-
-    clr_period: after warm-up the cosine decay gives way to the cyclic factors of 002 App. B with this
-    period (in steps). lip_weight: add lip_weight * L_Lip (002 eq. 8). grad_bits: DoReFa-quantize every
-    parameter gradient to that many bits. freeze_bn_step: freeze batch-norm statistics (004 eqs. 28-31)
-    from that step on. Each progress dict holds step, steps, loss and accuracy (correct-answer accuracy on
-    a map_resolution² grid) and, every `map_every` steps (0: never) and at the end, "map": the decision
-    map at that point. Setting `cancel` (or closing the generator) stops training before the next step;
-    a set `cancel` raises TrainingCancelled.
-    """
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    cancel = _check_cancel(cancel)
-    lip_weight = _checks.real("lip_weight", lip_weight, 0.0)
-    report_every = schedule.steps if report_every is None else _checks.integer("report_every", report_every, 1)
-    map_every = _checks.integer("map_every", map_every, 0)
-    if clr_period is not None:
-        clr_period = _checks.integer("clr_period", clr_period, 8)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=schedule.lr, foreach=True)
-    hooks = quantize_gradients_of(model, grad_bits, generator=generator) if grad_bits else []
-    warm_steps = max(1, int(schedule.warmup * schedule.steps))
-    model.train()
-    try:
-        for step in range(schedule.steps):
-            if cancel is not None and cancel.is_set():
-                raise TrainingCancelled(f"cancelled at step {step} of {schedule.steps}")
-            if freeze_bn_step is not None and step == freeze_bn_step:
-                for m in model.modules():
-                    if isinstance(m, QuantLinearBN):
-                        m.freeze()
-            if clr_period is not None and step >= warm_steps:
-                factor = clr_factor(step - warm_steps, clr_period)
-            else:
-                factor = schedule.factor(step)
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr * factor
-            idx = torch.randint(0, len(X), (schedule.batch_size,), generator=generator)
-            with _checks.no_finite_checks():  # the loss is checked instead, once per step
-                loss = F.cross_entropy(model(X[idx]), y[idx])
-                if lip_weight:
-                    loss = loss + lip_weight * lipschitz_penalty(model)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training diverged at step {step}: the loss is {loss_value}; "
-                                         "lower lr (allowed: any value > 0) or check the data for NaN/Inf")
-            last = step == schedule.steps - 1
-            if (step + 1) % report_every == 0 or last:
-                yield _progress(model, step + 1, schedule.steps, loss_value, map_every, map_resolution, last)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.eval()
-
-
-def _progress(model, step, steps, loss, map_every, resolution, last) -> dict:
-    with_map = map_every and (step % map_every == 0 or last)
-    dm = decision_map(model, resolution=resolution)
-    progress = {"step": step, "steps": steps, "loss": loss, "accuracy": dm["accuracy"]}
-    if with_map:
-        progress["map"] = dm
-    model.train()
-    return progress
+# 2: the networks became plain models quantized by quantize_model (their state dicts changed)
+CACHE_VERSION = 2
 
 
 def train_float(model: FCDNN | None = None, X: torch.Tensor | None = None, y: torch.Tensor | None = None,
@@ -279,11 +58,34 @@ def train_float(model: FCDNN | None = None, X: torch.Tensor | None = None, y: to
     return model
 
 
+def quantized_fcdnn(float_model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | None, *,
+                    quantize_shortcut: bool = False, shortcut_spec: QuantSpec | None = None,
+                    overrides: dict | None = None, bn_fold: str | None = None, stochastic: bool = False) -> FCDNN:
+    """`quantize_model` of an FCDNN with 002's settings: weights of every layer, activations after every
+    hidden ReLU, residual sums when quantize_shortcut (QRA), layer-index overrides as FCDNN takes them, and
+    another batch-norm folding mode for its LinearBN layers."""
+    if not isinstance(float_model, FCDNN):
+        raise TypeError(f"float_model must be an FCDNN, got {type(float_model).__name__}")
+    index_overrides = FCDNN._check_overrides(float_model, overrides)
+    names = fcdnn_overrides(float_model.depth, float_model.residual, quantize_shortcut, shortcut_spec or a_spec,
+                            index_overrides)
+    model = quantize_model(float_model, w_spec, a_spec, overrides=names, stochastic=stochastic)
+    if bn_fold is not None:
+        for m in model.modules():
+            if isinstance(m, LinearBN):
+                m.fold = _checks.choice("bn_fold", bn_fold, ("none", "naive", "corrected"))
+        model.bn_fold = bn_fold
+    model.w_spec, model.a_spec, model.stochastic = w_spec, a_spec, stochastic
+    model.quantize_shortcut, model.shortcut_spec, model.overrides = quantize_shortcut, shortcut_spec or a_spec, \
+        index_overrides
+    return model
+
+
 def post_training_quantize(float_model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
                            X: torch.Tensor | None = None, **changes) -> FCDNN:
     """Quantize `float_model` without retraining: weights as they are, activation ranges calibrated on
     X (default: 4,096 training points), as in 004 §3.1."""
-    model = quantized_copy(float_model, w_spec, a_spec, **changes)
+    model = quantized_fcdnn(float_model, w_spec, a_spec, **changes)
     if a_spec is None and not changes.get("quantize_shortcut"):
         return model.eval()  # weights only: nothing to calibrate
     calibration = semicircles(0)[0][::5][:4096] if X is None else X
@@ -296,7 +98,7 @@ METHODS = ("ptq", "qat", "qat_clr", "qat_lip", "qat_clr_lip")
 def prepare_qat(float_model: FCDNN, w_spec: QuantSpec | None, a_spec: QuantSpec | None, *,
                 X: torch.Tensor | None = None, stochastic: bool = False, **changes) -> FCDNN:
     """A quantized twin of `float_model` ready for QAT: shadow weights copied, activation ranges calibrated."""
-    model = quantized_copy(float_model, w_spec, a_spec, stochastic=stochastic, **changes)
+    model = quantized_fcdnn(float_model, w_spec, a_spec, stochastic=stochastic, **changes)
     X = semicircles(0)[0] if X is None else X
     return model.calibrate(X[::5][:4096])
 
@@ -313,14 +115,16 @@ def retrain_quantized(float_model: FCDNN, w_spec: QuantSpec | None, a_spec: Quan
     The float weights become the shadow weights; the forward pass uses their quantized values and the
     STE carries gradients back. clr: after the schedule's warm-up use the cyclic learning rate of 002
     App. B with a period of a quarter of the steps (the rate cycles between lr and lr/100). Other options
-    as in `train_iter`; `changes` override FCDNN settings (quantize_shortcut, overrides, bn_fold, ...).
+    as in `train_iter`; callbacks get the correct-answer accuracy on a map_resolution² grid and, every
+    map_every steps, the decision map; `changes` are quantized_fcdnn's settings (quantize_shortcut,
+    overrides, bn_fold, ...).
     """
     if X is None:
         X, y = semicircles(seed)
     model = prepare_qat(float_model, w_spec, a_spec, X=X, stochastic=stochastic, **changes)
     train(model, X, y, schedule, seed=seed, clr_period=qat_clr_period(schedule) if clr else None,
           lip_weight=lip_weight, grad_bits=grad_bits, freeze_bn_step=freeze_bn_step, callback=callback,
-          callback_every=callback_every, map_every=map_every, map_resolution=map_resolution, cancel=cancel)
+          callback_every=callback_every, evaluate=semicircle_evaluation(map_every, map_resolution), cancel=cancel)
     return model
 
 
@@ -356,7 +160,8 @@ def float_model(width: int = 128, depth: int = 4, residual: bool = False, batchn
 
     def fit_semicircles(model: FCDNN) -> None:
         X, y = semicircles(seed, **data)
-        train(model, X, y, schedule, seed=seed, callback=callback, cancel=cancel)
+        train(model, X, y, schedule, seed=seed, callback=callback, cancel=cancel,
+              evaluate=semicircle_evaluation() if callback is not None else None)
 
     return _trained_once(path, lambda: FCDNN(width, depth, residual, batchnorm=batchnorm), fit_semicircles, seed,
                          use_cache)
@@ -437,7 +242,7 @@ def check_experiment(width: int = 128, depth: int = 4, residual: bool = False, w
     _cache.folder(cache)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    _check_cancel(cancel)
+    check_cancel(cancel)
     unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS))
     if unknown:
         raise TypeError(f"run_experiment got unknown options {unknown}; allowed: {', '.join(EXPERIMENT_OPTIONS)}")
@@ -467,9 +272,10 @@ def _check_options(options: dict, w_spec: QuantSpec | None) -> None:
     if options.get("grad_bits") is not None:
         _checks.integer("grad_bits", options["grad_bits"], 1, 16)
     if "stochastic" in options and _checks.boolean("stochastic", options["stochastic"]) and w_spec is not None:
-        from qviz.engine.models import STOCHASTIC_TWIN
+        from qviz.engine.quantizers import SCHEMES
 
-        _checks.choice("w_scheme (with stochastic=True)", w_spec.scheme, STOCHASTIC_TWIN)
+        _checks.choice("w_scheme (with stochastic=True)", w_spec.scheme,
+                       [n for n, s in SCHEMES.items() if s.stochastic_twin])
     if options.get("freeze_bn_step") is not None:
         _checks.integer("freeze_bn_step", options["freeze_bn_step"], 0)
     for name, lo in (("callback_every", 1), ("map_every", 0), ("map_resolution", 2)):
@@ -532,18 +338,12 @@ def run_experiment(width: int = 128, depth: int = 4, residual: bool = False, w_b
     return row
 
 
-def quantized_weights(model: FCDNN) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def quantized_weights(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(float shadow weights, weights as the quantized model uses them) for every layer, eval mode."""
-    pairs = []
-    with torch.no_grad():
-        for layer in model.layers:
-            w = layer.folded()[0] if isinstance(layer, QuantLinearBN) and layer.fold != "none" else layer.weight
-            q = w if layer.wq.spec is None else fake_quantize(w, layer.wq.spec, alpha=layer.wq.alpha)
-            pairs.append((w.detach(), q.detach()))
-    return pairs
+    return [(w, q) for w, q in weight_pairs(model)]
 
 
-def _weight_sqnr(model: FCDNN) -> float:
+def _weight_sqnr(model: torch.nn.Module) -> float:
     pairs = quantized_weights(model)
     w = torch.cat([p[0].reshape(-1) for p in pairs])
     q = torch.cat([p[1].reshape(-1) for p in pairs])
@@ -551,7 +351,7 @@ def _weight_sqnr(model: FCDNN) -> float:
 
 
 def _model_bytes(model: FCDNN, w_bits: int | None) -> int:
-    n = sum(layer.weight.numel() for layer in model.layers)
+    n = sum(w.numel() for w, _ in quantized_weights(model))
     return 4 * n if w_bits is None else math.ceil(n * w_bits / 8)
 
 
@@ -559,48 +359,9 @@ def _model_bytes(model: FCDNN, w_bits: int | None) -> int:
 # The digits experiments (sweeps over 001 Fig. 5 and 002 Fig. 8 in miniature)
 
 
-def fit(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 3e-3,
-        batch_size: int = 128, seed: int = 0, cancel: threading.Event | None = None) -> torch.nn.Module:
-    """Plain minibatch training of any classifier (Adam, cosine decay), in place."""
-    epochs = _checks.integer("epochs", epochs, 1, 100_000)
-    cancel = _check_cancel(cancel)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=True)
-    steps = epochs * max(1, math.ceil(len(X) / batch_size))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(X), generator=generator)
-        for start in range(0, len(X), batch_size):
-            if cancel is not None and cancel.is_set():
-                raise TrainingCancelled("cancelled")
-            idx = order[start:start + batch_size]
-            with _checks.no_finite_checks():
-                loss = F.cross_entropy(model(X[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of X whose predicted class is y."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return float((model(X).argmax(1) == y).float().mean())
-    finally:
-        model.train(was_training)
-
-
 def digits_model(model: str = "mlp", block: str = "basic", blocks: int = 2, channels: int = 16,
                  w_spec: QuantSpec | None = None, a_spec: QuantSpec | None = None) -> torch.nn.Module:
     """LeNet-300-100 ("mlp", 001's LeNet300) or a small residual CNN ("cnn") for the 8x8 digits."""
-    from qviz.engine.models import MLP, SmallResNet
-
     _checks.choice("model", model, ("mlp", "cnn"))
     if model == "mlp":
         return MLP((64, 300, 100, 10), w_spec, a_spec)
@@ -626,8 +387,6 @@ def check_digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: 
                             a_scheme: str = "ceil_act", epochs: int = 15, seed: int = 0,
                             cache: str | os.PathLike | None = None) -> None:
     """Check every argument of `digits_experiment` without training (sweeps check all settings first)."""
-    from qviz.engine.models import BLOCKS
-
     _checks.choice("model", model, ("mlp", "cnn"))
     _checks.choice("block", block, BLOCKS)
     _checks.integer("blocks", blocks, 1, 64)
@@ -648,7 +407,6 @@ def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | 
     The row also holds a histogram of the quantized weights of the first quantized layer.
     """
     from qviz.engine.metrics import histogram
-    from qviz.engine.models import requantized
 
     check_digits_experiment(model, w_bits, a_bits, block=block, blocks=blocks, channels=channels, w_scheme=w_scheme,
                             a_scheme=a_scheme, epochs=epochs, seed=seed, cache=cache)
@@ -657,20 +415,18 @@ def digits_experiment(model: str = "mlp", w_bits: int | None = 4, a_bits: int | 
     X, y, X_test, y_test = digits(seed)
     w_spec = None if w_bits is None else QuantSpec(w_scheme, bits=w_bits)
     a_spec = None if a_bits is None else QuantSpec(a_scheme, bits=a_bits)
-    net = requantized(base, w_spec, a_spec)
+    net = quantize_model(base, w_spec, a_spec, overrides=base.quantization_overrides())
     if w_spec is not None or a_spec is not None:
         fit(net, X, y, epochs=epochs, lr=1e-3, seed=seed)
-    layers = [m for m in net.modules() if hasattr(m, "wq") and m.wq.spec is not None]
+    quantized = [(name, w, q) for name, w, q in weight_pairs(net, with_names=True) if not torch.equal(w, q)]
     row = {"model": model, "block": block if model == "cnn" else None, "blocks": blocks if model == "cnn" else None,
            "channels": channels if model == "cnn" else None, "w_bits": w_bits, "a_bits": a_bits,
            "w_scheme": None if w_spec is None else w_scheme, "a_scheme": None if a_spec is None else a_scheme,
            "seed": seed, "acc_float": accuracy(base, X_test, y_test), "acc_quant": accuracy(net, X_test, y_test),
            "params": sum(p.numel() for p in net.parameters()), "train_seconds": time.perf_counter() - start}
-    if layers:
-        with torch.no_grad():
-            w = layers[0].weight
-            q = layers[0].wq(w)
+    if quantized:
+        name, w, q = quantized[0]
         edges, counts = histogram(q, 40)
         row.update(sqnr_db=sqnr_db(w, q), weight_edges=edges.tolist(), weight_counts=counts.tolist(),
-                   weight_layer=next(n for n, m in net.named_modules() if m is layers[0]))
+                   weight_layer=name)
     return row

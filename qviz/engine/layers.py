@@ -1,0 +1,408 @@
+"""Quantizers as modules, and the quantized layers of the paper networks.
+
+- `WeightQuantizer` fake-quantizes a layer's float shadow weights on every use (002 eqs. 2-4, 004 eq. 17).
+  `quantize_model` installs it as a parametrization of the layer's weight, so the layer keeps its class
+  and attributes, and every reader of `layer.weight` (PyTorch's fused attention fast paths included) sees
+  the quantized weights.
+- `ActivationQuantizer` fake-quantizes activations with a range from a moving average of batch minima and
+  maxima (004 §2.5), set by calibration or learned (PACT's clip, 002 §2.2).
+- `ActivationPoint` is where a network declares that its activations are quantized (the paper networks of
+  nets.py do, at the places 002 quantizes); `quantize_model` fills the points a network declares.
+- `LinearBN` is a linear layer with batch norm whose weights are quantized after folding (004 §3.2.2).
+- `fold_batchnorm` folds a batch norm into the layer before it (004 eqs. 20-21).
+
+Every fact about a scheme (does it learn α, is its range observed, is it a nonlinearity, its stochastic
+twin) comes from the scheme registry in quantizers.py; nothing here branches on a scheme's name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qviz import _checks
+from qviz.engine.observers import MovingAverageMinMaxObserver
+from qviz.engine.quantizers import EXPORTING, SCHEMES, QuantSpec, export_quantize, fake_quantize
+
+
+def fold_batchnorm(weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
+                   var: torch.Tensor, eps: float = 1e-5,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a batch norm into the layer before it (004 eqs. 20-21).
+
+    W_inf = γ W / σ and b_inf = β - γ μ / σ with σ = sqrt(var + eps), one value per output channel
+    (dim 0 of `weight`: [out, in] for a linear layer, [out, in, kh, kw] for a convolution). A layer bias
+    b folds in as β + γ (b - μ) / σ. Returns (W_inf, b_inf); the inputs are not changed.
+    """
+    weight = _checks.float_tensor("weight", weight)
+    if weight.dim() < 1:
+        raise ValueError("weight must have at least 1 dim (dim 0 = output channels)")
+    out = weight.shape[0]
+    named = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        _checks.float_tensor(name, t)
+        if t.shape != (out,):
+            raise ValueError(f"{name} must have shape ({out},) to match weight's {out} output channels, "
+                             f"got {tuple(t.shape)}")
+    _checks.real("eps", eps, 0.0)
+    if bool((var < 0).any()):
+        raise ValueError("var must be >= 0 (it is a variance)")
+    sigma = torch.sqrt(var + eps)
+    if bool((sigma == 0).any()):
+        raise ValueError("var + eps is 0 for some channel; give eps > 0")
+    gain = gamma / sigma
+    shift = (bias if bias is not None else torch.zeros_like(mean)) - mean
+    w_fold = weight * gain.reshape(-1, *([1] * (weight.dim() - 1)))
+    b_fold = beta + gain * shift
+    if not (bool(torch.isfinite(w_fold.detach()).all()) and bool(torch.isfinite(b_fold.detach()).all())):
+        raise ValueError(f"the folded weights or bias overflow {weight.dtype} (gamma / sqrt(var + eps) times "
+                         "weight is too large); check gamma, var and eps")
+    return w_fold, b_fold
+
+
+def check_spec(name: str, spec) -> QuantSpec | None:
+    if spec is not None and not isinstance(spec, QuantSpec):
+        raise TypeError(f"{name} must be a QuantSpec or None (float), got {type(spec).__name__}")
+    return spec
+
+
+def training_spec(spec: QuantSpec | None, stochastic: bool) -> QuantSpec | None:
+    """The spec training uses: the scheme's stochastic twin when asked (004 §2.3, §4)."""
+    if spec is None or not stochastic:
+        return spec
+    twin = SCHEMES[spec.scheme].stochastic_twin
+    if twin is None:
+        with_twin = sorted(n for n, s in SCHEMES.items() if s.stochastic_twin)
+        raise ValueError(f"stochastic training is available for weight schemes {with_twin}, got scheme={spec.scheme!r}")
+    return spec.replace(scheme=twin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
+
+    Used as a parametrization (`forward(w)` returns the weights the layer computes with) or called by a
+    layer that quantizes weights it computes itself (LinearBN's folded weights). Holds the learnable α of a
+    scheme that takes one (ceil's scale), starting at max|w| unless the spec gives one: α = 1 would blow
+    small weights up twentyfold. With `stochastic=True` training uses the scheme's stochastic twin
+    (affine -> stochastic, binary -> binary_stochastic) and evaluation the scheme itself, as 004 §4
+    compares. `configure` changes the spec in place (the ModelExplorer's bit dials do).
+    """
+
+    def __init__(self, spec: QuantSpec | None = None, stochastic: bool = False):
+        super().__init__()
+        self.stochastic = _checks.boolean("stochastic", stochastic)
+        self.alpha: nn.Parameter | None = None
+        self._cached: tuple | None = None
+        self.configure(spec)
+
+    def configure(self, spec: QuantSpec | None) -> None:
+        spec = check_spec("spec", spec)
+        self.train_spec = training_spec(spec, self.stochastic)
+        self.spec = spec
+        learns = spec is not None and SCHEMES[spec.scheme].takes_alpha
+        if learns and self.alpha is None:
+            # -1 marks "not yet set": the first weights seen set α (see forward)
+            self.alpha = nn.Parameter(torch.tensor(spec.alpha or -1.0))
+        elif not learns:
+            self.alpha = None
+        self._cached = None
+
+    def extra_repr(self) -> str:
+        return "float" if self.spec is None else f"{self.spec.scheme}, {self.spec.bits} bits, {self.spec.granularity}"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.spec is None:
+            return w
+        if EXPORTING.get():
+            return export_quantize(w, self.spec, self.alpha)
+        if self.alpha is not None and float(self.alpha.detach()) <= 0:
+            with torch.no_grad():
+                self.alpha.fill_(float(w.detach().abs().max()) or 1.0)
+        if self.training or torch.is_grad_enabled() or not isinstance(w, nn.Parameter):
+            return fake_quantize(w, self.train_spec if self.training else self.spec, alpha=self.alpha)
+        # Inference quantizes the same weights for every batch: do it once until they (or the spec) change.
+        # Computed weights (LinearBN's folded ones) are not parameters and are quantized afresh each time.
+        key = (id(w), w._version, self.spec, None if self.alpha is None else float(self.alpha.detach()))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, fake_quantize(w, self.spec, alpha=self.alpha))
+        return self._cached[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations
+
+
+CALIBRATIONS = ("moving_average", "minmax", "mse", "percentile")
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes activations with a range from a moving average of batch min/max (004 §2.5).
+
+    Training batches update the range; evaluation uses it as it stands (so a decision map is a pure
+    function of the input). Before any batch was seen, the first one sets the range. Calibration
+    (`calibrate`) sets it from data by one of CALIBRATIONS. Schemes that take α learn it (PACT's clip,
+    002 §2.2), starting at the clip with the least squared error on the data seen (`mse_clip`).
+    Schemes whose range is not observed (DoReFa's [0, 1], BNN's sign, A_b's own max) quantize as they are.
+    """
+
+    def __init__(self, spec: QuantSpec | None = None, momentum: float = 0.1):
+        super().__init__()
+        self.observer = MovingAverageMinMaxObserver(momentum)
+        self.calibrating: str | None = None
+        self.alpha: nn.Parameter | None = None
+        self._sample: list[torch.Tensor] = []
+        self.configure(spec)
+
+    def configure(self, spec: QuantSpec | None) -> None:
+        spec = check_spec("spec", spec)
+        learns = spec is not None and SCHEMES[spec.scheme].takes_alpha
+        if learns and (self.alpha is None or self.spec is None or self.spec.scheme != spec.scheme):
+            self.alpha = nn.Parameter(torch.tensor(-1.0))  # set from the data by the first batch
+        elif not learns:
+            self.alpha = None
+        self.spec = spec
+
+    @property
+    def nonlinearity(self) -> bool:
+        """Does this quantizer replace the ReLU before it (BNN's sign)?"""
+        return self.spec is not None and SCHEMES[self.spec.scheme].nonlinearity
+
+    @property
+    def calibrated(self) -> bool:
+        """Has this quantizer a range (or none to set: a float point, a fixed-range scheme)?"""
+        if self.spec is None:
+            return True
+        if self.alpha is not None:
+            return float(self.alpha) > 0
+        return not SCHEMES[self.spec.scheme].observed or self.spec.clip is not None or self.observer.initialized
+
+    def extra_repr(self) -> str:
+        return "float" if self.spec is None else f"{self.spec.scheme}, {self.spec.bits} bits"
+
+    def reset_range(self) -> None:
+        self.observer.min_val, self.observer.max_val = torch.tensor([]), torch.tensor([])
+
+    def range(self) -> tuple[float, float] | None:
+        """The clip range in use (None before any data was seen or for schemes that observe nothing)."""
+        if self.alpha is not None and float(self.alpha) > 0:
+            return 0.0, float(self.alpha)
+        if not self.observer.initialized:
+            return None
+        return float(self.observer.min_val.min()), float(self.observer.max_val.max())
+
+    def _fixed(self, x: torch.Tensor) -> QuantSpec:
+        spec = self.spec
+        if not SCHEMES[spec.scheme].observed or spec.clip is not None:
+            return spec
+        if self.training or self.calibrating == "moving_average" or not self.observer.initialized:
+            self.observer(x.detach())
+        lo, hi = float(self.observer.min_val.min()), float(self.observer.max_val.max())
+        return spec_with_range(spec, lo, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec is None:
+            return x
+        if EXPORTING.get():
+            return export_quantize(x, self.spec if self.alpha is not None else self._fixed(x), self.alpha)
+        if self.calibrating not in (None, "moving_average"):
+            self._collect(x.detach())
+            return x  # the range is set at the end of calibration; until then the layer sees float inputs
+        if self.alpha is not None:
+            if self.calibrating or float(self.alpha.detach()) <= 0:
+                with torch.no_grad():
+                    self.alpha.fill_(mse_clip(x.detach(), self.spec))
+            return fake_quantize(x, self.spec, alpha=self.alpha)
+        return fake_quantize(x, self._fixed(x))
+
+    # ------------------------------------------------------------------ calibration (see quantize.calibrate)
+
+    def start_calibration(self, method: str) -> None:
+        _checks.choice("method", method, CALIBRATIONS)
+        self.calibrating = method
+        self._sample = []
+        if method in ("moving_average", "minmax"):
+            self.reset_range()
+
+    def _collect(self, x: torch.Tensor) -> None:
+        if self.calibrating == "minmax" and SCHEMES[self.spec.scheme].observed and self.alpha is None:
+            lo, hi = x.amin().reshape(1), x.amax().reshape(1)
+            obs = self.observer
+            if obs.initialized:
+                lo, hi = torch.minimum(obs.min_val.reshape(1), lo), torch.maximum(obs.max_val.reshape(1), hi)
+            obs.min_val, obs.max_val = lo, hi
+            return
+        flat = x.reshape(-1).float()
+        keep = 1 << 16  # a uniform sample per batch bounds memory for any calibration set
+        if flat.numel() > keep:
+            pick = torch.randint(flat.numel(), (keep,), generator=torch.Generator().manual_seed(len(self._sample)))
+            flat = flat[pick]
+        self._sample.append(flat)
+
+    def finish_calibration(self, percentile: float = 99.99) -> None:
+        method, self.calibrating = self.calibrating, None
+        sample = torch.cat(self._sample) if self._sample else None
+        self._sample = []
+        if sample is None or sample.numel() == 0:
+            return
+        if self.alpha is not None:  # a learned clip starts where the squared error is least
+            with torch.no_grad():
+                self.alpha.fill_(mse_clip(sample, self.spec))
+            return
+        if not SCHEMES[self.spec.scheme].observed:
+            return
+        if method == "percentile":
+            q = torch.quantile(sample, torch.tensor([1 - percentile / 100, percentile / 100]))
+            lo, hi = float(q[0]), float(q[1])
+        else:
+            lo, hi = mse_range(sample, self.spec)
+        self.observer.min_val, self.observer.max_val = torch.tensor([lo]), torch.tensor([max(hi, lo)])
+
+
+def spec_with_range(spec: QuantSpec, lo: float, hi: float) -> QuantSpec:
+    """spec with a fixed clip from an observed range: (lo, hi) for affine ranges, the larger magnitude for
+    signed symmetric ones, the top for one-sided ones (relu, unsigned)."""
+    scheme = SCHEMES[spec.scheme]
+    if not scheme.takes_clip_pair:
+        return spec.replace(clip=max(hi, 1e-8))
+    if getattr(scheme, "symmetric", False):
+        return spec.replace(clip=max(abs(lo), abs(hi), 1e-8) if spec.signed else max(hi, 1e-8))
+    return spec.replace(clip=(lo, hi) if lo < hi else (lo - 1e-8, hi + 1e-8))
+
+
+def mse_clip(x: torch.Tensor, spec: QuantSpec, candidates: int = 24) -> float:
+    """The clip α in [q50, max] of the positive values of x that minimises the mean squared quantization
+    error of `spec` with clip α: where PACT starts (and what calibration sets) before α learns.
+
+    At 2 bits the largest activation is a poor clip: most values fall into the first step. A learned α
+    moves only as fast as its learning rate, so a good start saves most of the retraining.
+    """
+    positive = x[x > 0].reshape(-1)
+    if positive.numel() == 0:
+        return 1e-3
+    sample = positive[torch.randperm(positive.numel(), generator=torch.Generator().manual_seed(0))[:65536]]
+    quantiles = torch.quantile(sample, torch.linspace(0.5, 1.0, candidates))
+    best, best_err = float(quantiles[-1]), float("inf")
+    for alpha in quantiles.tolist():
+        if alpha <= 0:
+            continue
+        err = float(((fake_quantize(sample, spec, alpha=torch.tensor(alpha)) - sample) ** 2).mean())
+        if err < best_err:
+            best, best_err = alpha, err
+    return max(best, 1e-3)
+
+
+def mse_range(sample: torch.Tensor, spec: QuantSpec, candidates: int = 16) -> tuple[float, float]:
+    """The range [q(p), q(1 - p)] of the sample, p in [0, 0.01], whose clip gives the least mean squared
+    quantization error (a calibration that ignores rare outliers when that helps)."""
+    sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:65536]]
+    best, best_err = (float(sample.min()), float(sample.max())), float("inf")
+    for p in torch.linspace(0.0, 0.01, candidates).tolist():
+        q = torch.quantile(sample, torch.tensor([p, 1 - p]))
+        lo, hi = float(q[0]), float(q[1])
+        if not hi > lo:
+            continue
+        err = float(((fake_quantize(sample, spec_with_range(spec, lo, hi)) - sample) ** 2).mean())
+        if err < best_err:
+            best, best_err = (lo, hi), err
+    return best
+
+
+class ActivationPoint(nn.Module):
+    """A place where a network's activations may be quantized. Float (the identity) until quantize_model
+    configures it; the paper networks put one after each hidden ReLU (QA) and on each residual sum (QRA,
+    002 Fig. 4). A model-wide activation setting reaches the points with `by_default=True`; the others
+    (002's quantized shortcuts) only by an override that names them.
+
+    `after_relu(z)` is ReLU then the quantizer, or the quantizer alone when its scheme is a nonlinearity
+    (BNN's sign replaces the ReLU, 003 eq. 3-5).
+    """
+
+    def __init__(self, by_default: bool = True):
+        super().__init__()
+        self.by_default = _checks.boolean("by_default", by_default)
+        self.quantizer = ActivationQuantizer(None)
+
+    def configure(self, spec: QuantSpec | None) -> None:
+        self.quantizer.configure(spec)
+
+    @property
+    def spec(self) -> QuantSpec | None:
+        return self.quantizer.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(x)
+
+    def after_relu(self, z: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(z if self.quantizer.nonlinearity else F.relu(z))
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear + batch norm, folded for quantization-aware training
+
+
+BN_FOLDS = ("none", "naive", "corrected")
+
+
+class LinearBN(nn.Module):
+    """Linear + batch norm whose weights are quantized after folding (004 §3.2.2, eqs. 18-31).
+
+    fold="none": the float BN runs after a linear layer with quantized W (no folding; what inference
+    cannot do). fold="naive": training quantizes γW/σ_B with the batch's σ_B and adds β - γμ_B/σ_B
+    (Fig. 8), so the quantized weights jitter from batch to batch. fold="corrected": training quantizes
+    w_corrected = γW/σ with the long-term σ (eqs. 22-23) and rescales the output by c = σ_B/σ
+    (eqs. 24-27) until `freeze()`, after which the long-term statistics are frozen and used throughout
+    (eqs. 28-31). Evaluation always runs the inference graph: Q(γW/σ) x + β - γμ/σ (eqs. 20-21).
+    The weight quantizer `wq` is float until quantize_model configures it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, fold: str = "corrected", eps: float = 1e-5,
+                 momentum: float = 0.1):
+        super().__init__()
+        _checks.choice("fold", fold, BN_FOLDS)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.bn = nn.BatchNorm1d(out_features, eps=eps, momentum=momentum)
+        self.wq = WeightQuantizer(None)
+        self.fold = fold
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def freeze(self) -> None:
+        """Stop updating the moving mean/variance and use them in training too (004 eqs. 28-31)."""
+        self.frozen.fill_(True)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float weights and bias of the inference graph (004 eqs. 20-21)."""
+        bn = self.bn
+        return fold_batchnorm(self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if self.fold == "none":
+            return bn(F.linear(x, self.wq(self.weight)))
+        if not self.training:
+            w, b = self.folded()
+            return F.linear(x, self.wq(w), b)
+        y_float = F.linear(x, self.weight)  # the batch statistics of the unquantized layer (Fig. 9)
+        mean_b, var_b = y_float.mean(0), y_float.var(0, unbiased=False)
+        if not bool(self.frozen):
+            with torch.no_grad():
+                n = y_float.shape[0]
+                bn.running_mean.lerp_(mean_b, bn.momentum)
+                bn.running_var.lerp_(var_b * n / max(n - 1, 1), bn.momentum)
+        sigma_b = torch.sqrt(var_b + bn.eps)
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        gamma, beta = bn.weight, bn.bias
+        if self.fold == "naive":  # Fig. 8: fold with the batch statistics
+            return F.linear(x, self.wq(self.weight * (gamma / sigma_b)[:, None]), beta - gamma * mean_b / sigma_b)
+        y = F.linear(x, self.wq(self.weight * (gamma / sigma)[:, None]))  # eqs. 22-24
+        if bool(self.frozen):
+            return y + beta - gamma * bn.running_mean / sigma  # eqs. 28-31
+        return y * (sigma / sigma_b) + beta - gamma * mean_b / sigma_b  # eqs. 25-27

@@ -1,0 +1,728 @@
+"""Quantize any PyTorch model: `quantize_model`, `calibrate`, `quantized_layers`, `dequantize_model`,
+`export_onnx`.
+
+    qm = quantize_model(model, weights=8, activations=8, overrides={"conv1": None, "layer4.*": 4})
+    calibrate(qm, batches)          # activation ranges from data
+    quantized_layers(qm)            # what was quantized, and how
+
+What is quantized, and why:
+
+- Weights of every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and the input projection of every
+  MultiheadAttention (its output projection is a Linear): the matrices an integer kernel would hold.
+  A `WeightQuantizer` becomes a parametrization of the weight (torch.nn.utils.parametrize), so each layer
+  keeps its class and attributes (`conv.stride`, `linear.in_features`) and anything that reads
+  `layer.weight` reads quantized weights, PyTorch's fused attention kernels included.
+- Activations at the inputs of quantized layers: the tensors an integer kernel would read (the x of Wx),
+  as 004's simulated quantization places them (§3, Fig. 7). What flows between layers (residual sums,
+  norms, softmax, the network's output) stays float unless it is some layer's input. A network may
+  instead declare where its activations are quantized with `ActivationPoint` modules (the paper networks
+  of nets.py do, after ReLUs and on residual sums as 002 does); then those points are used.
+- Modules that own parameters but are none of the above (LSTM, GRU, Embedding, custom ops) stay float;
+  one warning names them. Normalisation layers stay float without a warning (folded or not, they are not
+  matrix multiplications).
+- Defaults follow 004: 8-bit symmetric per-channel weights (narrow range, 004 §3.1 and Table 2) and 8-bit
+  affine per-tensor activations with calibrated ranges (§2.5). A bit width picks those schemes (1-bit
+  weights: sign times mean |w| per channel, 003 eq. 3-6); a QuantSpec is used as given.
+- The first layer is quantized like every other: 000 §4.2 reports that TensorFlow recommends keeping it
+  float but does not do it for you; `overrides={"conv1": None}` does.
+
+PyTorch's fused fast paths (TransformerEncoderLayer and MultiheadAttention in eval mode) would skip the
+activation quantizers inside them, so a model with such quantizers runs with those fast paths off during
+its own forward (torch.backends.mha); quantized weights reach them either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fnmatch
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qviz import _checks
+from qviz.engine.layers import (
+    CALIBRATIONS,
+    ActivationPoint,
+    ActivationQuantizer,
+    LinearBN,
+    WeightQuantizer,
+    fold_batchnorm,
+)
+from qviz.engine.quantizers import SCHEMES, QuantSpec
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = (nn.Linear, *_CONVS, *_TRANSPOSED, nn.MultiheadAttention, LinearBN)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_OURS = (WeightQuantizer, ActivationQuantizer, ActivationPoint)
+_FAST_PATHS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+class UnquantizedModuleWarning(UserWarning):
+    """quantize_model left modules with parameters float because it cannot quantize them."""
+
+
+# --------------------------------------------------------------------------------------------------
+# What a layer is
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer quantize_model quantizes, in registration (network) order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, LAYER_TYPES) and not _inside_ours(name, model)]
+
+
+def _inside_ours(name: str, model: nn.Module) -> bool:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), _OURS) or parts[i - 1] == "parametrizations":
+            return True
+    return False
+
+
+def weight_names(layer: nn.Module) -> list[str]:
+    """The weight tensors of a layer that are quantized (MultiheadAttention: its input projection)."""
+    if isinstance(layer, nn.MultiheadAttention):
+        if _original(layer, "in_proj_weight") is not None:
+            return ["in_proj_weight"]
+        return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return ["weight"]
+
+
+def _original(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """The float tensor behind a (possibly parametrized) weight."""
+    if parametrize.is_parametrized(layer, name):
+        return layer.parametrizations[name].original
+    return getattr(layer, name, None)
+
+
+def float_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's float (shadow) weight, whatever quantizes it (MultiheadAttention: q, k, v stacked)."""
+    names = weight_names(layer)
+    tensors = [_original(layer, n) for n in names]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+
+
+def channel_axis(layer: nn.Module) -> int:
+    """The output-channel axis of a layer's weight: 1 for transposed convolutions ([in, out/groups, ...])."""
+    return 1 if isinstance(layer, _TRANSPOSED) else 0
+
+
+def default_weight_spec(bits: int, layer: nn.Module | None = None) -> QuantSpec:
+    """004's recommendation for weights: symmetric, narrow range, per output channel; 1 bit: sign times
+    the mean |w| of each channel (003 eq. 3-6)."""
+    bits = _checks.integer("weights", bits, 1, 16)
+    axis = 0 if layer is None else channel_axis(layer)
+    if bits == 1:
+        return QuantSpec("xnor", 1, granularity="channel", axis=axis)
+    return QuantSpec("symmetric", bits, granularity="channel", axis=axis, narrow=True)
+
+
+def default_activation_spec(bits: int) -> QuantSpec:
+    """004's recommendation for activations: affine per tensor, range from calibration (§2.5)."""
+    return QuantSpec("affine", _checks.integer("activations", bits, 1, 16))
+
+
+def _weight_spec(value, layer: nn.Module, name: str) -> QuantSpec | None:
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, bool) or (not isinstance(value, int | type(None)) and not hasattr(value, "__index__")):
+        raise TypeError(f"{name} must be a bit width (int), a QuantSpec or None (float), got {type(value).__name__}")
+    return default_weight_spec(_checks.integer(name, value, 1, 16), layer)
+
+
+def _activation_spec(value, name: str) -> QuantSpec | None:
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be a bit width (int), a QuantSpec or None (float), got {type(value).__name__}")
+    return default_activation_spec(_checks.integer(name, value, 1, 16))
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides
+
+
+_UNSET = object()
+
+
+def _check_overrides(overrides) -> list[tuple[str, object, object]]:
+    """[(pattern, weights, activations)] with _UNSET where an entry leaves the model-wide setting."""
+    if overrides is None:
+        return []
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict of module-name pattern -> None | bits | QuantSpec | "
+                        f"{{'weights': ..., 'activations': ...}}, got {type(overrides).__name__}")
+    checked = []
+    for pattern, value in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"overrides keys must be module-name patterns (str), got {pattern!r}")
+        where = f"overrides[{pattern!r}]"
+        if value is None:
+            checked.append((pattern, None, None))
+        elif isinstance(value, dict):
+            unknown = set(value) - {"weights", "activations"}
+            if unknown:
+                raise ValueError(f"{where} has keys {sorted(unknown)}; allowed: 'weights', 'activations'")
+            for key in value:
+                _check_setting(f"{where}[{key!r}]", value[key])
+            checked.append((pattern, value.get("weights", _UNSET), value.get("activations", _UNSET)))
+        else:
+            _check_setting(where, value)
+            checked.append((pattern, value, _UNSET))  # a bare bit width or spec sets the weights
+    return checked
+
+
+def _check_setting(name: str, value) -> None:
+    if value is None or isinstance(value, QuantSpec):
+        return
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be None, a bit width (int) or a QuantSpec, got {type(value).__name__}")
+    _checks.integer(name, value, 1, 16)
+
+
+@dataclasses.dataclass
+class _Plan:
+    weights: dict[str, QuantSpec | None]
+    activations: dict[str, QuantSpec | None]  # layer names (inputs) or ActivationPoint names
+
+
+def _plan(model: nn.Module, weights, activations, overrides) -> tuple[_Plan, list[tuple[str, nn.Module]], bool]:
+    layers = quantizable_layers(model)
+    points = [(n, m) for n, m in model.named_modules() if isinstance(m, ActivationPoint)]
+    declared = bool(points)
+    rules = _check_overrides(overrides)
+    w = {name: _weight_spec(weights, layer, "weights") for name, layer in layers}
+    if declared:
+        a = {name: (_activation_spec(activations, "activations") if p.by_default else None) for name, p in points}
+    else:
+        a = {name: _activation_spec(activations, "activations") for name, _ in layers}
+    layer_of = dict(layers)
+    for pattern, w_value, a_value in rules:
+        hit_layers = [n for n in w if _matches(pattern, n)]
+        hit_points = [n for n, _ in points if _matches(pattern, n)]
+        if not hit_layers and not hit_points:
+            names = [n for n, _ in layers] + [n for n, _ in points]
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise ValueError(f"overrides pattern {pattern!r} matches no quantizable layer or activation point; "
+                             f"allowed: fnmatch patterns of these names: {shown}")
+        for n in hit_layers:
+            if w_value is not _UNSET:
+                w[n] = _weight_spec(w_value, layer_of[n], f"overrides[{pattern!r}]")
+            if a_value is not _UNSET and not declared:
+                a[n] = _activation_spec(a_value, f"overrides[{pattern!r}]")
+        for n in hit_points:
+            if a_value is not _UNSET:
+                a[n] = _activation_spec(a_value, f"overrides[{pattern!r}]")
+    return _Plan(w, a), layers, declared
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """fnmatch on a module name; a pattern also matches everything inside the module it names."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+# --------------------------------------------------------------------------------------------------
+# Installing quantizers
+
+
+def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict | None = None, *,
+                   stochastic: bool = False, fold_batchnorm: bool = False,
+                   example: torch.Tensor | tuple | None = None) -> nn.Module:
+    """A fake-quantized copy of `model`; `model` itself is never changed.
+
+    weights / activations: a bit width (004's defaults: symmetric per-channel weights, affine per-tensor
+    activations), a QuantSpec, or None (float). overrides: {fnmatch pattern of a module name: None (keep
+    that layer float) | bits or QuantSpec (its weights) | {"weights": ..., "activations": ...}}; later
+    entries win; a pattern that matches nothing is an error. stochastic: QAT uses each weight scheme's
+    stochastic twin (004 §4). fold_batchnorm: fold every batch norm that directly follows a convolution or
+    linear layer into it first (004 eqs. 20-21: the inference graph); `example` (an input for the model)
+    is run once to see which batch norms take a layer's output as theirs.
+
+    The copy trains like any model (QAT: float shadow weights, straight-through gradients, 002 eqs. 2-4);
+    `calibrate` sets activation ranges without training; `dequantize_model` gives a float model back.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _checks.boolean("fold_batchnorm", fold_batchnorm)
+    try:
+        qmodel = copy.deepcopy(model)
+    except Exception as err:  # third-party models may hold things that cannot be copied
+        raise TypeError(f"model cannot be copied ({type(err).__name__}: {err}); quantize_model never changes "
+                        "the model it is given, so it needs a copy") from err
+    if fold_batchnorm:
+        if example is None:
+            raise ValueError("fold_batchnorm=True needs example=<an input for the model> to find the batch "
+                             "norms that follow a layer")
+        fold_batchnorms(qmodel, example)
+    quantize_in_place(qmodel, weights, activations, overrides, stochastic=stochastic)
+    return qmodel
+
+
+def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dict | None = None, *,
+                      stochastic: bool = False) -> nn.Module:
+    """quantize_model without the copy: configures `model` itself (the paper networks' constructors use it;
+    calling it again reconfigures the same quantizers)."""
+    _checks.boolean("stochastic", stochastic)
+    plan, layers, declared = _plan(model, weights, activations, overrides)
+    for name, layer in layers:
+        _quantize_weights(layer, plan.weights[name], stochastic)
+        if not declared:
+            _quantize_inputs(layer, plan.activations[name])
+    if declared:
+        for name, point in model.named_modules():
+            if isinstance(point, ActivationPoint):
+                point.configure(plan.activations[name])
+    _warn_unquantized(model)
+    _fast_paths_off_when_needed(model)
+    return model
+
+
+def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool) -> None:
+    if isinstance(getattr(layer, "wq", None), WeightQuantizer):  # a layer that quantizes what it computes
+        layer.wq.stochastic = stochastic
+        layer.wq.configure(spec)
+        return
+    for name in weight_names(layer):
+        if parametrize.is_parametrized(layer, name):
+            quantizer = layer.parametrizations[name][0]
+            quantizer.stochastic = stochastic
+            quantizer.configure(spec)
+        elif spec is not None:
+            parametrize.register_parametrization(layer, name, WeightQuantizer(spec, stochastic))
+
+
+def _quantize_inputs(layer: nn.Module, spec: QuantSpec | None) -> None:
+    names = ["input_quantizer", "key_quantizer", "value_quantizer"] if isinstance(layer, nn.MultiheadAttention) \
+        else ["input_quantizer"]
+    if not hasattr(layer, names[0]):
+        if spec is None:
+            return
+        for n in names:
+            layer.add_module(n, ActivationQuantizer(spec))
+        layer.register_forward_pre_hook(_quantized_inputs, with_kwargs=True)
+        return
+    for n in names:
+        getattr(layer, n).configure(spec)
+
+
+def _quantized_inputs(layer: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the layer's inputs through its activation quantizers. A module-level function
+    that reads the quantizers from the layer, so a deep copy of the model quantizes with its own."""
+    if isinstance(layer, nn.MultiheadAttention):
+        names = ("query", "key", "value")
+        values = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+        quantizers = (layer.input_quantizer, layer.key_quantizer, layer.value_quantizer)
+        done: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, (v, q) in enumerate(zip(values, quantizers, strict=True)):
+            if not isinstance(v, torch.Tensor):
+                continue
+            same = next((out for src, out in done if src is v), None)  # self-attention: q, k, v are one tensor
+            out = same if same is not None else q(v)
+            done.append((v, out))
+            values[i] = out
+        args = tuple(values[: len(args)]) + args[3:] if len(args) > 3 else tuple(values[: len(args)])
+        kwargs = {**kwargs, **{n: values[i] for i, n in enumerate(names) if i >= len(args) and n in kwargs}}
+        return args, kwargs
+    if args and isinstance(args[0], torch.Tensor):
+        return (layer.input_quantizer(args[0]), *args[1:]), kwargs
+    if isinstance(kwargs.get("input"), torch.Tensor):
+        return args, {**kwargs, "input": layer.input_quantizer(kwargs["input"])}
+    return None
+
+
+def _warn_unquantized(model: nn.Module) -> None:
+    left = []
+    for name, m in model.named_modules():
+        if not name or isinstance(m, LAYER_TYPES + _NORMS + _OURS) or _inside_ours(name, model):
+            continue
+        if any(True for _ in m.parameters(recurse=False)):
+            left.append(f"{name} ({type(m).__name__})")
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        warnings.warn(f"these modules stay float (qviz quantizes Linear, Conv, ConvTranspose and "
+                      f"MultiheadAttention weights): {shown}", UnquantizedModuleWarning, stacklevel=4)
+
+
+def _fast_paths_off_when_needed(model: nn.Module) -> None:
+    needed = any(isinstance(m, _FAST_PATHS) and any(isinstance(q, ActivationQuantizer) and q.spec is not None
+                                                     for q in m.modules())
+                 for m in model.modules())
+    has = getattr(model, "_qviz_fast_paths_hooked", False)
+    if needed and not has:
+        model.register_forward_pre_hook(_fast_paths_off)
+        model.register_forward_hook(_fast_paths_back, always_call=True)
+        model._qviz_fast_paths_hooked = True
+
+
+def _fast_paths_off(model, args):
+    stack = model.__dict__.setdefault("_qviz_fast_path_stack", [])
+    stack.append(torch.backends.mha.get_fastpath_enabled())
+    torch.backends.mha.set_fastpath_enabled(False)
+
+
+def _fast_paths_back(model, args, output):
+    stack = model.__dict__.get("_qviz_fast_path_stack")
+    if stack:
+        torch.backends.mha.set_fastpath_enabled(stack.pop())
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch-norm folding
+
+
+def fold_batchnorms(model: nn.Module, example) -> list[tuple[str, str]]:
+    """Fold, in place, every batch norm whose input is exactly the output of a Linear/Conv layer (004 eqs.
+    20-21, eval statistics); the batch norm becomes an identity. Found by running `example` through the
+    model once and matching tensors, so no guess from module order can pair the wrong modules. Returns the
+    (layer, batch norm) pairs folded."""
+    outputs: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    layers = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)}
+    norms = {m: n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    def after_layer(m, args, out):
+        if isinstance(out, torch.Tensor):
+            outputs[id(out)] = layers[m]
+
+    def before_norm(m, args):
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) in outputs:
+            pairs.append((outputs[id(args[0])], norms[m]))
+
+    handles = [m.register_forward_hook(after_layer) for m in layers] + [m.register_forward_pre_hook(before_norm)
+                                                                         for m in norms]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _run(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    used = {}
+    for layer_name, norm_name in pairs:
+        used.setdefault(norm_name, set()).add(layer_name)
+    folded = []
+    for norm_name, sources in used.items():
+        if len(sources) != 1:
+            continue  # one norm fed by several layers cannot fold into one of them
+        layer = model.get_submodule(next(iter(sources)))
+        norm = model.get_submodule(norm_name)
+        if norm.running_mean is None or layer.weight.shape[0] != norm.num_features:
+            continue
+        w, b = fold_batchnorm(layer.weight.detach(), norm.weight.detach() if norm.affine else torch.ones_like(
+            norm.running_mean), norm.bias.detach() if norm.affine else torch.zeros_like(norm.running_mean),
+            norm.running_mean, norm.running_var, norm.eps, None if layer.bias is None else layer.bias.detach())
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(b)
+            else:
+                layer.bias.copy_(b)
+        parent_name, _, child = norm_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+        folded.append((next(iter(sources)), norm_name))
+    return folded
+
+
+def _run(model: nn.Module, batch, forward: Callable | None = None):
+    """model(batch): a tensor as the input, a tuple/list as (input, target, ...), a dict as keyword inputs."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise TypeError(f"a batch must be a tensor, a tuple/list whose first item is the input tensor, or a dict of "
+                    f"keyword inputs (or give forward=...), got {type(batch).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration, inspection, the way back
+
+
+def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", percentile: float = 99.99,
+              forward: Callable | None = None) -> nn.Module:
+    """Set every activation range of a quantized model from data, without training (004 §3.1.2).
+
+    batches: one input tensor, or an iterable of batches (a tensor, a tuple/list whose first item is the
+    input, e.g. a DataLoader's (x, y), or a dict of keyword inputs as Hugging Face models take); or give
+    forward(model, batch). method: "moving_average" of each batch's min/max (004 §2.5, what training
+    finds), "minmax" over all batches, "percentile" (clip at the given percentile of each side), or "mse"
+    (the clip with the least squared quantization error). Learned clips (PACT) start at their MSE clip.
+    The model runs in eval mode under no_grad (batch norms and dropout as at inference); it is calibrated
+    in place and returned.
+    """
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    _checks.choice("method", method, CALIBRATIONS)
+    percentile = _checks.real("percentile", percentile, 50.0, 100.0, lo_open=True)
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable(model, batch) or None, got {type(forward).__name__}")
+    if isinstance(batches, torch.Tensor | dict):
+        batches = [batches]
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be a tensor or an iterable of batches, got {type(batches).__name__}")
+    quantizers = [m for m in qmodel.modules() if isinstance(m, ActivationQuantizer) and m.spec is not None]
+    was_training = qmodel.training
+    seen = 0
+    for q in quantizers:
+        q.start_calibration(method)
+    try:
+        qmodel.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _run(qmodel, batch, forward)
+                seen += 1
+    finally:
+        for q in quantizers:
+            q.finish_calibration(percentile) if seen else setattr(q, "calibrating", None)
+        qmodel.train(was_training)
+    if not seen:
+        raise ValueError("batches is empty: calibration needs at least one batch")
+    return qmodel
+
+
+def quantized_layers(qmodel: nn.Module) -> list[dict]:
+    """One row per quantizable layer, in network order: name, kind (its class), weights and activations
+    (QuantSpec or None for float), params (its weights and bias) and weight_shape. "activations" is the
+    quantizer of the layer's input; a network that declares its own activation points (nets.py) has none
+    per layer, and `quantized_points` lists its points."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    rows = []
+    for name, layer in quantizable_layers(qmodel):
+        w_spec = _installed_weight_spec(layer)
+        a_quant = getattr(layer, "input_quantizer", None)
+        params = sum(float_weight_numel for float_weight_numel in (_original(layer, n).numel()
+                                                                   for n in weight_names(layer)))
+        bias = getattr(layer, "bias", None) if not isinstance(layer, nn.MultiheadAttention) else layer.in_proj_bias
+        params += 0 if bias is None else bias.numel()
+        rows.append({"name": name, "kind": _kind(layer), "weights": w_spec,
+                     "activations": None if a_quant is None else a_quant.spec, "params": params,
+                     "weight_shape": tuple(float_weight(layer).shape)})
+    return rows
+
+
+def _kind(layer: nn.Module) -> str:
+    """The layer's class name (a parametrized layer's class is generated from it: report the real one)."""
+    cls = type(layer)
+    while cls.__module__ == parametrize.__name__ and cls.__bases__:
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
+def quantized_points(qmodel: nn.Module) -> list[dict]:
+    """One row per ActivationPoint a network declares: name, activations (QuantSpec or None), range."""
+    return [{"name": name, "activations": p.spec, "range": p.quantizer.range()}
+            for name, p in qmodel.named_modules() if isinstance(p, ActivationPoint)]
+
+
+def _installed_weight_spec(layer: nn.Module) -> QuantSpec | None:
+    if isinstance(getattr(layer, "wq", None), WeightQuantizer):
+        return layer.wq.spec
+    name = weight_names(layer)[0]
+    if parametrize.is_parametrized(layer, name):
+        return layer.parametrizations[name][0].spec
+    return None
+
+
+def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
+    """A plain float copy of a quantized model: its float (shadow) weights, no quantizers, no hooks.
+    bake=True keeps the quantized weight values instead (a float model that computes like the quantized
+    one's weights, for tools that know nothing of qviz)."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    _checks.boolean("bake", bake)
+    model = copy.deepcopy(qmodel)
+    for _, layer in quantizable_layers(model):
+        if isinstance(getattr(layer, "wq", None), WeightQuantizer):
+            if bake and layer.wq.spec is not None and not isinstance(layer, LinearBN):
+                with torch.no_grad():
+                    layer.weight.copy_(layer.wq(layer.weight))
+            layer.wq.configure(None)
+        for name in weight_names(layer):
+            if parametrize.is_parametrized(layer, name):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(layer, name, leave_parametrized=bake)
+        for name in ("input_quantizer", "key_quantizer", "value_quantizer"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        for key, hook in list(layer._forward_pre_hooks.items()):
+            if hook is _quantized_inputs:
+                del layer._forward_pre_hooks[key]
+                layer._forward_pre_hooks_with_kwargs.pop(key, None)
+    for point in model.modules():
+        if isinstance(point, ActivationPoint):
+            point.configure(None)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _fast_paths_off:
+            del model._forward_pre_hooks[key]
+    for key, hook in list(model._forward_hooks.items()):
+        if hook is _fast_paths_back:
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    model.__dict__.pop("_qviz_fast_paths_hooked", None)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX
+
+
+EXPORT_OPSET = 13
+
+
+def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: int = EXPORT_OPSET) -> Path:
+    """Write a quantized model as a QDQ ONNX graph (QuantizeLinear / DequantizeLinear pairs around each
+    quantized weight and activation), which ONNX Runtime and TensorRT turn into integer kernels.
+
+    Only what QuantizeLinear can express is exportable: uniform schemes (affine, symmetric, relu, pact,
+    dorefa_act) of up to 8 bits, with calibrated ranges; lower bit widths travel in 8-bit codes with
+    their own scale and a clip to their code range. Binary, ternary, DoReFa weights, ceil and stochastic
+    schemes raise ValueError naming the layer. Needs the `onnx` package (pip install "qviz[onnx]").
+    """
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    opset = _checks.integer("opset", opset, 13, 23)
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError as err:
+        raise ImportError('export_onnx needs the onnx package: pip install "qviz[onnx]"') from err
+    _check_exportable(qmodel)
+    path = Path(path)
+    args = example if isinstance(example, tuple) else (example,)
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with _exporting(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter writes QDQ pairs
+            torch.onnx.export(qmodel, args, str(path), opset_version=opset, dynamo=False,
+                              do_constant_folding=False, input_names=["input"], output_names=["output"])
+    finally:
+        qmodel.train(was_training)
+    return path
+
+
+def _check_exportable(qmodel: nn.Module) -> None:
+    for name, m in qmodel.named_modules():
+        quantizers = []
+        if isinstance(m, WeightQuantizer) and m.spec is not None:
+            quantizers.append(("weights", m.spec))
+        if isinstance(m, ActivationQuantizer) and m.spec is not None:
+            quantizers.append(("activations", m.spec))
+            if not m.calibrated:
+                raise ValueError(f"{name}: activation range not set; run calibrate(qmodel, batches) before export")
+        for what, spec in quantizers:
+            scheme = SCHEMES[spec.scheme]
+            if not scheme.onnx or spec.bits > 8:
+                exportable = ", ".join(repr(n) for n, s in SCHEMES.items() if s.onnx)
+                raise ValueError(f"{name} quantizes {what} with scheme {spec.scheme!r} at {spec.bits} bits, which "
+                                 f"QuantizeLinear/DequantizeLinear cannot express; exportable: {exportable} up "
+                                 "to 8 bits")
+
+
+@contextlib.contextmanager
+def _exporting():
+    from qviz.engine import quantizers
+
+    token = quantizers.EXPORTING.set(True)
+    try:
+        yield
+    finally:
+        quantizers.EXPORTING.reset(token)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers for the explorers: weights with the batch norm that follows
+
+
+@dataclasses.dataclass
+class WeightLayer:
+    """A layer with a weight matrix or kernel, and its batch norm if one follows it."""
+
+    name: str
+    module: nn.Module
+    bn: nn.Module | None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float (shadow) weights, even when the layer is quantized."""
+        if isinstance(self.module, LinearBN):
+            return self.module.weight.detach()
+        return float_weight(self.module).detach()
+
+    def folded_weight(self) -> torch.Tensor | None:
+        """γ W / σ with the batch norm's running statistics (004 eq. 20), or None without a batch norm."""
+        if self.bn is None:
+            return None
+        bn = self.bn
+        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_mean)
+        beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        return fold_batchnorm(self.weight, gamma, beta, bn.running_mean, bn.running_var, bn.eps)[0]
+
+
+def weight_layers(model: nn.Module) -> list[WeightLayer]:
+    """Every layer with weights (Linear, Conv, ConvTranspose, MultiheadAttention, LinearBN) with the batch
+    norm that follows it: its own (LinearBN), or the next module in registration order when that is a batch
+    norm with as many features as the layer has outputs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = [(n, m) for n, m in model.named_modules() if n and not _inside_ours(n, model)]
+    layers = []
+    for i, (name, m) in enumerate(modules):
+        if isinstance(m, LinearBN):
+            layers.append(WeightLayer(name, m, m.bn))
+        elif isinstance(m, LAYER_TYPES) and not any(isinstance(p, LinearBN) and name.startswith(n + ".")
+                                                    for n, p in modules):
+            follower = modules[i + 1][1] if i + 1 < len(modules) else None
+            out = float_weight(m).shape[channel_axis(m)] if not isinstance(m, nn.MultiheadAttention) else None
+            is_bn = isinstance(follower, nn.modules.batchnorm._BatchNorm) and follower.num_features == out \
+                and follower.running_mean is not None
+            layers.append(WeightLayer(name, m, follower if is_bn else None))
+    return layers
+
+
+def weight_pairs(model: nn.Module, *, with_names: bool = False) -> list[tuple]:
+    """(float weights, the weights the model computes with) of every quantizable layer, in eval mode and
+    without gradients; LinearBN layers give their folded weights (004 eqs. 20-21). with_names prepends
+    each layer's name."""
+    pairs = []
+    with torch.no_grad():
+        for name, layer in quantizable_layers(model):
+            if isinstance(layer, LinearBN):
+                w = layer.folded()[0] if layer.fold != "none" else layer.weight
+                q = layer.wq(w) if layer.wq.spec is not None else w
+            else:
+                w = float_weight(layer)
+                was = layer.training
+                layer.eval()
+                names = weight_names(layer)
+                q = torch.cat([getattr(layer, n) for n in names], 0) if len(names) > 1 else getattr(layer, names[0])
+                layer.train(was)
+            pair = (w.detach(), q.detach())
+            pairs.append((name, *pair) if with_names else pair)
+    return pairs
+
+
+def model_bytes(qmodel: nn.Module) -> dict:
+    """Bytes of a model's layer weights: float32, and packed at each layer's weight bits (float layers count
+    4 bytes a weight). A quick total; qviz.packed.memory_report gives the kernels' exact word rows."""
+    total_float, total_packed = 0, 0
+    for row in quantized_layers(qmodel):
+        n = math.prod(row["weight_shape"])
+        total_float += 4 * n
+        spec = row["weights"]
+        total_packed += 4 * n if spec is None else math.ceil(n * math.log2(max(2, spec.max_levels)) / 8)
+    return {"float32_bytes": total_float, "quantized_bytes": total_packed}
