@@ -12,6 +12,7 @@ Run: .venv/bin/python benchmarks/experiments.py
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import tempfile
@@ -30,12 +31,12 @@ from qviz.engine import (
     decision_map,
     float_model,
     post_training_quantize,
-    quantized_copy,
+    quantized_fcdnn,
     retrain_quantized,
     semicircles,
     weight_spec,
 )
-from qviz.engine.training import FLOAT_SCHEDULE, QAT_SCHEDULE
+from qviz.engine.train import FLOAT_SCHEDULE, QAT_SCHEDULE
 
 PLATEAU = 0.005  # 0.5 accuracy points
 
@@ -88,8 +89,8 @@ def ptq_map_latency(cache: Path) -> tuple[float, float]:
 def step_cost(cache: Path) -> tuple[float, float]:
     base = float_model(128, 4, cache=cache)
     X, y = semicircles(0)
-    models = {"float": quantized_copy(base, None, None),
-              "qat": quantized_copy(base, weight_spec(2), activation_spec(2)).calibrate(X[:4096])}
+    models = {"float": copy.deepcopy(base),
+              "qat": quantized_fcdnn(base, weight_spec(2), activation_spec(2)).calibrate(X[:4096])}
     g = torch.Generator().manual_seed(0)
     steps = {}
     for name, model in models.items():

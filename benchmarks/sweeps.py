@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import table
 
+from qviz.engine.experiments import digits_float_model
 from qviz.engine.sweep import grid, run_sweep, shutdown_pools
-from qviz.engine.training import digits_float_model
 
 ROUNDS = 3
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from qviz import _checks
 from qviz.engine.observers import MovingAverageMinMaxObserver
-from qviz.engine.quantizers import EXPORTING, SCHEMES, QuantSpec, export_quantize, fake_quantize
+from qviz.engine.quantizers import EXPORTING, SCHEMES, QuantSpec, export_quantize, fake_quantize, qdq_constants
 
 
 def fold_batchnorm(weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
@@ -121,7 +121,9 @@ class WeightQuantizer(nn.Module):
         if self.spec is None:
             return w
         if EXPORTING.get():
-            return export_quantize(w, self.spec, self.alpha)
+            if EXPORTING.get() == "prepare":
+                self._qdq = qdq_constants(w, self.spec, self.alpha)
+            return export_quantize(w, self._qdq, clip=False)
         if self.alpha is not None and float(self.alpha.detach()) <= 0:
             with torch.no_grad():
                 self.alpha.fill_(float(w.detach().abs().max()) or 1.0)
@@ -210,7 +212,10 @@ class ActivationQuantizer(nn.Module):
         if self.spec is None:
             return x
         if EXPORTING.get():
-            return export_quantize(x, self.spec if self.alpha is not None else self._fixed(x), self.alpha)
+            if EXPORTING.get() == "prepare":
+                spec = self.spec if self.alpha is not None else self._fixed(x)
+                self._qdq = qdq_constants(x, spec, self.alpha)
+            return export_quantize(x, self._qdq)
         if self.calibrating not in (None, "moving_average"):
             self._collect(x.detach())
             return x  # the range is set at the end of calibration; until then the layer sees float inputs

@@ -98,10 +98,26 @@ def weight_names(layer: nn.Module) -> list[str]:
 
 
 def _original(layer: nn.Module, name: str) -> torch.Tensor | None:
-    """The float tensor behind a (possibly parametrized) weight."""
-    if parametrize.is_parametrized(layer, name):
-        return layer.parametrizations[name].original
-    return getattr(layer, name, None)
+    """The float tensor behind a (possibly parametrized) weight: what qviz's quantizer is handed, i.e. the
+    stored tensor after any parametrization of the user's own (weight norm) that comes before it."""
+    if not parametrize.is_parametrized(layer, name):
+        return getattr(layer, name, None)
+    chain = layer.parametrizations[name]
+    if len(chain) == 1 and isinstance(chain[0], WeightQuantizer):
+        return chain.original
+    originals = [chain.original] if chain.is_tensor else [getattr(chain, f"original{i}") for i in range(chain.ntensors)]
+    value = None
+    for i, p in enumerate(chain):
+        if isinstance(p, WeightQuantizer):
+            break
+        value = p(*originals) if i == 0 else p(value)
+    return originals[0] if value is None else value
+
+
+def _our_quantizer(layer: nn.Module, name: str) -> WeightQuantizer | None:
+    if not parametrize.is_parametrized(layer, name):
+        return None
+    return next((p for p in layer.parametrizations[name] if isinstance(p, WeightQuantizer)), None)
 
 
 def float_weight(layer: nn.Module) -> torch.Tensor:
@@ -292,11 +308,11 @@ def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool
         layer.wq.configure(spec)
         return
     for name in weight_names(layer):
-        if parametrize.is_parametrized(layer, name):
-            quantizer = layer.parametrizations[name][0]
+        quantizer = _our_quantizer(layer, name)
+        if quantizer is not None:
             quantizer.stochastic = stochastic
             quantizer.configure(spec)
-        elif spec is not None:
+        elif spec is not None:  # appended after any parametrization of the user's own (weight norm)
             parametrize.register_parametrization(layer, name, WeightQuantizer(spec, stochastic))
 
 
@@ -532,10 +548,8 @@ def quantized_points(qmodel: nn.Module) -> list[dict]:
 def _installed_weight_spec(layer: nn.Module) -> QuantSpec | None:
     if isinstance(getattr(layer, "wq", None), WeightQuantizer):
         return layer.wq.spec
-    name = weight_names(layer)[0]
-    if parametrize.is_parametrized(layer, name):
-        return layer.parametrizations[name][0].spec
-    return None
+    quantizer = _our_quantizer(layer, weight_names(layer)[0])
+    return None if quantizer is None else quantizer.spec
 
 
 def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
@@ -553,9 +567,8 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
                     layer.weight.copy_(layer.wq(layer.weight))
             layer.wq.configure(None)
         for name in weight_names(layer):
-            if parametrize.is_parametrized(layer, name):
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(layer, name, leave_parametrized=bake)
+            if _our_quantizer(layer, name) is not None:
+                _remove_quantizer(layer, name, bake)
         for name in ("input_quantizer", "key_quantizer", "value_quantizer"):
             if hasattr(layer, name):
                 delattr(layer, name)
@@ -575,6 +588,28 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
             model._forward_hooks_always_called.pop(key, None)
     model.__dict__.pop("_qviz_fast_paths_hooked", None)
     return model
+
+
+def _remove_quantizer(layer: nn.Module, name: str, bake: bool) -> None:
+    """Take qviz's quantizer out of a weight's parametrizations. torch's remove_parametrizations deletes the
+    weight property from the layer's generated class, which a deep copy shares with the model it came from
+    (the quantized model would lose its weights): so the copy gets its plain class and tensor back here."""
+    chain = layer.parametrizations[name]
+    if len(chain) > 1:  # the user's own parametrizations (weight norm) stay; only ours goes
+        index = next(i for i, p in enumerate(chain) if isinstance(p, WeightQuantizer))
+        del chain[index]
+        if bake:
+            warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own: they stay, and the "
+                          "weights keep their float values (bake needs a plain weight)", UserWarning, stacklevel=3)
+        return
+    with torch.no_grad():
+        value = getattr(layer, name).detach().clone() if bake else chain.original.detach().clone()
+    original_class = type(layer).__bases__[0]
+    del layer.parametrizations[name]
+    if not layer.parametrizations:
+        del layer._modules["parametrizations"]
+        layer.__class__ = original_class
+    layer.register_parameter(name, nn.Parameter(value, requires_grad=chain.original.requires_grad))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,10 +641,16 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     was_training = qmodel.training
     qmodel.eval()
     try:
-        with _exporting(), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter writes QDQ pairs
-            torch.onnx.export(qmodel, args, str(path), opset_version=opset, dynamo=False,
-                              do_constant_folding=False, input_names=["input"], output_names=["output"])
+        with torch.no_grad(), warnings.catch_warnings():
+            with _exporting("prepare"):
+                qmodel(*args)  # every quantizer fixes its QuantizeLinear parameters (constants of the graph)
+            # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
+            # that those parameters are constants, which is what they are meant to be
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            with _exporting("trace"):
+                torch.onnx.export(qmodel, args, str(path), opset_version=opset, dynamo=False,
+                                  do_constant_folding=False, input_names=["input"], output_names=["output"])
     finally:
         qmodel.train(was_training)
     return path
@@ -634,10 +675,10 @@ def _check_exportable(qmodel: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _exporting():
+def _exporting(mode: str):
     from qviz.engine import quantizers
 
-    token = quantizers.EXPORTING.set(True)
+    token = quantizers.EXPORTING.set(mode)
     try:
         yield
     finally:

@@ -33,9 +33,10 @@ from qviz.engine.observers import GRANULARITIES, SCALE_FLOOR, minmax, quant_para
 
 STES = ("identity", "clipped", "saturated")
 
-# Set while a model is exported to ONNX: quantizers then emit PyTorch's own fake-quantize ops, which the
-# exporter writes as QuantizeLinear/DequantizeLinear pairs (see export_quantize).
-EXPORTING = contextvars.ContextVar("qviz_exporting", default=False)
+# While a model is exported to ONNX: "prepare" (a plain forward pass in which every quantizer computes its
+# QuantizeLinear/DequantizeLinear parameters from the weights and calibrated ranges), then "trace" (the
+# exporter's pass, where quantizers emit PyTorch's own fake-quantize ops with those numbers as constants).
+EXPORTING = contextvars.ContextVar("qviz_exporting", default=None)
 DELTA_RULES = ("twn", "exact")
 
 
@@ -994,23 +995,36 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, alpha: torch.Tensor | Non
     return _as_input_dtype(scheme.apply(x, spec, st, alpha, generator), dtype)
 
 
-def export_quantize(x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None = None) -> torch.Tensor:
+def qdq_constants(x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None = None) -> dict:
+    """The QuantizeLinear/DequantizeLinear parameters of `spec` on `x` as plain Python values: scale and
+    zero-point (one each, or one per channel), the scheme's own code range and the 8-bit container."""
+    with torch.no_grad():
+        scale, zero, qmin, qmax, axis = SCHEMES[spec.scheme].qdq_params(x.detach().float(), spec, alpha)
+    scale, zero = scale.double().reshape(-1), zero.reshape(-1).to(torch.int64)
+    return {"scale": scale.tolist(), "zero": zero.tolist(), "qmin": int(qmin), "qmax": int(qmax), "axis": axis,
+            "lo": ((qmin - zero) * scale).tolist(), "hi": ((qmax - zero) * scale).tolist(),
+            "container": (0, 255) if qmin >= 0 else (-128, 127)}
+
+
+def export_quantize(x: torch.Tensor, qdq: dict, clip: bool = True) -> torch.Tensor:
     """fake_quantize for ONNX export: PyTorch's fake-quantize ops on 8-bit codes (what the exporter writes as
     QuantizeLinear/DequantizeLinear), after a clip to the scheme's own code range, so lower bit widths
-    export exactly. Statistics are computed now and become constants of the graph."""
-    scheme = SCHEMES[spec.scheme]
-    scale, zero, qmin, qmax, axis = scheme.qdq_params(x.detach().float(), spec, alpha)
-    container = (0, 255) if qmin >= 0 else (-128, 127)
-    lo, hi = (qmin - zero) * scale, (qmax - zero) * scale
-    if axis is None:
-        x = x.clamp(float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0]))
-        return torch.fake_quantize_per_tensor_affine(x, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]),
-                                                     *container)
+    export exactly. `qdq` (from qdq_constants) holds Python numbers: the graph gets them as constants.
+    Weights need no clip (their codes come from their own range), which leaves the plain Q(W) -> DQ
+    pattern that runtimes turn into integer kernels."""
+    if qdq["axis"] is None:
+        x = x.clamp(qdq["lo"][0], qdq["hi"][0]) if clip else x
+        return torch.fake_quantize_per_tensor_affine(x, qdq["scale"][0], qdq["zero"][0], *qdq["container"])
     shape = [1] * x.dim()
-    shape[axis] = -1
-    x = torch.maximum(torch.minimum(x, hi.reshape(shape).to(x.dtype)), lo.reshape(shape).to(x.dtype))
-    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1).float(), zero.reshape(-1).to(torch.int32),
-                                                  axis, *container)
+    shape[qdq["axis"]] = -1
+    if clip:
+        lo = torch.tensor(qdq["lo"], dtype=x.dtype).reshape(shape)
+        hi = torch.tensor(qdq["hi"], dtype=x.dtype).reshape(shape)
+        x = torch.maximum(torch.minimum(x, hi), lo)
+    return torch.fake_quantize_per_channel_affine(x,
+                                                  torch.tensor(qdq["scale"], dtype=torch.float32),
+                                                  torch.tensor(qdq["zero"], dtype=torch.int32), qdq["axis"],
+                                                  *qdq["container"])
 
 
 def quantizer_levels(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -10,6 +10,7 @@ import numpy as np
 from qviz import _checks
 from qviz.engine import (
     QAT_SCHEDULE,
+    SCHEMES,
     Schedule,
     _cache,
     activation_spec,
@@ -31,9 +32,16 @@ WIDTHS = [16, 32, 64, 128, 200, 256]
 BITS = [("float", 0), ("1", 1), ("2", 2), ("3", 3), ("4", 4), ("6", 6), ("8", 8)]
 METHODS = [("PTQ (no retraining)", "ptq"), ("QAT", "qat"), ("QAT + CLR", "qat_clr"), ("QAT + L_Lip", "qat_lip"),
            ("QAT + CLR + L_Lip", "qat_clr_lip")]
-W_SCHEMES = [("auto", "auto"), ("ternary (TWN)", "ternary"), ("symmetric", "symmetric"), ("affine", "affine"),
-             ("xnor", "xnor"), ("DoReFa", "dorefa"), ("ceil", "ceil")]
-A_SCHEMES = [("PACT", "pact"), ("ReLU clip", "relu"), ("DoReFa", "dorefa_act"), ("ceil A_b", "ceil_act")]
+
+
+def weight_scheme_menu() -> list[tuple[str, str]]:
+    """"auto" (002's choice per bit width, see weight_spec) and every deterministic weight scheme."""
+    return [("auto", "auto"), *((s.menu_label, n) for n, s in SCHEMES.items()
+                                if s.kind == "weights" and not s.stochastic)]
+
+
+def activation_scheme_menu() -> list[tuple[str, str]]:
+    return [(s.menu_label, n) for n, s in SCHEMES.items() if s.kind == "activations" and not s.stochastic]
 
 
 class DecisionMapExplorer(Explorer):
@@ -93,8 +101,9 @@ class DecisionMapExplorer(Explorer):
         self.w_bits = W.SelectionSlider(options=BITS, value=init["w_bits"], description="weight bits", style=style)
         self.a_bits = W.SelectionSlider(options=BITS, value=init["a_bits"], description="activation bits",
                                         style=style)
-        self.w_scheme = W.Dropdown(options=W_SCHEMES, value="auto", description="weights", style=style)
-        self.a_scheme = W.Dropdown(options=A_SCHEMES, value="pact", description="activations", style=style)
+        self.w_scheme = W.Dropdown(options=weight_scheme_menu(), value="auto", description="weights", style=style)
+        self.a_scheme = W.Dropdown(options=activation_scheme_menu(), value="pact", description="activations",
+                                   style=style)
         self.method = W.Dropdown(options=METHODS, value=init["method"], description="method", style=style)
         self.residual = W.Checkbox(value=init["residual"], description="residual", indent=False)
         self.shortcut = W.Checkbox(value=False, description="quantize shortcut", indent=False)

@@ -17,9 +17,14 @@ STE_CHOICES = [("scheme's own", "default"), ("identity", "identity"), ("clipped"
 
 def _bits_range(scheme: str, signed: bool) -> tuple[int, int]:
     lo, hi = SCHEMES[scheme].bits
-    if scheme == "symmetric" and signed:
+    if _zero_centred(scheme) and signed:
         lo = 2
     return lo, min(hi, 8)
+
+
+def _zero_centred(scheme: str) -> bool:
+    """A uniform scheme with zero-point 0 (symmetric): its range is one magnitude and it may be unsigned."""
+    return bool(getattr(SCHEMES[scheme], "symmetric", False))
 
 
 class QuantizerExplorer(Explorer):
@@ -69,7 +74,7 @@ class QuantizerExplorer(Explorer):
         self.bits.disabled = lo == hi
         self.range.disabled = not scheme.takes_clip
         self.alpha.disabled = not scheme.takes_alpha
-        self.signed.disabled = self.scheme.value != "symmetric"
+        self.signed.disabled = not _zero_centred(self.scheme.value)
         self.narrow.disabled = not scheme.takes_narrow
         if not scheme.takes_narrow:
             self.narrow.value = False
@@ -86,7 +91,10 @@ class QuantizerExplorer(Explorer):
         lo, hi = params["range"]
         clip = None
         if scheme.takes_clip_pair:
-            clip = (lo, hi) if params["scheme"] != "symmetric" else (max(abs(lo), abs(hi)) if params["signed"] else hi)
+            if _zero_centred(params["scheme"]):
+                clip = max(abs(lo), abs(hi)) if params["signed"] else hi
+            else:
+                clip = (lo, hi)
         elif scheme.takes_clip:
             clip = hi
         if isinstance(clip, float) and clip <= 0:

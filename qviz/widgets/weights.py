@@ -7,14 +7,30 @@ import threading
 import ipywidgets as W
 import torch
 
-from qviz.engine import QuantSpec, float_model, weight_layers, weight_report
+from qviz.engine import SCHEMES, QuantSpec, float_model, weight_layers, weight_report
 from qviz.widgets import _charts
 from qviz.widgets._base import Explorer
 
-# (label, scheme) pairs; "uniform" becomes affine or symmetric by the range toggle
-SCHEMES = [("uniform", "uniform"), ("ternary (TWN)", "ternary"), ("binary (xnor)", "xnor"),
-           ("DoReFa", "dorefa"), ("ceil (Q_b)", "ceil"), ("binary (sign)", "binary")]
-BITS = {"uniform": (2, 8), "ternary": (2, 2), "xnor": (1, 1), "dorefa": (1, 8), "ceil": (1, 8), "binary": (1, 1)}
+MAX_BITS = 8  # the slider's end: 256 levels already fill the histogram
+
+
+def scheme_menu() -> list[tuple[str, str]]:
+    """(label, scheme) pairs from the registry: "uniform" (affine or symmetric by the range toggle), then
+    every deterministic weight scheme, registered ones included."""
+    others = [(s.menu_label, n) for n, s in SCHEMES.items()
+              if s.kind == "weights" and not s.stochastic and not _is_uniform(n)]
+    return [("uniform", "uniform"), *others]
+
+
+def _is_uniform(name: str) -> bool:
+    return getattr(SCHEMES[name], "symmetric", None) is not None  # the affine/symmetric family
+
+
+def bits_range(menu_value: str) -> tuple[int, int]:
+    if menu_value == "uniform":
+        return 2, MAX_BITS
+    lo, hi = SCHEMES[menu_value].bits
+    return lo, min(hi, MAX_BITS)
 
 
 class WeightExplorer(Explorer):
@@ -56,7 +72,7 @@ class WeightExplorer(Explorer):
     def _controls(self):
         style = {"description_width": "80px"}
         self.layer = W.Dropdown(options=[("(training the default model)", "")], description="layer", style=style)
-        self.scheme = W.Dropdown(options=SCHEMES, value="uniform", description="scheme", style=style)
+        self.scheme = W.Dropdown(options=scheme_menu(), value="uniform", description="scheme", style=style)
         self.bits = W.IntSlider(value=4, min=2, max=8, description="bits", style=style)
         self.granularity = W.ToggleButtons(options=[("per-layer", "tensor"), ("per-channel", "channel")],
                                            value="tensor", style={"button_width": "110px"})
@@ -78,7 +94,7 @@ class WeightExplorer(Explorer):
         self.layer.value = current if current in [o[1] for o in options] else options[min(1, len(options) - 1)][1]
 
     def _scheme_changed(self, change=None) -> None:
-        lo, hi = BITS[self.scheme.value]
+        lo, hi = bits_range(self.scheme.value)
         with self.bits.hold_trait_notifications():
             self.bits.max = max(hi, self.bits.min)
             self.bits.min = lo
