@@ -698,9 +698,9 @@ class Ceil(Scheme):
     def apply(self, x, spec, st, alpha, generator):
         if alpha is None and not x.requires_grad:
             return self.quantize(x, spec, st, generator)
-        u = _widened(x, st["m"]) / st["m"]
-        qu = _StraightThrough.apply(u, self._q_b(u.detach(), spec.bits), self.ste_mask(x.detach(), spec, st))
-        return (alpha if alpha is not None else st["alpha"]).abs() * qu
+        qu = self._q_b(_widened(x.detach(), st["m"]) / st["m"], spec.bits)
+        mask = self.ste_mask(x.detach(), spec, st)
+        return _CeilSTE.apply(x, alpha if alpha is not None else st["alpha"], qu, st["m"], mask)
 
     def span(self, spec, st):
         return -st["m"], st["m"]
@@ -714,6 +714,36 @@ class Ceil(Scheme):
         half = 2 ** (spec.bits - 1)
         k = torch.arange(-half + 1, half, dtype=torch.float32) / half
         return st["m"].unsqueeze(-1) * k
+
+
+class _CeilSTE(torch.autograd.Function):
+    """q = |α| Q_b(x / m) with dq/dx = mask |α| / m and dq/dα = sign(α) Q_b(x / m) (001 eqs. 3, 4).
+
+    One function rather than PyTorch's chain of ops so that the gradient |α| / m, which a large α over the
+    range of a tiny tensor can push past float's largest value, is clamped to it instead of becoming inf.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, qu, m, mask):
+        ctx.save_for_backward(alpha, qu, m, mask)
+        ctx.x_dtype = x.dtype
+        return (alpha.abs() * qu).to(torch.promote_types(x.dtype, alpha.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        alpha, qu, m, mask = ctx.saved_tensors
+        grad_x = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            limit = torch.finfo(ctx.x_dtype).max
+            # |α| / m in float64, clamped to the largest finite value; a product past it is inf, which the
+            # second clamp turns back into that value (grad and gain are finite, so never NaN)
+            gain = (alpha.detach().abs().double() / m.double()).clamp(max=limit).to(grad.dtype)
+            grad_x = (grad * gain).clamp(-limit, limit).to(ctx.x_dtype)
+            if mask is not None:
+                grad_x = grad_x * mask
+        if ctx.needs_input_grad[1]:
+            grad_alpha = (grad * torch.sign(alpha) * qu).sum_to_size(alpha.shape).to(alpha.dtype)
+        return grad_x, grad_alpha, None, None, None
 
 
 class Relu(Scheme):
