@@ -57,7 +57,8 @@ def main() -> None:
     print(table(rows, ["step", "ms", "x float forward"]))
     calibrate(qm, [batch])
     with torch.no_grad():
-        print(f"\nW8A8 output SQNR against float on these images: {sqnr_db(float_forward(), qm(**batch).logits):.1f} dB")
+        sqnr = sqnr_db(float_forward(), qm(**batch).logits)
+    print(f"\nW8A8 output SQNR against float on these images: {sqnr:.1f} dB")
 
 
 if __name__ == "__main__":
