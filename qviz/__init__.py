@@ -1,14 +1,15 @@
 """qviz: interactive widgets and a PyTorch engine for exploring neural-network quantization.
 
 `qviz.engine` (PyTorch + numpy) and `qviz.packed` (the Cython kernels) need no UI; the explorers
-(`qviz.QuantizerExplorer`, `WeightExplorer`, `DecisionMapExplorer`, `KernelReadout`, `Dashboard`) are
+(`qviz.QuantizerExplorer`, `WeightExplorer`, `DecisionMapExplorer`, `KernelReadout`, `Dashboard`,
+`SweepExplorer`, `ModelExplorer`) are
 imported on first use so that scripts never pay for ipywidgets and Altair.
 """
 
 __version__ = "0.1.0"
 
 _WIDGETS = {"QuantizerExplorer", "WeightExplorer", "DecisionMapExplorer", "KernelReadout", "Dashboard",
-            "SweepExplorer"}
+            "SweepExplorer", "ModelExplorer"}
 
 
 def __getattr__(name: str):

@@ -100,6 +100,7 @@ class WeightQuantizer(nn.Module):
         self.stochastic = _checks.boolean("stochastic", stochastic)
         self.alpha: nn.Parameter | None = None
         self._cached: tuple | None = None
+        self.bypass = False  # float weights for a while (calibration observes the float network)
         self.configure(spec)
 
     def configure(self, spec: QuantSpec | None) -> None:
@@ -118,7 +119,7 @@ class WeightQuantizer(nn.Module):
         return "float" if self.spec is None else f"{self.spec.scheme}, {self.spec.bits} bits, {self.spec.granularity}"
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.spec is None:
+        if self.spec is None or self.bypass:
             return w
         if EXPORTING.get():
             if EXPORTING.get() == "prepare":

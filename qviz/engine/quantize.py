@@ -475,10 +475,12 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
     batches: one input tensor, or an iterable of batches (a tensor, a tuple/list whose first item is the
     input, e.g. a DataLoader's (x, y), or a dict of keyword inputs as Hugging Face models take); or give
     forward(model, batch). method: "moving_average" of each batch's min/max (004 §2.5, what training
-    finds), "minmax" over all batches, "percentile" (clip at the given percentile of each side), or "mse"
-    (the clip with the least squared quantization error). Learned clips (PACT) start at their MSE clip.
-    The model runs in eval mode under no_grad (batch norms and dropout as at inference); it is calibrated
-    in place and returned.
+    finds: the network runs quantized while the ranges settle), "minmax" over all batches, "percentile"
+    (clip at the given percentile of each side), or "mse" (the clip with the least squared quantization
+    error). The last three observe the float network (weights and activations unquantized, as PyTorch's
+    post-training flow calibrates), so the ranges do not depend on the bit widths. Learned clips (PACT)
+    start at their MSE clip. The model runs in eval mode under no_grad (batch norms and dropout as at
+    inference); it is calibrated in place and returned.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -491,10 +493,13 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
     if not isinstance(batches, Iterable):
         raise TypeError(f"batches must be a tensor or an iterable of batches, got {type(batches).__name__}")
     quantizers = [m for m in qmodel.modules() if isinstance(m, ActivationQuantizer) and m.spec is not None]
+    floating = [] if method == "moving_average" else [m for m in qmodel.modules() if isinstance(m, WeightQuantizer)]
     was_training = qmodel.training
     seen = 0
     for q in quantizers:
         q.start_calibration(method)
+    for w in floating:
+        w.bypass = True
     try:
         qmodel.eval()
         with torch.no_grad():
@@ -502,6 +507,8 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
                 _run(qmodel, batch, forward)
                 seen += 1
     finally:
+        for w in floating:
+            w.bypass = False
         for q in quantizers:
             q.finish_calibration(percentile) if seen else setattr(q, "calibrating", None)
         qmodel.train(was_training)

@@ -337,3 +337,99 @@ def message(fig: Figure, text: str, title: str) -> dict:
     return view(data, {"type": "text", "fontSize": 14, "align": "left", "baseline": "top", "x": 10, "y": 10,
                        "limit": 620, "lineBreak": "\n"}, {"text": {"field": "text"}}, "message",
                 title=fig.title(title), width=640, height=120)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model explorer
+
+
+LAYER_PANEL_WIDTH = 190
+
+
+def _layer_panel(fig: Figure, layers: Sequence[str], rows: Sequence[dict], field: str, name: str, color: str,
+                 title: str, x_title: str, selectable: bool = False) -> dict:
+    """One horizontal bar per layer (network order top to bottom); the picked layer stands out."""
+    values = [r.get(field) for r in rows]
+    data = fig.data(layer=list(layers), v=[v if v is not None and np.isfinite(v) else None for v in values])
+    y = {"field": "layer", "type": "nominal", "sort": list(layers), "title": None,
+         "axis": {"labelLimit": 260} if selectable else None}
+    bars = view(data, {"type": "bar", "color": color, "cursor": "pointer"},
+                {"y": y, "x": q("v", x_title),
+                 "opacity": {"condition": {"param": "pick", "empty": False, "value": 1.0}, "value": 0.55},
+                 "tooltip": [{"field": "layer"}, {"field": "v", "title": x_title, "format": ".4g"}]}, name)
+    if selectable:
+        bars["params"] = [{"name": "pick", "select": {"type": "point", "fields": ["layer"], "on": "click"}}]
+    return {"layer": [bars], "title": fig.title(title), "width": LAYER_PANEL_WIDTH,
+            "height": max(120, 18 * len(layers))}
+
+
+def layer_view(fig: Figure, rows: Sequence[dict], titles: Sequence[str]) -> dict:
+    """The per-layer view: weight SQNR, output SQNR (the layer's own and in the quantized network),
+    sensitivity and packed bytes, side by side; clicking a bar of the first panel picks that layer."""
+    layers = [r["name"] for r in rows]
+    own = _layer_panel(fig, layers, rows, "output_sqnr_db", "own_sqnr", ORANGE, titles[1], "dB", False)
+    propagated = view(fig.data(layer=layers, v=[r.get("propagated_sqnr_db") if r.get("propagated_sqnr_db") is not None
+                                                and np.isfinite(r["propagated_sqnr_db"]) else None for r in rows]),
+                      {"type": "tick", "color": INK, "thickness": 3, "size": 14},
+                      {"y": {"field": "layer", "type": "nominal", "sort": layers, "title": None, "axis": None},
+                       "x": q("v")}, "propagated_sqnr")
+    own["layer"].append(propagated)
+    return {"hconcat": [
+        _layer_panel(fig, layers, rows, "weight_sqnr_db", "weight_sqnr", BLUE, titles[0], "dB", True),
+        own,
+        _layer_panel(fig, layers, rows, "sensitivity", "sensitivity", RED, titles[2], "sensitivity"),
+        _layer_panel(fig, layers, rows, "packed_bytes", "packed_bytes", GREEN, titles[3], "bytes"),
+    ], "spacing": 6}
+
+
+def pareto_chart(fig: Figure, uniform: Sequence[dict], greedy: Sequence[dict], current: dict, floating: dict,
+                 metric: str, title: str) -> dict:
+    """The metric against model bytes: uniform bit widths, the greedy mixed-precision path, float, and
+    the current setting as a large mark."""
+    x = q("bytes", "weight bytes", scale={"type": "log"})
+    y = q("metric", metric, scale={"zero": False})
+    uni = fig.data(bytes=[p["bytes"] for p in uniform], metric=[p["metric"] for p in uniform],
+                   label=[p["label"] for p in uniform])
+    path = fig.data(bytes=[p["bytes"] for p in greedy], metric=[p["metric"] for p in greedy],
+                    label=[p["label"] for p in greedy])
+    return layer(
+        view(path, {"type": "line", "color": PURPLE, "point": {"size": 25}, "strokeWidth": 1.5},
+             {"x": x, "y": y, "order": {"field": "bytes", "sort": "descending"},
+              "tooltip": [{"field": "label"}, {"field": "metric", "format": ".4g"}, {"field": "bytes"}]}, "greedy"),
+        view(uni, {"type": "line", "color": BLUE, "point": {"size": 40}, "strokeDash": [4, 3]},
+             {"x": x, "y": y, "tooltip": [{"field": "label"}, {"field": "metric", "format": ".4g"}]}, "uniform"),
+        view(uni, {"type": "text", "dy": -10, "fontSize": 12, "color": BLUE},
+             {"x": x, "y": y, "text": {"field": "label"}}, "uniform_labels"),
+        view(fig.data(bytes=[floating["bytes"]], metric=[floating["metric"]]),
+             {"type": "point", "shape": "diamond", "size": 120, "color": GREY, "filled": True}, {"x": x, "y": y},
+             "float_point"),
+        view(fig.data(bytes=[current["bytes"]], metric=[current["metric"]]),
+             {"type": "point", "size": 260, "color": RED, "filled": True, "stroke": "white", "strokeWidth": 2},
+             {"x": x, "y": y}, "current"),
+        title=fig.title(title), width=2 * WIDTH - 60, height=HEIGHT)
+
+
+def activation_histogram(fig: Figure, edges, counts, clip: Sequence[float], title: str) -> dict:
+    """A layer's input activations with its quantizer's clip range as two rules."""
+    hist = _bars(fig, edges, counts, "activations", PURPLE, title, "input activation", log_y=True)
+    hist_title = hist.pop("title")
+    for key in ("width", "height"):
+        hist.pop(key)
+    rules = view(fig.data(x=list(clip)), {"type": "rule", "color": RED, "strokeWidth": 2, "strokeDash": [5, 3]},
+                 {"x": q("x")}, "clip")
+    return layer(hist, rules, title=hist_title, width=WIDTH, height=HEIGHT)
+
+
+def layer_staircase(fig: Figure, x, q_values, levels, title: str) -> dict:
+    """The layer's weight quantizer on the range of its weights, with its real levels."""
+    return layer(view(fig.data(y=levels), {"type": "rule", "color": BLUE, "opacity": 0.35}, {"y": q("y")},
+                      "layer_levels"),
+                 view(fig.data(x=x, y=q_values), {"type": "line", "color": INK, "strokeWidth": 2.5,
+                                                  "interpolate": "step-after"},
+                      {"x": q("x", "weight"), "y": q("y", "quantized weight")}, "layer_staircase"),
+                 title=fig.title(title), width=WIDTH, height=HEIGHT)
+
+
+def model_figure(layers: dict, pareto: dict, drill: Sequence[dict]) -> dict:
+    """The model explorer: per-layer view on top; the Pareto chart and the picked layer up close below."""
+    return {"vconcat": [layers, {"hconcat": [pareto, *drill]}], "spacing": 18}

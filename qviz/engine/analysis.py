@@ -1,0 +1,511 @@
+"""Which layer of a network hurts, and what each bit buys: the numbers behind the ModelExplorer.
+
+`ModelAnalysis(model, data, metric=None)` quantizes a copy of `model` once (quantize_model) and then only
+reconfigures its quantizers, so a change of one layer's bits costs the work that change invalidates:
+
+- per layer: weight SQNR (float vs quantized weights), output SQNR with the float network's input (the
+  layer's own error) and inside the quantized network (the propagated error), sensitivity (the drop of the
+  metric when only that layer is quantized), parameters and packed bytes;
+- for the model: the float and quantized metric, packed bytes against float32, and a latency estimate from
+  the packed kernels' measured throughput;
+- a Pareto chart's points: uniform bit widths and a greedy mixed-precision path that lowers the least
+  sensitive layer first.
+
+data is (X, y), scored by accuracy (or metric(outputs, y)), or X alone, scored by the output SQNR in dB
+against the float model's outputs. X is a tensor, or a dict of tensors for models that take keyword inputs
+(Hugging Face's pixel_values). Activation ranges are calibrated once, by min/max of the float network's
+activations over X (calibrate's "minmax"), so they do not depend on the bit widths being tried; feeding
+`overrides_of(config)` to quantize_model and calibrating the same way reproduces every number. Results are
+cached per layer setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from qviz import _checks
+from qviz.engine.metrics import histogram, sqnr_db, weight_report
+from qviz.engine.quantize import (
+    UnquantizedModuleWarning,
+    calibrate,
+    channel_axis,
+    default_activation_spec,
+    default_weight_spec,
+    float_weight,
+    quantizable_layers,
+    quantize_in_place,
+    quantize_model,
+    weight_names,
+)
+from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantizer_thresholds
+
+BIT_CHOICES = (1, 2, 3, 4, 5, 6, 8)
+PARETO_BITS = (2, 3, 4, 6, 8)
+GREEDY_LADDER = (8, 4, 2)  # the bit widths the greedy path steps each layer through
+CAPTURE_SAMPLES = 64  # samples whose per-layer inputs and outputs are kept for the layer SQNRs
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSetting:
+    """One layer's quantization: weight and activation specs (None: float)."""
+
+    weights: QuantSpec | None
+    activations: QuantSpec | None
+
+
+def _outputs(out) -> torch.Tensor:
+    """A model's output as one tensor: .logits of Hugging Face outputs, the first item of a tuple."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, tuple | list):
+        return _outputs(out[0])
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model's output must be a tensor, a tuple or have .logits, got {type(out).__name__}")
+    return out
+
+
+def _rows(x, start: int, stop: int):
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def _count(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _call(model: nn.Module, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+class ModelAnalysis:
+    """Per-layer and whole-model quantization numbers of `model` on `data` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, data, metric: Callable | None = None, *, batch_size: int = 256):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be callable(outputs, y) or None, got {type(metric).__name__}")
+        self.X, self.y = self._check_data(data)
+        self.metric_fn = metric
+        self.batch_size = _checks.integer("batch_size", batch_size, 1)
+        self.model = model.eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnquantizedModuleWarning)
+            self.qmodel = quantize_model(model, None, None).eval()
+        self.unquantized = [str(w.message) for w in caught if issubclass(w.category, UnquantizedModuleWarning)]
+        self.layers = [name for name, _ in quantizable_layers(self.qmodel)]
+        if not self.layers:
+            raise ValueError("model has no Linear, Conv, ConvTranspose or MultiheadAttention layer to quantize")
+        self._modules = dict(quantizable_layers(self.qmodel))
+        self._float_modules = dict(quantizable_layers(self.model))
+        self._cache: dict = {}
+        self._captured_float: dict[str, tuple] | None = None
+        self._float_outputs: torch.Tensor | None = None
+        self._rates: dict | None = None
+        self.metric_name = "accuracy" if self.y is not None and metric is None else (
+            "metric" if metric is not None else "output SQNR (dB)")
+
+    # ------------------------------------------------------------------ data and settings
+
+    @staticmethod
+    def _check_data(data):
+        if isinstance(data, tuple | list):
+            if len(data) not in (1, 2):
+                raise ValueError(f"data must be X or (X, y), got a sequence of {len(data)} items")
+            X, y = data[0], (data[1] if len(data) == 2 else None)
+        else:
+            X, y = data, None
+        if isinstance(X, dict):
+            if not X or not all(isinstance(v, torch.Tensor) for v in X.values()):
+                raise TypeError("data X as a dict must map input names to tensors (keyword inputs of the model)")
+            sizes = {len(v) for v in X.values()}
+            if len(sizes) != 1:
+                raise ValueError(f"data X's tensors must hold as many samples each, got {sorted(sizes)}")
+        elif not isinstance(X, torch.Tensor):
+            raise TypeError(f"data must be X or (X, y) with X a torch.Tensor (or a dict of them), got "
+                            f"{type(X).__name__}")
+        if _count(X) == 0:
+            raise ValueError("data X is empty: the analysis needs at least one sample")
+        for name, t in (X.items() if isinstance(X, dict) else [("X", X)]):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"data {name} contains NaN or Inf; allowed: finite values")
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"data y must be a torch.Tensor or None, got {type(y).__name__}")
+            if len(y) != _count(X):
+                raise ValueError(f"data X has {_count(X)} samples but y has {len(y)}; allowed: as many each")
+        return X, y
+
+    def setting(self, name: str, w_bits, a_bits, scheme: str = "default") -> LayerSetting:
+        """The specs for bit widths (None: float) with a weight scheme ("default": 004's symmetric per-channel)."""
+        layer = self._modules[name]
+        if w_bits is None:
+            weights = None
+        elif scheme == "default":
+            weights = default_weight_spec(w_bits, layer)
+        else:
+            _checks.choice("scheme", scheme, ["default", *self.weight_schemes()])
+            kw = {"granularity": "channel", "axis": channel_axis(layer)} if scheme in ("symmetric", "affine") else {}
+            weights = QuantSpec(scheme, bits=_checks.integer("w_bits", w_bits, 1, 16), **kw)
+        activations = None if a_bits is None else default_activation_spec(a_bits)
+        return LayerSetting(weights, activations)
+
+    @staticmethod
+    def weight_schemes() -> list[str]:
+        return [n for n, s in SCHEMES.items() if s.kind == "weights" and not s.stochastic]
+
+    def _apply(self, config: dict[str, LayerSetting]) -> None:
+        overrides = {_escape(name): {"weights": s.weights, "activations": s.activations} for name, s in config.items()}
+        quantize_in_place(self.qmodel, None, None, overrides)
+        self._calibrate_new()
+
+    def _calibrate_new(self) -> None:
+        """Calibrate every input quantizer that has no range yet (ranges hold float min/max, so once is enough)."""
+        fresh = [m.input_quantizer for m in self._modules.values()
+                 if hasattr(m, "input_quantizer") and m.input_quantizer.spec is not None
+                 and not m.input_quantizer.calibrated]
+        fresh += [getattr(m, n) for m in self._modules.values() if isinstance(m, nn.MultiheadAttention)
+                  for n in ("key_quantizer", "value_quantizer") if hasattr(m, n)
+                  and getattr(m, n).spec is not None and not getattr(m, n).calibrated]
+        if fresh:
+            calibrate(self.qmodel, [_rows(self.X, i, i + self.batch_size)
+                                    for i in range(0, _count(self.X), self.batch_size)], method="minmax",
+                      forward=lambda model, batch: _call(model, batch))
+
+    # ------------------------------------------------------------------ the float pass
+
+    def _capture(self, model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict, torch.Tensor]:
+        """Run the first CAPTURE_SAMPLES samples through `model`, keeping each layer's inputs and output."""
+        seen: dict[str, tuple] = {}
+        handles = []
+        for name, m in modules.items():
+            def pre(mod, args, kwargs, name=name):
+                seen[name] = [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                              {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}]
+
+            def post(mod, args, out, name=name):
+                seen[name].append(_outputs(out).detach())
+
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+            handles.append(m.register_forward_hook(post))
+        try:
+            with torch.no_grad(), _checks.no_finite_checks():  # the data was checked once, in __init__
+                out = _outputs(_call(model, _rows(self.X, 0, CAPTURE_SAMPLES)))
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, out
+
+    def float_pass(self) -> None:
+        if self._captured_float is None:
+            self._captured_float, _ = self._capture(self.model, self._float_modules)
+            self._float_outputs = self._forward(self.model)
+
+    def _forward(self, model: nn.Module) -> torch.Tensor:
+        outs = []
+        with torch.no_grad(), _checks.no_finite_checks():
+            for i in range(0, _count(self.X), self.batch_size):
+                outs.append(_outputs(_call(model, _rows(self.X, i, i + self.batch_size))))
+        return torch.cat(outs)
+
+    def _score(self, outputs: torch.Tensor) -> float:
+        if self.metric_fn is not None:
+            return float(self.metric_fn(outputs, self.y if self.y is not None else self._float_outputs))
+        if self.y is not None:
+            return float((outputs.argmax(-1) == self.y).float().mean())
+        return float(sqnr_db(self._float_outputs, outputs))
+
+    @property
+    def float_metric(self) -> float:
+        self.float_pass()
+        if "float_metric" not in self._cache:
+            self._cache["float_metric"] = self._score(self._float_outputs)
+        return self._cache["float_metric"]
+
+    # ------------------------------------------------------------------ per layer
+
+    def weight_sqnr(self, name: str, setting: LayerSetting) -> float:
+        key = ("weight_sqnr", name, setting.weights)
+        if key not in self._cache:
+            if setting.weights is None:
+                self._cache[key] = math.inf
+            else:
+                self._apply({name: setting})
+                layer = self._modules[name]
+                with torch.no_grad():
+                    q = torch.cat([getattr(layer, n).reshape(-1) for n in weight_names(layer)])
+                self._cache[key] = sqnr_db(float_weight(layer).detach().reshape(-1), q)
+        return self._cache[key]
+
+    def output_sqnr(self, name: str, setting: LayerSetting) -> float:
+        """The layer's own error: its output with the float network's input, quantized vs float."""
+        key = ("output_sqnr", name, setting)
+        if key not in self._cache:
+            self.float_pass()
+            if setting.weights is None and setting.activations is None:
+                self._cache[key] = math.inf
+            else:
+                self._apply({name: setting})
+                args, kwargs, want = self._captured_float[name]
+                with torch.no_grad(), _checks.no_finite_checks():
+                    got = _outputs(self._modules[name](*args, **kwargs))
+                self._cache[key] = sqnr_db(want, got)
+        return self._cache[key]
+
+    def evaluate(self, config: dict[str, LayerSetting]) -> dict:
+        """The quantized network under `config`: its metric and every layer's propagated output SQNR."""
+        key = ("evaluate", _freeze(config))
+        if key not in self._cache:
+            self.float_pass()
+            self._apply(config)
+            captured, _ = self._capture(self.qmodel, self._modules)
+            propagated = {name: sqnr_db(self._captured_float[name][2], captured[name][2]) for name in self.layers}
+            self._cache[key] = {"metric": self._score(self._forward(self.qmodel)), "propagated": propagated}
+        return self._cache[key]
+
+    def metric_of(self, config: dict[str, LayerSetting]) -> float:
+        """The metric of the quantized network under `config` (no per-layer capture)."""
+        key = ("metric", _freeze(config))
+        if key not in self._cache:
+            full = self._cache.get(("evaluate", _freeze(config)))
+            if full is not None:
+                return full["metric"]
+            self.float_pass()
+            self._apply(config)
+            self._cache[key] = self._score(self._forward(self.qmodel))
+        return self._cache[key]
+
+    @property
+    def scored_by_sqnr(self) -> bool:
+        return self.y is None and self.metric_fn is None
+
+    @property
+    def sensitivity_name(self) -> str:
+        return "output noise (dB)" if self.scored_by_sqnr else f"{self.metric_name} drop"
+
+    def sensitivity(self, name: str, setting: LayerSetting) -> float:
+        """How much the metric drops when only this layer is quantized (float metric minus that metric).
+        Scored by output SQNR, where the float network's own SQNR is infinite, it is the output noise that
+        layer alone causes, in dB relative to the signal (-SQNR): higher is more sensitive either way."""
+        if setting.weights is None and setting.activations is None:
+            return -math.inf if self.scored_by_sqnr else 0.0
+        float_config = {n: LayerSetting(None, None) for n in self.layers}
+        alone = self.metric_of({**float_config, name: setting})
+        return -alone if self.scored_by_sqnr else self.float_metric - alone
+
+    # ------------------------------------------------------------------ bytes and time
+
+    def layer_shape(self, name: str) -> tuple[int, int, tuple[int, int]]:
+        """(out_features, in_features per group, kernel) of a layer's weight, as memory_report takes them."""
+        w = float_weight(self._modules[name])
+        axis = channel_axis(self._modules[name])
+        out, fan_in = w.shape[axis], w.shape[1 - axis] if w.dim() > 1 else 1
+        k = tuple(int(v) for v in w.shape[2:])
+        kernel = (1, 1) if not k else (1, k[0]) if len(k) == 1 else (math.prod(k[:-1]), k[-1])
+        return int(out), int(fan_in), kernel
+
+    def packed_bytes(self, name: str, setting: LayerSetting) -> int:
+        """Bytes of the layer's weights as the packed kernels hold them: codes in rows of 64-bit words
+        (memory_report), plus a scale and zero-point (uniform schemes) or a float32 codebook of the levels
+        (the others) per tensor or per output channel. Float32 when the layer is float."""
+        from qviz import packed
+
+        out, fan_in, kernel = self.layer_shape(name)
+        spec = setting.weights
+        if spec is None:
+            return self.float32_bytes(name)
+        levels = spec.max_levels
+        bits = next(b for b in packed.CODE_BITS if 2**b >= levels)
+        codes = packed.memory_report(out, fan_in, kernel=kernel, bits=bits, codebook_bits=0)["packed_bytes"]
+        groups = out if spec.granularity == "channel" else 1
+        uniform = getattr(SCHEMES[spec.scheme], "symmetric", None) is not None  # scale and zero-point suffice
+        return int(codes + groups * (8 if uniform else 4 * levels))
+
+    def float32_bytes(self, name: str) -> int:
+        out, fan_in, kernel = self.layer_shape(name)
+        return 4 * out * fan_in * kernel[0] * kernel[1]
+
+    def params(self, name: str) -> int:
+        layer = self._modules[name]
+        bias = layer.in_proj_bias if isinstance(layer, nn.MultiheadAttention) else getattr(layer, "bias", None)
+        return int(float_weight(layer).numel() + (0 if bias is None else bias.numel()))
+
+    def macs(self, name: str) -> int:
+        """Multiply-accumulates of the layer per sample (from the float pass's output shapes)."""
+        self.float_pass()
+        out = self._captured_float[name][2]
+        _, fan_in, kernel = self.layer_shape(name)
+        samples = max(1, min(CAPTURE_SAMPLES, _count(self.X)))
+        return int(out.numel() // samples * fan_in * kernel[0] * kernel[1])
+
+    def kernel_rates(self, budget_s: float = 0.05) -> dict:
+        """Measured multiply-accumulates per second of each packed kernel and of torch float32 (once)."""
+        if self._rates is None:
+            from qviz import packed
+
+            rates = {}
+            for kind, bits in (("binary", 1), ("lowbit", 2), ("lowbit", 4), ("lut", 4), ("lut", 8)):
+                r = packed.measure_latency(kind, 16, 1024, 1024, bits=bits, budget_s=budget_s)
+                rates[(kind, bits)] = r["macs"] / r["qviz_s"]
+                rates["float"] = max(rates.get("float", 0.0), r["macs"] / r["torch_s"])
+            self._rates = rates
+        return self._rates
+
+    def kernel_for(self, setting: LayerSetting) -> tuple[str, int] | str:
+        """The packed kernel a layer would run on: XOR-popcount for W1A1, bit-serial for equal 2- or 4-bit
+        weights and activations, codebook for up-to-8-bit weights with wider activations, else float."""
+        w = setting.weights
+        if w is None:
+            return "float"
+        a = setting.activations
+        levels = w.max_levels
+        if levels <= 2 and a is not None and a.bits == 1:
+            return ("binary", 1)
+        if a is not None and a.bits == w.bits and w.bits in (2, 4):
+            return ("lowbit", w.bits)
+        if levels <= 16:
+            return ("lut", 4)
+        if levels <= 256:
+            return ("lut", 8)
+        return "float"
+
+    def latency_estimate(self, config: dict[str, LayerSetting]) -> dict:
+        """Seconds per sample: Σ MACs / rate of the layer's kernel, and the same all in torch float32."""
+        rates = self.kernel_rates()
+        total = float_total = 0.0
+        for name in self.layers:
+            macs = self.macs(name)
+            total += macs / rates[self.kernel_for(config[name])]
+            float_total += macs / rates["float"]
+        return {"seconds": total, "float_seconds": float_total}
+
+    # ------------------------------------------------------------------ one layer up close
+
+    def drilldown(self, name: str, setting: LayerSetting, *, bins: int = 60) -> dict:
+        """What the explorer shows for one layer: its weights against the levels (weight_report), its input
+        activations with the clip range, and its quantizer's staircase with the layer's real levels (of the
+        output channel with the widest range when per channel)."""
+        self.float_pass()
+        self._apply({name: setting})
+        layer = self._modules[name]
+        w = float_weight(layer).detach()
+        flat = w.movedim(channel_axis(layer), 0).reshape(w.shape[channel_axis(layer)], -1)
+        spec = setting.weights or QuantSpec("affine", 8)  # a float layer: show 8-bit levels for scale
+        out = {"weights": weight_report(flat, spec.replace(axis=0) if spec.granularity == "channel" else spec,
+                                        bins=bins), "float_weights": setting.weights is None}
+        args = self._captured_float[name][0]
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None:
+            x = next(v for v in self._captured_float[name][1].values() if isinstance(v, torch.Tensor))
+        edges, counts = histogram(x.float(), bins)
+        q = getattr(layer, "input_quantizer", None)
+        out["activations"] = {"edges": edges, "counts": counts,
+                              "range": None if q is None or q.spec is None else q.range(),
+                              "bits": None if setting.activations is None else setting.activations.bits}
+        out["staircase"] = self._staircase(flat, spec)
+        return out
+
+    @staticmethod
+    def _staircase(flat: torch.Tensor, spec: QuantSpec, points: int = 401) -> dict:
+        spec = spec.replace(axis=0) if spec.granularity == "channel" else spec
+        levels, thresholds = quantizer_levels(flat, spec), quantizer_thresholds(flat, spec)
+        if levels.dim() == 2:  # per channel: the widest kernel's levels, as the weight histogram shows
+            row = int(flat.abs().amax(1).argmax())
+            levels, thresholds = levels[row], thresholds[row]
+        lo, hi = float(flat.min()), float(flat.max())
+        margin = 0.1 * (hi - lo) or 1.0
+        x = torch.linspace(lo - margin, hi + margin, points)
+        q = levels[torch.searchsorted(thresholds.contiguous(), x)]
+        return {"x": x.numpy(), "q": q.numpy(), "levels": levels.numpy()}
+
+    # ------------------------------------------------------------------ the whole picture, streamed
+
+    def uniform_config(self, w_bits, a_bits, scheme: str = "default") -> dict[str, LayerSetting]:
+        return {n: self.setting(n, w_bits, a_bits, scheme) for n in self.layers}
+
+    def layer_rows(self, config: dict[str, LayerSetting], *, propagated: dict | None = None,
+                   sensitivities: dict | None = None) -> list[dict]:
+        rows = []
+        for name in self.layers:
+            s = config[name]
+            rows.append({
+                "name": name, "kind": type(self._float_modules[name]).__name__, "params": self.params(name),
+                "w_bits": None if s.weights is None else s.weights.bits,
+                "a_bits": None if s.activations is None else s.activations.bits,
+                "w_scheme": None if s.weights is None else s.weights.scheme,
+                "weight_sqnr_db": self.weight_sqnr(name, s), "output_sqnr_db": self.output_sqnr(name, s),
+                "propagated_sqnr_db": None if propagated is None else propagated[name],
+                "sensitivity": None if sensitivities is None else sensitivities.get(name),
+                "packed_bytes": self.packed_bytes(name, s), "float32_bytes": self.float32_bytes(name),
+            })
+        return rows
+
+    def totals(self, config: dict[str, LayerSetting]) -> dict:
+        return {"packed_bytes": sum(self.packed_bytes(n, config[n]) for n in self.layers),
+                "float32_bytes": sum(self.float32_bytes(n) for n in self.layers)}
+
+    @staticmethod
+    def scheme_bits(scheme: str) -> tuple[int, int]:
+        """The weight bit widths a scheme allows ("default": 1 to 16)."""
+        return (1, 16) if scheme == "default" else SCHEMES[scheme].bits
+
+    def pareto(self, a_bits, scheme: str = "default", *, cancel=None) -> Iterator[dict]:
+        """Points of the Pareto chart: uniform weight bit widths, then the greedy mixed-precision path
+        (every layer starts at the widest rung of GREEDY_LADDER the scheme allows and steps down, the least
+        sensitive layer first)."""
+        lo, hi = self.scheme_bits(scheme)
+        ladder = [b for b in GREEDY_LADDER if lo <= b <= hi] or [lo]
+        uniform = []
+        for bits in [b for b in PARETO_BITS if lo <= b <= hi] or [lo]:
+            config = self.uniform_config(bits, a_bits, scheme)
+            uniform.append({"label": f"W{bits}", "bytes": self.totals(config)["packed_bytes"],
+                            "metric": self.metric_of(config)})
+            if cancel is not None and cancel.is_set():
+                return
+        yield {"uniform": uniform, "greedy": []}
+        config = self.uniform_config(ladder[0], a_bits, scheme)
+        greedy = [{"label": f"all W{ladder[0]}", "bytes": self.totals(config)["packed_bytes"],
+                   "metric": self.metric_of(config)}]
+        if len(ladder) == 1:
+            yield {"uniform": uniform, "greedy": greedy}
+        for lower in ladder[1:]:
+            # the least sensitive layer first, each measured alone at the next width down
+            order = sorted(self.layers, key=lambda n: self.sensitivity(n, self.setting(n, lower, a_bits, scheme)))
+            for name in order:
+                if cancel is not None and cancel.is_set():
+                    return
+                config = {**config, name: self.setting(name, lower, a_bits, scheme)}
+                greedy.append({"label": f"{name} W{lower}", "bytes": self.totals(config)["packed_bytes"],
+                               "metric": self.metric_of(config)})
+            yield {"uniform": uniform, "greedy": list(greedy)}
+
+    def report(self, config: dict[str, LayerSetting], *, with_sensitivity: bool = True) -> dict:
+        """Everything at once (what a script wants): per-layer rows, metrics, bytes, latency."""
+        evaluation = self.evaluate(config)
+        sens = {n: self.sensitivity(n, config[n]) for n in self.layers} if with_sensitivity else None
+        return {"layers": self.layer_rows(config, propagated=evaluation["propagated"], sensitivities=sens),
+                "float_metric": self.float_metric, "quant_metric": evaluation["metric"],
+                "metric_name": self.metric_name, **self.totals(config),
+                "latency": self.latency_estimate(config)}
+
+
+def _freeze(config: dict[str, LayerSetting]) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+def _escape(name: str) -> str:
+    """A module name as an fnmatch pattern that matches exactly it (names may hold [ ] * ?)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
+def overrides_of(config: dict[str, LayerSetting]) -> dict:
+    """quantize_model overrides that reproduce `config` layer by layer (parents before children, so a
+    layer inside another, an attention's output projection, keeps its own entry)."""
+    return {_escape(name): {"weights": s.weights, "activations": s.activations} for name, s in config.items()}
+
+
