@@ -188,13 +188,7 @@ def weight_histograms(fig: Figure, edges, counts, levels, quantized: dict, title
     quantized: {"values", "counts"} (one bar per level) or {"edges", "counts"} (binned, when every
     kernel has its own levels).
     """
-    hist = _bars(fig, edges, counts, "weights", BLUE, title, "weight", log_y=True)
-    title_of_hist = hist.pop("title")
-    for key in ("width", "height"):
-        hist.pop(key)
-    rules = view(fig.data(x=levels), {"type": "rule", "color": RED, "strokeWidth": 1.5, "opacity": 0.8},
-                 {"x": q("x")}, "levels")
-    left = layer(hist, rules, title=title_of_hist, width=WIDTH, height=HEIGHT)
+    left = weights_with_levels(fig, edges, counts, levels, title)
     if "values" in quantized:
         right = view(fig.data(level=quantized["values"], n=quantized["counts"]),
                      {"type": "bar", "color": RED, "size": 6},
@@ -204,6 +198,17 @@ def weight_histograms(fig: Figure, edges, counts, levels, quantized: dict, title
         right = _bars(fig, quantized["edges"], quantized["counts"], "quantized", RED, "Quantized weights",
                       "quantized weight", log_y=True)
     return {"hconcat": [left, right]}
+
+
+def weights_with_levels(fig: Figure, edges, counts, levels, title: str) -> dict:
+    """The float weights' histogram with the quantization levels as rules."""
+    hist = _bars(fig, edges, counts, "weights", BLUE, title, "weight", log_y=True)
+    title_of_hist = hist.pop("title")
+    for key in ("width", "height"):
+        hist.pop(key)
+    rules = view(fig.data(x=levels), {"type": "rule", "color": RED, "strokeWidth": 1.5, "opacity": 0.8},
+                 {"x": q("x")}, "levels")
+    return layer(hist, rules, title=title_of_hist, width=WIDTH, height=HEIGHT)
 
 
 def _colors(domain: Sequence[str], colors: Sequence[str]) -> dict:

@@ -269,8 +269,8 @@ class ModelExplorer(Explorer):
         w = d["weights"]
         which = "levels" if w["levels_kernel"] is None else f"levels of kernel {w['levels_kernel']}"
         label = "float (8-bit levels shown)" if d["float_weights"] else which
-        hist = _charts.weight_histograms(fig, w["edges"], w["counts"], w["levels"], w["quantized"],
-                                         f"{params['layer']}: weights, {label}")["hconcat"][0]
+        hist = _charts.weights_with_levels(fig, w["edges"], w["counts"], w["levels"],
+                                           f"{params['layer']}: weights, {label}")
         act = d["activations"]
         clip = list(act["range"]) if act["range"] is not None else []
         act_title = ("input: float" if act["bits"] is None else f"input: {act['bits']}-bit clip range")

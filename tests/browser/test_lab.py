@@ -21,6 +21,19 @@ NOTEBOOKS = {
     # 256-6 is in no other test: its float model trains for half a minute, which the next cell must not wait for
     "training": ["import qviz\nd = qviz.DecisionMapExplorer(width=256, depth=6, resolution=60)\nd",
                  "print('next cell ran while the float model trained:', d.float_model is None)"],
+    "model": ["import torch\nfrom torch import nn\nimport qviz\nfrom qviz.engine import fit\n"
+              "from qviz.engine.data import digits\n"
+              "class CNN(nn.Module):\n"
+              "    def __init__(self):\n"
+              "        super().__init__()\n"
+              "        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)\n"
+              "        self.fc1, self.fc2 = nn.Linear(16 * 16, 32), nn.Linear(32, 10)\n"
+              "    def forward(self, x):\n"
+              "        h = torch.relu(self.conv1(x.reshape(-1, 1, 8, 8)))\n"
+              "        h = torch.max_pool2d(torch.relu(self.conv2(h)), 2)\n"
+              "        return self.fc2(torch.relu(self.fc1(h.flatten(1))))\n"
+              "X, y, X_test, y_test = digits(0)\ntorch.manual_seed(0)\nnet = fit(CNN(), X, y, epochs=10)\n"
+              "m = qviz.ModelExplorer(net, (X_test, y_test))\nm"],
     "sweep": ["import qviz\nfrom qviz.engine.sweep import grid, run_sweep\n"
               "result = run_sweep(grid(width=[64, 128], w_bits=[1, 2, None], depth=4, method='ptq', resolution=64),\n"
               "                   'semicircles', executor='serial', progress=False)\n"
@@ -220,3 +233,37 @@ def _shut_down_kernels(lab):
     for kernel in json.loads(urllib.request.urlopen(url, timeout=10).read()):
         request = urllib.request.Request(f"{lab.base}/api/kernels/{kernel['id']}?token={lab.token}", method="DELETE")
         urllib.request.urlopen(request, timeout=30)
+
+
+def _box(page, name, index):
+    """The bounding box of the index-th item the chart layer `name` draws."""
+    return page.evaluate(
+        """([name, index]) => {
+            const re = new RegExp('(^|\\\\s)' + name + '(_\\\\d+)?_marks(\\\\s|$)');
+            const g = [...document.querySelectorAll('.qviz-chart g')].find(g => re.test(g.getAttribute('class') || ''));
+            const item = g && g.querySelectorAll(':scope > path')[index];
+            if (!item) return null;
+            const b = item.getBoundingClientRect();
+            return {x: b.x, y: b.y, width: b.width, height: b.height};
+        }""", [name, index])
+
+
+def test_model_explorer_click_a_layer_change_its_bits_and_the_views_redraw(lab, browser):
+    page = _open(browser, lab, "model")
+    _wait_for(page, lambda: marks(page, "weight_sqnr") == 4, timeout=120, what="one weight-SQNR bar per layer")
+    _wait_for(page, lambda: marks(page, "greedy") > 0 and marks(page, "current") == 1, timeout=180,
+              what="the Pareto chart with the current mark")
+    _wait_for(page, lambda: marks(page, "sensitivity") == 4, timeout=120, what="every layer's sensitivity")
+    bar = _box(page, "weight_sqnr", 2)  # fc1, the third layer
+    mark = _box(page, "current", 0)
+    page.mouse.click(bar["x"] + bar["width"] / 2, bar["y"] + bar["height"] / 2)  # click fc1's bar
+    layer_menu = page.locator(".qviz-explorer .widget-dropdown", has=page.locator("label", has_text="layer"))
+    _wait_for(page, lambda: layer_menu.locator("select").first.input_value() == "fc1", timeout=30,
+              what="the clicked layer in the layer menu")
+    _press(page, "its weight bits", "ArrowRight", times=3)  # global -> float -> 1 -> 2 bits
+    _wait_for(page, lambda: (_box(page, "weight_sqnr", 2) or bar)["width"] < bar["width"] * 0.5, timeout=60,
+              what="fc1's weight SQNR bar shrinking at 2 bits")
+    _wait_for(page, lambda: (_box(page, "current", 0) or mark)["x"] < mark["x"] - 5, timeout=60,
+              what="the Pareto mark moving to fewer bytes")
+    _shot(page, "model")
+    page.close()

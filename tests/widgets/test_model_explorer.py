@@ -176,3 +176,15 @@ def test_a_hugging_face_resnet_with_unlabeled_data_is_scored_by_output_sqnr(tmp_
         assert (tmp_path / "resnet.png").stat().st_size > 10_000
     finally:
         e.close()
+
+
+def test_every_dataset_the_figure_sends_is_drawn(explorer):
+    """A dataset no view uses is dropped by Vega-Lite, and a data update to it fails in the browser."""
+    import json
+
+    import vl_convert
+
+    spec = explorer.spec
+    compiled = vl_convert.vegalite_to_vega(spec)
+    names = {d["name"] for d in (json.loads(compiled) if isinstance(compiled, str) else compiled)["data"]}
+    assert set(spec["datasets"]) <= names
