@@ -38,7 +38,7 @@ def unpack_codes(const uint64_t[:, ::1] words, int bits, uint8_t[:, ::1] out):
                 out[r, j] = <uint8_t> ((words[r, j // per_word] >> ((j % per_word) * bits)) & mask)
 
 
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport free, malloc
 
 cdef extern from "_packed_kernels.h" nogil:
@@ -61,8 +61,21 @@ cdef extern from "_packed_kernels.h" nogil:
                          float *out, size_t Ho, size_t Wo, int threads)
     int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats)
     void qviz_set_tile(int mr, int nr)
+    int QVIZ_PANEL, QVIZ_P_XOR, QVIZ_P_AND, QVIZ_P_DOT2, QVIZ_P_DOT4
+    void qviz_make_panels(const uint64_t *B, size_t N, size_t W64, size_t K32, uint32_t *dst)
+    void qviz_panels_to_rows(const uint32_t *src, size_t N, size_t K32, uint64_t *B, size_t W64)
+    void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out)
+    int qviz_panel_slots(int path, int op)
+    void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32, int S, uint32_t *dst)
+    void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, size_t lda, const uint32_t *Bp, size_t N,
+                           size_t K32, int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out,
+                           int threads)
+    void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
+                        int bits, const float *codebook, float *out, int threads)
 
-PATHS = ("portable", "popcnt", "avx2", "avx512")
+PATHS = ("portable", "popcnt", "avx2", "avx512", "avx512vnni")
+PANEL = QVIZ_PANEL
+OPS = {"xor": QVIZ_P_XOR, "and": QVIZ_P_AND, "dot2": QVIZ_P_DOT2, "dot4": QVIZ_P_DOT4}
 
 
 def supported_paths():
@@ -153,3 +166,51 @@ def popcount_buffer(const uint64_t[::1] buf, Py_ssize_t words, Py_ssize_t repeat
 def set_tile_shape(int rows_a, int rows_b):
     """Tile shape of the popcount kernels (1-4 rows of a x 1-2 rows of w); for tuning, not for users."""
     qviz_set_tile(rows_a, rows_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Panels (qviz/_packed_panels.h): weights as 16-row panels of 32-bit words
+
+
+def make_panels(const uint64_t[:, ::1] words, Py_ssize_t k32, uint32_t[:, :, ::1] out):
+    """out [ceil(N/16), k32, 16] = the 32-bit words of `words` [N, W] transposed in panels of 16 rows."""
+    with nogil:
+        qviz_make_panels(&words[0, 0], words.shape[0], words.shape[1], k32, &out[0, 0, 0])
+
+
+def panels_to_rows(const uint32_t[:, :, ::1] panels, uint64_t[:, ::1] out):
+    """The row layout `out` [N, W] back from panels."""
+    with nogil:
+        qviz_panels_to_rows(&panels[0, 0, 0], out.shape[0], panels.shape[1], &out[0, 0], out.shape[1])
+
+
+def row_popcounts(const uint64_t[:, ::1] a, int64_t[::1] out):
+    with nogil:
+        qviz_row_popcounts(&a[0, 0], a.shape[0], a.shape[1], &out[0])
+
+
+def panel_matmul(const uint64_t[:, ::1] a, Py_ssize_t k32, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int op,
+                 long long mul, const int64_t[::1] offset_m, long long offset, int32_t[:, ::1] out, int path,
+                 int threads):
+    """out = mul * S + offset + offset_m[m] with S the `op` reduction of a's rows against the panels."""
+    cdef size_t m = a.shape[0]
+    cdef int slots = qviz_panel_slots(path, op)
+    cdef uint32_t *rows = <uint32_t *> malloc(m * <size_t> k32 * <size_t> slots * sizeof(uint32_t) + 4)
+    cdef const int64_t *off = NULL if offset_m is None else &offset_m[0]
+    if rows == NULL:
+        raise MemoryError("no memory for the activation rows")
+    try:
+        with nogil:
+            qviz_split_rows(&a[0, 0], m, a.shape[1], k32, slots, rows)
+            qviz_panel_matmul(path, op, rows, m, <size_t> k32 * slots, &panels[0, 0, 0], n, k32, mul, off, offset,
+                              &out[0, 0], threads)
+    finally:
+        free(rows)
+
+
+def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int bits,
+              const float[::1] codebook, float[:, ::1] out, int path, int threads):
+    """out = x @ codebook[w].T with w in panels, one codebook of 2**bits entries (bits 1, 2 or 4)."""
+    with nogil:
+        qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1], bits,
+                       &codebook[0], &out[0, 0], threads)

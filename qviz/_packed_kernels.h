@@ -29,7 +29,7 @@
 #include <omp.h>
 #endif
 
-enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_N_PATHS = 4 };
+enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_AVX512VNNI = 4, QVIZ_N_PATHS = 5 };
 
 /* What the reduction over words computes for one pair of rows. */
 enum { QVIZ_XOR_POPCOUNT = 0, QVIZ_AND_POPCOUNT = 1, QVIZ_AND_FIELDS2 = 2, QVIZ_AND_FIELDS4 = 3,
@@ -47,6 +47,8 @@ static int qviz_path_supported(int path) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    case QVIZ_AVX512VNNI:
+        return qviz_path_supported(QVIZ_AVX512) && __builtin_cpu_supports("avx512vnni");
     }
     return 0;
 #else
@@ -324,7 +326,7 @@ static qviz_tile_fn qviz_tile_for(int path, int op) {
                                                     qviz_tile_avx512_3, qviz_tile_avx512_4};
     if (path == QVIZ_POPCNT) return popcnt[op];
     if (path == QVIZ_AVX2) return avx2[op];
-    if (path == QVIZ_AVX512) return avx512[op];
+    if (path >= QVIZ_AVX512) return avx512[op];
 #endif
     return portable[op];
 }
@@ -854,5 +856,8 @@ static int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, siz
     }
     return total;
 }
+
+#include "_packed_pool.h"
+#include "_packed_panels.h"
 
 #endif /* QVIZ_PACKED_KERNELS_H */
