@@ -70,11 +70,15 @@ cdef extern from "_packed_kernels.h" nogil:
     void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, size_t lda, const uint32_t *Bp, size_t N,
                            size_t K32, int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out,
                            int threads)
+    int QVIZ_ROOF_POP, QVIZ_ROOF_DOT, QVIZ_ROOF_FMA, QVIZ_HAVE_POOL
+    int64_t qviz_roof(int path, int kind, long iters, double *macs)
+    int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
     void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
                         int bits, const float *codebook, float *out, int threads)
 
 PATHS = ("portable", "popcnt", "avx2", "avx512", "avx512vnni")
 PANEL = QVIZ_PANEL
+ROOF_KINDS = {"pop": QVIZ_ROOF_POP, "dot": QVIZ_ROOF_DOT, "fma": QVIZ_ROOF_FMA}
 OPS = {"xor": QVIZ_P_XOR, "and": QVIZ_P_AND, "dot2": QVIZ_P_DOT2, "dot4": QVIZ_P_DOT4}
 
 
@@ -214,3 +218,25 @@ def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_
     with nogil:
         qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1], bits,
                        &codebook[0], &out[0, 0], threads)
+
+
+def pool_enabled():
+    """Whether the panel kernels run on the thread pool (POSIX threads), otherwise on the caller alone."""
+    return bool(QVIZ_HAVE_POOL)
+
+
+def roof(int path, int kind, long iters):
+    """Run `iters` iterations of the register-resident roof loop; returns (checksum, operations done)."""
+    cdef double macs = 0
+    cdef int64_t check
+    with nogil:
+        check = qviz_roof(path, kind, iters, &macs)
+    return check, macs
+
+
+def read_words(const uint64_t[::1] buf, int threads):
+    """Sum of the words of buf, read on up to `threads` threads (a bandwidth probe)."""
+    cdef int64_t s
+    with nogil:
+        s = qviz_read_words(&buf[0], buf.shape[0], threads)
+    return s

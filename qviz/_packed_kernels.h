@@ -857,7 +857,16 @@ static int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, siz
     return total;
 }
 
+/* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
+ * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define QVIZ_NO_PRE __attribute__((optimize("no-tree-pre")))
+#else
+#define QVIZ_NO_PRE
+#endif
+
 #include "_packed_pool.h"
 #include "_packed_panels.h"
+#include "_packed_roof.h"
 
 #endif /* QVIZ_PACKED_KERNELS_H */

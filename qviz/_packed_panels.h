@@ -154,7 +154,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
  * accumulators live in registers, and the register allocator sees one loop at a time (with all 24
  * inlined into one switch, GCC 12 left the hot loop 1.7x slower). */
 #define QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, MR, NP)                                                    \
-    static __attribute__((noinline)) ATTR void NAME##_##MR##x##NP(QVIZ_BODY_PARAMS) {                    \
+    static __attribute__((noinline)) ATTR QVIZ_NO_PRE void NAME##_##MR##x##NP(QVIZ_BODY_PARAMS) {        \
         BODY(MODE, MR, NP, QVIZ_PANEL_ARGS);                                                            \
     }
 #define QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, MR)                                                    \

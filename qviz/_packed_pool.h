@@ -42,7 +42,8 @@ typedef struct {
     _Atomic long done;
 } qviz_pool_t;
 
-static qviz_pool_t qviz_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
+static qviz_pool_t qviz_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+                                .busy = PTHREAD_MUTEX_INITIALIZER};
 
 static inline void qviz_relax(void) {
 #if QVIZ_X86
