@@ -240,3 +240,51 @@ def read_words(const uint64_t[::1] buf, int threads):
     with nogil:
         s = qviz_read_words(&buf[0], buf.shape[0], threads)
     return s
+
+
+def padding_clear(const uint64_t[:, ::1] words, Py_ssize_t used):
+    """-1 if every bit at or after `used` in the last word of each row is zero, else the first bad row."""
+    cdef Py_ssize_t r, last = words.shape[1] - 1
+    cdef uint64_t mask
+    if used >= 64:
+        return -1
+    mask = ~((<uint64_t> 1 << used) - 1)
+    with nogil:
+        for r in range(words.shape[0]):
+            if words[r, last] & mask:
+                break
+        else:
+            r = -1
+    return r
+
+
+def panels_padding_clear(const uint32_t[:, :, ::1] panels, Py_ssize_t used):
+    """-1 if the bits at or after `used` of every last panel word are zero, else the first bad panel."""
+    cdef Py_ssize_t p, j, last = panels.shape[1] - 1, bad = -1
+    cdef uint32_t mask
+    if used >= 32:
+        return -1
+    mask = ~((<uint32_t> 1 << used) - 1)
+    with nogil:
+        for p in range(panels.shape[0]):
+            for j in range(panels.shape[2]):
+                if panels[p, last, j] & mask:
+                    bad = p
+                    break
+            if bad >= 0:
+                break
+    return bad
+
+
+def code_sums(const uint64_t[:, ::1] words, int bits, Py_ssize_t k, int64_t[::1] out):
+    """out[r] = sum of the k codes of row r."""
+    cdef Py_ssize_t r, j
+    cdef int per_word = 64 // bits
+    cdef uint64_t mask = (<uint64_t> 1 << bits) - 1 if bits < 64 else <uint64_t> 0xFFFFFFFFFFFFFFFF
+    cdef int64_t s
+    with nogil:
+        for r in range(words.shape[0]):
+            s = 0
+            for j in range(k):
+                s += <int64_t> ((words[r, j // per_word] >> ((j % per_word) * bits)) & mask)
+            out[r] = s

@@ -339,6 +339,8 @@ static qviz_tile_fn qviz_tile_for(int path, int op) {
 
 static int qviz_threads(int threads) { return threads < 1 ? 1 : threads; }
 
+#include "_packed_pool.h"
+
 /* out[m, n] = scale_a * S + offset[m] (the affine epilogues of the binary and hybrid kernels) */
 static void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
                              int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads) {
@@ -378,7 +380,7 @@ static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, si
     const long n_blocks = (long)((N + QVIZ_NB - 1) / QVIZ_NB);
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1) if ((double)M * N * W > 1e6)
 #endif
     for (long blk = 0; blk < n_blocks; blk++) {
         int64_t S[QVIZ_MR * QVIZ_NR];
@@ -505,17 +507,13 @@ static inline QVIZ_AVX2_FN uint32_t qviz_avx2_or_lanes(__m256i v) {
 
 /* Rows in parallel; 8 codes at a time: scale, round, clamp (vmaxps sends NaN to 0), shift each lane to
  * its bit offset and OR the lanes into one group of 8 codes. */
-static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t M, size_t K, int bits, float inv_scale,
-                                                float zero_point, uint64_t *out, size_t W, int64_t *row_sums,
-                                                int threads) {
+static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t r0, size_t M, size_t K, int bits,
+                                                float inv_scale, float zero_point, uint64_t *out, size_t W,
+                                                int64_t *row_sums) {
     const size_t per_word = (size_t)(64 / bits);
     const float top = (float)((1 << bits) - 1);
     int nan_seen = 0;
-    (void)threads;
-#if QVIZ_HAVE_OPENMP
-#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(static) reduction(| : nan_seen)
-#endif
-    for (long rr = 0; rr < (long)M; rr++) {
+    for (long rr = (long)r0; rr < (long)M; rr++) {
         const size_t r = (size_t)rr;
         const __m256 inv = _mm256_set1_ps(inv_scale), zp = _mm256_set1_ps(zero_point);
         const __m256 hi = _mm256_set1_ps(top), lo = _mm256_setzero_ps();
@@ -556,14 +554,42 @@ static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t M, size_t 
 }
 #endif
 
+typedef struct {
+    int path, bits;
+    const float *x;
+    size_t M, K, W;
+    float inv_scale, zero_point;
+    uint64_t *out;
+    int64_t *row_sums;
+    _Atomic int nan_seen;
+} qviz_pack_job;
+
+#define QVIZ_PACK_ROWS 16 /* rows per task */
+
+static void qviz_pack_task(void *arg, long t) {
+    qviz_pack_job *j = (qviz_pack_job *)arg;
+    const size_t r0 = (size_t)t * QVIZ_PACK_ROWS, r1 = r0 + QVIZ_PACK_ROWS < j->M ? r0 + QVIZ_PACK_ROWS : j->M;
+    int nan_seen;
+#if QVIZ_X86 && defined(__GNUC__)
+    if (j->path >= QVIZ_AVX2)
+        nan_seen = qviz_pack_uniform_avx2(j->x, r0, r1, j->K, j->bits, j->inv_scale, j->zero_point, j->out, j->W,
+                                          j->row_sums);
+    else
+#endif
+        nan_seen = qviz_pack_uniform_portable(j->x + r0 * j->K, r1 - r0, j->K, j->bits, j->inv_scale, j->zero_point,
+                                              j->out + r0 * j->W, j->W, j->row_sums + r0);
+    if (nan_seen) atomic_store(&j->nan_seen, 1);
+}
+
+/* Rows in blocks on the pool; a single block (small M) stays on the caller. Returns 1 if x held NaN. */
 static int qviz_pack_uniform(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
                              float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads) {
-#if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX2) return qviz_pack_uniform_avx2(x, M, K, bits, inv_scale, zero_point, out, W, row_sums, threads);
-#endif
-    (void)path;
-    (void)threads;
-    return qviz_pack_uniform_portable(x, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+    qviz_pack_job j;
+    j.path = path, j.bits = bits, j.x = x, j.M = M, j.K = K, j.W = W, j.inv_scale = inv_scale;
+    j.zero_point = zero_point, j.out = out, j.row_sums = row_sums;
+    atomic_init(&j.nan_seen, 0);
+    qviz_parallel(qviz_pack_task, &j, (long)((M + QVIZ_PACK_ROWS - 1) / QVIZ_PACK_ROWS), threads);
+    return atomic_load(&j.nan_seen);
 }
 
 /* Expand packed b-bit activation codes into b plane masks per row for the bit-serial kernel:
@@ -597,7 +623,7 @@ static void qviz_lut_matmul_portable(const float *x, size_t M, size_t K, const u
                                      int bits, const float *cb, size_t cb_stride, float *out, int threads) {
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads))
+#pragma omp parallel num_threads(qviz_threads(threads)) if ((double)M * N * K > 4e6)
 #endif
     {
         float *row = (float *)malloc(K * sizeof(float));
@@ -707,7 +733,7 @@ static QVIZ_AVX2_FN void qviz_lut_matmul_avx2(const float *x, size_t M, size_t K
     const size_t K8 = (K + 7) / 8 * 8, Kfull = K / 8 * 8;
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads))
+#pragma omp parallel num_threads(qviz_threads(threads)) if ((double)M * N * K > 4e6)
 #endif
     {
         float *row = (float *)aligned_alloc(32, (K8 + 8) * sizeof(float));
@@ -821,7 +847,7 @@ static void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t
     memset(out, 0, B * CO * Ho * Wo * sizeof(float));
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads))
+#pragma omp parallel num_threads(qviz_threads(threads)) if ((double)B * CO * Ho * Wo * KF > 4e6)
 #endif
     {
         float *filt = (float *)malloc(KF * sizeof(float));
@@ -865,7 +891,6 @@ static int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, siz
 #define QVIZ_NO_PRE
 #endif
 
-#include "_packed_pool.h"
 #include "_packed_panels.h"
 #include "_packed_roof.h"
 

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # hostile.py: the guard and the tally
 
-import hostile  # noqa: E402
+import hostile
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
