@@ -270,7 +270,7 @@ def test_measurements_refuse_buffers_beyond_the_memory_limit():
     assert 0 < limit <= 2 * 2**30
     with pytest.raises(ValueError, match=r"measure_latency\(kind='lut', m=1, k=65536, n=65536.*limit is"):
         packed.measure_latency("lut", 1, 65536, 65536, bits=4)
-    with pytest.raises(ValueError, match="measure_conv_latency.*limit"):
+    with pytest.raises(ValueError, match=r"measure_conv_latency.*limit"):
         packed.measure_conv_latency(batch=4096, in_channels=4096, size=64, out_channels=8, kernel=3)
 
 
