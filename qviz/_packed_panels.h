@@ -555,50 +555,82 @@ QVIZ_LUT_PORTABLE(4)
 
 #if QVIZ_X86 && defined(__GNUC__)
 /* One panel word of codes (`codes` of them: all but in the last word of a row) for MR rows x NP panels.
- * A single row alternates two accumulator banks: NP chains alone would wait on the FMA latency. */
-QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512_word(const int BITS, const int MR, const int NP, const int codes,
-                                                 const float *x, size_t ldx, const __m512i *b, __m512 tab,
-                                                 __m512 (*acc)[QVIZ_TILE_NP]) {
-    for (int c = 0; c < codes; c++) {
-        __m512 w[QVIZ_TILE_NP];
-        for (int q = 0; q < NP; q++) w[q] = _mm512_permutexvar_ps(_mm512_srli_epi32(b[q], c * BITS), tab);
-        for (int i = 0; i < MR; i++) {
-            const __m512 xa = _mm512_set1_ps(x[(size_t)i * ldx + (size_t)c]);
-            const int r = MR == 1 ? (c & 1) : i;
-            for (int q = 0; q < NP; q++) acc[r][q] = _mm512_fmadd_ps(xa, w[q], acc[r][q]);
-        }
+ * A single row alternates two accumulator banks (c0_*, c1_*): NP chains alone would wait on the FMA
+ * latency. Named accumulators, as in qviz_p512_pop. */
+#define QVIZ_FMA_UPD(c, a, v) _mm512_fmadd_ps(a, v, c)
+#define QVIZ_LUT_ROW(i, unused)                                                                         \
+    if (MR > i) {                                                                                       \
+        const __m512 xa##i = _mm512_set1_ps(x[(size_t)i * ldx + (size_t)c]);                            \
+        QVIZ_ROW_UPD(i, QVIZ_FMA_UPD, xa##i)                                                            \
     }
+#define QVIZ_LUT512_WORD(CODES)                                                                         \
+    for (int c = 0; c < (CODES); c++) {                                                                 \
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(b0, c * BITS), tab);                  \
+        const __m512 v1 = NP > 1 ? _mm512_permutexvar_ps(_mm512_srli_epi32(b1, c * BITS), tab) : v0;    \
+        const __m512 v2 = NP > 2 ? _mm512_permutexvar_ps(_mm512_srli_epi32(b2, c * BITS), tab) : v0;    \
+        const __m512 v3 = NP > 3 ? _mm512_permutexvar_ps(_mm512_srli_epi32(b3, c * BITS), tab) : v0;    \
+        if (MR == 1) {                                                                                  \
+            const __m512 xa = _mm512_set1_ps(x[c]);                                                     \
+            if (c & 1) {                                                                                \
+                c1_0 = _mm512_fmadd_ps(xa, v0, c1_0);                                                   \
+                if (NP > 1) c1_1 = _mm512_fmadd_ps(xa, v1, c1_1);                                       \
+                if (NP > 2) c1_2 = _mm512_fmadd_ps(xa, v2, c1_2);                                       \
+                if (NP > 3) c1_3 = _mm512_fmadd_ps(xa, v3, c1_3);                                       \
+            } else {                                                                                    \
+                c0_0 = _mm512_fmadd_ps(xa, v0, c0_0);                                                   \
+                if (NP > 1) c0_1 = _mm512_fmadd_ps(xa, v1, c0_1);                                       \
+                if (NP > 2) c0_2 = _mm512_fmadd_ps(xa, v2, c0_2);                                       \
+                if (NP > 3) c0_3 = _mm512_fmadd_ps(xa, v3, c0_3);                                       \
+            }                                                                                           \
+        } else {                                                                                        \
+            QVIZ_ROWS(QVIZ_LUT_ROW, 0)                                                                  \
+        }                                                                                               \
+    }
+#define QVIZ_LUT_LOAD(q, k) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + (k) * QVIZ_PANEL)) : _mm512_setzero_si512())
+#define QVIZ_FSTORE512(i, q, c) _mm512_storeu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL, c);
+
+/* out[i, j] = C[i, j] for j < cols (out of line, as qviz_epilogue512) */
+static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_lut_epilogue512(const float *C, int mr, int np, float *out,
+                                                                         size_t ldo, int cols) {
+    for (int i = 0; i < mr; i++)
+        for (int q = 0; q < np; q++) {
+            const int n = cols - q * QVIZ_PANEL;
+            if (n <= 0) break;
+            _mm512_mask_storeu_ps(out + (size_t)i * ldo + (size_t)(q * QVIZ_PANEL),
+                                  n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1),
+                                  _mm512_loadu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL));
+        }
 }
 
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512(const int BITS, const int MR, const int NP, const float *X, size_t ldx,
                                             size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,
                                             float *out, size_t ldo, int cols) {
-    const int PER = 32 / BITS, R = MR == 1 ? 2 : MR;
+    float C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const int PER = 32 / BITS;
     const __m512 tab = _mm512_loadu_ps(table);
-    __m512 acc[QVIZ_TILE_MR][QVIZ_TILE_NP];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
+    QVIZ_TILE_DECL(__m512, _mm512_setzero_ps());
     const size_t full = K / (size_t)PER;
-    __m512i b[QVIZ_TILE_NP];
     for (size_t k = 0; k < full; k++) {
-        for (int q = 0; q < NP; q++) b[q] = _mm512_loadu_si512((const void *)(B + q * ldb + k * QVIZ_PANEL));
+        const __m512i b0 = QVIZ_LUT_LOAD(0, k), b1 = QVIZ_LUT_LOAD(1, k), b2 = QVIZ_LUT_LOAD(2, k),
+                      b3 = QVIZ_LUT_LOAD(3, k);
         if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
             for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + 8) * QVIZ_PANEL), _MM_HINT_T0);
-        qviz_lut512_word(BITS, MR, NP, PER, X + k * (size_t)PER, ldx, b, tab, acc);
+        const float *x = X + k * (size_t)PER;
+        QVIZ_LUT512_WORD(PER)
     }
     if (full < K32) {
-        for (int q = 0; q < NP; q++) b[q] = _mm512_loadu_si512((const void *)(B + q * ldb + full * QVIZ_PANEL));
-        qviz_lut512_word(BITS, MR, NP, (int)(K - full * (size_t)PER), X + full * (size_t)PER, ldx, b, tab, acc);
+        const __m512i b0 = QVIZ_LUT_LOAD(0, full), b1 = QVIZ_LUT_LOAD(1, full), b2 = QVIZ_LUT_LOAD(2, full),
+                      b3 = QVIZ_LUT_LOAD(3, full);
+        const float *x = X + full * (size_t)PER;
+        const int codes = (int)(K - full * (size_t)PER);
+        QVIZ_LUT512_WORD(codes)
     }
-    if (MR == 1)
-        for (int q = 0; q < NP; q++) acc[0][q] = _mm512_add_ps(acc[0][q], acc[1][q]);
-    for (int i = 0; i < MR; i++)
-        for (int q = 0; q < NP; q++) {
-            const int n = cols - q * QVIZ_PANEL;
-            if (n > 0)
-                _mm512_mask_storeu_ps(out + i * ldo + q * QVIZ_PANEL, n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1),
-                                      acc[i][q]);
-        }
+    if (MR == 1) {
+        c0_0 = _mm512_add_ps(c0_0, c1_0), c0_1 = _mm512_add_ps(c0_1, c1_1);
+        c0_2 = _mm512_add_ps(c0_2, c1_2), c0_3 = _mm512_add_ps(c0_3, c1_3);
+    }
+    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_FSTORE512)
+    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols);
 }
 
 /* AVX2: 16 entries in two registers; vpermps looks up the low 3 bits, bit 3 (moved to the sign bit)
@@ -654,19 +686,28 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const in
         }
 }
 
-#define QVIZ_LT(BODY, BITS, MR, NP)                                                                       \
-    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: BODY(BITS, MR, NP, QVIZ_LUT_ARGS); break;
-#define QVIZ_LT_NP(BODY, BITS, MR) QVIZ_LT(BODY, BITS, MR, 1) QVIZ_LT(BODY, BITS, MR, 2) QVIZ_LT(BODY, BITS, MR, 3) \
-    QVIZ_LT(BODY, BITS, MR, 4)
-#define QVIZ_LUT512_FN(BITS)                                                                              \
-    static QVIZ_AVX512_FN void qviz_lut_avx512_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B, \
-                                                      size_t ldb, size_t K32, const float *table, int mr, int np, \
-                                                      float *out, size_t ldo, int cols) {                  \
-        switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                        \
-            QVIZ_LT_NP(qviz_lut512, BITS, 1) QVIZ_LT_NP(qviz_lut512, BITS, 2) QVIZ_LT_NP(qviz_lut512, BITS, 3) \
-            QVIZ_LT_NP(qviz_lut512, BITS, 4) QVIZ_LT_NP(qviz_lut512, BITS, 5) QVIZ_LT_NP(qviz_lut512, BITS, 6) \
-        default: break;                                                                                    \
-        }                                                                                                  \
+#define QVIZ_LUT_TILE_FN(BITS, MR, NP)                                                                  \
+    static __attribute__((noinline)) QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_lut_avx512_##BITS##_##MR##x##NP(    \
+        const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,    \
+        float *out, size_t ldo, int cols) {                                                             \
+        qviz_lut512(BITS, MR, NP, QVIZ_LUT_ARGS);                                                       \
+    }
+#define QVIZ_LUT_TILE_FNS(BITS, MR) QVIZ_LUT_TILE_FN(BITS, MR, 1) QVIZ_LUT_TILE_FN(BITS, MR, 2)          \
+    QVIZ_LUT_TILE_FN(BITS, MR, 3) QVIZ_LUT_TILE_FN(BITS, MR, 4)
+#define QVIZ_LT(BITS, MR, NP)                                                                           \
+    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: qviz_lut_avx512_##BITS##_##MR##x##NP(QVIZ_LUT_ARGS); break;
+#define QVIZ_LT_NP(BITS, MR) QVIZ_LT(BITS, MR, 1) QVIZ_LT(BITS, MR, 2) QVIZ_LT(BITS, MR, 3) QVIZ_LT(BITS, MR, 4)
+#define QVIZ_LUT512_FN(BITS)                                                                            \
+    QVIZ_LUT_TILE_FNS(BITS, 1) QVIZ_LUT_TILE_FNS(BITS, 2) QVIZ_LUT_TILE_FNS(BITS, 3)                      \
+    QVIZ_LUT_TILE_FNS(BITS, 4) QVIZ_LUT_TILE_FNS(BITS, 5) QVIZ_LUT_TILE_FNS(BITS, 6)                      \
+    static void qviz_lut_avx512_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, \
+                                       size_t K32, const float *table, int mr, int np, float *out, size_t ldo, \
+                                       int cols) {                                                      \
+        switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
+            QVIZ_LT_NP(BITS, 1) QVIZ_LT_NP(BITS, 2) QVIZ_LT_NP(BITS, 3) QVIZ_LT_NP(BITS, 4)              \
+            QVIZ_LT_NP(BITS, 5) QVIZ_LT_NP(BITS, 6)                                                     \
+        default: break;                                                                                 \
+        }                                                                                               \
     }
 QVIZ_LUT512_FN(1)
 QVIZ_LUT512_FN(2)
