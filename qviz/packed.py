@@ -97,6 +97,7 @@ class PreparedMatrix:
 
 def words_per_row(k: int, bits: int) -> int:
     """ceil(K * bits / 64): the exact number of uint64 words a packed row of K codes holds."""
+    k, bits = _checks.integer("k", k), _checks.integer("bits", bits)  # numpy unsigned ints would wrap in -k
     return -(-k * bits // 64)
 
 
@@ -487,6 +488,14 @@ def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
         _kernels.panel_lut(x, _panels_of(w), w.n, w.bits, cb[0], out, _path(), _threads(threads))
     else:
         _kernels.lut_matmul(x, _rows_of(w), w.bits, cb, out, _path(), _threads(threads))
+    return _no_overflow(out)
+
+
+def _no_overflow(out: np.ndarray) -> np.ndarray:
+    """Finite inputs can still sum past float32's range: refuse rather than hand back inf or NaN."""
+    if not np.isfinite(out).all():
+        raise ValueError("the result overflows float32: x and codebook are finite but their products sum beyond "
+                         "3.4e38; allowed: inputs whose sums stay within float32 (scale x or the codebook down)")
     return out
 
 
@@ -509,9 +518,11 @@ def codebook_from_affine(scale, zero_point, bits: int) -> np.ndarray:
         raise ValueError("zero_point must be finite")
     codes = np.arange(2**bits, dtype=np.float64)
     table = (codes - z.reshape(-1, 1)) * s.reshape(-1, 1)
-    if not np.isfinite(table.astype(np.float32)).all():
+    with np.errstate(over="ignore"):
+        table = table.astype(np.float32)
+    if not np.isfinite(table).all():
         raise ValueError("scale (c - zero_point) overflows float32; allowed: entries within float32 range")
-    return table.astype(np.float32).reshape(-1) if s.ndim == 0 and z.ndim == 0 else table.astype(np.float32)
+    return table.reshape(-1) if s.ndim == 0 and z.ndim == 0 else table
 
 
 def _array_of_reals(name: str, value) -> np.ndarray:
@@ -550,7 +561,7 @@ def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     cb = _codebook(codebook, w.bits, w.n)
     out = np.empty((b, w.n, ho, wo), dtype=np.float32)
     _kernels.lut_conv2d(x, _rows_of(w), w.bits, cb, kh, kw, padding, out, _threads(threads))
-    return out
+    return _no_overflow(out)
 
 
 # --------------------------------------------------------------------------------------------------
