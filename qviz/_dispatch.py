@@ -102,7 +102,12 @@ def _self_check(path: int) -> bool:
                     x, panels, n, bits, cb[0], o, p, 2), (m, n), np.float32, exact=False)
             if not ok:
                 return False
-        signs = same(lambda p, o: _kernels.pack_signs(x, o, p), (m, -(-k // 64)), np.uint64)
+        xc = rng.standard_normal((2, 3, 9, 11), dtype=np.float32)
+        wc = _pack(rng.integers(0, 4, (11, 27), dtype=np.uint8), 2)
+        cbc = rng.standard_normal((11, 4), dtype=np.float32)
+        conv = same(lambda p, o: _kernels.lut_conv2d(xc, _panels(wc, 27, 2), 11, 2, cbc, 3, 3, 1, o, p, 2), (2, 11, 9, 11),
+                    np.float32, exact=False)
+        signs = conv and same(lambda p, o: _kernels.pack_signs(x, o, p), (m, -(-k // 64)), np.uint64)
         sums = np.empty(m, np.int64)
         uniform = same(lambda p, o: _kernels.pack_uniform(x, 4, 3.0, 7.0, o, sums, p, 2), (m, -(-k * 4 // 64)),
                        np.uint64)

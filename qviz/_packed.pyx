@@ -56,9 +56,9 @@ cdef extern from "_packed_kernels.h" nogil:
                           float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads)
     void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N, size_t W,
                          int bits, const float *cb, size_t cb_stride, float *out, int threads)
-    void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint64_t *Wc, size_t CO,
-                         size_t W, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw, size_t pad,
-                         float *out, size_t Ho, size_t Wo, int threads)
+    int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
+                        size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
+                        size_t pad, float *out, size_t Ho, size_t Wo, int threads)
     int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats)
     void qviz_set_tile(int mr, int nr)
     int QVIZ_PANEL, QVIZ_P_XOR, QVIZ_P_AND, QVIZ_P_DOT2, QVIZ_P_DOT4
@@ -149,14 +149,18 @@ def lut_matmul(const float[:, ::1] x, const uint64_t[:, ::1] w, int bits, const 
                         &codebook[0, 0], stride, &out[0, 0], threads)
 
 
-def lut_conv2d(const float[:, :, :, ::1] x, const uint64_t[:, ::1] w, int bits, const float[:, ::1] codebook,
-               Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out, int threads):
-    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad."""
+def lut_conv2d(const float[:, :, :, ::1] x, const uint32_t[:, :, ::1] w, Py_ssize_t co, int bits,
+               const float[:, ::1] codebook, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out,
+               int path, int threads):
+    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad; w in panels."""
     cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
+    cdef int failed
     with nogil:
-        qviz_lut_conv2d(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0], w.shape[0],
-                        w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad, &out[0, 0, 0, 0],
-                        out.shape[2], out.shape[3], threads)
+        failed = qviz_lut_conv2d(path, &x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0],
+                                 co, w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad,
+                                 &out[0, 0, 0, 0], out.shape[2], out.shape[3], threads)
+    if failed:
+        raise MemoryError("no memory for the decoded filters")
 
 
 def popcount_buffer(const uint64_t[::1] buf, Py_ssize_t words, Py_ssize_t repeats, int path):

@@ -814,57 +814,108 @@ static void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const 
 /* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2); the inner loop     */
 /* runs along output columns so the compiler can vectorise it.                                         */
 
-#if QVIZ_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define QVIZ_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define QVIZ_CLONES
+/* Direct convolution with the output channels in the vector lanes: the filters are decoded once per
+ * call into wt[(ci, i, j)][co] (output channels padded to 8), and every output pixel sums its taps as
+ * acc[co] += x[ci, y + i - pad, x + j - pad] wt[(ci, i, j)][co], one broadcast and CO / 8 FMAs per tap.
+ * 003's layer (3 x 16 x 16 in, 8 out, 3 x 3) is 196 pixels x 27 taps: a few thousand vector FMAs,
+ * where a plane-by-plane loop along 14-pixel rows spends most of its time in loop tails. */
+#ifndef QVIZ_PANEL
+#define QVIZ_PANEL 16
+#endif
+typedef float qviz_v8 __attribute__((vector_size(32), aligned(4))); /* 8 output channels (GCC/clang vectors) */
+
+/* One output row for output channels [c0, c0 + 8 NV): NV vectors of accumulators per pixel; the tap
+ * ranges are clipped to the image once per pixel instead of testing every tap. */
+#define QVIZ_CONV_BODY(NV)                                                                              \
+    for (size_t xo = 0; xo < Wo; xo++) {                                                                \
+        qviz_v8 acc[NV];                                                                                \
+        for (int v = 0; v < NV; v++) acc[v] = (qviz_v8){0};                                             \
+        const long i0 = (long)pad - (long)y > 0 ? (long)pad - (long)y : 0;                             \
+        const long i1 = (long)H + (long)pad - (long)y < (long)kh ? (long)H + (long)pad - (long)y : (long)kh; \
+        const long j0 = (long)pad - (long)xo > 0 ? (long)pad - (long)xo : 0;                           \
+        const long j1 = (long)Wd + (long)pad - (long)xo < (long)kw ? (long)Wd + (long)pad - (long)xo : (long)kw; \
+        for (size_t ci = 0; ci < C; ci++)                                                               \
+            for (long i = i0; i < i1; i++) {                                                            \
+                const float *xr = x + (ci * H + (size_t)((long)y + i - (long)pad)) * Wd - (long)pad + (long)xo; \
+                const float *wr = wt + ((ci * kh + (size_t)i) * kw) * COp + c0;                          \
+                for (long j = j0; j < j1; j++) {                                                        \
+                    const float xv = xr[j];                                                             \
+                    const qviz_v8 *w8 = (const qviz_v8 *)(wr + (size_t)j * COp);                        \
+                    for (int v = 0; v < NV; v++) acc[v] += xv * w8[v];                                  \
+                }                                                                                       \
+            }                                                                                           \
+        for (int v = 0; v < NV; v++)                                                                    \
+            for (int c = 0; c < 8 && c0 + (size_t)(8 * v + c) < CO; c++)                                \
+                out[((c0 + (size_t)(8 * v + c)) * Ho + y) * Wo + xo] = acc[v][c];                       \
+    }
+#define QVIZ_DEFINE_CONV_ROW(NAME, ATTR)                                                                \
+    static ATTR void NAME(const float *x, size_t C, size_t H, size_t Wd, const float *wt, size_t COp, size_t CO, \
+                          size_t kh, size_t kw, size_t pad, size_t y, float *out, size_t Ho, size_t Wo) {  \
+        for (size_t c0 = 0; c0 < COp;) {                                                                \
+            const size_t left = COp - c0;                                                               \
+            if (left >= 32) {                                                                           \
+                QVIZ_CONV_BODY(4)                                                                       \
+                c0 += 32;                                                                               \
+            } else if (left >= 16) {                                                                    \
+                QVIZ_CONV_BODY(2)                                                                       \
+                c0 += 16;                                                                               \
+            } else {                                                                                    \
+                QVIZ_CONV_BODY(1)                                                                       \
+                c0 += 8;                                                                                \
+            }                                                                                           \
+        }                                                                                               \
+    }
+QVIZ_DEFINE_CONV_ROW(qviz_conv_row_portable, )
+#if QVIZ_X86 && defined(__GNUC__)
+QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx2, QVIZ_AVX2_FN)
+QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx512, QVIZ_AVX512_FN)
 #endif
 
-QVIZ_CLONES static void qviz_conv_plane(const float *xin, size_t H, size_t Wd, const float *filt, size_t kh, size_t kw,
-                                        size_t pad, float *o, size_t Ho, size_t Wo) {
-    for (size_t i = 0; i < kh; i++)
-        for (size_t j = 0; j < kw; j++) {
-            const float w = filt[i * kw + j];
-            if (w == 0.0f) continue;
-            for (size_t y = 0; y < Ho; y++) {
-                long yy = (long)y + (long)i - (long)pad;
-                if (yy < 0 || yy >= (long)H) continue;
-                const float *xr = xin + (size_t)yy * Wd;
-                float *orow = o + y * Wo;
-                /* columns whose input index x + j - pad lies inside [0, Wd) */
-                const long shift = (long)j - (long)pad;
-                long x0 = shift < 0 ? -shift : 0;
-                long x1 = (long)Wd - shift < (long)Wo ? (long)Wd - shift : (long)Wo;
-                for (long x = x0; x < x1; x++) orow[x] += w * xr[x + shift];
-            }
-        }
+typedef void (*qviz_conv_row_fn)(const float *x, size_t C, size_t H, size_t Wd, const float *wt, size_t COp,
+                                 size_t CO, size_t kh, size_t kw, size_t pad, size_t y, float *out, size_t Ho,
+                                 size_t Wo);
+typedef struct {
+    qviz_conv_row_fn fn;
+    const float *x, *wt;
+    float *out;
+    size_t C, H, Wd, COp, CO, kh, kw, pad, Ho, Wo;
+} qviz_conv_job;
+
+static void qviz_conv_task(void *arg, long t) {
+    const qviz_conv_job *j = (const qviz_conv_job *)arg;
+    const size_t b = (size_t)t / j->Ho, y = (size_t)t % j->Ho;
+    j->fn(j->x + b * j->C * j->H * j->Wd, j->C, j->H, j->Wd, j->wt, j->COp, j->CO, j->kh, j->kw, j->pad, y,
+          j->out + b * j->CO * j->Ho * j->Wo, j->Ho, j->Wo);
 }
 
-static void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint64_t *Wc, size_t CO,
-                            size_t W, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw, size_t pad,
-                            float *out, size_t Ho, size_t Wo, int threads) {
-    const size_t KF = C * kh * kw;
-    memset(out, 0, B * CO * Ho * Wo * sizeof(float));
-    (void)threads;
-#if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads)) if ((double)B * CO * Ho * Wo * KF > 4e6)
-#endif
-    {
-        float *filt = (float *)malloc(KF * sizeof(float));
-        if (filt) {
-#if QVIZ_HAVE_OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (long co = 0; co < (long)CO; co++) {
-                qviz_decode_row_portable(Wc + (size_t)co * W, KF, bits, cb + (size_t)co * cb_stride, filt);
-                for (size_t b = 0; b < B; b++)
-                    for (size_t ci = 0; ci < C; ci++)
-                        qviz_conv_plane(x + (b * C + ci) * H * Wd, H, Wd, filt + ci * kh * kw, kh, kw, pad,
-                                        out + (b * CO + (size_t)co) * Ho * Wo, Ho, Wo);
-            }
-            free(filt);
-        }
+/* Filters come as panels (qviz_make_panels of the [CO, C kh kw] codes). Returns 0, or -1 if there was no
+ * memory for the decoded filters. */
+static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
+                           size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
+                           size_t pad, float *out, size_t Ho, size_t Wo, int threads) {
+    const size_t KF = C * kh * kw, COp = (CO + 7) / 8 * 8, per = (size_t)(32 / bits);
+    const uint32_t mask = bits == 32 ? 0xFFFFFFFFu : (1u << bits) - 1;
+    float *wt = (float *)calloc(KF * COp + 1, sizeof(float));
+    if (!wt) return -1;
+    for (size_t co = 0; co < CO; co++) {
+        const uint32_t *col = Bp + (co / QVIZ_PANEL) * K32 * QVIZ_PANEL + co % QVIZ_PANEL;
+        const float *table = cb + co * cb_stride;
+        for (size_t k = 0; k < KF; k++)
+            wt[k * COp + co] = table[(col[(k / per) * QVIZ_PANEL] >> ((k % per) * (size_t)bits)) & mask];
     }
+    qviz_conv_job j;
+    j.fn = qviz_conv_row_portable;
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512) j.fn = qviz_conv_row_avx512;
+    else if (path >= QVIZ_AVX2) j.fn = qviz_conv_row_avx2;
+#endif
+    (void)path;
+    j.x = x, j.wt = wt, j.out = out, j.C = C, j.H = H, j.Wd = Wd, j.COp = COp, j.CO = CO, j.kh = kh, j.kw = kw;
+    j.pad = pad, j.Ho = Ho, j.Wo = Wo;
+    const int team = (double)B * Ho * Wo * KF * COp < 4e6 ? 1 : threads;
+    qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
+    free(wt);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */

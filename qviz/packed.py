@@ -449,6 +449,13 @@ def _integers(name: str, value, n: int, lo: int, hi: int) -> np.ndarray:
 
 
 def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
+    entries = 2**bits
+    if type(codebook) is np.ndarray and codebook.dtype == np.float32 and codebook.flags.c_contiguous and (
+            codebook.shape == (entries,) or codebook.shape == (rows, entries)):  # the common case, without copies
+        cb = codebook.reshape(-1, entries)
+        if not np.isfinite(cb).all():
+            raise ValueError("codebook contains NaN or Inf (or values beyond float32); allowed: finite values")
+        return cb
     cb = codebook.detach().cpu().numpy() if isinstance(codebook, torch.Tensor) else codebook
     if not isinstance(cb, np.ndarray):
         raise TypeError(f"codebook must be a numpy.ndarray or torch.Tensor, got {type(codebook).__name__}")
@@ -457,7 +464,6 @@ def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
     if cb.ndim not in (1, 2):
         raise ValueError(f"codebook must be 1-D [2**bits] (per layer) or 2-D [N, 2**bits] (per channel), "
                          f"got {cb.shape}")
-    entries = 2**bits
     if cb.shape[-1] != entries or (cb.ndim == 2 and cb.shape[0] != rows):
         allowed = f"({entries},) or ({rows}, {entries})"
         raise ValueError(f"codebook has shape {cb.shape}; for {rows} weight rows at {bits} bits allowed: {allowed} "
@@ -560,7 +566,7 @@ def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
         raise ValueError(f"the {kh}x{kw} kernel is larger than the padded {h}x{wd} input (padding={padding})")
     cb = _codebook(codebook, w.bits, w.n)
     out = np.empty((b, w.n, ho, wo), dtype=np.float32)
-    _kernels.lut_conv2d(x, _rows_of(w), w.bits, cb, kh, kw, padding, out, _threads(threads))
+    _kernels.lut_conv2d(x, _panels_of(w), w.n, w.bits, cb, kh, kw, padding, out, _path(), _threads(threads))
     return _no_overflow(out)
 
 
