@@ -105,7 +105,8 @@ def _self_check(path: int) -> bool:
         xc = rng.standard_normal((2, 3, 9, 11), dtype=np.float32)
         wc = _pack(rng.integers(0, 4, (11, 27), dtype=np.uint8), 2)
         cbc = rng.standard_normal((11, 4), dtype=np.float32)
-        conv = same(lambda p, o: _kernels.lut_conv2d(xc, _panels(wc, 27, 2), 11, 2, cbc, 3, 3, 1, o, p, 2), (2, 11, 9, 11),
+        wcp = _panels(wc, 27, 2)
+        conv = same(lambda p, o: _kernels.lut_conv2d(xc, wcp, 11, 2, cbc, 3, 3, 1, o, p, 2), (2, 11, 9, 11),
                     np.float32, exact=False)
         signs = conv and same(lambda p, o: _kernels.pack_signs(x, o, p), (m, -(-k // 64)), np.uint64)
         sums = np.empty(m, np.int64)
