@@ -48,13 +48,19 @@ def _guard(call: str, nbytes: int) -> None:
 
 
 def _median_interleaved(fns: dict, budget_s: float, min_runs: int = 3) -> tuple[dict, int]:
-    """Run the callables in turn until the budget is spent; median seconds of each."""
-    for fn in fns.values():
+    """Run the callables in turn until the budget is spent; median seconds of each.
+
+    A value may be a pair (prepare, fn): prepare runs untimed right before each timed fn.
+    """
+    fns = {name: fn if isinstance(fn, tuple) else (None, fn) for name, fn in fns.items()}
+    for _, fn in fns.values():
         fn()  # warm-up: first-touch allocation, thread pools, caches
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     while True:
-        for name, fn in fns.items():
+        for name, (prepare, fn) in fns.items():
+            if prepare is not None:
+                prepare()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -97,7 +103,7 @@ def _cycle(items: list):
 
 def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 4096, *, bits: int = 1,
                     budget_s: float = 0.25, threads: int | None = None, seed: int = 0,
-                    with_int8: bool = False, cold: bool = False) -> dict:
+                    with_int8: bool = False, cold: bool = False, warm: bool = False) -> dict:
     """Median latency of a qviz kernel and of torch float32 on the same shapes, same process and threads.
 
     kind: "binary" (sign-pack float activations + XOR-popcount matmul), "hybrid" (pack {0, 1}
@@ -106,8 +112,10 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     is inside the timed qviz call; weights are packed and prepared (`qviz.packed.prepare`) beforehand, as
     a deployed layer holds them. The torch side is x @ W.T in float32. Runs alternate until `budget_s`
     is spent (at least 3 each unless one run alone exceeds the budget), so a widget can call this live.
-    cold=True cycles through copies of the weights (about 256 MiB of each side's weights) so that they
-    come from DRAM rather than a cache.
+    Interleaving means each call starts from the caches the previous one left (torch's 64 MiB of float
+    weights at 4096 x 4096 flush a 32 MiB L3). warm=True runs an untimed identical qviz call right before
+    each timed one (its weights then come from L2/L3); cold=True cycles through copies of the weights
+    (about 256 MiB of each side's) so that they come from DRAM.
 
     Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), runs, threads,
     path, macs (M N K), weight_bytes (qviz's prepared weights), qviz_macs_per_s and bit_ops_per_s
@@ -120,6 +128,9 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     threads = _threads(threads)
     _checks.boolean("with_int8", with_int8)
     _checks.boolean("cold", cold)
+    _checks.boolean("warm", warm)
+    if warm and cold:
+        raise ValueError("warm=True and cold=True contradict each other; allowed: at most one of them")
     seed = _checks.integer("seed", seed, 0, 2**63 - 1)
     allowed_bits = {"binary": (1,), "hybrid": (1,), "lowbit": (1, 2, 4), "lut": (1, 2, 4, 8)}[kind]
     _checks.choice("bits", bits, allowed_bits)
@@ -138,7 +149,7 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     xt = torch.from_numpy(x)
     wts = [torch.from_numpy(w_float)] + [torch.from_numpy(w_float.copy()) for _ in range(torch_copies - 1)]
     next_wt = _cycle(wts)
-    fns = {"qviz": qviz_call, "torch": lambda: xt @ next_wt().T}
+    fns = {"qviz": (qviz_call, qviz_call) if warm else qviz_call, "torch": lambda: xt @ next_wt().T}
     if with_int8:
         fns["int8"] = _int8_linear(wts[0], xt)
     with _TorchThreads(threads):
@@ -147,7 +158,7 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     result = {
         "kind": kind, "m": m, "k": k, "n": n, "bits": bits, "threads": threads, "path": _dispatch.kernel_path(),
         "qviz_s": medians["qviz"], "torch_s": medians["torch"], "ratio": medians["torch"] / medians["qviz"],
-        "runs": runs, "macs": macs, "weight_bytes": weight_bytes, "cold": cold,
+        "runs": runs, "macs": macs, "weight_bytes": weight_bytes, "cold": cold, "warm": warm,
         "qviz_macs_per_s": macs / medians["qviz"],
         "bit_ops_per_s": None if kind == "lut" else macs * a_bits * bits / medians["qviz"],
     }
