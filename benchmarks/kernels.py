@@ -1,4 +1,4 @@
-"""Bit-packed kernels against the machine's own roof and bandwidth, PyTorch float32 and PyTorch int8, 2 threads.
+"""Bit-packed kernels against the machine's own roof and bandwidth, PyTorch float32 and PyTorch int8 (2 threads).
 
 What it prints, in order:
 - the CPU (model, family/model/stepping, flags that matter), torch, the qviz code path and the others it has;
@@ -20,7 +20,7 @@ Runs alternate qviz / torch / int8 in one process until a time budget is spent a
 (the run prints the roofs of every path regardless). On an AVX-512 machine, `--avx2-torch` restricts
 PyTorch's float32 GEMM to AVX2 as well (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY,
 set before torch loads), to approximate an AVX2-only CPU; fbgemm's int8 is not restricted by these.
-Run: .venv/bin/python benchmarks/kernels.py [--budget SECONDS] [--path avx2] [--avx2-torch]
+Run: .venv/bin/python benchmarks/kernels.py [--budget SECONDS] [--path avx2] [--avx2-torch] [--threads N]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ parser.add_argument("--budget", type=float, default=1.5, help="seconds per kerne
 parser.add_argument("--path", default=None, help="force a qviz code path (default: the fastest that passed)")
 parser.add_argument("--avx2-torch", action="store_true", help="restrict torch's float32 GEMM to AVX2")
 parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+parser.add_argument("--threads", type=int, default=2, help="threads for qviz and torch alike (default 2)")
 ARGS = parser.parse_args()
 if ARGS.avx2_torch:  # must precede the first import of torch
     os.environ.update(MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
@@ -47,7 +48,7 @@ from _timing import table  # noqa: E402
 
 from qviz import packed  # noqa: E402
 
-THREADS = 2
+THREADS = ARGS.threads
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 2048, 2048), (1024, 1024, 1024)]
 KERNELS = [("binary", 1, "binary XOR-popcount", "pop"), ("hybrid", 1, "hybrid AND-popcount (W1 x A{0,1})", "pop"),
            ("lowbit", 2, "2-bit x 2-bit", "dot"), ("lowbit", 4, "4-bit x 4-bit", "dot"),
@@ -77,7 +78,7 @@ def main() -> None:
         packed.set_kernel_path(ARGS.path)
     torch.set_num_threads(THREADS)
     path = packed.kernel_path()
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {cpu_description()}; load average before the run {os.getloadavg()[0]:.2f}")
     print(f"torch {torch.__version__} (ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
           f"{', MKL/oneDNN limited to AVX2' if ARGS.avx2_torch else ''}); qviz path {path} of "
           f"{packed.available_paths()}; thread pool {packed.pool_enabled()}, OpenMP {packed.openmp_enabled()}; "
@@ -86,13 +87,13 @@ def main() -> None:
     # a roof is what the hardware can do: the best of five short runs (a busy neighbour only lowers it)
     roofs = {p: {k: max(packed.roof(k, path=p, threads=THREADS, seconds=0.15) for _ in range(5))
                  for k in ("pop", "dot", "fma")} for p in packed.available_paths()}
-    print("Roof of each code path, 2 threads (register-resident loops of the kernels' instructions):")
+    print(f"Roof of each code path, {THREADS} threads (register-resident loops of the kernels' instructions):")
     print(table([[p, f"{r['pop'] / 1e12:.2f} Tbit-MAC/s", f"{r['dot'] / 1e9:.0f} GMAC/s",
                   f"{r['fma'] / 1e9:.0f} GMAC/s"] for p, r in roofs.items()],
                 ["path", "pop (XOR+popcount+add)", "dot (int8)", "fma (float32)"]))
     l3 = max(packed.read_bandwidth(L3_TEST, threads=THREADS, seconds=0.3) for _ in range(3))
     dram = max(packed.read_bandwidth(DRAM_TEST, threads=THREADS, seconds=0.5) for _ in range(3))
-    print(f"\nRead bandwidth, 2 threads: {l3 / 1e9:.0f} GB/s from an {L3_TEST >> 20} MiB buffer (in L3), "
+    print(f"\nRead bandwidth, {THREADS} threads: {l3 / 1e9:.0f} GB/s from an {L3_TEST >> 20} MiB buffer (in L3), "
           f"{dram / 1e9:.0f} GB/s from {DRAM_TEST >> 20} MiB (DRAM)\n")
 
     roof = roofs[path]
@@ -114,7 +115,8 @@ def main() -> None:
                              f"{r['torch_s'] * 1e3:.3f}", f"{r['torch_int8_s'] * 1e3:.3f}", f"{r['ratio']:.2f}",
                              f"{r['ratio_int8']:.2f}", near, str(r["runs"])])
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(f"Kernels on path {path}, 2 threads (x f32 / x int8: torch time over qviz time, above 1 = qviz faster):")
+    print(f"Kernels on path {path}, {THREADS} threads (x f32 / x int8: torch time over qviz time, above 1 = qviz "
+          "faster):")
     print(table(rows, ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "x f32", "x int8",
                        "% roof / % bw", "runs"]))
 
