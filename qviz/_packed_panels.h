@@ -473,8 +473,11 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     return portable[op];
 }
 
-/* Below this many word-pairs (M * N * K32) one thread is faster than waking another. */
-#define QVIZ_PARALLEL_MIN 65536
+/* Below about 50 us of work one thread is faster than waking another: a sleeping worker took ~100 us
+ * to join on the shared 2-core machine (a futex wake-up across virtual CPUs, a busy neighbour), and the
+ * caller then waits for the task it took. Units: word pairs of a popcount (~80 G/s on one AVX-512
+ * core; byte dot products cost ~8x more per word pair), codes of a codebook GEMV (~70 G/s). */
+#define QVIZ_PARALLEL_MIN (1L << 22)
 
 typedef struct {
     qviz_panel_fn fn;
@@ -514,7 +517,8 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     j.mul = mul, j.offset = offset, j.offset_m = offset_m, j.out = out;
     const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
-    const int team = (double)M * (double)N * (double)K32 < QVIZ_PARALLEL_MIN ? 1 : threads;
+    const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
+    const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
     qviz_parallel(qviz_panel_task, &j, (long)(NB * j.MB), team);
 }
 
@@ -781,7 +785,7 @@ static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const u
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     j.out = out;
     const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
-    const int team = (double)M * (double)N * (double)K < 8 * QVIZ_PARALLEL_MIN ? 1 : threads;
+    const int team = (double)M * (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
     qviz_parallel(qviz_lut_task, &j, (long)(NB * j.MB), team);
 }
 
