@@ -734,6 +734,167 @@ QVIZ_LUT256_FN(2)
 QVIZ_LUT256_FN(4)
 #endif
 
+/* ------------------------------------------------------------------------------------------------ */
+/* Codebook GEMM (several activation rows): decode a block of panels once into floats, then a plain    */
+/* FMA tile over it. Decoding costs a shift and a permute (a blend more on AVX2) per 16 weights; in    */
+/* the GEMV kernel above each row tile pays it again, here all M rows share it, so the loop is         */
+/* FMA-bound like a float GEMM. The decoded block (K x 64 floats) is read from L2.                    */
+
+#define QVIZ_DECODED_BYTES (512 * 1024) /* larger decoded blocks fall out of L2: the panel kernel decodes in place */
+
+#if QVIZ_X86 && defined(__GNUC__)
+/* wf[k * ld + q * 16 + j] = table[code k of row 16 q + j], k < K, q < np (ld = np * 16) */
+static QVIZ_AVX512_FN void qviz_lut_decode512(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                             const float *table, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m512 tab = _mm512_loadu_ps(table);
+    for (int q = 0; q < np; q++)
+        for (size_t k = 0; k < K; k += per) {
+            const __m512i b = _mm512_loadu_si512((const void *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL));
+            const size_t codes = K - k < per ? K - k : per;
+            for (size_t c = 0; c < codes; c++)
+                _mm512_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL,
+                                 _mm512_permutexvar_ps(_mm512_srlv_epi32(b, _mm512_set1_epi32((int)(c * (size_t)bits))), tab));
+        }
+}
+
+static QVIZ_AVX2_FN void qviz_lut_decode256(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                           const float *table, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+    for (int q = 0; q < np; q++)
+        for (int v = 0; v < 2; v++)
+            for (size_t k = 0; k < K; k += per) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL + 8 * v));
+                const size_t codes = K - k < per ? K - k : per;
+                for (size_t c = 0; c < codes; c++) {
+                    const __m256i idx = _mm256_srlv_epi32(b, _mm256_set1_epi32((int)(c * (size_t)bits)));
+                    __m256 w = _mm256_permutevar8x32_ps(tlo, idx);
+                    if (bits == 4)
+                        w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(thi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                    _mm256_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL + 8 * v, w);
+                }
+            }
+}
+
+/* C[i * 64 + q * 16 + j] = sum_k X[i, k] wf[k, q * 16 + j]: 6 rows x NP panels, named accumulators */
+#define QVIZ_WF_LOAD(q) (NP > q ? _mm512_loadu_ps(wf + k * ld + q * QVIZ_PANEL) : _mm512_setzero_ps())
+#define QVIZ_WF_ROW(i, unused)                                                                          \
+    if (MR > i) {                                                                                       \
+        const __m512 xa##i = _mm512_set1_ps(X[(size_t)i * ldx + k]);                                    \
+        QVIZ_ROW_UPD(i, QVIZ_FMA_UPD, xa##i)                                                            \
+    }
+QVIZ_INLINE QVIZ_AVX512_FN void qviz_wf512(const int MR, const int NP, const float *X, size_t ldx, size_t K,
+                                           const float *wf, size_t ld, float *out, size_t ldo, int cols) {
+    float C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    QVIZ_TILE_DECL(__m512, _mm512_setzero_ps());
+    for (size_t k = 0; k < K; k++) {
+        const __m512 v0 = QVIZ_WF_LOAD(0), v1 = QVIZ_WF_LOAD(1), v2 = QVIZ_WF_LOAD(2), v3 = QVIZ_WF_LOAD(3);
+        QVIZ_ROWS(QVIZ_WF_ROW, 0)
+    }
+    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_FSTORE512)
+    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols);
+}
+#define QVIZ_WF_FN(MR, NP)                                                                              \
+    static __attribute__((noinline)) QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_wf512_##MR##x##NP(             \
+        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols) { \
+        qviz_wf512(MR, NP, X, ldx, K, wf, ld, out, ldo, cols);                                          \
+    }
+#define QVIZ_WF_FNS(MR) QVIZ_WF_FN(MR, 1) QVIZ_WF_FN(MR, 2) QVIZ_WF_FN(MR, 3) QVIZ_WF_FN(MR, 4)
+QVIZ_WF_FNS(1) QVIZ_WF_FNS(2) QVIZ_WF_FNS(3) QVIZ_WF_FNS(4) QVIZ_WF_FNS(5) QVIZ_WF_FNS(6)
+#define QVIZ_WF_CASE(MR, NP)                                                                            \
+    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: qviz_wf512_##MR##x##NP(X, ldx, K, wf, ld, out, ldo, cols); break;
+#define QVIZ_WF_CASES(MR) QVIZ_WF_CASE(MR, 1) QVIZ_WF_CASE(MR, 2) QVIZ_WF_CASE(MR, 3) QVIZ_WF_CASE(MR, 4)
+static void qviz_wf_avx512(const float *X, size_t ldx, size_t K, const float *wf, size_t ld, int mr, int np,
+                           float *out, size_t ldo, int cols) {
+    switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {
+        QVIZ_WF_CASES(1) QVIZ_WF_CASES(2) QVIZ_WF_CASES(3) QVIZ_WF_CASES(4) QVIZ_WF_CASES(5) QVIZ_WF_CASES(6)
+    default: break;
+    }
+}
+
+/* AVX2: 6 rows x one panel (two 256-bit halves): 12 accumulators */
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_wf256(const int MR, const float *X, size_t ldx, size_t K, const float *wf,
+                                         size_t ld, float *out, size_t ldo, int cols) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+           a5 = a0, b5 = a0;
+    for (size_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(wf + k * ld), w1 = _mm256_loadu_ps(wf + k * ld + 8);
+#define QVIZ_WF256_ROW(i)                                                                               \
+        if (MR > i) {                                                                                   \
+            const __m256 xa = _mm256_broadcast_ss(X + (size_t)i * ldx + k);                             \
+            a##i = _mm256_fmadd_ps(xa, w0, a##i);                                                       \
+            b##i = _mm256_fmadd_ps(xa, w1, b##i);                                                       \
+        }
+        QVIZ_WF256_ROW(0) QVIZ_WF256_ROW(1) QVIZ_WF256_ROW(2) QVIZ_WF256_ROW(3) QVIZ_WF256_ROW(4) QVIZ_WF256_ROW(5)
+#undef QVIZ_WF256_ROW
+    }
+    float C[6 * 16];
+#define QVIZ_WF256_STORE(i)                                                                             \
+    if (MR > i) {                                                                                       \
+        _mm256_storeu_ps(C + 16 * i, a##i);                                                             \
+        _mm256_storeu_ps(C + 16 * i + 8, b##i);                                                         \
+    }
+    QVIZ_WF256_STORE(0) QVIZ_WF256_STORE(1) QVIZ_WF256_STORE(2) QVIZ_WF256_STORE(3) QVIZ_WF256_STORE(4)
+    QVIZ_WF256_STORE(5)
+#undef QVIZ_WF256_STORE
+    for (int i = 0; i < MR; i++) memcpy(out + (size_t)i * ldo, C + 16 * i, (size_t)(cols < 16 ? cols : 16) * sizeof(float));
+}
+#define QVIZ_WF256_FN(MR)                                                                               \
+    static __attribute__((noinline)) QVIZ_AVX2_FN QVIZ_NO_PRE void qviz_wf256_##MR(                      \
+        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols) { \
+        qviz_wf256(MR, X, ldx, K, wf, ld, out, ldo, cols);                                              \
+    }
+QVIZ_WF256_FN(1) QVIZ_WF256_FN(2) QVIZ_WF256_FN(3) QVIZ_WF256_FN(4) QVIZ_WF256_FN(5) QVIZ_WF256_FN(6)
+static void qviz_wf_avx2(const float *X, size_t ldx, size_t K, const float *wf, size_t ld, int mr, int np,
+                         float *out, size_t ldo, int cols) {
+    (void)np;
+    switch (mr) {
+    case 1: qviz_wf256_1(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 2: qviz_wf256_2(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 3: qviz_wf256_3(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 4: qviz_wf256_4(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 5: qviz_wf256_5(X, ldx, K, wf, ld, out, ldo, cols); break;
+    default: qviz_wf256_6(X, ldx, K, wf, ld, out, ldo, cols); break;
+    }
+}
+
+typedef struct {
+    int avx512, bits, NP;
+    const float *X, *table;
+    const uint32_t *Bp;
+    size_t M, N, K, K32, ldb, P;
+    float *out;
+    _Atomic int failed;
+} qviz_wf_job;
+
+/* Task t: panel block t, every activation row. */
+static void qviz_wf_task(void *arg, long t) {
+    qviz_wf_job *j = (qviz_wf_job *)arg;
+    const size_t p0 = (size_t)t * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
+    const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+    const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+    const size_t ld = (size_t)np * QVIZ_PANEL;
+    float *wf = (float *)malloc(j->K * ld * sizeof(float) + 64);
+    if (!wf) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    if (j->avx512)
+        qviz_lut_decode512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
+    else
+        qviz_lut_decode256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
+    for (size_t m = 0; m < j->M; m += 6) {
+        const int mr = (int)(j->M - m < 6 ? j->M - m : 6);
+        if (j->avx512)
+            qviz_wf_avx512(j->X + m * j->K, j->K, j->K, wf, ld, mr, np, j->out + m * j->N + n0, j->N, cols);
+        else
+            qviz_wf_avx2(j->X + m * j->K, j->K, j->K, wf, ld, mr, np, j->out + m * j->N + n0, j->N, cols);
+    }
+    free(wf);
+}
+#endif
+
 static qviz_lut_fn qviz_lut_for(int path, int bits, int *mr, int *np) {
     const int b = bits == 1 ? 0 : bits == 2 ? 1 : 2;
     *mr = 4;
@@ -786,6 +947,18 @@ static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const u
     j.out = out;
     const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const int team = (double)M * (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+#if QVIZ_X86 && defined(__GNUC__)
+    /* decode once when enough rows share it and the decoded block stays within half of L2; measured on
+     * AVX-512: below 48 rows the in-place kernel (decode per 6-row tile, no buffer) was faster */
+    if (path >= QVIZ_AVX2 && M >= (path >= QVIZ_AVX512 ? 48u : 8u) && K * (size_t)j.NP * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES) {
+        qviz_wf_job g;
+        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = j.NP, g.X = X, g.table = table, g.Bp = Bp, g.M = M;
+        g.N = N, g.K = K, g.K32 = K32, g.ldb = j.ldb, g.P = j.P, g.out = out;
+        atomic_init(&g.failed, 0);
+        qviz_parallel(qviz_wf_task, &g, (long)NB, team);
+        if (!atomic_load(&g.failed)) return;
+    }
+#endif
     qviz_parallel(qviz_lut_task, &j, (long)(NB * j.MB), team);
 }
 

@@ -404,3 +404,15 @@ def test_error_messages_name_the_argument_and_allowed_values():
         packed.lowbit_matmul(big, big)
     with pytest.raises(ValueError, match=r"packed.words has shape"):
         packed.unpack(packed.PackedMatrix(2, (2, 100), np.zeros((2, 3), np.uint64)))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_codebook_gemm_decodes_panel_blocks_once_for_many_rows(path, bits):
+    """From 8 rows (AVX2) or 48 (AVX-512) the codebook GEMM decodes each block of weights once."""
+    rng = np.random.default_rng(bits)
+    for m, k, n in ((8, 33, 17), (50, 300, 70), (97, 1000, 5)):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        codes = _codes(rng, (n, k), bits)
+        cb = rng.standard_normal(2**bits).astype(np.float32)
+        out = packed.lut_matmul(x, packed.prepare(packed.pack(codes, bits)), cb)
+        np.testing.assert_allclose(out, x.astype(np.float64) @ cb[codes].T.astype(np.float64), rtol=1e-4, atol=1e-3)
