@@ -1,10 +1,12 @@
 # cython: language_level=3
-"""Bit-packed low-bit kernels (papers/003_f90b6f8834304304.txt Chapter 5, generalised).
+"""Cython wrappers of the bit-packed kernels ([Kütükcü 2020, Ch. 5], generalised; C in _packed_*.h).
 
 Codes of 1, 2, 4 or 8 bits are packed along the reduction axis K into little-endian uint64 words: code j
 of a row sits in word j // (64 / bits) at bit offset (j % (64 / bits)) * bits. Rows are padded with zero
-bits to a whole word, ceil(K * bits / 64) words per row. Kernels are called only through qviz.packed,
-which validates every argument and allocates every output; they never allocate and never raise.
+bits to a whole word, ceil(K * bits / 64) words per row; weights may also come as panels
+(_packed_panels.h). These functions are called only through qviz.packed, which validates every
+argument and allocates every output; here the only allocations are scratch buffers (activation rows
+laid out for a kernel, decoded filters), and the only error is MemoryError when one cannot be had.
 """
 
 from libc.stdint cimport uint8_t, uint64_t

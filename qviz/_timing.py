@@ -209,7 +209,7 @@ def _int8_linear(wt: torch.Tensor, xt: torch.Tensor):
 def measure_conv_latency(batch: int = 1, in_channels: int = 3, size: int = 16, out_channels: int = 8,
                          kernel: int = 3, *, bits: int = 1, padding: int = 0, budget_s: float = 0.25,
                          threads: int | None = None, seed: int = 0) -> dict:
-    """Median latency of `lut_conv2d` and torch float32 conv2d on the same shapes ([Kütükcü 2019, Ch. 5]).
+    """Median latency of `lut_conv2d` and torch float32 conv2d on the same shapes ([Kütükcü 2020, Ch. 5]).
 
     The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. Returns
     qviz_s, torch_s, ratio (torch_s / qviz_s), runs, threads, path. Refuses (ValueError) shapes whose

@@ -11,9 +11,9 @@ j // (64 / b), bit offset (j % (64 / b)) * b, rows padded with zero bits to exac
 read weights in panels of 16 rows (`prepare` makes a `PreparedMatrix` once, as a deployed layer holds
 its weights; a `PackedMatrix` passed as weights is laid out per call).
 
-Kernels, after [Kütükcü 2019, Ch. 5] (papers/003), generalised: binary XOR-popcount matmul, the hybrid
-AND-popcount matmul of [Kütükcü 2019, Table 4.4, Fig. 4.5], low-bit integer matmul, codebook (LUT)
-matmul and packed-index direct convolution [Kütükcü 2019, Figs. 5.1, 5.2]. The code path (portable,
+Kernels, after [Kütükcü 2020, Ch. 5] (paper 003), generalised: binary XOR-popcount matmul, the hybrid
+AND-popcount matmul of [Kütükcü 2020, Table 4.4, Fig. 4.5], low-bit integer matmul, codebook (LUT)
+matmul and packed-index direct convolution [Kütükcü 2020, Figs. 5.1, 5.2]. The code path (portable,
 popcnt, avx2, avx512, avx512vnni) is chosen at import: see `qviz._dispatch`. Timing lives in
 `qviz._timing` (`measure_latency`, `measure_conv_latency`, `roof`, `read_bandwidth`), re-exported here.
 """
@@ -276,7 +276,7 @@ def pack_uniform(x: np.ndarray, bits: int, scale: float, zero_point: int = 0, *,
     """Quantize float32 x [N, K] to unsigned b-bit codes and pack them in one pass (activation packing).
 
     code = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1), the affine quantizer of
-    [Krishnamoorthi 2018, eqs. 1-2] (papers/004). The result carries each row's sum of codes (`code_sums`).
+    [Krishnamoorthi 2018, eqs. 1-2] (paper 004). The result carries each row's sum of codes (`code_sums`).
     """
     bits = _bits_field("bits", bits, CODE_BITS)
     scale = _checks.real("scale", scale, 0.0, lo_open=True)
@@ -329,9 +329,9 @@ def binary_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, scale_a=
                   threads: int | None = None) -> np.ndarray:
     """Sign matmul of 1-bit a [M, K] and w [N, K] (bit 1 = -1): int32 [M, N] = K - 2 popcount(a XOR w).
 
-    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2019, §3.2]. With `scale_w` (one
+    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2020, §3.2]. With `scale_w` (one
     α per output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor scheme's
-    scaling [Kütükcü 2019, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
+    scaling [Kütükcü 2020, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
     (sign(a) α_a) @ (sign(w) α_w).T.
     """
     a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
@@ -364,7 +364,7 @@ def hybrid_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads:
     """Activations in {0, 1} (DoReFa 1-bit; bit 1 = 1) times weights in {+1, -1} (bit 1 = -1).
 
     int32 [M, N] = popcount(a AND NOT w) - popcount(a AND w) = popcount(a) - 2 popcount(a AND w): the
-    "two AND gates" hybrid of [Kütükcü 2019, Table 4.4, Fig. 4.5]. popcount(a) is counted from a's words
+    "two AND gates" hybrid of [Kütükcü 2020, Table 4.4, Fig. 4.5]. popcount(a) is counted from a's words
     (a.code_sums is not trusted).
     """
     a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
@@ -479,7 +479,7 @@ def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
                threads: int | None = None) -> np.ndarray:
     """Float activations times codebook weights: float32 [M, N] = x @ codebook[w].T.
 
-    The matmul form of the packed-index convolution [Kütükcü 2019, Fig. 5.2]. codebook: [2**bits] for one
+    The matmul form of the packed-index convolution [Kütükcü 2020, Fig. 5.2]. codebook: [2**bits] for one
     codebook per layer or [N, 2**bits] for one per output channel. Uniform weights use
     `codebook_from_affine(scale, zero_point, bits)`. One codebook and b <= 4 run on panels (the table
     sits in a register); per-channel codebooks and 8-bit codes decode row by row.
@@ -546,7 +546,7 @@ def _array_of_reals(name: str, value) -> np.ndarray:
 
 def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.ndarray, kernel: tuple[int, int], *,
                padding: int = 0, threads: int | None = None) -> np.ndarray:
-    """Packed-index direct convolution [Kütükcü 2019, Figs. 5.1, 5.2], stride 1, zero padding.
+    """Packed-index direct convolution [Kütükcü 2020, Figs. 5.1, 5.2], stride 1, zero padding.
 
     x: float32 [B, C, H, W]; w: codes [C_out, C * kh * kw] in torch's weight order (ci, i, j);
     returns float32 [B, C_out, H + 2p - kh + 1, W + 2p - kw + 1], equal to
@@ -608,7 +608,7 @@ def memory_report(out_features, in_features: int | None = None, kernel: tuple[in
     prepared_bytes: as a PreparedMatrix holds them (panels of 16 rows, rows padded to 32-bit words);
     dense_bytes: the same codes back to back (ceil(n b / 8), what a file needs); codebook_bytes: 2**bits
     entries of codebook_bits each, one codebook per layer or per output channel; ratio / ratio_dense:
-    float32 bytes over packed (or dense) + codebook bytes; ratio_formula: [Kütükcü 2019, eq. 2-17],
+    float32 bytes over packed (or dense) + codebook bytes; ratio_formula: [Kütükcü 2020, eq. 2-17],
     n b / (n log2 k + k c) with b = 32, k = 2**bits (times the number of codebooks). Linear and Conv2d
     layers count; a module report adds "layers", one such dict per layer with its "name".
     """
