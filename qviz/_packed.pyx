@@ -45,11 +45,8 @@ from libc.stdlib cimport free, malloc
 
 cdef extern from "_packed_kernels.h" nogil:
     int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512
-    int QVIZ_XOR_POPCOUNT, QVIZ_AND_POPCOUNT
     int qviz_path_supported(int path)
     int qviz_openmp_enabled()
-    void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
-                          int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads)
     void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, size_t M, const uint64_t *B, size_t N,
                                size_t W, int32_t *out, int threads)
     void qviz_expand_planes(const uint64_t *codes, size_t M, size_t W, int bits, uint64_t *planes)
@@ -61,8 +58,6 @@ cdef extern from "_packed_kernels.h" nogil:
     int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
                         size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
                         size_t pad, float *out, size_t Ho, size_t Wo, int threads)
-    int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats)
-    void qviz_set_tile(int mr, int nr)
     int QVIZ_PANEL, QVIZ_P_XOR, QVIZ_P_AND, QVIZ_P_DOT2, QVIZ_P_DOT4
     void qviz_make_panels(const uint64_t *B, size_t N, size_t W64, size_t K32, uint32_t *dst)
     void qviz_panels_to_rows(const uint32_t *src, size_t N, size_t K32, uint64_t *B, size_t W64)
@@ -91,22 +86,6 @@ def supported_paths():
 
 def openmp_enabled():
     return bool(qviz_openmp_enabled())
-
-
-def binary_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, Py_ssize_t k, int32_t[:, ::1] out,
-                  int path, int threads):
-    """out = K - 2 popcount(a XOR w) for every pair of rows."""
-    with nogil:
-        qviz_pair_matmul(path, QVIZ_XOR_POPCOUNT, &a[0, 0], a.shape[0], &w[0, 0], w.shape[0], a.shape[1],
-                         -2, NULL, k, &out[0, 0], threads)
-
-
-def hybrid_matmul(const uint64_t[:, ::1] a, const int64_t[::1] a_ones, const uint64_t[:, ::1] w,
-                  int32_t[:, ::1] out, int path, int threads):
-    """out = popcount(a) - 2 popcount(a AND w): activations in {0, 1}, weights in {+1, -1} (bit 1 = -1)."""
-    with nogil:
-        qviz_pair_matmul(path, QVIZ_AND_POPCOUNT, &a[0, 0], a.shape[0], &w[0, 0], w.shape[0], a.shape[1],
-                         -2, &a_ones[0], 0, &out[0, 0], threads)
 
 
 def bitserial_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, int bits, int32_t[:, ::1] out,
@@ -163,19 +142,6 @@ def lut_conv2d(const float[:, :, :, ::1] x, const uint32_t[:, :, ::1] w, Py_ssiz
                                  &out[0, 0, 0, 0], out.shape[2], out.shape[3], threads)
     if failed:
         raise MemoryError("no memory for the decoded filters")
-
-
-def popcount_buffer(const uint64_t[::1] buf, Py_ssize_t words, Py_ssize_t repeats, int path):
-    """XOR-popcount of 4 rows of `words` words against 2 others, `repeats` times (buf holds 6 rows)."""
-    cdef int64_t total
-    with nogil:
-        total = qviz_popcount_buffer(path, &buf[0], words, repeats)
-    return total
-
-
-def set_tile_shape(int rows_a, int rows_b):
-    """Tile shape of the popcount kernels (1-4 rows of a x 1-2 rows of w); for tuning, not for users."""
-    qviz_set_tile(rows_a, rows_b)
 
 
 # ------------------------------------------------------------------------------------------------

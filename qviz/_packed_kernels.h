@@ -2,12 +2,17 @@
  *
  * Layout: codes of b bits (b in 1, 2, 4, 8) packed along K into little-endian uint64 words, code j of
  * a row at word j / (64 / b), bit offset (j % (64 / b)) * b; rows padded with zero bits to whole words.
- * Zero padding never changes a result: XOR and AND of two zero bits is zero.
+ * Zero padding never changes a result: XOR and AND of two zero bits is zero (qviz.packed refuses
+ * matrices whose padding bits are not zero).
+ *
+ * This file: CPU features, activation packing (signs, uniform quantization), the row kernels that 8-bit
+ * codes and per-channel codebooks still use, and the packed-index convolution. The GEMM-shaped panel
+ * kernels are in _packed_panels.h, the thread pool in _packed_pool.h, the roof loops in _packed_roof.h.
  *
  * Code paths are compiled per function with target attributes (never -march=native) and chosen at
  * run time from the CPU's features: "portable" (plain C, any CPU), "popcnt" (x86 hardware popcount),
- * "avx2" (AVX2 + FMA, nibble-LUT popcount), "avx512" (AVX-512 VPOPCNTDQ + BW). qviz.packed checks every
- * argument before a call, so these functions trust their inputs and never fail.
+ * "avx2" (AVX2 + FMA, nibble-table popcount), "avx512" (AVX-512 F/BW + VPOPCNTDQ), "avx512vnni" (the
+ * same with VNNI). qviz.packed checks every argument before a call, so these functions trust their inputs.
  */
 #ifndef QVIZ_PACKED_KERNELS_H
 #define QVIZ_PACKED_KERNELS_H
@@ -58,7 +63,6 @@ static int qviz_path_supported(int path) {
 
 static int qviz_openmp_enabled(void) { return QVIZ_HAVE_OPENMP; }
 
-static void qviz_set_tile(int mr, int nr);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Scalar word reductions. "fieldsB" sums the B-bit unsigned fields of a word: for B = 2 that is     */
@@ -107,8 +111,8 @@ typedef void (*qviz_tile_fn)(const uint64_t *A, const uint64_t *B, size_t W, int
 
 #define QVIZ_MR 4 /* the largest tile: S buffers hold QVIZ_MR x QVIZ_NR */
 #define QVIZ_NR 2
-/* The tile shape the drivers use (rows of A x rows of B); settable so shapes can be compared in one run. */
-static int qviz_tile_mr = 4, qviz_tile_nr = 2; /* measured best of 1x1 ... 4x2 on AVX2 */
+/* The tile shape of the row kernels (rows of A x rows of B): the best of 1x1 ... 4x2 measured on AVX2. */
+static const int qviz_tile_mr = 4, qviz_tile_nr = 2;
 
 #define QVIZ_DEFINE_PORTABLE_TILE(OP)                                                                 \
     static void qviz_tile_portable_##OP(const uint64_t *A, const uint64_t *B, size_t W, int mr, int nr, \
@@ -308,11 +312,6 @@ QVIZ_DEFINE_AVX512_TILE(3)
 QVIZ_DEFINE_AVX512_TILE(4)
 #endif /* QVIZ_X86 */
 
-static void qviz_set_tile(int mr, int nr) {
-    qviz_tile_mr = mr < 1 ? 1 : (mr > QVIZ_MR ? QVIZ_MR : mr);
-    qviz_tile_nr = nr < 1 ? 1 : (nr > QVIZ_NR ? QVIZ_NR : nr);
-}
-
 static qviz_tile_fn qviz_tile_for(int path, int op) {
     static const qviz_tile_fn portable[QVIZ_N_OPS] = {qviz_tile_portable_0, qviz_tile_portable_1,
                                                       qviz_tile_portable_2, qviz_tile_portable_3,
@@ -340,33 +339,6 @@ static qviz_tile_fn qviz_tile_for(int path, int op) {
 static int qviz_threads(int threads) { return threads < 1 ? 1 : threads; }
 
 #include "_packed_pool.h"
-
-/* out[m, n] = scale_a * S + offset[m] (the affine epilogues of the binary and hybrid kernels) */
-static void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
-                             int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads) {
-    qviz_tile_fn tile = qviz_tile_for(path, op);
-    const long n_blocks = (long)((N + QVIZ_NB - 1) / QVIZ_NB);
-    (void)threads;
-#if QVIZ_HAVE_OPENMP
-#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1)
-#endif
-    for (long blk = 0; blk < n_blocks; blk++) {
-        int64_t S[QVIZ_MR * QVIZ_NR];
-        size_t n_end = ((size_t)blk + 1) * QVIZ_NB < N ? ((size_t)blk + 1) * QVIZ_NB : N;
-        const size_t MR = (size_t)qviz_tile_mr, NR = (size_t)qviz_tile_nr;
-        for (size_t m = 0; m < M; m += MR) {
-            int mr = (int)(M - m < MR ? M - m : MR);
-            for (size_t n = (size_t)blk * QVIZ_NB; n < n_end; n += NR) {
-                int nr = (int)(n_end - n < NR ? n_end - n : NR);
-                tile(A + m * W, B + n * W, W, mr, nr, S, QVIZ_NR);
-                for (int i = 0; i < mr; i++)
-                    for (int j = 0; j < nr; j++)
-                        out[(m + i) * N + n + j] =
-                            (int32_t)(mul * S[i * QVIZ_NR + j] + offset + (offset_m ? offset_m[m + i] : 0));
-            }
-        }
-    }
-}
 
 /* Sum over the bit planes of A: out[m, n] = sum_i 2^i fields(planes[m, i] AND B[n]), where planes[m, i]
  * holds, in every b-bit field, all ones where bit i of the activation code is set (bit-serial matmul). */
@@ -918,21 +890,6 @@ static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t 
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* The machine's popcount ceiling: popcount of an L1-resident buffer, bits per second measured by    */
-/* the caller. Returns the count so the work cannot be optimised away.                               */
-
-static int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats) {
-    int64_t total = 0;
-    int64_t S[QVIZ_MR * QVIZ_NR];
-    qviz_tile_fn tile = qviz_tile_for(path, QVIZ_XOR_POPCOUNT);
-    for (size_t r = 0; r < repeats; r++) {
-        /* QVIZ_MR rows against QVIZ_NR others: the binary matmul's own inner loop at its largest tile */
-        tile(buf, buf + QVIZ_MR * W, W, QVIZ_MR, QVIZ_NR, S, QVIZ_NR);
-        for (int i = 0; i < QVIZ_MR * QVIZ_NR; i++) total += S[i];
-    }
-    return total;
-}
 
 /* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
  * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
