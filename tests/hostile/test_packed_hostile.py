@@ -323,12 +323,15 @@ def test_set_kernel_path(name):
 # K at the int32 limits: checked arithmetically (1 x K zero codes, built in the child)
 
 
+# The answer side is run where it stays small: a 1 x K weight matrix in panels takes 16 rows' room, so
+# binary at K = 2^31 - 1 would need 4 GiB of panels (the error side allocates only the zero words, 256 MiB
+# of untouched calloc pages, and must raise before anything else).
 @pytest.mark.slow
 @pytest.mark.parametrize(("fn", "bits", "k", "fits"), [
-    ("binary_matmul", 1, 2**31 - 1, True), ("binary_matmul", 1, 2**31, False),
-    ("hybrid_matmul", 1, 2**31 - 1, True), ("hybrid_matmul", 1, 2**31 + 64, False),
-    ("lowbit_matmul", 2, (2**31 - 1) // 9, True), ("lowbit_matmul", 2, (2**31 - 1) // 9 + 1, False),
-    ("lowbit_matmul", 4, (2**31 - 1) // 225 + 1, False), ("lowbit_matmul", 8, (2**31 - 1) // 65025 + 1, False),
+    ("binary_matmul", 1, 2**31, False), ("hybrid_matmul", 1, 2**31 + 64, False),
+    ("lowbit_matmul", 2, (2**31 - 1) // 9 + 1, False),
+    ("lowbit_matmul", 4, (2**31 - 1) // 225, True), ("lowbit_matmul", 4, (2**31 - 1) // 225 + 1, False),
+    ("lowbit_matmul", 8, (2**31 - 1) // 65025, True), ("lowbit_matmul", 8, (2**31 - 1) // 65025 + 1, False),
 ])
 def test_k_at_the_int32_limit(guard, fn, bits, k, fits):
     out = guard.call("packed_cases:zeros_call", fn, bits, k, prepared_w=fits)
@@ -547,8 +550,8 @@ def test_measure_latency_arguments(guard, kind, m, k, n, bits, budget, cold):
 
 
 @settings(max_examples=60, **SETTINGS)
-@given(batch=st.sampled_from([1, 2, 0, 5000, True]), channels=st.sampled_from([3, 1, 4096, -2]),
-       size=st.sampled_from([16, 3, 1, 4096, 0]), kernel=st.sampled_from([3, 1, 5, 17, 0, 65, 2.0]),
+@given(batch=st.sampled_from([1, 2, 0, 5000, True]), channels=st.sampled_from([3, 1, 60000, -2]),
+       size=st.sampled_from([16, 3, 1, 200, 0]), kernel=st.sampled_from([3, 1, 5, 17, 0, 65, 2.0]),
        padding=st.sampled_from([0, 1, 2, -1, 16]))
 def test_measure_conv_latency_arguments(guard, batch, channels, size, kernel, padding):
     out = guard.call("packed_cases:call", "measure_conv_latency", batch, channels, size, 4, kernel, padding=padding,
@@ -565,6 +568,12 @@ def test_measure_conv_latency_arguments(guard, batch, channels, size, kernel, pa
     if not is_int(padding, 0, kernel - 1):
         return hostile.expect_clear_error(out, "padding")
     hostile.expect_error_or_answer(out, ("limit",), lambda r: r["qviz_s"] > 0, "measure_conv_latency")
+
+
+@pytest.mark.parametrize(("batch", "channels", "size"), [(4096, 4096, 64), (4096, 3, 4096), (1, 4096, 4096)])
+def test_measure_conv_latency_refuses_buffers_beyond_the_memory_limit(guard, batch, channels, size):
+    out = guard.call("packed_cases:call", "measure_conv_latency", batch, channels, size, 8, 3, budget_s=0.001)
+    hostile.expect_clear_error(out, "limit")
 
 
 @settings(max_examples=60, **SETTINGS)
