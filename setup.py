@@ -2,13 +2,14 @@
 
 The build never uses -march=native: a wheel or an editable install must run on any x86-64 (and build on
 aarch64). Fast SIMD paths are compiled per function with target attributes and chosen at run time from
-the CPU's features (see qviz/_packed_simd.h). OpenMP is used when the compiler accepts -fopenmp.
+the CPU's features (see qviz/_packed_kernels.h). OpenMP is used when the compiler accepts -fopenmp.
 """
 
 import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -39,6 +40,8 @@ extension = Extension(
     "qviz._packed",
     sources=["qviz/_packed.pyx"],
     include_dirs=["qviz"],
+    # the C kernels live in headers: a change there must rebuild the extension
+    depends=sorted(str(p) for p in Path(__file__).parent.joinpath("qviz").glob("_packed*.h")),
     extra_compile_args=["-O3", "-fno-strict-aliasing", *openmp],
     extra_link_args=openmp,
     define_macros=[("QVIZ_HAVE_OPENMP", "1" if openmp else "0")],

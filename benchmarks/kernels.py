@@ -1,57 +1,130 @@
-"""Bit-packed kernels against PyTorch float32 (and PyTorch's dynamic int8 linear), same shapes, 2 threads.
+"""Bit-packed kernels against the machine's own roof and bandwidth, PyTorch float32 and PyTorch int8 (2 threads).
 
-For each M x K x N, qviz and torch run alternately in one process until a time budget is spent (see
-qviz.packed.measure_latency); activation packing is inside qviz's timed call, weights are packed
-beforehand. "x float" is torch float32 time / qviz time (above 1: qviz is faster), "x int8" the same
-against torch's dynamic int8 linear. "ceiling" is the achieved fraction of the machine's measured
-popcount ceiling (bit-ops per second over XOR-popcounted bits per second, both at 2 threads).
-Run: .venv/bin/python benchmarks/kernels.py [--budget SECONDS]
+What it prints, in order:
+- the CPU (model, family/model/stepping, flags that matter), torch, the qviz code path and the others it has;
+- the roof of every code path: register-resident loops of the kernels' own instructions (qviz.packed.roof):
+  "pop" XOR + popcount + add in bit-MACs/s, "dot" byte dot products (vpdpbusd / vpmaddubsw) in MACs/s,
+  "fma" float32 multiply-adds in MACs/s, all threads at once;
+- read bandwidth from a buffer that fits the L3 cache and from one far beyond it (DRAM);
+- every kernel on four shapes: qviz time (activation packing included; weights prepared beforehand, as a
+  deployed layer holds them), torch float32 (x @ W.T), torch's dynamic int8 linear (fbgemm), the ratios,
+  and how close qviz is to the hardware: "% roof" (compute: achieved ops/s over the path's roof for that
+  kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over the L3 bandwidth with
+  warm weights: an untimed identical call right before each timed one; over the DRAM bandwidth with
+  cold weights: copies cycled through, 256 MiB of them). Rows without "warm"/"cold" start from whatever
+  the previous call left in the caches (torch's float weights flush the L3 at the larger shapes);
+- 003 Chapter 5's layer: packed-index convolution against torch conv2d, and its memory.
+
+Runs alternate qviz / torch / int8 in one process until a time budget is spent and report medians
+(qviz.packed.measure_latency), so drift on a shared machine hits all alike. --path forces a code path
+(the run prints the roofs of every path regardless). On an AVX-512 machine, `--avx2-torch` restricts
+PyTorch's float32 GEMM to AVX2 as well (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY,
+set before torch loads), to approximate an AVX2-only CPU; fbgemm's int8 is not restricted by these.
+Run: .venv/bin/python benchmarks/kernels.py [--budget SECONDS] [--path avx2] [--avx2-torch] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 from pathlib import Path
 
-import torch
+parser = argparse.ArgumentParser()
+parser.add_argument("--budget", type=float, default=1.5, help="seconds per kernel and shape")
+parser.add_argument("--path", default=None, help="force a qviz code path (default: the fastest that passed)")
+parser.add_argument("--avx2-torch", action="store_true", help="restrict torch's float32 GEMM to AVX2")
+parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+parser.add_argument("--threads", type=int, default=2, help="threads for qviz and torch alike (default 2)")
+ARGS = parser.parse_args()
+if ARGS.avx2_torch:  # must precede the first import of torch
+    os.environ.update(MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import table
+from _timing import table  # noqa: E402
 
-from qviz import packed
+from qviz import packed  # noqa: E402
 
+THREADS = ARGS.threads
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 2048, 2048), (1024, 1024, 1024)]
-KERNELS = [("binary", 1, "binary XOR-popcount"), ("hybrid", 1, "hybrid AND-popcount (W1 x A{0,1})"),
-           ("lowbit", 2, "2-bit x 2-bit bit-serial"), ("lowbit", 4, "4-bit x 4-bit bit-serial"),
-           ("lut", 4, "4-bit codebook W x float A"), ("lut", 2, "2-bit codebook W x float A")]
-THREADS = 2
+KERNELS = [("binary", 1, "binary XOR-popcount", "pop"), ("hybrid", 1, "hybrid AND-popcount (W1 x A{0,1})", "pop"),
+           ("lowbit", 2, "2-bit x 2-bit", "dot"), ("lowbit", 4, "4-bit x 4-bit", "dot"),
+           ("lut", 4, "4-bit codebook W x float A", "fma"), ("lut", 2, "2-bit codebook W x float A", "fma")]
+L3_TEST, DRAM_TEST = 8 * 2**20, 256 * 2**20
+
+
+def cpu_description() -> str:
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    shown = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni", "amx_int8")
+             if f in flags]
+    return (f"{fields.get('model name', '?')} (vendor {fields.get('vendor_id', '?')}, "
+            f"family {fields.get('cpu family')}, model {fields.get('model')}, stepping {fields.get('stepping')}); "
+            f"{os.cpu_count()} CPUs; "
+            f"flags: {' '.join(shown)}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", type=float, default=1.5, help="seconds per kernel and shape")
-    budget = parser.parse_args().budget
+    if ARGS.path:
+        packed.set_kernel_path(ARGS.path)
     torch.set_num_threads(THREADS)
-    ceiling = packed.popcount_ceiling(threads=THREADS, seconds=1.0)
-    print(f"torch {torch.__version__}; qviz path {packed.kernel_path()} of {packed.available_paths()}; "
-          f"OpenMP {packed.openmp_enabled()}; {THREADS} threads")
-    print(f"popcount ceiling: {ceiling / 1e9:.0f} Gbit/s (XOR-popcount of L1-resident rows, {THREADS} threads)\n")
+    path = packed.kernel_path()
+    print(f"CPU: {cpu_description()}; load average before the run {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__} (ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
+          f"{', MKL/oneDNN limited to AVX2' if ARGS.avx2_torch else ''}); qviz path {path} of "
+          f"{packed.available_paths()}; thread pool {packed.pool_enabled()}, OpenMP {packed.openmp_enabled()}; "
+          f"{THREADS} threads\n")
+
+    # a roof is what the hardware can do: the best of five short runs (a busy neighbour only lowers it)
+    roofs = {p: {k: max(packed.roof(k, path=p, threads=THREADS, seconds=0.15) for _ in range(5))
+                 for k in ("pop", "dot", "fma")} for p in packed.available_paths()}
+    print(f"Roof of each code path, {THREADS} threads (register-resident loops of the kernels' instructions):")
+    print(table([[p, f"{r['pop'] / 1e12:.2f} Tbit-MAC/s", f"{r['dot'] / 1e9:.0f} GMAC/s",
+                  f"{r['fma'] / 1e9:.0f} GMAC/s"] for p, r in roofs.items()],
+                ["path", "pop (XOR+popcount+add)", "dot (int8)", "fma (float32)"]))
+    l3 = max(packed.read_bandwidth(L3_TEST, threads=THREADS, seconds=0.3) for _ in range(3))
+    dram = max(packed.read_bandwidth(DRAM_TEST, threads=THREADS, seconds=0.5) for _ in range(3))
+    print(f"\nRead bandwidth, {THREADS} threads: {l3 / 1e9:.0f} GB/s from an {L3_TEST >> 20} MiB buffer (in L3), "
+          f"{dram / 1e9:.0f} GB/s from {DRAM_TEST >> 20} MiB (DRAM)\n")
+
+    roof = roofs[path]
     rows = []
-    for kind, bits, label in KERNELS:
-        for m, k, n in SHAPES:
-            r = packed.measure_latency(kind, m, k, n, bits=bits, budget_s=budget, threads=THREADS, with_int8=True)
-            frac = "" if r["bit_ops_per_s"] is None else f"{r['bit_ops_per_s'] / ceiling:.0%}"
-            rows.append([label, f"{m}x{k}x{n}", f"{r['qviz_s'] * 1e3:.3f}", f"{r['torch_s'] * 1e3:.3f}",
-                         f"{r['torch_int8_s'] * 1e3:.3f}", f"{r['ratio']:.2f}", f"{r['ratio_int8']:.2f}", frac,
-                         str(r["runs"])])
-    print(table(rows, ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "x float", "x int8",
-                       "ceiling", "runs"]))
+    shapes = SHAPES[:2] if ARGS.quick else SHAPES
+    for kind, bits, label, roof_kind in KERNELS:
+        for m, k, n in shapes:
+            for cache in (("warm", "cold") if m == 1 else ("",)):
+                cold = cache == "cold"
+                r = packed.measure_latency(kind, m, k, n, bits=bits, budget_s=ARGS.budget, threads=THREADS,
+                                           with_int8=True, cold=cold, warm=cache == "warm")
+                if m == 1:
+                    bw = r["weight_bytes"] / r["qviz_s"]
+                    near = f"{bw / (dram if cold else l3):.0%} bw ({bw / 1e9:.0f} GB/s)"
+                else:
+                    ops = r["bit_ops_per_s"] if roof_kind == "pop" else r["qviz_macs_per_s"]
+                    near = f"{ops / roof[roof_kind]:.0%} roof"
+                rows.append([label, f"{m}x{k}x{n} {cache}".strip(), f"{r['qviz_s'] * 1e3:.3f}",
+                             f"{r['torch_s'] * 1e3:.3f}", f"{r['torch_int8_s'] * 1e3:.3f}", f"{r['ratio']:.2f}",
+                             f"{r['ratio_int8']:.2f}", near, str(r["runs"])])
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"Kernels on path {path}, {THREADS} threads (x f32 / x int8: torch time over qviz time, above 1 = qviz "
+          "faster):")
+    print(table(rows, ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "x f32", "x int8",
+                       "% roof / % bw", "runs"]))
+
     print("\n003 Chapter 5 layer (3x16x16 input, 8 output channels, no padding), packed-index conv vs torch conv2d:")
     conv_rows = []
     for kernel in (3, 4, 5):
         for bits, label in ((1, "binary"), (2, "ternary (2-bit)")):
-            r = packed.measure_conv_latency(kernel=kernel, bits=bits, budget_s=budget / 2, threads=THREADS)
+            r = packed.measure_conv_latency(kernel=kernel, bits=bits, budget_s=ARGS.budget / 2, threads=THREADS)
             mem = packed.memory_report(8, 3, kernel=(kernel, kernel), bits=bits, codebook_bits=16 if bits == 1 else 32)
             conv_rows.append([f"{kernel}x{kernel}", label, f"{r['qviz_s'] * 1e6:.1f}", f"{r['torch_s'] * 1e6:.1f}",
                               f"{r['ratio']:.2f}", f"{mem['ratio_formula']:.2f}", f"{mem['ratio_dense']:.2f}",

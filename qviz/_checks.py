@@ -42,9 +42,10 @@ def choice(name: str, value: object, allowed: Iterable[object]):
 
 
 def integer(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
+    if type(value) is not int:  # plain ints skip the abstract-class checks: kernels call this per argument
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name}={value} is out of range; allowed: {_span(lo, hi)}")
     return value

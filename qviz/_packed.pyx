@@ -1,10 +1,12 @@
 # cython: language_level=3
-"""Bit-packed low-bit kernels (papers/003_f90b6f8834304304.txt Chapter 5, generalised).
+"""Cython wrappers of the bit-packed kernels ([Kütükcü 2020, Ch. 5], generalised; C in _packed_*.h).
 
 Codes of 1, 2, 4 or 8 bits are packed along the reduction axis K into little-endian uint64 words: code j
 of a row sits in word j // (64 / bits) at bit offset (j % (64 / bits)) * bits. Rows are padded with zero
-bits to a whole word, ceil(K * bits / 64) words per row. Kernels are called only through qviz.packed,
-which validates every argument and allocates every output; they never allocate and never raise.
+bits to a whole word, ceil(K * bits / 64) words per row; weights may also come as panels
+(_packed_panels.h). These functions are called only through qviz.packed, which validates every
+argument and allocates every output; here the only allocations are scratch buffers (activation rows
+laid out for a kernel, decoded filters), and the only error is MemoryError when one cannot be had.
 """
 
 from libc.stdint cimport uint8_t, uint64_t
@@ -38,16 +40,13 @@ def unpack_codes(const uint64_t[:, ::1] words, int bits, uint8_t[:, ::1] out):
                 out[r, j] = <uint8_t> ((words[r, j // per_word] >> ((j % per_word) * bits)) & mask)
 
 
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport free, malloc
 
 cdef extern from "_packed_kernels.h" nogil:
     int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512
-    int QVIZ_XOR_POPCOUNT, QVIZ_AND_POPCOUNT
     int qviz_path_supported(int path)
     int qviz_openmp_enabled()
-    void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
-                          int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads)
     void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, size_t M, const uint64_t *B, size_t N,
                                size_t W, int32_t *out, int threads)
     void qviz_expand_planes(const uint64_t *codes, size_t M, size_t W, int bits, uint64_t *planes)
@@ -56,13 +55,28 @@ cdef extern from "_packed_kernels.h" nogil:
                           float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads)
     void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N, size_t W,
                          int bits, const float *cb, size_t cb_stride, float *out, int threads)
-    void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint64_t *Wc, size_t CO,
-                         size_t W, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw, size_t pad,
-                         float *out, size_t Ho, size_t Wo, int threads)
-    int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats)
-    void qviz_set_tile(int mr, int nr)
+    int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
+                        size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
+                        size_t pad, float *out, size_t Ho, size_t Wo, int threads)
+    int QVIZ_PANEL, QVIZ_P_XOR, QVIZ_P_AND, QVIZ_P_DOT2, QVIZ_P_DOT4
+    void qviz_make_panels(const uint64_t *B, size_t N, size_t W64, size_t K32, uint32_t *dst)
+    void qviz_panels_to_rows(const uint32_t *src, size_t N, size_t K32, uint64_t *B, size_t W64)
+    void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out)
+    int qviz_panel_slots(int path, int op)
+    void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32, int S, uint32_t *dst)
+    void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, size_t lda, const uint32_t *Bp, size_t N,
+                           size_t K32, int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out,
+                           int threads)
+    int QVIZ_ROOF_POP, QVIZ_ROOF_DOT, QVIZ_ROOF_FMA, QVIZ_HAVE_POOL
+    int64_t qviz_roof(int path, int kind, long iters, double *macs)
+    int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
+    void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
+                        int bits, const float *codebook, float *out, int threads)
 
-PATHS = ("portable", "popcnt", "avx2", "avx512")
+PATHS = ("portable", "popcnt", "avx2", "avx512", "avx512vnni")
+PANEL = QVIZ_PANEL
+ROOF_KINDS = {"pop": QVIZ_ROOF_POP, "dot": QVIZ_ROOF_DOT, "fma": QVIZ_ROOF_FMA}
+OPS = {"xor": QVIZ_P_XOR, "and": QVIZ_P_AND, "dot2": QVIZ_P_DOT2, "dot4": QVIZ_P_DOT4}
 
 
 def supported_paths():
@@ -72,22 +86,6 @@ def supported_paths():
 
 def openmp_enabled():
     return bool(qviz_openmp_enabled())
-
-
-def binary_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, Py_ssize_t k, int32_t[:, ::1] out,
-                  int path, int threads):
-    """out = K - 2 popcount(a XOR w) for every pair of rows."""
-    with nogil:
-        qviz_pair_matmul(path, QVIZ_XOR_POPCOUNT, &a[0, 0], a.shape[0], &w[0, 0], w.shape[0], a.shape[1],
-                         -2, NULL, k, &out[0, 0], threads)
-
-
-def hybrid_matmul(const uint64_t[:, ::1] a, const int64_t[::1] a_ones, const uint64_t[:, ::1] w,
-                  int32_t[:, ::1] out, int path, int threads):
-    """out = popcount(a) - 2 popcount(a AND w): activations in {0, 1}, weights in {+1, -1} (bit 1 = -1)."""
-    with nogil:
-        qviz_pair_matmul(path, QVIZ_AND_POPCOUNT, &a[0, 0], a.shape[0], &w[0, 0], w.shape[0], a.shape[1],
-                         -2, &a_ones[0], 0, &out[0, 0], threads)
 
 
 def bitserial_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, int bits, int32_t[:, ::1] out,
@@ -132,24 +130,133 @@ def lut_matmul(const float[:, ::1] x, const uint64_t[:, ::1] w, int bits, const 
                         &codebook[0, 0], stride, &out[0, 0], threads)
 
 
-def lut_conv2d(const float[:, :, :, ::1] x, const uint64_t[:, ::1] w, int bits, const float[:, ::1] codebook,
-               Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out, int threads):
-    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad."""
+def lut_conv2d(const float[:, :, :, ::1] x, const uint32_t[:, :, ::1] w, Py_ssize_t co, int bits,
+               const float[:, ::1] codebook, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out,
+               int path, int threads):
+    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad; w in panels."""
     cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
+    cdef int failed
     with nogil:
-        qviz_lut_conv2d(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0], w.shape[0],
-                        w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad, &out[0, 0, 0, 0],
-                        out.shape[2], out.shape[3], threads)
+        failed = qviz_lut_conv2d(path, &x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0],
+                                 co, w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad,
+                                 &out[0, 0, 0, 0], out.shape[2], out.shape[3], threads)
+    if failed:
+        raise MemoryError("no memory for the decoded filters")
 
 
-def popcount_buffer(const uint64_t[::1] buf, Py_ssize_t words, Py_ssize_t repeats, int path):
-    """XOR-popcount of 4 rows of `words` words against 2 others, `repeats` times (buf holds 6 rows)."""
-    cdef int64_t total
+# ------------------------------------------------------------------------------------------------
+# Panels (qviz/_packed_panels.h): weights as 16-row panels of 32-bit words
+
+
+def make_panels(const uint64_t[:, ::1] words, Py_ssize_t k32, uint32_t[:, :, ::1] out):
+    """out [ceil(N/16), k32, 16] = the 32-bit words of `words` [N, W] transposed in panels of 16 rows."""
     with nogil:
-        total = qviz_popcount_buffer(path, &buf[0], words, repeats)
-    return total
+        qviz_make_panels(&words[0, 0], words.shape[0], words.shape[1], k32, &out[0, 0, 0])
 
 
-def set_tile_shape(int rows_a, int rows_b):
-    """Tile shape of the popcount kernels (1-4 rows of a x 1-2 rows of w); for tuning, not for users."""
-    qviz_set_tile(rows_a, rows_b)
+def panels_to_rows(const uint32_t[:, :, ::1] panels, uint64_t[:, ::1] out):
+    """The row layout `out` [N, W] back from panels."""
+    with nogil:
+        qviz_panels_to_rows(&panels[0, 0, 0], out.shape[0], panels.shape[1], &out[0, 0], out.shape[1])
+
+
+def row_popcounts(const uint64_t[:, ::1] a, int64_t[::1] out):
+    with nogil:
+        qviz_row_popcounts(&a[0, 0], a.shape[0], a.shape[1], &out[0])
+
+
+def panel_matmul(const uint64_t[:, ::1] a, Py_ssize_t k32, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int op,
+                 long long mul, const int64_t[::1] offset_m, long long offset, int32_t[:, ::1] out, int path,
+                 int threads):
+    """out = mul * S + offset + offset_m[m] with S the `op` reduction of a's rows against the panels."""
+    cdef size_t m = a.shape[0]
+    cdef int slots = qviz_panel_slots(path, op)
+    cdef uint32_t *rows = <uint32_t *> malloc(m * <size_t> k32 * <size_t> slots * sizeof(uint32_t) + 4)
+    cdef const int64_t *off = NULL if offset_m is None else &offset_m[0]
+    if rows == NULL:
+        raise MemoryError("no memory for the activation rows")
+    try:
+        with nogil:
+            qviz_split_rows(&a[0, 0], m, a.shape[1], k32, slots, rows)
+            qviz_panel_matmul(path, op, rows, m, <size_t> k32 * slots, &panels[0, 0, 0], n, k32, mul, off, offset,
+                              &out[0, 0], threads)
+    finally:
+        free(rows)
+
+
+def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int bits,
+              const float[::1] codebook, float[:, ::1] out, int path, int threads):
+    """out = x @ codebook[w].T with w in panels, one codebook of 2**bits entries (bits 1, 2 or 4)."""
+    with nogil:
+        qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1], bits,
+                       &codebook[0], &out[0, 0], threads)
+
+
+def pool_enabled():
+    """Whether the panel kernels run on the thread pool (POSIX threads), otherwise on the caller alone."""
+    return bool(QVIZ_HAVE_POOL)
+
+
+def roof(int path, int kind, long iters):
+    """Run `iters` iterations of the register-resident roof loop; returns (checksum, operations done)."""
+    cdef double macs = 0
+    cdef int64_t check
+    with nogil:
+        check = qviz_roof(path, kind, iters, &macs)
+    return check, macs
+
+
+def read_words(const uint64_t[::1] buf, int threads):
+    """Sum of the words of buf, read on up to `threads` threads (a bandwidth probe)."""
+    cdef int64_t s
+    with nogil:
+        s = qviz_read_words(&buf[0], buf.shape[0], threads)
+    return s
+
+
+def padding_clear(const uint64_t[:, ::1] words, Py_ssize_t used):
+    """-1 if every bit at or after `used` in the last word of each row is zero, else the first bad row."""
+    cdef Py_ssize_t r, last = words.shape[1] - 1
+    cdef uint64_t mask
+    if used >= 64:
+        return -1
+    mask = ~((<uint64_t> 1 << used) - 1)
+    with nogil:
+        for r in range(words.shape[0]):
+            if words[r, last] & mask:
+                break
+        else:
+            r = -1
+    return r
+
+
+def panels_padding_clear(const uint32_t[:, :, ::1] panels, Py_ssize_t used):
+    """-1 if the bits at or after `used` of every last panel word are zero, else the first bad panel."""
+    cdef Py_ssize_t p, j, last = panels.shape[1] - 1, bad = -1
+    cdef uint32_t mask
+    if used >= 32:
+        return -1
+    mask = ~((<uint32_t> 1 << used) - 1)
+    with nogil:
+        for p in range(panels.shape[0]):
+            for j in range(panels.shape[2]):
+                if panels[p, last, j] & mask:
+                    bad = p
+                    break
+            if bad >= 0:
+                break
+    return bad
+
+
+def code_sums(const uint64_t[:, ::1] words, int bits, Py_ssize_t k, int64_t[::1] out):
+    """out[r] = sum of the k codes of row r."""
+    cdef Py_ssize_t r, j
+    cdef int per_word = 64 // bits
+    cdef uint64_t mask = (<uint64_t> 1 << bits) - 1 if bits < 64 else <uint64_t> 0xFFFFFFFFFFFFFFFF
+    cdef int64_t s
+    with nogil:
+        for r in range(words.shape[0]):
+            s = 0
+            for j in range(k):
+                s += <int64_t> ((words[r, j // per_word] >> ((j % per_word) * bits)) & mask)
+            out[r] = s

@@ -2,12 +2,17 @@
  *
  * Layout: codes of b bits (b in 1, 2, 4, 8) packed along K into little-endian uint64 words, code j of
  * a row at word j / (64 / b), bit offset (j % (64 / b)) * b; rows padded with zero bits to whole words.
- * Zero padding never changes a result: XOR and AND of two zero bits is zero.
+ * Zero padding never changes a result: XOR and AND of two zero bits is zero (qviz.packed refuses
+ * matrices whose padding bits are not zero).
+ *
+ * This file: CPU features, activation packing (signs, uniform quantization), the row kernels that 8-bit
+ * codes and per-channel codebooks still use, and the packed-index convolution. The GEMM-shaped panel
+ * kernels are in _packed_panels.h, the thread pool in _packed_pool.h, the roof loops in _packed_roof.h.
  *
  * Code paths are compiled per function with target attributes (never -march=native) and chosen at
  * run time from the CPU's features: "portable" (plain C, any CPU), "popcnt" (x86 hardware popcount),
- * "avx2" (AVX2 + FMA, nibble-LUT popcount), "avx512" (AVX-512 VPOPCNTDQ + BW). qviz.packed checks every
- * argument before a call, so these functions trust their inputs and never fail.
+ * "avx2" (AVX2 + FMA, nibble-table popcount), "avx512" (AVX-512 F/BW + VPOPCNTDQ), "avx512vnni" (the
+ * same with VNNI). qviz.packed checks every argument before a call, so these functions trust their inputs.
  */
 #ifndef QVIZ_PACKED_KERNELS_H
 #define QVIZ_PACKED_KERNELS_H
@@ -29,7 +34,7 @@
 #include <omp.h>
 #endif
 
-enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_N_PATHS = 4 };
+enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_AVX512VNNI = 4, QVIZ_N_PATHS = 5 };
 
 /* What the reduction over words computes for one pair of rows. */
 enum { QVIZ_XOR_POPCOUNT = 0, QVIZ_AND_POPCOUNT = 1, QVIZ_AND_FIELDS2 = 2, QVIZ_AND_FIELDS4 = 3,
@@ -47,6 +52,8 @@ static int qviz_path_supported(int path) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    case QVIZ_AVX512VNNI:
+        return qviz_path_supported(QVIZ_AVX512) && __builtin_cpu_supports("avx512vnni");
     }
     return 0;
 #else
@@ -56,7 +63,6 @@ static int qviz_path_supported(int path) {
 
 static int qviz_openmp_enabled(void) { return QVIZ_HAVE_OPENMP; }
 
-static void qviz_set_tile(int mr, int nr);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Scalar word reductions. "fieldsB" sums the B-bit unsigned fields of a word: for B = 2 that is     */
@@ -105,8 +111,8 @@ typedef void (*qviz_tile_fn)(const uint64_t *A, const uint64_t *B, size_t W, int
 
 #define QVIZ_MR 4 /* the largest tile: S buffers hold QVIZ_MR x QVIZ_NR */
 #define QVIZ_NR 2
-/* The tile shape the drivers use (rows of A x rows of B); settable so shapes can be compared in one run. */
-static int qviz_tile_mr = 4, qviz_tile_nr = 2; /* measured best of 1x1 ... 4x2 on AVX2 */
+/* The tile shape of the row kernels (rows of A x rows of B): the best of 1x1 ... 4x2 measured on AVX2. */
+static const int qviz_tile_mr = 4, qviz_tile_nr = 2;
 
 #define QVIZ_DEFINE_PORTABLE_TILE(OP)                                                                 \
     static void qviz_tile_portable_##OP(const uint64_t *A, const uint64_t *B, size_t W, int mr, int nr, \
@@ -306,11 +312,6 @@ QVIZ_DEFINE_AVX512_TILE(3)
 QVIZ_DEFINE_AVX512_TILE(4)
 #endif /* QVIZ_X86 */
 
-static void qviz_set_tile(int mr, int nr) {
-    qviz_tile_mr = mr < 1 ? 1 : (mr > QVIZ_MR ? QVIZ_MR : mr);
-    qviz_tile_nr = nr < 1 ? 1 : (nr > QVIZ_NR ? QVIZ_NR : nr);
-}
-
 static qviz_tile_fn qviz_tile_for(int path, int op) {
     static const qviz_tile_fn portable[QVIZ_N_OPS] = {qviz_tile_portable_0, qviz_tile_portable_1,
                                                       qviz_tile_portable_2, qviz_tile_portable_3,
@@ -324,7 +325,7 @@ static qviz_tile_fn qviz_tile_for(int path, int op) {
                                                     qviz_tile_avx512_3, qviz_tile_avx512_4};
     if (path == QVIZ_POPCNT) return popcnt[op];
     if (path == QVIZ_AVX2) return avx2[op];
-    if (path == QVIZ_AVX512) return avx512[op];
+    if (path >= QVIZ_AVX512) return avx512[op];
 #endif
     return portable[op];
 }
@@ -337,32 +338,7 @@ static qviz_tile_fn qviz_tile_for(int path, int op) {
 
 static int qviz_threads(int threads) { return threads < 1 ? 1 : threads; }
 
-/* out[m, n] = scale_a * S + offset[m] (the affine epilogues of the binary and hybrid kernels) */
-static void qviz_pair_matmul(int path, int op, const uint64_t *A, size_t M, const uint64_t *B, size_t N, size_t W,
-                             int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out, int threads) {
-    qviz_tile_fn tile = qviz_tile_for(path, op);
-    const long n_blocks = (long)((N + QVIZ_NB - 1) / QVIZ_NB);
-    (void)threads;
-#if QVIZ_HAVE_OPENMP
-#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1)
-#endif
-    for (long blk = 0; blk < n_blocks; blk++) {
-        int64_t S[QVIZ_MR * QVIZ_NR];
-        size_t n_end = ((size_t)blk + 1) * QVIZ_NB < N ? ((size_t)blk + 1) * QVIZ_NB : N;
-        const size_t MR = (size_t)qviz_tile_mr, NR = (size_t)qviz_tile_nr;
-        for (size_t m = 0; m < M; m += MR) {
-            int mr = (int)(M - m < MR ? M - m : MR);
-            for (size_t n = (size_t)blk * QVIZ_NB; n < n_end; n += NR) {
-                int nr = (int)(n_end - n < NR ? n_end - n : NR);
-                tile(A + m * W, B + n * W, W, mr, nr, S, QVIZ_NR);
-                for (int i = 0; i < mr; i++)
-                    for (int j = 0; j < nr; j++)
-                        out[(m + i) * N + n + j] =
-                            (int32_t)(mul * S[i * QVIZ_NR + j] + offset + (offset_m ? offset_m[m + i] : 0));
-            }
-        }
-    }
-}
+#include "_packed_pool.h"
 
 /* Sum over the bit planes of A: out[m, n] = sum_i 2^i fields(planes[m, i] AND B[n]), where planes[m, i]
  * holds, in every b-bit field, all ones where bit i of the activation code is set (bit-serial matmul). */
@@ -376,7 +352,7 @@ static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, si
     const long n_blocks = (long)((N + QVIZ_NB - 1) / QVIZ_NB);
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(dynamic, 1) if ((double)M * N * W > 1e6)
 #endif
     for (long blk = 0; blk < n_blocks; blk++) {
         int64_t S[QVIZ_MR * QVIZ_NR];
@@ -503,17 +479,13 @@ static inline QVIZ_AVX2_FN uint32_t qviz_avx2_or_lanes(__m256i v) {
 
 /* Rows in parallel; 8 codes at a time: scale, round, clamp (vmaxps sends NaN to 0), shift each lane to
  * its bit offset and OR the lanes into one group of 8 codes. */
-static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t M, size_t K, int bits, float inv_scale,
-                                                float zero_point, uint64_t *out, size_t W, int64_t *row_sums,
-                                                int threads) {
+static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t r0, size_t M, size_t K, int bits,
+                                                float inv_scale, float zero_point, uint64_t *out, size_t W,
+                                                int64_t *row_sums) {
     const size_t per_word = (size_t)(64 / bits);
     const float top = (float)((1 << bits) - 1);
     int nan_seen = 0;
-    (void)threads;
-#if QVIZ_HAVE_OPENMP
-#pragma omp parallel for num_threads(qviz_threads(threads)) schedule(static) reduction(| : nan_seen)
-#endif
-    for (long rr = 0; rr < (long)M; rr++) {
+    for (long rr = (long)r0; rr < (long)M; rr++) {
         const size_t r = (size_t)rr;
         const __m256 inv = _mm256_set1_ps(inv_scale), zp = _mm256_set1_ps(zero_point);
         const __m256 hi = _mm256_set1_ps(top), lo = _mm256_setzero_ps();
@@ -554,14 +526,42 @@ static QVIZ_AVX2_FN int qviz_pack_uniform_avx2(const float *x, size_t M, size_t 
 }
 #endif
 
+typedef struct {
+    int path, bits;
+    const float *x;
+    size_t M, K, W;
+    float inv_scale, zero_point;
+    uint64_t *out;
+    int64_t *row_sums;
+    _Atomic int nan_seen;
+} qviz_pack_job;
+
+#define QVIZ_PACK_ROWS 16 /* rows per task */
+
+static void qviz_pack_task(void *arg, long t) {
+    qviz_pack_job *j = (qviz_pack_job *)arg;
+    const size_t r0 = (size_t)t * QVIZ_PACK_ROWS, r1 = r0 + QVIZ_PACK_ROWS < j->M ? r0 + QVIZ_PACK_ROWS : j->M;
+    int nan_seen;
+#if QVIZ_X86 && defined(__GNUC__)
+    if (j->path >= QVIZ_AVX2)
+        nan_seen = qviz_pack_uniform_avx2(j->x, r0, r1, j->K, j->bits, j->inv_scale, j->zero_point, j->out, j->W,
+                                          j->row_sums);
+    else
+#endif
+        nan_seen = qviz_pack_uniform_portable(j->x + r0 * j->K, r1 - r0, j->K, j->bits, j->inv_scale, j->zero_point,
+                                              j->out + r0 * j->W, j->W, j->row_sums + r0);
+    if (nan_seen) atomic_store(&j->nan_seen, 1);
+}
+
+/* Rows in blocks on the pool; a single block (small M) stays on the caller. Returns 1 if x held NaN. */
 static int qviz_pack_uniform(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
                              float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads) {
-#if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX2) return qviz_pack_uniform_avx2(x, M, K, bits, inv_scale, zero_point, out, W, row_sums, threads);
-#endif
-    (void)path;
-    (void)threads;
-    return qviz_pack_uniform_portable(x, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+    qviz_pack_job j;
+    j.path = path, j.bits = bits, j.x = x, j.M = M, j.K = K, j.W = W, j.inv_scale = inv_scale;
+    j.zero_point = zero_point, j.out = out, j.row_sums = row_sums;
+    atomic_init(&j.nan_seen, 0);
+    qviz_parallel(qviz_pack_task, &j, (long)((M + QVIZ_PACK_ROWS - 1) / QVIZ_PACK_ROWS), threads);
+    return atomic_load(&j.nan_seen);
 }
 
 /* Expand packed b-bit activation codes into b plane masks per row for the bit-serial kernel:
@@ -595,7 +595,7 @@ static void qviz_lut_matmul_portable(const float *x, size_t M, size_t K, const u
                                      int bits, const float *cb, size_t cb_stride, float *out, int threads) {
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads))
+#pragma omp parallel num_threads(qviz_threads(threads)) if ((double)M * N * K > 4e6)
 #endif
     {
         float *row = (float *)malloc(K * sizeof(float));
@@ -705,7 +705,7 @@ static QVIZ_AVX2_FN void qviz_lut_matmul_avx2(const float *x, size_t M, size_t K
     const size_t K8 = (K + 7) / 8 * 8, Kfull = K / 8 * 8;
     (void)threads;
 #if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads))
+#pragma omp parallel num_threads(qviz_threads(threads)) if ((double)M * N * K > 4e6)
 #endif
     {
         float *row = (float *)aligned_alloc(32, (K8 + 8) * sizeof(float));
@@ -786,73 +786,120 @@ static void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const 
 /* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2); the inner loop     */
 /* runs along output columns so the compiler can vectorise it.                                         */
 
-#if QVIZ_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define QVIZ_CLONES __attribute__((target_clones("avx2", "default")))
+/* Direct convolution with the output channels in the vector lanes: the filters are decoded once per
+ * call into wt[(ci, i, j)][co] (output channels padded to 8), and every output pixel sums its taps as
+ * acc[co] += x[ci, y + i - pad, x + j - pad] wt[(ci, i, j)][co], one broadcast and CO / 8 FMAs per tap.
+ * 003's layer (3 x 16 x 16 in, 8 out, 3 x 3) is 196 pixels x 27 taps: a few thousand vector FMAs,
+ * where a plane-by-plane loop along 14-pixel rows spends most of its time in loop tails. */
+#ifndef QVIZ_PANEL
+#define QVIZ_PANEL 16
+#endif
+typedef float qviz_v8 __attribute__((vector_size(32), aligned(4))); /* 8 output channels (GCC/clang vectors) */
+
+/* One output row for output channels [c0, c0 + 8 NV): NV vectors of accumulators per pixel; the tap
+ * ranges are clipped to the image once per pixel instead of testing every tap. */
+#define QVIZ_CONV_BODY(NV)                                                                              \
+    for (size_t xo = 0; xo < Wo; xo++) {                                                                \
+        qviz_v8 acc[NV];                                                                                \
+        for (int v = 0; v < NV; v++) acc[v] = (qviz_v8){0};                                             \
+        const long i0 = (long)pad - (long)y > 0 ? (long)pad - (long)y : 0;                             \
+        const long i1 = (long)H + (long)pad - (long)y < (long)kh ? (long)H + (long)pad - (long)y : (long)kh; \
+        const long j0 = (long)pad - (long)xo > 0 ? (long)pad - (long)xo : 0;                           \
+        const long j1 = (long)Wd + (long)pad - (long)xo < (long)kw ? (long)Wd + (long)pad - (long)xo : (long)kw; \
+        for (size_t ci = 0; ci < C; ci++)                                                               \
+            for (long i = i0; i < i1; i++) {                                                            \
+                const float *xr = x + (ci * H + (size_t)((long)y + i - (long)pad)) * Wd - (long)pad + (long)xo; \
+                const float *wr = wt + ((ci * kh + (size_t)i) * kw) * COp + c0;                          \
+                for (long j = j0; j < j1; j++) {                                                        \
+                    const float xv = xr[j];                                                             \
+                    const qviz_v8 *w8 = (const qviz_v8 *)(wr + (size_t)j * COp);                        \
+                    for (int v = 0; v < NV; v++) acc[v] += xv * w8[v];                                  \
+                }                                                                                       \
+            }                                                                                           \
+        for (int v = 0; v < NV; v++)                                                                    \
+            for (int c = 0; c < 8 && c0 + (size_t)(8 * v + c) < CO; c++)                                \
+                out[((c0 + (size_t)(8 * v + c)) * Ho + y) * Wo + xo] = acc[v][c];                       \
+    }
+#define QVIZ_DEFINE_CONV_ROW(NAME, ATTR)                                                                \
+    static ATTR void NAME(const float *x, size_t C, size_t H, size_t Wd, const float *wt, size_t COp, size_t CO, \
+                          size_t kh, size_t kw, size_t pad, size_t y, float *out, size_t Ho, size_t Wo) {  \
+        for (size_t c0 = 0; c0 < COp;) {                                                                \
+            const size_t left = COp - c0;                                                               \
+            if (left >= 32) {                                                                           \
+                QVIZ_CONV_BODY(4)                                                                       \
+                c0 += 32;                                                                               \
+            } else if (left >= 16) {                                                                    \
+                QVIZ_CONV_BODY(2)                                                                       \
+                c0 += 16;                                                                               \
+            } else {                                                                                    \
+                QVIZ_CONV_BODY(1)                                                                       \
+                c0 += 8;                                                                                \
+            }                                                                                           \
+        }                                                                                               \
+    }
+QVIZ_DEFINE_CONV_ROW(qviz_conv_row_portable, )
+#if QVIZ_X86 && defined(__GNUC__)
+QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx2, QVIZ_AVX2_FN)
+QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx512, QVIZ_AVX512_FN)
+#endif
+
+typedef void (*qviz_conv_row_fn)(const float *x, size_t C, size_t H, size_t Wd, const float *wt, size_t COp,
+                                 size_t CO, size_t kh, size_t kw, size_t pad, size_t y, float *out, size_t Ho,
+                                 size_t Wo);
+typedef struct {
+    qviz_conv_row_fn fn;
+    const float *x, *wt;
+    float *out;
+    size_t C, H, Wd, COp, CO, kh, kw, pad, Ho, Wo;
+} qviz_conv_job;
+
+static void qviz_conv_task(void *arg, long t) {
+    const qviz_conv_job *j = (const qviz_conv_job *)arg;
+    const size_t b = (size_t)t / j->Ho, y = (size_t)t % j->Ho;
+    j->fn(j->x + b * j->C * j->H * j->Wd, j->C, j->H, j->Wd, j->wt, j->COp, j->CO, j->kh, j->kw, j->pad, y,
+          j->out + b * j->CO * j->Ho * j->Wo, j->Ho, j->Wo);
+}
+
+/* Filters come as panels (qviz_make_panels of the [CO, C kh kw] codes). Returns 0, or -1 if there was no
+ * memory for the decoded filters. */
+static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
+                           size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
+                           size_t pad, float *out, size_t Ho, size_t Wo, int threads) {
+    const size_t KF = C * kh * kw, COp = (CO + 7) / 8 * 8, per = (size_t)(32 / bits);
+    const uint32_t mask = bits == 32 ? 0xFFFFFFFFu : (1u << bits) - 1;
+    float *wt = (float *)calloc(KF * COp + 1, sizeof(float));
+    if (!wt) return -1;
+    for (size_t co = 0; co < CO; co++) {
+        const uint32_t *col = Bp + (co / QVIZ_PANEL) * K32 * QVIZ_PANEL + co % QVIZ_PANEL;
+        const float *table = cb + co * cb_stride;
+        for (size_t k = 0; k < KF; k++)
+            wt[k * COp + co] = table[(col[(k / per) * QVIZ_PANEL] >> ((k % per) * (size_t)bits)) & mask];
+    }
+    qviz_conv_job j;
+    j.fn = qviz_conv_row_portable;
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512) j.fn = qviz_conv_row_avx512;
+    else if (path >= QVIZ_AVX2) j.fn = qviz_conv_row_avx2;
+#endif
+    (void)path;
+    j.x = x, j.wt = wt, j.out = out, j.C = C, j.H = H, j.Wd = Wd, j.COp = COp, j.CO = CO, j.kh = kh, j.kw = kw;
+    j.pad = pad, j.Ho = Ho, j.Wo = Wo;
+    const int team = (double)B * Ho * Wo * KF * COp < 4e6 ? 1 : threads;
+    qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
+    free(wt);
+    return 0;
+}
+
+
+/* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
+ * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define QVIZ_NO_PRE __attribute__((optimize("no-tree-pre")))
 #else
-#define QVIZ_CLONES
+#define QVIZ_NO_PRE
 #endif
 
-QVIZ_CLONES static void qviz_conv_plane(const float *xin, size_t H, size_t Wd, const float *filt, size_t kh, size_t kw,
-                                        size_t pad, float *o, size_t Ho, size_t Wo) {
-    for (size_t i = 0; i < kh; i++)
-        for (size_t j = 0; j < kw; j++) {
-            const float w = filt[i * kw + j];
-            if (w == 0.0f) continue;
-            for (size_t y = 0; y < Ho; y++) {
-                long yy = (long)y + (long)i - (long)pad;
-                if (yy < 0 || yy >= (long)H) continue;
-                const float *xr = xin + (size_t)yy * Wd;
-                float *orow = o + y * Wo;
-                /* columns whose input index x + j - pad lies inside [0, Wd) */
-                const long shift = (long)j - (long)pad;
-                long x0 = shift < 0 ? -shift : 0;
-                long x1 = (long)Wd - shift < (long)Wo ? (long)Wd - shift : (long)Wo;
-                for (long x = x0; x < x1; x++) orow[x] += w * xr[x + shift];
-            }
-        }
-}
-
-static void qviz_lut_conv2d(const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint64_t *Wc, size_t CO,
-                            size_t W, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw, size_t pad,
-                            float *out, size_t Ho, size_t Wo, int threads) {
-    const size_t KF = C * kh * kw;
-    memset(out, 0, B * CO * Ho * Wo * sizeof(float));
-    (void)threads;
-#if QVIZ_HAVE_OPENMP
-#pragma omp parallel num_threads(qviz_threads(threads))
-#endif
-    {
-        float *filt = (float *)malloc(KF * sizeof(float));
-        if (filt) {
-#if QVIZ_HAVE_OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (long co = 0; co < (long)CO; co++) {
-                qviz_decode_row_portable(Wc + (size_t)co * W, KF, bits, cb + (size_t)co * cb_stride, filt);
-                for (size_t b = 0; b < B; b++)
-                    for (size_t ci = 0; ci < C; ci++)
-                        qviz_conv_plane(x + (b * C + ci) * H * Wd, H, Wd, filt + ci * kh * kw, kh, kw, pad,
-                                        out + (b * CO + (size_t)co) * Ho * Wo, Ho, Wo);
-            }
-            free(filt);
-        }
-    }
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* The machine's popcount ceiling: popcount of an L1-resident buffer, bits per second measured by    */
-/* the caller. Returns the count so the work cannot be optimised away.                               */
-
-static int64_t qviz_popcount_buffer(int path, const uint64_t *buf, size_t W, size_t repeats) {
-    int64_t total = 0;
-    int64_t S[QVIZ_MR * QVIZ_NR];
-    qviz_tile_fn tile = qviz_tile_for(path, QVIZ_XOR_POPCOUNT);
-    for (size_t r = 0; r < repeats; r++) {
-        /* QVIZ_MR rows against QVIZ_NR others: the binary matmul's own inner loop at its largest tile */
-        tile(buf, buf + QVIZ_MR * W, W, QVIZ_MR, QVIZ_NR, S, QVIZ_NR);
-        for (int i = 0; i < QVIZ_MR * QVIZ_NR; i++) total += S[i];
-    }
-    return total;
-}
+#include "_packed_panels.h"
+#include "_packed_roof.h"
 
 #endif /* QVIZ_PACKED_KERNELS_H */

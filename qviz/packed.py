@@ -1,39 +1,57 @@
-"""Python face of the bit-packed kernels (qviz/_packed.pyx): validation, allocation and readouts.
+"""Bit-packed low-bit kernels: packing, matmuls, packed-index convolution and memory reports.
 
-Every function checks its arguments and raises `TypeError` / `ValueError` naming the argument and what is
-allowed before anything reaches compiled code, so no array a caller hands in can crash the process.
-Outputs are allocated here; the kernels release the GIL while they run.
+Every function checks its arguments, every field of every object it is handed included, and raises
+`TypeError` / `ValueError` naming the argument before anything reaches compiled code: no array or
+object a caller builds can crash the process or read memory it does not own. Outputs are allocated
+here; the kernels release the GIL while they run.
 
 Layout: codes of b bits (b in 1, 2, 4, 8) are packed along K into uint64 words, code j of a row at word
-j // (64 / b), bit offset (j % (64 / b)) * b, rows padded with zero bits to exactly ceil(K b / 64) words.
-Signs (`pack_signs`) use bit 1 for -1 (x < 0) and bit 0 for +1.
+j // (64 / b), bit offset (j % (64 / b)) * b, rows padded with zero bits to exactly ceil(K b / 64) words
+(`PackedMatrix`). Signs (`pack_signs`) use bit 1 for -1 (x < 0) and bit 0 for +1. The matmul kernels
+read weights in panels of 16 rows (`prepare` makes a `PreparedMatrix` once, as a deployed layer holds
+its weights; a `PackedMatrix` passed as weights is laid out per call).
 
-Kernels (papers/003_f90b6f8834304304.txt Chapter 5, generalised): binary XOR-popcount matmul, the hybrid
-AND-popcount matmul of 003 Table 4.4 / Fig. 4.5, bit-serial low-bit matmul, codebook (LUT) matmul and
-packed-index direct convolution (003 Figs. 5.1, 5.2). The fastest code path the CPU supports is chosen at
-import (`kernel_path()`), after a self-check against the portable path.
+Kernels, after [Kütükcü 2020, Ch. 5] (paper 003), generalised: binary XOR-popcount matmul, the hybrid
+AND-popcount matmul of [Kütükcü 2020, Table 4.4, Fig. 4.5], low-bit integer matmul, codebook (LUT)
+matmul and packed-index direct convolution [Kütükcü 2020, Figs. 5.1, 5.2]. The code path (portable,
+popcnt, avx2, avx512, avx512vnni) is chosen at import: see `qviz._dispatch`. Timing lives in
+`qviz._timing` (`measure_latency`, `measure_conv_latency`, `roof`, `read_bandwidth`), re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import statistics
-import threading
-import time
-import warnings
+import numbers
 
 import numpy as np
 import torch
 
 from qviz import _checks
 from qviz import _packed as _kernels
+from qviz._dispatch import (
+    PATHS,
+    available_paths,
+    kernel_path,
+    openmp_enabled,
+    pool_enabled,
+    set_kernel_path,
+)
+from qviz._dispatch import current as _path
 from qviz.engine.metrics import compression_ratio
 
 CODE_BITS = (1, 2, 4, 8)
-PATHS = _kernels.PATHS
-LATENCY_KINDS = ("binary", "hybrid", "lowbit", "lut")
+PANEL = _kernels.PANEL
+INT32_MAX = 2**31 - 1
+_MAX_SIDE = 2**40  # any real matrix is smaller; keeps every size product far from int64 overflow
+
+__all__ = [
+    "CODE_BITS", "PATHS", "PackedMatrix", "PreparedMatrix", "available_paths", "binary_matmul",
+    "codebook_from_affine", "dequantize_matmul", "hybrid_matmul", "kernel_path", "lowbit_matmul",
+    "lut_conv2d", "lut_matmul", "measure_conv_latency", "measure_latency", "memory_report", "openmp_enabled",
+    "pack", "pack_signs", "pack_uniform", "pool_enabled", "popcount_ceiling", "popcounts", "prepare",
+    "read_bandwidth", "roof", "set_kernel_path", "unpack", "words_per_row",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,7 +59,7 @@ class PackedMatrix:
     """An [N, K] matrix of `bits`-bit codes packed along K into uint64 words (`words`: [N, ceil(K*bits/64)]).
 
     `code_sums` holds each row's sum of codes when the matrix was packed from activations by
-    `pack_uniform` (the zero-point correction of a low-bit matmul needs it).
+    `pack_uniform`; it is informational: kernels recompute what they need from `words`.
     """
 
     bits: int
@@ -58,84 +76,33 @@ class PackedMatrix:
         return int(self.words.shape[1])
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedMatrix:
+    """Weights [N, K] of `bits`-bit codes laid out for the matmul kernels, made by `prepare`.
+
+    `panels` [ceil(N/16), ceil(K*bits/32), 16] uint32: panel p holds 32-bit word k of rows 16p .. 16p+15
+    side by side, so one vector load brings one slice of K for 16 outputs. A copy taken at `prepare`
+    (read-only): later changes to the PackedMatrix do not reach it. `nbytes` is what it holds, padding
+    rows of the last panel included.
+    """
+
+    bits: int
+    shape: tuple[int, int]
+    panels: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.panels.nbytes)
+
+
 def words_per_row(k: int, bits: int) -> int:
     """ceil(K * bits / 64): the exact number of uint64 words a packed row of K codes holds."""
+    k, bits = _checks.integer("k", k), _checks.integer("bits", bits)  # numpy unsigned ints would wrap in -k
     return -(-k * bits // 64)
 
 
-# --------------------------------------------------------------------------------------------------
-# Code paths
-
-
-def _self_check(path: int) -> bool:
-    """Does `path` give the portable path's results on a small random problem? (every kernel family)"""
-    rng = np.random.default_rng(1234)
-    m, n, k = 3, 5, 333
-    x = rng.standard_normal((m, k), dtype=np.float32)
-    try:
-        for bits in CODE_BITS:
-            a = pack(rng.integers(0, 2**bits, (m, k), dtype=np.uint8), bits)
-            w = pack(rng.integers(0, 2**bits, (n, k), dtype=np.uint8), bits)
-            cb = rng.standard_normal((1, 2**bits), dtype=np.float32)
-            want, got = (np.empty((m, n), np.int32) for _ in range(2))
-            _kernels.bitserial_matmul(a.words, w.words, bits, want, 0, 1)
-            _kernels.bitserial_matmul(a.words, w.words, bits, got, path, 1)
-            if not np.array_equal(want, got):
-                return False
-            want, got = (np.empty((m, n), np.float32) for _ in range(2))
-            _kernels.lut_matmul(x, w.words, bits, cb, want, 0, 1)
-            _kernels.lut_matmul(x, w.words, bits, cb, got, path, 1)
-            if not np.allclose(want, got, rtol=1e-4, atol=1e-3):
-                return False
-        a, w = pack(rng.integers(0, 2, (m, k), dtype=np.uint8), 1), pack(rng.integers(0, 2, (n, k), dtype=np.uint8), 1)
-        want, got = (np.empty((m, n), np.int32) for _ in range(2))
-        _kernels.binary_matmul(a.words, w.words, k, want, 0, 1)
-        _kernels.binary_matmul(a.words, w.words, k, got, path, 1)
-        s0, s1 = (np.empty((m, words_per_row(k, 1)), np.uint64) for _ in range(2))
-        _kernels.pack_signs(x, s0, 0)
-        _kernels.pack_signs(x, s1, path)
-        return bool(np.array_equal(want, got) and np.array_equal(s0, s1))
-    except Exception:  # a path that cannot even run is not a path we use
-        return False
-
-
-def _choose_path() -> int:
-    forced = os.environ.get("QVIZ_KERNEL_PATH")
-    supported = _kernels.supported_paths()
-    if forced:
-        if forced not in supported:
-            raise ValueError(f"QVIZ_KERNEL_PATH={forced!r} is not supported by this CPU; allowed: {supported}")
-        return PATHS.index(forced)
-    for name in reversed(supported):
-        if name == "portable" or _self_check(PATHS.index(name)):
-            return PATHS.index(name)
-        warnings.warn(f"qviz kernel path {name!r} failed its self-check and is disabled", RuntimeWarning, stacklevel=2)
-    return 0
-
-
-_path = 0  # set below, once pack() exists for the self-check
-
-
-def available_paths() -> tuple[str, ...]:
-    """Code paths this CPU supports (slowest first): portable, popcnt, avx2, avx512."""
-    return _kernels.supported_paths()
-
-
-def kernel_path() -> str:
-    """The code path every kernel call uses now."""
-    return PATHS[_path]
-
-
-def set_kernel_path(name: str) -> None:
-    """Use another supported code path (tests compare them; users rarely need this)."""
-    global _path
-    _checks.choice("name", name, available_paths())
-    _path = PATHS.index(name)
-
-
-def openmp_enabled() -> bool:
-    """Whether the extension was built with OpenMP (otherwise every kernel runs on one thread)."""
-    return _kernels.openmp_enabled()
+def _words32(k: int, bits: int) -> int:
+    return -(-k * bits // 32)
 
 
 def _threads(threads: int | None) -> int:
@@ -144,8 +111,16 @@ def _threads(threads: int | None) -> int:
     return _checks.integer("threads", threads, 1, 1024)
 
 
+def _empty_aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte (cache line, AVX-512 vector) boundary."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 # --------------------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks: every field of every object, before compiled code sees it
 
 
 def _matrix(name: str, a: object, dtype: type | None = None, ndim: int = 2) -> np.ndarray:
@@ -163,21 +138,91 @@ def _matrix(name: str, a: object, dtype: type | None = None, ndim: int = 2) -> n
     return a
 
 
-def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS) -> PackedMatrix:
+def _bits_field(name: str, bits: object, allowed: tuple[int, ...]) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(bits).__name__} {bits!r}")
+    _checks.choice(name, int(bits), allowed)
+    return int(bits)
+
+
+def _shape_field(name: str, shape: object) -> tuple[int, int]:
+    if not isinstance(shape, tuple | list) or len(shape) != 2:
+        raise TypeError(f"{name} must be a pair (N, K), got {shape!r}")
+    return tuple(_checks.integer(f"{name}[{i}]", v, 1, _MAX_SIDE) for i, v in enumerate(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A matrix whose fields passed the checks: plain ints and a buffer of the exact shape."""
+
+    bits: int
+    n: int
+    k: int
+    words: np.ndarray | None  # row layout, or None for a PreparedMatrix
+    panels: np.ndarray | None
+
+
+def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: bool = False) -> _Checked:
+    kinds = "a PackedMatrix (from qviz.packed.pack / pack_signs / pack_uniform)"
+    if prepared:
+        kinds += " or a PreparedMatrix (from qviz.packed.prepare)"
+    if isinstance(p, PreparedMatrix) and prepared:
+        b = _bits_field(f"{name}.bits", p.bits, bits)
+        n, k = _shape_field(f"{name}.shape", p.shape)
+        panels = _matrix(f"{name}.panels", p.panels, np.uint32, ndim=3)
+        want = (-(-n // PANEL), _words32(k, b), PANEL)
+        if panels.shape != want:
+            raise ValueError(f"{name}.panels has shape {panels.shape}, but {name}.shape={(n, k)} at {b} bits "
+                             f"needs {want}")
+        bad = _kernels.panels_padding_clear(panels, k * b - 32 * (want[1] - 1))
+        if bad >= 0:
+            raise ValueError(f"{name}.panels has non-zero padding bits after K={k} codes (panel {bad}); "
+                             "allowed: zero padding, as qviz.packed.prepare writes it")
+        return _Checked(b, n, k, None, panels)
     if not isinstance(p, PackedMatrix):
-        raise TypeError(f"{name} must be a PackedMatrix (from qviz.packed.pack / pack_signs), got {type(p).__name__}")
-    _checks.choice(f"{name}.bits", p.bits, bits)
-    n, k = p.shape
+        raise TypeError(f"{name} must be {kinds}, got {type(p).__name__}")
+    b = _bits_field(f"{name}.bits", p.bits, bits)
+    n, k = _shape_field(f"{name}.shape", p.shape)
     words = _matrix(f"{name}.words", p.words, np.uint64)
-    if words.shape != (n, words_per_row(k, p.bits)):
-        raise ValueError(f"{name}.words has shape {words.shape}, but {name}.shape={p.shape} at {p.bits} bits "
-                         f"needs {(n, words_per_row(k, p.bits))}")
-    return p
+    want = (n, words_per_row(k, b))
+    if words.shape != want:
+        raise ValueError(f"{name}.words has shape {words.shape}, but {name}.shape={(n, k)} at {b} bits needs {want}")
+    bad = _kernels.padding_clear(words, k * b - 64 * (want[1] - 1))
+    if bad >= 0:
+        raise ValueError(f"{name}.words has non-zero padding bits after K={k} codes (row {bad}); allowed: "
+                         "zero padding, as qviz.packed.pack writes it")
+    return _Checked(b, n, k, words, None)
 
 
-def _same_k(a: PackedMatrix, w: PackedMatrix) -> None:
-    if a.shape[1] != w.shape[1]:
-        raise ValueError(f"a and w must share K (their second dimension), got a.shape={a.shape}, w.shape={w.shape}")
+def _same_k(a: _Checked, w: _Checked, wname: str = "w") -> None:
+    if a.k != w.k:
+        raise ValueError(f"a and {wname} must share K (their second dimension), got a.shape={(a.n, a.k)}, "
+                         f"{wname}.shape={(w.n, w.k)}")
+
+
+def _rows_of(c: _Checked) -> np.ndarray:
+    """The row layout (uint64 words) of a checked matrix; a PreparedMatrix is laid back out."""
+    if c.words is not None:
+        return c.words
+    rows = np.empty((c.n, words_per_row(c.k, c.bits)), np.uint64)
+    _kernels.panels_to_rows(c.panels, rows)
+    return rows
+
+
+def _panels_of(c: _Checked) -> np.ndarray:
+    """The panel layout of a checked matrix; a PackedMatrix is laid out now (the cost of not preparing)."""
+    if c.panels is not None:
+        return c.panels
+    panels = _empty_aligned((-(-c.n // PANEL), _words32(c.k, c.bits), PANEL), np.uint32)
+    _kernels.make_panels(c.words, panels.shape[1], panels)
+    return panels
+
+
+def _finite_floats(name: str, x: object, ndim: int = 2) -> np.ndarray:
+    x = _matrix(name, x, np.float32, ndim=ndim)
+    if not np.isfinite(x).all():  # a NaN or Inf would make every output it touches meaningless
+        raise ValueError(f"{name} contains NaN or Inf; allowed: finite float32 values")
+    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +231,7 @@ def _same_k(a: PackedMatrix, w: PackedMatrix) -> None:
 
 def pack(codes: np.ndarray, bits: int) -> PackedMatrix:
     """Pack uint8 codes [N, K], each < 2**bits, into a PackedMatrix (bits in 1, 2, 4, 8)."""
-    _checks.choice("bits", bits, CODE_BITS)
+    bits = _bits_field("bits", bits, CODE_BITS)
     codes = _matrix("codes", codes, np.uint8)
     if bits < 8 and int(codes.max()) >= 2**bits:
         raise ValueError(f"codes must be < 2**bits = {2**bits} for bits={bits}; found {int(codes.max())}")
@@ -196,25 +241,32 @@ def pack(codes: np.ndarray, bits: int) -> PackedMatrix:
     return PackedMatrix(bits, (n, k), words)
 
 
-def unpack(packed: PackedMatrix) -> np.ndarray:
-    """The uint8 codes [N, K] a PackedMatrix holds."""
-    packed = _packed("packed", packed)
-    out = np.empty(packed.shape, dtype=np.uint8)
-    _kernels.unpack_codes(packed.words, packed.bits, out)
+def unpack(packed: PackedMatrix | PreparedMatrix) -> np.ndarray:
+    """The uint8 codes [N, K] a PackedMatrix (or PreparedMatrix) holds."""
+    c = _packed("packed", packed, prepared=True)
+    out = np.empty((c.n, c.k), dtype=np.uint8)
+    _kernels.unpack_codes(_rows_of(c), c.bits, out)
     return out
 
 
-def _float_rows(name: str, x: object) -> np.ndarray:
-    x = _matrix(name, x, np.float32)
-    return x
+def prepare(w: PackedMatrix) -> PreparedMatrix:
+    """Lay weights out once in panels of 16 rows for the matmul kernels (what a deployed layer holds).
+
+    A read-only copy: the matmuls accept it wherever they accept weights, and skip the per-call layout
+    a PackedMatrix costs (a pass over the weights, as much as a whole GEMV).
+    """
+    c = _packed("w", w)
+    panels = _panels_of(c)
+    panels.flags.writeable = False
+    return PreparedMatrix(c.bits, (c.n, c.k), panels)
 
 
 def pack_signs(x: np.ndarray) -> PackedMatrix:
     """Sign-binarize float32 x [N, K] into a 1-bit PackedMatrix: bit 1 encodes -1 (x < 0), bit 0 encodes +1."""
-    x = _float_rows("x", x)
+    x = _matrix("x", x, np.float32)
     n, k = x.shape
     words = np.empty((n, words_per_row(k, 1)), dtype=np.uint64)
-    if _kernels.pack_signs(x, words, _path):
+    if _kernels.pack_signs(x, words, _path()):
         raise ValueError("x contains NaN; a sign is defined only for numbers")
     return PackedMatrix(1, (n, k), words)
 
@@ -223,60 +275,83 @@ def pack_uniform(x: np.ndarray, bits: int, scale: float, zero_point: int = 0, *,
                  threads: int | None = None) -> PackedMatrix:
     """Quantize float32 x [N, K] to unsigned b-bit codes and pack them in one pass (activation packing).
 
-    code = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1), the affine quantizer of 004
-    eqs. 1-2. The result carries each row's sum of codes (`code_sums`).
+    code = clamp(round_half_even(x / scale) + zero_point, 0, 2^bits - 1), the affine quantizer of
+    [Krishnamoorthi 2018, eqs. 1-2] (paper 004). The result carries each row's sum of codes (`code_sums`).
     """
-    _checks.choice("bits", bits, CODE_BITS)
+    bits = _bits_field("bits", bits, CODE_BITS)
     scale = _checks.real("scale", scale, 0.0, lo_open=True)
     zero_point = _checks.integer("zero_point", zero_point, 0, 2**bits - 1)
-    x = _float_rows("x", x)
+    x = _matrix("x", x, np.float32)
+    inv_scale = np.float32(1.0) / np.float32(scale)
+    if not np.isfinite(inv_scale) or inv_scale == 0:
+        raise ValueError(f"scale={scale} is out of range for float32; allowed: 1/scale finite and non-zero")
     n, k = x.shape
     words = np.empty((n, words_per_row(k, bits)), dtype=np.uint64)
     sums = np.empty(n, dtype=np.int64)
-    inv_scale = float(np.float32(1.0) / np.float32(scale))
-    if _kernels.pack_uniform(x, bits, inv_scale, float(zero_point), words, sums, _path, _threads(threads)):
+    if _kernels.pack_uniform(x, bits, float(inv_scale), float(zero_point), words, sums, _path(), _threads(threads)):
         raise ValueError("x contains NaN; only numbers can be quantized")
     return PackedMatrix(bits, (n, k), words, sums)
 
 
-def popcounts(packed: PackedMatrix) -> np.ndarray:
+def popcounts(packed: PackedMatrix | PreparedMatrix) -> np.ndarray:
     """Number of set bits per row (for a {0, 1} activation matrix: how many ones)."""
-    packed = _packed("packed", packed)
-    return np.unpackbits(packed.words.view(np.uint8), axis=1).sum(axis=1, dtype=np.int64)
+    c = _packed("packed", packed, prepared=True)
+    out = np.empty(c.n, np.int64)
+    _kernels.row_popcounts(_rows_of(c), out)
+    return out
+
+
+def _code_sums(c: _Checked) -> np.ndarray:
+    out = np.empty(c.n, np.int64)
+    _kernels.code_sums(_rows_of(c), c.bits, c.k, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Matmuls
 
 
-def _out_int32(a: PackedMatrix, w: PackedMatrix) -> np.ndarray:
-    return np.empty((a.shape[0], w.shape[0]), dtype=np.int32)
+def _panel_matmul(a: _Checked, w: _Checked, op: str, mul: int, offset: int, offset_m: np.ndarray | None,
+                  threads: int | None) -> np.ndarray:
+    out = np.empty((a.n, w.n), dtype=np.int32)
+    _kernels.panel_matmul(a.words, _words32(a.k, a.bits), _panels_of(w), w.n, _kernels.OPS[op], mul, offset_m,
+                          offset, out, _path(), _threads(threads))
+    return out
 
 
-def binary_matmul(a: PackedMatrix, w: PackedMatrix, *, scale_a=None, scale_w=None,
+def _k_fits_int32(a: _Checked, per_code: int) -> None:
+    """Every kernel accumulates in int32: refuse K for which sum_k a_k w_k could pass 2^31 - 1."""
+    if a.k * per_code > INT32_MAX:
+        raise ValueError(f"K={a.k} at {a.bits} bits could overflow int32; allowed: K <= {INT32_MAX // per_code}")
+
+
+def binary_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, scale_a=None, scale_w=None,
                   threads: int | None = None) -> np.ndarray:
     """Sign matmul of 1-bit a [M, K] and w [N, K] (bit 1 = -1): int32 [M, N] = K - 2 popcount(a XOR w).
 
-    That is the sum of sign products, the XNOR-popcount of BNN (003 §3.2). With `scale_w` (one α per
-    output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor scheme's
-    scaling (003 eq. 3-6) is applied afterwards and the result is float32 [M, N]:
+    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2020, §3.2]. With `scale_w` (one
+    α per output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor scheme's
+    scaling [Kütükcü 2020, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
     (sign(a) α_a) @ (sign(w) α_w).T.
     """
-    a, w = _packed("a", a, (1,)), _packed("w", w, (1,))
+    a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
     _same_k(a, w)
-    out = _out_int32(a, w)
-    _kernels.binary_matmul(a.words, w.words, a.shape[1], out, _path, _threads(threads))
-    if scale_a is None and scale_w is None:
+    _k_fits_int32(a, 1)
+    sa = None if scale_a is None else _scales("scale_a", scale_a, a.n).reshape(-1, 1)
+    sw = None if scale_w is None else _scales("scale_w", scale_w, w.n).reshape(1, -1)
+    out = _panel_matmul(a, w, "xor", -2, a.k, None, threads)
+    if sa is None and sw is None:
         return out
-    sa = _scales("scale_a", 1.0 if scale_a is None else scale_a, a.shape[0]).reshape(-1, 1)
-    sw = _scales("scale_w", 1.0 if scale_w is None else scale_w, w.shape[0]).reshape(1, -1)
-    return (out * sa * sw).astype(np.float32)
+    return (out * (1.0 if sa is None else sa) * (1.0 if sw is None else sw)).astype(np.float32)
 
 
 def _scales(name: str, value, rows: int) -> np.ndarray:
-    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if not np.issubdtype(v.dtype, np.number):
-        raise TypeError(f"{name} must hold numbers, got dtype {v.dtype}")
+    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    if isinstance(v, bool) or not isinstance(v, numbers.Real | np.ndarray | list | tuple):
+        raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}")
+    v = np.asarray(v)
+    if v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.number) or np.iscomplexobj(v):
+        raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     v = v.astype(np.float64).reshape(-1)
     if v.size not in (1, rows):
         raise ValueError(f"{name} must hold 1 or {rows} values, got {v.size}")
@@ -285,133 +360,218 @@ def _scales(name: str, value, rows: int) -> np.ndarray:
     return v
 
 
-def hybrid_matmul(a: PackedMatrix, w: PackedMatrix, *, threads: int | None = None) -> np.ndarray:
+def hybrid_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads: int | None = None) -> np.ndarray:
     """Activations in {0, 1} (DoReFa 1-bit; bit 1 = 1) times weights in {+1, -1} (bit 1 = -1).
 
     int32 [M, N] = popcount(a AND NOT w) - popcount(a AND w) = popcount(a) - 2 popcount(a AND w): the
-    "two AND gates" hybrid of 003 Table 4.4 / Fig. 4.5.
+    "two AND gates" hybrid of [Kütükcü 2020, Table 4.4, Fig. 4.5]. popcount(a) is counted from a's words
+    (a.code_sums is not trusted).
     """
-    a, w = _packed("a", a, (1,)), _packed("w", w, (1,))
+    a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
     _same_k(a, w)
-    ones = a.code_sums if a.code_sums is not None else popcounts(a)
-    out = _out_int32(a, w)
-    _kernels.hybrid_matmul(a.words, np.ascontiguousarray(ones, dtype=np.int64), w.words, out, _path,
-                           _threads(threads))
-    return out
+    _k_fits_int32(a, 1)
+    ones = np.empty(a.n, np.int64)
+    _kernels.row_popcounts(a.words, ones)
+    return _panel_matmul(a, w, "and", -2, 0, ones, threads)
 
 
-def lowbit_matmul(a: PackedMatrix, w: PackedMatrix, *, threads: int | None = None) -> np.ndarray:
+def lowbit_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads: int | None = None) -> np.ndarray:
     """Integer matmul of unsigned b-bit codes: int32 [M, N] = sum_k a[m, k] w[n, k] (a.bits == w.bits).
 
-    Bit-serial: a sum over the bit planes of a of the b-bit field sums of (plane AND w), each a
-    popcount-like reduction. Turn it into real values with `dequantize_matmul`.
+    1-bit codes: popcount(a AND w); 2- and 4-bit: byte dot products of the codes' fields (vpdpbusd with
+    VNNI, vpmaddubsw with AVX2/AVX-512BW); 8-bit: a sum over the bit planes of a (bit-serial). Turn it
+    into real values with `dequantize_matmul`.
     """
-    a, w = _packed("a", a), _packed("w", w)
+    a, w = _packed("a", a), _packed("w", w, prepared=True)
     _same_k(a, w)
     if a.bits != w.bits:
         raise ValueError(f"a.bits={a.bits} and w.bits={w.bits} must be equal; allowed: both 1, 2, 4 or 8")
-    if a.shape[1] * (2**a.bits - 1) ** 2 > 2**31 - 1:
-        raise ValueError(f"K={a.shape[1]} at {a.bits} bits could overflow int32; allowed: K <= "
-                         f"{(2**31 - 1) // (2**a.bits - 1) ** 2}")
-    out = _out_int32(a, w)
-    _kernels.bitserial_matmul(a.words, w.words, a.bits, out, _path, _threads(threads))
+    _k_fits_int32(a, (2**a.bits - 1) ** 2)
+    if a.bits < 8:
+        return _panel_matmul(a, w, {1: "and", 2: "dot2", 4: "dot4"}[a.bits], 1, 0, None, threads)
+    out = np.empty((a.n, w.n), dtype=np.int32)
+    _kernels.bitserial_matmul(a.words, _rows_of(w), a.bits, out, _path(), _threads(threads))
     return out
 
 
-def dequantize_matmul(dot: np.ndarray, a: PackedMatrix, w_code_sums: np.ndarray, *, scale_a: float, zero_a: int,
-                      scale_w: float | np.ndarray, zero_w: int | np.ndarray) -> np.ndarray:
-    """Real-valued result of an affine low-bit matmul from its integer core (004 eqs. 4-6).
+def _real_values(name: str, value, n: int) -> np.ndarray:
+    """A scalar or n finite real numbers (numpy array, list or torch tensor), as float64 [1] or [n]."""
+    return _scales(name, value, n)
 
-    sum_k s_a (a_k - z_a) s_w (w_k - z_w) = s_a s_w (dot - z_w sum a - z_a sum w + K z_a z_w);
-    `a` must come from `pack_uniform` (it carries sum a per row); w_code_sums is sum w per weight row.
+
+def dequantize_matmul(dot: np.ndarray, a: PackedMatrix, w_code_sums, *, scale_a: float, zero_a: int,
+                      scale_w: float | np.ndarray, zero_w: int | np.ndarray) -> np.ndarray:
+    """Real-valued result of an affine low-bit matmul from its integer core [Krishnamoorthi 2018, eqs. 4-6].
+
+    sum_k s_a (a_k - z_a) s_w (w_k - z_w) = s_a s_w (dot - z_w sum a - z_a sum w + K z_a z_w), with
+    dot = lowbit_matmul(a, w). sum a is counted from a's words (a.code_sums is not trusted); w_code_sums
+    is sum w per weight row: N integers, or the weights themselves (PackedMatrix / PreparedMatrix).
     """
-    if a.code_sums is None:
-        raise ValueError("a has no code_sums; pack the activations with pack_uniform")
-    k = a.shape[1]
-    sa = a.code_sums.astype(np.float64)[:, None]
-    sw = np.asarray(w_code_sums, dtype=np.float64)[None, :]
-    zw = np.asarray(zero_w, dtype=np.float64).reshape(1, -1)
-    core = dot.astype(np.float64) - zw * sa - zero_a * sw + k * zero_a * zw
-    return (scale_a * np.asarray(scale_w, dtype=np.float64).reshape(1, -1) * core).astype(np.float32)
+    a = _packed("a", a)
+    dot = _matrix("dot", dot)
+    if not np.issubdtype(dot.dtype, np.integer):
+        raise TypeError(f"dot must hold integers (lowbit_matmul's int32 result), got dtype {dot.dtype}")
+    if dot.shape[0] != a.n:
+        raise ValueError(f"dot has {dot.shape[0]} rows but a has {a.n}; dot must be lowbit_matmul(a, w)")
+    n = dot.shape[1]
+    if isinstance(w_code_sums, PackedMatrix | PreparedMatrix):
+        wc = _packed("w_code_sums", w_code_sums, prepared=True)
+        if wc.k != a.k or wc.n != n:
+            raise ValueError(f"w_code_sums has shape {(wc.n, wc.k)}; dot and a need ({n}, {a.k})")
+        sw_sum = _code_sums(wc).astype(np.float64)
+    else:
+        sw_sum = _integers("w_code_sums", w_code_sums, n, 0, a.k * (2**a.bits - 1))
+    scale_a = _checks.real("scale_a", scale_a, 0.0, lo_open=True)
+    zero_a = _checks.integer("zero_a", zero_a, 0, 2**a.bits - 1)
+    s_w = _real_values("scale_w", scale_w, n)
+    if not (s_w > 0).all():
+        raise ValueError("scale_w must be > 0")
+    z_w = _real_values("zero_w", zero_w, n)
+    sa_sum = _code_sums(a).astype(np.float64)[:, None]
+    core = dot.astype(np.float64) - z_w.reshape(1, -1) * sa_sum - zero_a * sw_sum.reshape(1, -1) \
+        + a.k * zero_a * z_w.reshape(1, -1)
+    return (scale_a * s_w.reshape(1, -1) * core).astype(np.float32)
+
+
+def _integers(name: str, value, n: int, lo: int, hi: int) -> np.ndarray:
+    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    if not isinstance(v, np.ndarray | list | tuple):
+        raise TypeError(f"{name} must be an array of {n} integers, got {type(value).__name__}")
+    v = np.asarray(v)
+    if v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
+    v = v.reshape(-1)
+    if v.size != n:
+        raise ValueError(f"{name} must hold {n} values (one per weight row), got {v.size}")
+    if v.size and (v.min() < lo or v.max() > hi):
+        raise ValueError(f"{name} holds values outside {lo}..{hi}, impossible for sums of K codes")
+    return v.astype(np.float64)
 
 
 def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
+    entries = 2**bits
+    if type(codebook) is np.ndarray and codebook.dtype == np.float32 and codebook.flags.c_contiguous and (
+            codebook.shape == (entries,) or codebook.shape == (rows, entries)):  # the common case, without copies
+        cb = codebook.reshape(-1, entries)
+        if not np.isfinite(cb).all():
+            raise ValueError("codebook contains NaN or Inf (or values beyond float32); allowed: finite values")
+        return cb
     cb = codebook.detach().cpu().numpy() if isinstance(codebook, torch.Tensor) else codebook
     if not isinstance(cb, np.ndarray):
         raise TypeError(f"codebook must be a numpy.ndarray or torch.Tensor, got {type(codebook).__name__}")
+    if cb.dtype == np.bool_ or not (np.issubdtype(cb.dtype, np.floating) or np.issubdtype(cb.dtype, np.integer)):
+        raise TypeError(f"codebook must hold real numbers, got dtype {cb.dtype}")
     if cb.ndim not in (1, 2):
         raise ValueError(f"codebook must be 1-D [2**bits] (per layer) or 2-D [N, 2**bits] (per channel), "
                          f"got {cb.shape}")
-    entries = 2**bits
     if cb.shape[-1] != entries or (cb.ndim == 2 and cb.shape[0] != rows):
         allowed = f"({entries},) or ({rows}, {entries})"
         raise ValueError(f"codebook has shape {cb.shape}; for {rows} weight rows at {bits} bits allowed: {allowed} "
                          "(pad unused entries)")
-    cb = np.ascontiguousarray(cb, dtype=np.float32).reshape(-1 if cb.ndim == 2 else 1, entries)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cb = np.ascontiguousarray(cb, dtype=np.float32).reshape(-1 if cb.ndim == 2 else 1, entries)
     if not np.isfinite(cb).all():
-        raise ValueError("codebook contains NaN or Inf; allowed: finite values")
+        raise ValueError("codebook contains NaN or Inf (or values beyond float32); allowed: finite values")
     return cb
 
 
-def lut_matmul(x: np.ndarray, w: PackedMatrix, codebook: np.ndarray, *, threads: int | None = None) -> np.ndarray:
-    """Float activations times codebook weights: float32 [M, N] = x @ codebook[w].T (003 Fig. 5.2 as a matmul).
+def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.ndarray, *,
+               threads: int | None = None) -> np.ndarray:
+    """Float activations times codebook weights: float32 [M, N] = x @ codebook[w].T.
 
-    codebook: [2**bits] for one codebook per layer or [N, 2**bits] for one per output channel. Uniform
-    weights use `codebook_from_affine(scale, zero_point, bits)`.
+    The matmul form of the packed-index convolution [Kütükcü 2020, Fig. 5.2]. codebook: [2**bits] for one
+    codebook per layer or [N, 2**bits] for one per output channel. Uniform weights use
+    `codebook_from_affine(scale, zero_point, bits)`. One codebook and b <= 4 run on panels (the table
+    sits in a register); per-channel codebooks and 8-bit codes decode row by row.
     """
-    w = _packed("w", w)
-    x = _float_rows("x", x)
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"x and w must share K, got x.shape={x.shape}, w.shape={w.shape}")
-    cb = _codebook(codebook, w.bits, w.shape[0])
-    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    _kernels.lut_matmul(x, w.words, w.bits, cb, out, _path, _threads(threads))
+    w = _packed("w", w, prepared=True)
+    x = _finite_floats("x", x)
+    if x.shape[1] != w.k:
+        raise ValueError(f"x and w must share K, got x.shape={x.shape}, w.shape={(w.n, w.k)}")
+    cb = _codebook(codebook, w.bits, w.n)
+    out = np.empty((x.shape[0], w.n), dtype=np.float32)
+    if cb.shape[0] == 1 and w.bits <= 4:
+        _kernels.panel_lut(x, _panels_of(w), w.n, w.bits, cb[0], out, _path(), _threads(threads))
+    else:
+        _kernels.lut_matmul(x, _rows_of(w), w.bits, cb, out, _path(), _threads(threads))
+    return _no_overflow(out)
+
+
+def _no_overflow(out: np.ndarray) -> np.ndarray:
+    """Finite inputs can still sum past float32's range: refuse rather than hand back inf or NaN."""
+    if not np.isfinite(out).all():
+        raise ValueError("the result overflows float32: x and codebook are finite but their products sum beyond "
+                         "3.4e38; allowed: inputs whose sums stay within float32 (scale x or the codebook down)")
     return out
 
 
 def codebook_from_affine(scale, zero_point, bits: int) -> np.ndarray:
-    """The codebook of a uniform quantizer: entry c is scale (c - zero_point) (004 eq. 3).
+    """The codebook of a uniform quantizer: entry c is scale (c - zero_point) [Krishnamoorthi 2018, eq. 3].
 
     Scalars give one codebook [2**bits]; arrays of N scales / zero-points give [N, 2**bits].
     """
-    _checks.choice("bits", bits, CODE_BITS)
-    s = np.asarray(scale, dtype=np.float64)
-    z = np.asarray(zero_point, dtype=np.float64)
+    bits = _bits_field("bits", bits, CODE_BITS)
+    s = _array_of_reals("scale", scale)
+    z = _array_of_reals("zero_point", zero_point)
+    if s.ndim > 1 or z.ndim > 1 or (s.ndim == 1 and z.ndim == 1 and s.size != z.size):
+        raise ValueError(f"scale and zero_point must be scalars or 1-D arrays of one length, got shapes "
+                         f"{s.shape} and {z.shape}")
+    if s.size == 0 or z.size == 0:
+        raise ValueError("scale and zero_point must not be empty")
     if not (np.isfinite(s).all() and (s > 0).all()):
         raise ValueError("scale must be finite and > 0")
+    if not np.isfinite(z).all():
+        raise ValueError("zero_point must be finite")
     codes = np.arange(2**bits, dtype=np.float64)
     table = (codes - z.reshape(-1, 1)) * s.reshape(-1, 1)
-    return table.astype(np.float32).reshape(-1) if s.ndim == 0 and z.ndim == 0 else table.astype(np.float32)
+    with np.errstate(over="ignore"):
+        table = table.astype(np.float32)
+    if not np.isfinite(table).all():
+        raise ValueError("scale (c - zero_point) overflows float32; allowed: entries within float32 range")
+    return table.reshape(-1) if s.ndim == 0 and z.ndim == 0 else table
 
 
-def lut_conv2d(x: np.ndarray, w: PackedMatrix, codebook: np.ndarray, kernel: tuple[int, int], *,
+def _array_of_reals(name: str, value) -> np.ndarray:
+    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    if isinstance(v, bool) or not isinstance(v, numbers.Real | np.ndarray | list | tuple):
+        raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}")
+    try:
+        v = np.asarray(v)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name} must be a number or a 1-D array of numbers: {e}") from None
+    if v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.number) or np.iscomplexobj(v):
+        raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
+    return v.astype(np.float64)
+
+
+def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.ndarray, kernel: tuple[int, int], *,
                padding: int = 0, threads: int | None = None) -> np.ndarray:
-    """Packed-index direct convolution (003 Figs. 5.1, 5.2), stride 1, zero padding.
+    """Packed-index direct convolution [Kütükcü 2020, Figs. 5.1, 5.2], stride 1, zero padding.
 
     x: float32 [B, C, H, W]; w: codes [C_out, C * kh * kw] in torch's weight order (ci, i, j);
     returns float32 [B, C_out, H + 2p - kh + 1, W + 2p - kw + 1], equal to
     torch.nn.functional.conv2d(x, codebook[w].reshape(C_out, C, kh, kw), padding=p).
     """
-    w = _packed("w", w)
-    x = _matrix("x", x, np.float32, ndim=4)
+    w = _packed("w", w, prepared=True)
+    x = _finite_floats("x", x, ndim=4)
     if not (isinstance(kernel, tuple | list) and len(kernel) == 2):
         raise TypeError(f"kernel must be a pair (kh, kw), got {kernel!r}")
     kh, kw = (_checks.integer(f"kernel[{i}]", v, 1, 64) for i, v in enumerate(kernel))
     padding = _checks.integer("padding", padding, 0, max(kh, kw) - 1)
     b, c, h, wd = x.shape
-    if w.shape[1] != c * kh * kw:
-        raise ValueError(f"w has K={w.shape[1]}, but C * kh * kw = {c} * {kh} * {kw} = {c * kh * kw}")
+    if w.k != c * kh * kw:
+        raise ValueError(f"w has K={w.k}, but C * kh * kw = {c} * {kh} * {kw} = {c * kh * kw}")
     ho, wo = h + 2 * padding - kh + 1, wd + 2 * padding - kw + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"the {kh}x{kw} kernel is larger than the padded {h}x{wd} input")
-    cb = _codebook(codebook, w.bits, w.shape[0])
-    out = np.empty((b, w.shape[0], ho, wo), dtype=np.float32)
-    _kernels.lut_conv2d(x, w.words, w.bits, cb, kh, kw, padding, out, _threads(threads))
-    return out
+        raise ValueError(f"the {kh}x{kw} kernel is larger than the padded {h}x{wd} input (padding={padding})")
+    cb = _codebook(codebook, w.bits, w.n)
+    out = np.empty((b, w.n, ho, wo), dtype=np.float32)
+    _kernels.lut_conv2d(x, _panels_of(w), w.n, w.bits, cb, kh, kw, padding, out, _path(), _threads(threads))
+    return _no_overflow(out)
 
 
 # --------------------------------------------------------------------------------------------------
-# Readouts
+# Memory
 
 
 def _layer_report(out_features: int, in_features: int, kernel: tuple[int, int], bits: int, codebook_bits: int,
@@ -421,6 +581,7 @@ def _layer_report(out_features: int, in_features: int, kernel: tuple[int, int], 
     n = out_features * row
     codebooks = out_features if per_channel else 1
     packed_bytes = out_features * words_per_row(row, bits) * 8
+    prepared_bytes = -(-out_features // PANEL) * PANEL * _words32(row, bits) * 4
     dense_bytes = math.ceil(n * bits / 8)
     codebook_bytes = math.ceil(codebooks * 2**bits * codebook_bits / 8)
     float32_bytes = 4 * n
@@ -429,6 +590,7 @@ def _layer_report(out_features: int, in_features: int, kernel: tuple[int, int], 
         "weights": n,
         "codebooks": codebooks,
         "packed_bytes": packed_bytes,
+        "prepared_bytes": prepared_bytes,
         "dense_bytes": dense_bytes,
         "codebook_bytes": codebook_bytes,
         "float32_bytes": float32_bytes,
@@ -442,25 +604,26 @@ def memory_report(out_features, in_features: int | None = None, kernel: tuple[in
                   codebook_bits: int = 32, per_channel: bool = False) -> dict:
     """Bytes of a layer's (or a whole torch.nn.Module's) weights packed at `bits`, against float32.
 
-    packed_bytes: codes as the kernels hold them (rows padded to whole 64-bit words); dense_bytes: the
-    same codes back to back (ceil(n b / 8), what a file needs); codebook_bytes: 2**bits entries of
-    codebook_bits each, one codebook per layer or per output channel; ratio / ratio_dense: float32
-    bytes over packed (or dense) + codebook bytes; ratio_formula: 003 eq. 2-17, n b / (n log2 k + k c)
-    with b = 32, k = 2**bits (times the number of codebooks). Linear and Conv2d layers count; a module
-    report adds "layers", one such dict per layer with its "name".
+    packed_bytes: codes as a PackedMatrix holds them (rows padded to whole 64-bit words);
+    prepared_bytes: as a PreparedMatrix holds them (panels of 16 rows, rows padded to 32-bit words);
+    dense_bytes: the same codes back to back (ceil(n b / 8), what a file needs); codebook_bytes: 2**bits
+    entries of codebook_bits each, one codebook per layer or per output channel; ratio / ratio_dense:
+    float32 bytes over packed (or dense) + codebook bytes; ratio_formula: [Kütükcü 2020, eq. 2-17],
+    n b / (n log2 k + k c) with b = 32, k = 2**bits (times the number of codebooks). Linear and Conv2d
+    layers count; a module report adds "layers", one such dict per layer with its "name".
     """
-    _checks.choice("bits", bits, CODE_BITS)
+    bits = _bits_field("bits", bits, CODE_BITS)
     codebook_bits = _checks.integer("codebook_bits", codebook_bits, 0, 64)
     _checks.boolean("per_channel", per_channel)
     if isinstance(out_features, torch.nn.Module):
         return _module_report(out_features, bits, codebook_bits, per_channel)
-    out_features = _checks.integer("out_features", out_features, 1)
-    in_features = _checks.integer("in_features", in_features, 1)
+    out_features = _checks.integer("out_features", out_features, 1, _MAX_SIDE)
+    in_features = _checks.integer("in_features", in_features, 1, _MAX_SIDE)
     if not (isinstance(kernel, tuple | list) and len(kernel) == 2):
         raise TypeError(f"kernel must be a pair (kh, kw), got {kernel!r}")
-    kernel = tuple(_checks.integer(f"kernel[{i}]", v, 1) for i, v in enumerate(kernel))
+    kernel = tuple(_checks.integer(f"kernel[{i}]", v, 1, 2**20) for i, v in enumerate(kernel))
     report = _layer_report(out_features, in_features, kernel, bits, codebook_bits, per_channel)
-    if not per_channel:
+    if not per_channel and report["weights"] < 2**53:
         assert math.isclose(report["ratio_formula"], compression_ratio(report["weights"], 32, 2**bits, codebook_bits))
     return report
 
@@ -477,8 +640,9 @@ def _module_report(module: torch.nn.Module, bits: int, codebook_bits: int, per_c
         layers.append({"name": name, **_layer_report(*shape, bits, codebook_bits, per_channel)})
     if not layers:
         raise ValueError("module has no Linear or Conv2d layers to report on")
-    total = {key: sum(layer[key] for layer in layers)
-             for key in ("weights", "codebooks", "packed_bytes", "dense_bytes", "codebook_bytes", "float32_bytes")}
+    keys = ("weights", "codebooks", "packed_bytes", "prepared_bytes", "dense_bytes", "codebook_bytes",
+            "float32_bytes")
+    total = {key: sum(layer[key] for layer in layers) for key in keys}
     total["ratio"] = total["float32_bytes"] / (total["packed_bytes"] + total["codebook_bytes"])
     total["ratio_dense"] = total["float32_bytes"] / (total["dense_bytes"] + total["codebook_bytes"])
     codebook_bits_total = sum(layer["codebooks"] for layer in layers) * 2**bits * codebook_bits
@@ -487,176 +651,11 @@ def _module_report(module: torch.nn.Module, bits: int, codebook_bits: int, per_c
     return total
 
 
-def _median_interleaved(fns: dict, budget_s: float, min_runs: int = 3) -> tuple[dict, int]:
-    """Run the callables in turn until the budget is spent; median seconds of each."""
-    for fn in fns.values():
-        fn()  # warm-up: first-touch allocation, thread pools, caches
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while True:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        runs = len(next(iter(times.values())))
-        spent = time.perf_counter() - start
-        if spent >= budget_s and (runs >= min_runs or spent >= 2 * budget_s):
-            break
-    return {name: statistics.median(ts) for name, ts in times.items()}, runs
-
-
-class _TorchThreads:
-    """Run torch with a given thread count, then restore the previous one."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
-
-
-def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 4096, *, bits: int = 1,
-                    budget_s: float = 0.25, threads: int | None = None, seed: int = 0,
-                    with_int8: bool = False) -> dict:
-    """Median latency of a qviz kernel and of torch float32 on the same shapes, same process and threads.
-
-    kind: "binary" (sign-pack float activations + XOR-popcount matmul), "hybrid" (pack {0, 1}
-    activations + AND-popcount matmul), "lowbit" (quantize-and-pack b-bit activations + bit-serial
-    matmul, bits 2 or 4), "lut" (float activations times b-bit codebook weights). Activation packing is
-    inside the timed qviz call; weights are packed beforehand, as a deployed layer holds them. The
-    torch side is x @ W.T in float32. Runs alternate until `budget_s` is spent (at least 3 each unless
-    one run alone exceeds the budget), so a widget can call this live.
-
-    Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), runs, threads,
-    path, macs (M N K), qviz_macs_per_s and bit_ops_per_s (M N K b_a b_w / qviz_s; None for lut),
-    and torch_int8_s / ratio_int8 (PyTorch's dynamic int8 linear) when with_int8.
-    """
-    _checks.choice("kind", kind, LATENCY_KINDS)
-    m, k, n = (_checks.integer(name, v, 1, 1 << 16) for name, v in (("m", m), ("k", k), ("n", n)))
-    budget_s = _checks.real("budget_s", budget_s, 0.0, 60.0, lo_open=True)
-    threads = _threads(threads)
-    allowed_bits = {"binary": (1,), "hybrid": (1,), "lowbit": (1, 2, 4), "lut": CODE_BITS}[kind]
-    _checks.choice("bits", bits, allowed_bits)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((m, k), dtype=np.float32)
-    w_float = rng.standard_normal((n, k), dtype=np.float32)
-    qviz_call, a_bits = _kernel_call(kind, x, w_float, bits, threads, rng)
-    xt, wt = torch.from_numpy(x), torch.from_numpy(w_float)
-    fns = {"qviz": qviz_call, "torch": lambda: xt @ wt.T}
-    if with_int8:
-        fns["int8"] = _int8_linear(wt, xt)
-    with _TorchThreads(threads):
-        medians, runs = _median_interleaved(fns, budget_s)
-    macs = m * n * k
-    result = {
-        "kind": kind, "m": m, "k": k, "n": n, "bits": bits, "threads": threads, "path": kernel_path(),
-        "qviz_s": medians["qviz"], "torch_s": medians["torch"], "ratio": medians["torch"] / medians["qviz"],
-        "runs": runs, "macs": macs, "qviz_macs_per_s": macs / medians["qviz"],
-        "bit_ops_per_s": None if kind == "lut" else macs * a_bits * bits / medians["qviz"],
-    }
-    if with_int8:
-        result["torch_int8_s"] = medians["int8"]
-        result["ratio_int8"] = medians["int8"] / medians["qviz"]
-    return result
-
-
-def _kernel_call(kind: str, x: np.ndarray, w_float: np.ndarray, bits: int, threads: int, rng):
-    """The timed qviz call for `kind`, with the weights packed once beforehand; and the activation bits."""
-    if kind == "binary":
-        w = pack_signs(w_float)
-        return (lambda: binary_matmul(pack_signs(x), w, threads=threads)), 1
-    if kind == "hybrid":
-        w = pack_signs(w_float)
-        return (lambda: hybrid_matmul(pack_uniform(x, 1, 1.0, threads=threads), w, threads=threads)), 1
-    if kind == "lowbit":
-        w = pack(rng.integers(0, 2**bits, w_float.shape, dtype=np.uint8), bits)
-        scale = float(np.abs(x).max()) / (2**bits - 1) * 2
-        zero = 2 ** (bits - 1)
-        return (lambda: lowbit_matmul(pack_uniform(x, bits, scale, zero, threads=threads), w, threads=threads)), bits
-    w = pack(rng.integers(0, 2**bits, w_float.shape, dtype=np.uint8), bits)
-    cb = rng.standard_normal(2**bits).astype(np.float32)
-    return (lambda: lut_matmul(x, w, cb, threads=threads)), 32
-
-
-def _int8_linear(wt: torch.Tensor, xt: torch.Tensor):
-    """PyTorch's own dynamic int8 linear on the same weights: the honest reference for quantized speed."""
-    layer = torch.nn.Linear(wt.shape[1], wt.shape[0], bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(wt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qlayer = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear}, torch.qint8)
-
-    def run():
-        with torch.no_grad():
-            return qlayer(xt)
-
-    return run
-
-
-def measure_conv_latency(batch: int = 1, in_channels: int = 3, size: int = 16, out_channels: int = 8,
-                         kernel: int = 3, *, bits: int = 1, padding: int = 0, budget_s: float = 0.25,
-                         threads: int | None = None, seed: int = 0) -> dict:
-    """Median latency of `lut_conv2d` and torch float32 conv2d on the same shapes (003 Chapter 5 setting).
-
-    The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. Returns
-    qviz_s, torch_s, ratio (torch_s / qviz_s), runs, threads, path.
-    """
-    batch, in_channels, size, out_channels = (
-        _checks.integer(name, v, 1, 4096) for name, v in
-        (("batch", batch), ("in_channels", in_channels), ("size", size), ("out_channels", out_channels)))
-    kernel = _checks.integer("kernel", kernel, 1, size)
-    _checks.choice("bits", bits, CODE_BITS)
-    budget_s = _checks.real("budget_s", budget_s, 0.0, 60.0, lo_open=True)
-    threads = _threads(threads)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, in_channels, size, size), dtype=np.float32)
-    codes = rng.integers(0, 2**bits, (out_channels, in_channels * kernel * kernel), dtype=np.uint8)
-    cb = rng.standard_normal(2**bits).astype(np.float32)
-    w = pack(codes, bits)
-    xt = torch.from_numpy(x)
-    wt = torch.from_numpy(cb[codes].reshape(out_channels, in_channels, kernel, kernel))
-    fns = {"qviz": lambda: lut_conv2d(x, w, cb, (kernel, kernel), padding=padding, threads=threads),
-           "torch": lambda: torch.nn.functional.conv2d(xt, wt, padding=padding)}
-    with _TorchThreads(threads), torch.no_grad():
-        medians, runs = _median_interleaved(fns, budget_s)
-    return {"qviz_s": medians["qviz"], "torch_s": medians["torch"], "ratio": medians["torch"] / medians["qviz"],
-            "runs": runs, "threads": threads, "path": kernel_path()}
-
-
-def popcount_ceiling(*, threads: int | None = None, seconds: float = 0.2, path: str | None = None) -> float:
-    """The machine's measured popcount ceiling, in bits XOR-popcounted per second with `threads` threads.
-
-    Each thread runs the binary kernel's own inner loop at its largest tile (4 x 2 rows) on an
-    L1-resident buffer (6 rows of 512 words, 24 KiB) at the same time as the others.
-    """
-    threads = _threads(threads)
-    seconds = _checks.real("seconds", seconds, 0.0, 60.0, lo_open=True)
-    path_index = _path if path is None else PATHS.index(path) if path in available_paths() else None
-    if path_index is None:
-        _checks.choice("path", path, available_paths())
-    words, repeats = 512, 256
-    counts = [0] * threads
-
-    def worker(i):
-        buf = np.random.default_rng(i).integers(0, 2**63, 6 * words, dtype=np.uint64)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            _kernels.popcount_buffer(buf, words, repeats, path_index)
-            counts[i] += 1
-
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    start = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - start
-    return sum(counts) * repeats * 8 * words * 64 / elapsed
-
-
-_path = _choose_path()
+# The timing harness is its own module; its public names belong to this API.
+from qviz._timing import (  # noqa: E402
+    measure_conv_latency,
+    measure_latency,
+    popcount_ceiling,
+    read_bandwidth,
+    roof,
+)

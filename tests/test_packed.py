@@ -44,7 +44,8 @@ def _codes(rng, shape, bits):
     return rng.integers(0, 2**bits, size=shape, dtype=np.uint8)
 
 
-shapes = st.tuples(st.integers(1, 9), st.integers(1, 300), st.integers(1, 9))  # M, K, N
+# M, K, N: beyond the 6-row tiles, the 16-row panels and 4-panel blocks, and several words of K
+shapes = st.tuples(st.integers(1, 14), st.integers(1, 700), st.integers(1, 70))
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -75,6 +76,7 @@ def test_binary_matmul_is_the_sum_of_sign_products(path, shape, seed):
     out = packed.binary_matmul(pa, pw)
     assert out.dtype == np.int32
     assert np.array_equal(out, sa @ sw.T)
+    assert np.array_equal(packed.binary_matmul(pa, packed.prepare(pw)), out)  # panels laid out once
 
 
 def test_binary_matmul_with_xnor_scaling_equals_the_engine_xnor_scheme():
@@ -103,7 +105,7 @@ def test_hybrid_matmul_is_zero_one_activations_times_sign_weights(path, shape, s
     pa = packed.pack_uniform(a01, 1, 1.0)
     assert np.array_equal(packed.hybrid_matmul(pa, packed.pack_signs(w)), expected)
     plain = packed.pack(a01.astype(np.uint8), 1)  # without code sums: popcounts are taken
-    assert np.array_equal(packed.hybrid_matmul(plain, packed.pack_signs(w)), expected)
+    assert np.array_equal(packed.hybrid_matmul(plain, packed.prepare(packed.pack_signs(w))), expected)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -114,6 +116,7 @@ def test_lowbit_matmul_is_the_integer_dot_product_of_codes(path, shape, bits, se
     ca, cw = _codes(rng, (m, k), bits), _codes(rng, (n, k), bits)
     out = packed.lowbit_matmul(packed.pack(ca, bits), packed.pack(cw, bits))
     assert np.array_equal(out, ca.astype(np.int64) @ cw.T.astype(np.int64))
+    assert np.array_equal(packed.lowbit_matmul(packed.pack(ca, bits), packed.prepare(packed.pack(cw, bits))), out)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -128,6 +131,8 @@ def test_lut_matmul_equals_x_times_the_decoded_weights(path, shape, bits, seed, 
     out = packed.lut_matmul(x, packed.pack(codes, bits), cb)
     assert out.dtype == np.float32 and out.shape == (m, n)
     np.testing.assert_allclose(out, x.astype(np.float64) @ decoded.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+    prepared = packed.lut_matmul(x, packed.prepare(packed.pack(codes, bits)), cb)
+    np.testing.assert_allclose(prepared, out, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -243,10 +248,50 @@ def test_measure_latency_restores_torch_threads():
     assert torch.get_num_threads() == before
 
 
-def test_conv_latency_and_popcount_ceiling():
+def test_conv_latency_roofs_and_bandwidth():
     r = packed.measure_conv_latency(budget_s=0.05, threads=1)
     assert r["qviz_s"] > 0 and r["torch_s"] > 0
     assert packed.popcount_ceiling(threads=1, seconds=0.05) > 1e9  # any machine counts a Gbit/s
+    for path in PATHS:
+        for kind in ("pop", "dot", "fma"):
+            assert packed.roof(kind, path=path, threads=1, seconds=0.01) > 1e8
+    assert packed.read_bandwidth(1 << 20, threads=1, seconds=0.01) > 1e8
+
+
+def test_cold_latency_cycles_weight_copies():
+    r = packed.measure_latency("binary", 1, 512, 256, budget_s=0.02, threads=1, cold=True)
+    assert r["cold"] and r["qviz_s"] > 0 and r["weight_bytes"] == 256 * 16 * 4
+
+
+def test_measurements_refuse_buffers_beyond_the_memory_limit():
+    from qviz import _timing
+
+    limit = _timing.memory_limit()
+    assert 0 < limit <= 2 * 2**30
+    with pytest.raises(ValueError, match=r"measure_latency\(kind='lut', m=1, k=65536, n=65536.*limit is"):
+        packed.measure_latency("lut", 1, 65536, 65536, bits=4)
+    with pytest.raises(ValueError, match=r"measure_conv_latency.*limit"):
+        packed.measure_conv_latency(batch=4096, in_channels=4096, size=64, out_channels=8, kernel=3)
+
+
+def test_prepared_weights_hold_panels_and_report_their_bytes():
+    rng = np.random.default_rng(5)
+    for bits in (1, 2, 4, 8):
+        codes = _codes(rng, (37, 333), bits)
+        w = packed.pack(codes, bits)
+        p = packed.prepare(w)
+        assert p.panels.shape == (3, -(-333 * bits // 32), 16) and not p.panels.flags.writeable
+        assert p.nbytes == packed.memory_report(37, 333, bits=bits)["prepared_bytes"]
+        assert np.array_equal(packed.unpack(p), codes)
+        w.words[0, 0] ^= np.uint64(1)  # a copy: the prepared panels do not change with the source
+        assert np.array_equal(packed.unpack(p), codes)
+
+
+def test_importing_the_engine_and_the_kernels_loads_no_ui():
+    code = ("import sys, qviz.engine, qviz.packed; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'altair')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_kernel_path_can_be_forced_and_is_checked():
@@ -262,7 +307,7 @@ def test_kernel_path_can_be_forced_and_is_checked():
 
 
 def test_the_kernels_build_for_aarch64():
-    """The C kernels compile for aarch64 (portable path only) with Debian's cross compiler."""
+    """The C kernels (and the thread pool) compile for aarch64 (portable path only) with Debian's cross compiler."""
     cc = shutil.which("aarch64-linux-gnu-gcc")
     assert cc, "aarch64-linux-gnu-gcc is missing: ./dev setup installs gcc-aarch64-linux-gnu"
     source = '#define QVIZ_HAVE_OPENMP 1\n#include "_packed_kernels.h"\nint main(void) { return 0; }\n'
@@ -359,3 +404,15 @@ def test_error_messages_name_the_argument_and_allowed_values():
         packed.lowbit_matmul(big, big)
     with pytest.raises(ValueError, match=r"packed.words has shape"):
         packed.unpack(packed.PackedMatrix(2, (2, 100), np.zeros((2, 3), np.uint64)))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_codebook_gemm_decodes_panel_blocks_once_for_many_rows(path, bits):
+    """From 8 rows (AVX2) or 48 (AVX-512) the codebook GEMM decodes each block of weights once."""
+    rng = np.random.default_rng(bits)
+    for m, k, n in ((8, 33, 17), (50, 300, 70), (97, 1000, 5)):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        codes = _codes(rng, (n, k), bits)
+        cb = rng.standard_normal(2**bits).astype(np.float32)
+        out = packed.lut_matmul(x, packed.prepare(packed.pack(codes, bits)), cb)
+        np.testing.assert_allclose(out, x.astype(np.float64) @ cb[codes].T.astype(np.float64), rtol=1e-4, atol=1e-3)

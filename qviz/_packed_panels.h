@@ -1,0 +1,965 @@
+/* Panel kernels: the GEMM-shaped inner loops behind qviz.packed, included by _packed_kernels.h.
+ *
+ * Why panels: a row-by-row dot product of packed rows ends every output with a horizontal reduction
+ * and reloads both operands for every pair. Here the weights B [N, K] are laid out in panels of 16
+ * rows ("columns" of the output): panel p holds, for every 32-bit word k of a packed row, the word k of
+ * rows 16p .. 16p + 15 side by side, so one 512-bit load brings the same slice of K for 16 outputs,
+ * one 32-bit lane per output. A 32-bit word of an activation row is broadcast to all lanes and one
+ * vector instruction does 16 outputs' worth of work: an outer product, no reduction across lanes.
+ * A tile of MR activation rows x NP panels keeps MR * NP accumulators in registers.
+ *
+ * The panel layout is a transpose of the row layout's 32-bit words, so one layout serves every code
+ * width: 1-bit signs (XOR / AND + popcount), 2- and 4-bit codes (byte dot products after splitting
+ * each byte into its fields) and codebook decoding (a register-resident table indexed by the code).
+ *
+ * Ops (enum qviz_panel_op):
+ *   XOR: S = popcount(a XOR w)              binary sign matmul, out = K - 2 S (003 §3.2)
+ *   AND: S = popcount(a AND w)              hybrid / 1-bit codes, out = popcount(a) - 2 S (003 Fig. 4.5)
+ *   DOT2, DOT4: S = sum_k a_k w_k           unsigned 2- and 4-bit codes
+ * Every path computes the same integers; qviz.packed self-checks each path against "portable".
+ */
+#ifndef QVIZ_PACKED_PANELS_H
+#define QVIZ_PACKED_PANELS_H
+
+#define QVIZ_PANEL 16   /* weight rows per panel: one per 32-bit lane of a 512-bit register */
+#define QVIZ_TILE_MR 6  /* activation rows per tile, at most */
+#define QVIZ_TILE_NP 4  /* panels per tile, at most */
+#define QVIZ_TILE_LD (QVIZ_TILE_NP * QVIZ_PANEL)
+
+enum { QVIZ_P_XOR = 0, QVIZ_P_AND = 1, QVIZ_P_DOT2 = 2, QVIZ_P_DOT4 = 3, QVIZ_P_N_OPS = 4 };
+
+/* 32-bit word k of a packed row, independent of the host's byte order. */
+static inline uint32_t qviz_word32(const uint64_t *row, size_t k) {
+    return (uint32_t)(row[k >> 1] >> (32 * (k & 1)));
+}
+
+/* dst[(p * K32 + k) * 16 + j] = word k of row 16 p + j (zero for rows past N). */
+static void qviz_make_panels(const uint64_t *B, size_t N, size_t W64, size_t K32, uint32_t *dst) {
+    const size_t P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
+    for (size_t p = 0; p < P; p++)
+        for (size_t j = 0; j < QVIZ_PANEL; j++) {
+            const size_t n = p * QVIZ_PANEL + j;
+            uint32_t *d = dst + p * K32 * QVIZ_PANEL + j;
+            if (n < N)
+                for (size_t k = 0; k < K32; k++) d[k * QVIZ_PANEL] = qviz_word32(B + n * W64, k);
+            else
+                for (size_t k = 0; k < K32; k++) d[k * QVIZ_PANEL] = 0;
+        }
+}
+
+/* The inverse, for kernels that need rows (per-channel codebooks, 8-bit codes): W64 words per row. */
+static void qviz_panels_to_rows(const uint32_t *src, size_t N, size_t K32, uint64_t *B, size_t W64) {
+    for (size_t n = 0; n < N; n++) {
+        const uint32_t *s = src + (n / QVIZ_PANEL) * K32 * QVIZ_PANEL + n % QVIZ_PANEL;
+        for (size_t w = 0; w < W64; w++) {
+            const uint64_t lo = 2 * w < K32 ? s[2 * w * QVIZ_PANEL] : 0;
+            const uint64_t hi = 2 * w + 1 < K32 ? s[(2 * w + 1) * QVIZ_PANEL] : 0;
+            B[n * W64 + w] = lo | hi << 32;
+        }
+    }
+}
+
+/* Set bits per row: popcount(a) of the hybrid epilogue, from the words themselves (never trusted input). */
+static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
+    for (size_t m = 0; m < M; m++) {
+        int64_t s = 0;
+        for (size_t w = 0; w < W64; w++) s += (int64_t)qviz_swar_popcount(A[m * W64 + w]);
+        out[m] = s;
+    }
+}
+
+/* How an activation row is laid out for a path's kernel: S 32-bit slots per word k.
+ * S = 1: the word itself. Otherwise the word split into S byte-field groups, slot g holding bits
+ * [g * F, g * F + F) of every byte (F = 8 / S): the nibbles of a 4-bit code word, the 2-bit fields of a
+ * 2-bit one; the AVX2 popcount splits 1-bit words into nibbles too, for its 16-entry table. */
+static int qviz_panel_slots(int path, int op) {
+    if (op == QVIZ_P_DOT2) return path >= QVIZ_AVX2 ? 4 : 1;
+    if (op == QVIZ_P_DOT4) return path >= QVIZ_AVX2 ? 2 : 1;
+    return path == QVIZ_AVX2 ? 2 : 1;
+}
+
+static void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32, int S, uint32_t *dst) {
+    const int F = 8 / S;
+    const uint32_t mask = S == 1 ? 0xFFFFFFFFu : S == 2 ? 0x0F0F0F0Fu : S == 4 ? 0x03030303u : 0x01010101u;
+    for (size_t m = 0; m < M; m++)
+        for (size_t k = 0; k < K32; k++) {
+            const uint32_t a = qviz_word32(A + m * W64, k);
+            for (int g = 0; g < S; g++) dst[(m * K32 + k) * (size_t)S + (size_t)g] = (a >> (g * F)) & mask;
+        }
+}
+
+/* A tile: out[i * ldo + q * 16 + j] = mul * S + add[i] for j < cols - 16 q, where S sums over k < K32
+ * for activation row i (A + i * lda) and weight row 16 q + j of the panels at B (panel q at B + q * ldb).
+ * The epilogue is applied in registers: a separate pass over a tile buffer costs as much as the loop
+ * itself when K is short. int32 arithmetic wraps; callers keep every true result inside int32. */
+typedef void (*qviz_panel_fn)(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr,
+                              int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add);
+#define QVIZ_PANEL_ARGS A, lda, B, ldb, K32, out, ldo, cols, mul, add
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Portable: plain C over the 16 lanes; the reference every other path is checked against.            */
+
+static inline uint32_t qviz_dot_fields(uint32_t a, uint32_t b, int bits) {
+    const uint32_t mask = (1u << bits) - 1;
+    uint32_t s = 0;
+    for (int f = 0; f < 32; f += bits) s += ((a >> f) & mask) * ((b >> f) & mask);
+    return s;
+}
+
+#define QVIZ_DEFINE_SCALAR_PANEL(NAME, ATTR, POP)                                                        \
+    static ATTR void NAME##_body(int op, const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb,  \
+                                 size_t K32, int mr, int np, int32_t *out, size_t ldo, int cols,         \
+                                 int32_t mul, const int32_t *add) {                                     \
+        for (int i = 0; i < mr; i++)                                                                     \
+            for (int q = 0; q < np; q++)                                                                 \
+                for (int j = 0; j < QVIZ_PANEL && q * QVIZ_PANEL + j < cols; j++) {                     \
+                    uint32_t s = 0;                                                                      \
+                    const uint32_t *a = A + (size_t)i * lda, *b = B + (size_t)q * ldb + j;               \
+                    for (size_t k = 0; k < K32; k++) {                                                   \
+                        const uint32_t x = a[k], y = b[k * QVIZ_PANEL];                                  \
+                        s += op == QVIZ_P_XOR ? (uint32_t)POP(x ^ y)                                     \
+                           : op == QVIZ_P_AND ? (uint32_t)POP(x & y)                                     \
+                                              : qviz_dot_fields(x, y, op == QVIZ_P_DOT2 ? 2 : 4);        \
+                    }                                                                                    \
+                    out[(size_t)i * ldo + (size_t)(q * QVIZ_PANEL + j)] =                                \
+                        (int32_t)((uint32_t)mul * s + (uint32_t)add[i]);                                 \
+                }                                                                                        \
+    }                                                                                                    \
+    static void NAME##_xor(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
+        NAME##_body(QVIZ_P_XOR, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+    } \
+    static void NAME##_and(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
+        NAME##_body(QVIZ_P_AND, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+    } \
+    static void NAME##_dot2(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
+        NAME##_body(QVIZ_P_DOT2, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+    } \
+    static void NAME##_dot4(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
+        NAME##_body(QVIZ_P_DOT4, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+    }
+
+static inline uint32_t qviz_swar_popcount32(uint32_t x) { return (uint32_t)qviz_swar_popcount(x); }
+QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_portable, , qviz_swar_popcount32)
+
+#if QVIZ_X86 && defined(__GNUC__)
+QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
+
+/* Instantiate BODY(MODE, MR, NP, ...) for every tile edge, so MR and NP are compile-time constants
+ * and the accumulators live in registers. */
+/* Every tile edge (MR x NP) is its own function, so MR and NP are compile-time constants, the
+ * accumulators live in registers, and the register allocator sees one loop at a time (with all 24
+ * inlined into one switch, GCC 12 left the hot loop 1.7x slower). */
+#define QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, MR, NP)                                                    \
+    static __attribute__((noinline)) ATTR QVIZ_NO_PRE void NAME##_##MR##x##NP(QVIZ_BODY_PARAMS) {        \
+        BODY(MODE, MR, NP, QVIZ_PANEL_ARGS);                                                            \
+    }
+#define QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, MR)                                                    \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, MR, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, MR, 2)             \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, MR, 3) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, MR, 4)
+#define QVIZ_T(NAME, MR, NP)                                                                            \
+    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: NAME##_##MR##x##NP(QVIZ_PANEL_ARGS); break;
+#define QVIZ_T_NP(NAME, MR) QVIZ_T(NAME, MR, 1) QVIZ_T(NAME, MR, 2) QVIZ_T(NAME, MR, 3) QVIZ_T(NAME, MR, 4)
+/* NAME(...) dispatching to NAME_MRxNP for MR <= ROWS (4 or 6), NP <= 4 */
+#define QVIZ_PANEL_FN4(NAME, ATTR, BODY, MODE)                                                          \
+    QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 1) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 2)             \
+    QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 3) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 4)             \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+        switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
+            QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
+        default: break;                                                                                 \
+        }                                                                                               \
+    }
+#define QVIZ_PANEL_FN6(NAME, ATTR, BODY, MODE)                                                          \
+    QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 1) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 2)             \
+    QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 3) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 4)             \
+    QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 5) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 6)             \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+        switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
+            QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
+            QVIZ_T_NP(NAME, 5) QVIZ_T_NP(NAME, 6)                                                       \
+        default: break;                                                                                 \
+        }                                                                                               \
+    }
+/* AVX2: one panel (two 256-bit halves) per tile */
+#define QVIZ_PANEL_FN_NP1(NAME, ATTR, BODY, MODE)                                                       \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+        (void)np;                                                                                       \
+        switch (mr) {                                                                                   \
+        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
+        default: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                    \
+        }                                                                                               \
+    }
+#define QVIZ_BODY_PARAMS                                                                                \
+    const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int32_t *out, size_t ldo, int cols, \
+        int32_t mul, const int32_t *add
+
+#define QVIZ_INLINE static inline __attribute__((always_inline))
+#define QVIZ_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt")))
+
+/* The epilogue out[i, j] = mul * C[i, j] + add[i] for j < cols, from a tile the kernel stored to C with
+ * plain stores. It runs out of line: a masked store or a call inside the kernel function makes GCC 12
+ * keep every accumulator in a stack slot during the hot loop (measured 1.8x slower). */
+static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_epilogue512(const int32_t *C, int mr, int np, int32_t *out,
+                                                                     size_t ldo, int cols, int32_t mul,
+                                                                     const int32_t *add) {
+    const __m512i m = _mm512_set1_epi32(mul);
+    for (int i = 0; i < mr; i++) {
+        const __m512i a = _mm512_set1_epi32(add[i]);
+        for (int q = 0; q < np; q++) {
+            const int n = cols - q * QVIZ_PANEL;
+            if (n <= 0) break;
+            const __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512((const void *)(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL)), m), a);
+            _mm512_mask_storeu_epi32((void *)(out + (size_t)i * ldo + (size_t)(q * QVIZ_PANEL)),
+                                     n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1), v);
+        }
+    }
+}
+
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int32_t mul, int32_t add) {
+    if (n <= 0) return;
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i v = _mm256_add_epi32(_mm256_mullo_epi32(acc, _mm256_set1_epi32(mul)), _mm256_set1_epi32(add));
+    _mm256_maskstore_epi32(o, keep, v);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX-512 VPOPCNTDQ: XOR / AND, popcount per 32-bit lane, add: 3 instructions per 512 bit-MACs.      */
+/* The accumulators are named variables, not an array: GCC keeps an array of 24 vectors on the stack  */
+/* (a load and a store per update, measured 40% slower), named ones in registers. Tiles smaller than  */
+/* 6 x 4 drop the unused ones at compile time (MR and NP are constants in every instantiation).       */
+
+#define QVIZ_TILE_DECL(T, ZERO)                                                                         \
+    T c0_0 = ZERO, c0_1 = ZERO, c0_2 = ZERO, c0_3 = ZERO, c1_0 = ZERO, c1_1 = ZERO, c1_2 = ZERO, c1_3 = ZERO, \
+      c2_0 = ZERO, c2_1 = ZERO, c2_2 = ZERO, c2_3 = ZERO, c3_0 = ZERO, c3_1 = ZERO, c3_2 = ZERO, c3_3 = ZERO, \
+      c4_0 = ZERO, c4_1 = ZERO, c4_2 = ZERO, c4_3 = ZERO, c5_0 = ZERO, c5_1 = ZERO, c5_2 = ZERO, c5_3 = ZERO
+/* row i of the tile: c_i_q = UPD(c_i_q, a, v_q) for the NP weight vectors v0..v3 */
+#define QVIZ_ROW_UPD(i, UPD, a)                                                                         \
+    if (MR > i) {                                                                                       \
+        if (NP > 0) c##i##_0 = UPD(c##i##_0, a, v0);                                                    \
+        if (NP > 1) c##i##_1 = UPD(c##i##_1, a, v1);                                                    \
+        if (NP > 2) c##i##_2 = UPD(c##i##_2, a, v2);                                                    \
+        if (NP > 3) c##i##_3 = UPD(c##i##_3, a, v3);                                                    \
+    }
+#define QVIZ_ROW_STORE(i, STORE)                                                                        \
+    if (MR > i) {                                                                                       \
+        if (NP > 0) STORE(i, 0, c##i##_0);                                                              \
+        if (NP > 1) STORE(i, 1, c##i##_1);                                                              \
+        if (NP > 2) STORE(i, 2, c##i##_2);                                                              \
+        if (NP > 3) STORE(i, 3, c##i##_3);                                                              \
+    }
+#define QVIZ_ROWS(X, ...) X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
+    X(5, __VA_ARGS__)
+#define QVIZ_LOAD512(q) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + k * QVIZ_PANEL)) : _mm512_setzero_si512())
+#define QVIZ_STORE512(i, q, c) _mm512_storeu_si512((void *)(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL), c);
+
+#define QVIZ_XOR_UPD(c, a, v) _mm512_add_epi32(c, _mm512_popcnt_epi32(_mm512_xor_si512(a, v)))
+#define QVIZ_AND_UPD(c, a, v) _mm512_add_epi32(c, _mm512_popcnt_epi32(_mm512_and_si512(a, v)))
+#define QVIZ_POP_ROW(i, UPD)                                                                            \
+    if (MR > i) {                                                                                       \
+        const __m512i a##i = _mm512_set1_epi32((int)A[i * lda + k]);                                    \
+        QVIZ_ROW_UPD(i, UPD, a##i)                                                                      \
+    }
+
+QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
+    for (size_t k = 0; k < K32; k++) {
+        const __m512i v0 = QVIZ_LOAD512(0), v1 = QVIZ_LOAD512(1), v2 = QVIZ_LOAD512(2), v3 = QVIZ_LOAD512(3);
+        if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
+            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + 16) * QVIZ_PANEL), _MM_HINT_T0);
+        if (AND) {
+            QVIZ_ROWS(QVIZ_POP_ROW, QVIZ_AND_UPD)
+        } else {
+            QVIZ_ROWS(QVIZ_POP_ROW, QVIZ_XOR_UPD)
+        }
+    }
+    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_STORE512)
+    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+}
+
+/* Byte dot products of b-bit codes. A holds each word split into G = 8 / BITS field groups; the same
+ * split of a weight vector is two instructions, shared by the MR rows. Byte t of group g holds code
+ * t G + g of the word on both sides, so the 4-byte sums of vpdpbusd / vpmaddubsw add up whole words. */
+#define QVIZ_GROUP512(v, g) _mm512_and_si512(_mm512_srli_epi32(v, (g) * BITS), mask)
+#define QVIZ_VNNI_UPD(c, a, v) _mm512_dpbusd_epi32(c, a, v)
+#define QVIZ_MADD_UPD(c, a, v) _mm512_add_epi16(c, _mm512_maddubs_epi16(a, v))
+#define QVIZ_DOT_ROW(i, UPD)                                                                            \
+    if (MR > i) {                                                                                       \
+        const __m512i a##i = _mm512_set1_epi32((int)A[i * lda + k * (size_t)G + (size_t)g]);            \
+        QVIZ_ROW_UPD(i, UPD, a##i)                                                                      \
+    }
+
+QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const int G = 8 / BITS;
+    const __m512i mask = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+    QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
+    for (size_t k = 0; k < K32; k++) {
+        const __m512i w0 = QVIZ_LOAD512(0), w1 = QVIZ_LOAD512(1), w2 = QVIZ_LOAD512(2), w3 = QVIZ_LOAD512(3);
+        for (int g = 0; g < G; g++) {
+            const __m512i v0 = QVIZ_GROUP512(w0, g), v1 = QVIZ_GROUP512(w1, g), v2 = QVIZ_GROUP512(w2, g),
+                          v3 = QVIZ_GROUP512(w3, g);
+            QVIZ_ROWS(QVIZ_DOT_ROW, QVIZ_VNNI_UPD)
+        }
+    }
+    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_STORE512)
+    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+}
+
+/* Without VNNI: vpmaddubsw sums byte pairs into 16-bit lanes (at most 2 x 15 x 15 = 450 per group);
+ * 16-bit sums are widened every 32 words, before they could pass 32767 (32 x 2 x 450 = 28800). */
+#define QVIZ_WIDEN_ROW(i, unused)                                                                       \
+    if (MR > i) {                                                                                       \
+        if (NP > 0) { w##i##_0 = _mm512_add_epi32(w##i##_0, _mm512_madd_epi16(c##i##_0, ones)); c##i##_0 = zero; } \
+        if (NP > 1) { w##i##_1 = _mm512_add_epi32(w##i##_1, _mm512_madd_epi16(c##i##_1, ones)); c##i##_1 = zero; } \
+        if (NP > 2) { w##i##_2 = _mm512_add_epi32(w##i##_2, _mm512_madd_epi16(c##i##_2, ones)); c##i##_2 = zero; } \
+        if (NP > 3) { w##i##_3 = _mm512_add_epi32(w##i##_3, _mm512_madd_epi16(c##i##_3, ones)); c##i##_3 = zero; } \
+    }
+#define QVIZ_WSTORE_ROW(i, unused)                                                                      \
+    if (MR > i) {                                                                                       \
+        if (NP > 0) QVIZ_STORE512(i, 0, w##i##_0)                                                       \
+        if (NP > 1) QVIZ_STORE512(i, 1, w##i##_1)                                                       \
+        if (NP > 2) QVIZ_STORE512(i, 2, w##i##_2)                                                       \
+        if (NP > 3) QVIZ_STORE512(i, 3, w##i##_3)                                                       \
+    }
+
+QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const int G = 8 / BITS;
+    const __m512i mask = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm512_set1_epi16(1);
+    const __m512i zero = _mm512_setzero_si512();
+    QVIZ_TILE_DECL(__m512i, zero);
+    __m512i w0_0 = zero, w0_1 = zero, w0_2 = zero, w0_3 = zero, w1_0 = zero, w1_1 = zero, w1_2 = zero, w1_3 = zero,
+            w2_0 = zero, w2_1 = zero, w2_2 = zero, w2_3 = zero, w3_0 = zero, w3_1 = zero, w3_2 = zero, w3_3 = zero,
+            w4_0 = zero, w4_1 = zero, w4_2 = zero, w4_3 = zero, w5_0 = zero, w5_1 = zero, w5_2 = zero, w5_3 = zero;
+    for (size_t k0 = 0; k0 < K32; k0 += 32) {
+        const size_t k1 = k0 + 32 < K32 ? k0 + 32 : K32;
+        for (size_t k = k0; k < k1; k++) {
+            const __m512i u0 = QVIZ_LOAD512(0), u1 = QVIZ_LOAD512(1), u2 = QVIZ_LOAD512(2), u3 = QVIZ_LOAD512(3);
+            for (int g = 0; g < G; g++) {
+                const __m512i v0 = QVIZ_GROUP512(u0, g), v1 = QVIZ_GROUP512(u1, g), v2 = QVIZ_GROUP512(u2, g),
+                              v3 = QVIZ_GROUP512(u3, g);
+                QVIZ_ROWS(QVIZ_DOT_ROW, QVIZ_MADD_UPD)
+            }
+        }
+        QVIZ_ROWS(QVIZ_WIDEN_ROW, 0)
+    }
+    QVIZ_ROWS(QVIZ_WSTORE_ROW, 0)
+    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+}
+
+QVIZ_PANEL_FN6(qviz_panel_avx512_xor, QVIZ_AVX512_FN, qviz_p512_pop, 0)
+QVIZ_PANEL_FN6(qviz_panel_avx512_and, QVIZ_AVX512_FN, qviz_p512_pop, 1)
+QVIZ_PANEL_FN4(qviz_panel_avx512_dot2, QVIZ_AVX512_FN, qviz_p512_dot, 2)
+QVIZ_PANEL_FN4(qviz_panel_avx512_dot4, QVIZ_AVX512_FN, qviz_p512_dot, 4)
+QVIZ_PANEL_FN4(qviz_panel_vnni_dot2, QVIZ_VNNI_FN, qviz_p512_vnni, 2)
+QVIZ_PANEL_FN4(qviz_panel_vnni_dot4, QVIZ_VNNI_FN, qviz_p512_vnni, 4)
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX2: no vector popcount. Per-byte counts come from a 16-entry nibble table (vpshufb); A arrives    */
+/* split into low and high nibbles and a weight vector is split once for the MR rows, since            */
+/* (a XOR b) AND 0x0F = (a AND 0x0F) XOR (b AND 0x0F): 6 instructions per 256 bit-MACs. Byte counts    */
+/* (at most 8 per word) are widened every 31 words, before a byte could pass 255. One panel = 2 ymm.  */
+
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    (void)NP;
+    (void)ldb;
+    const __m256i T = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256i wide[QVIZ_TILE_MR][2];
+    for (int i = 0; i < MR; i++) wide[i][0] = wide[i][1] = _mm256_setzero_si256();
+    for (size_t k0 = 0; k0 < K32; k0 += 31) {
+        const size_t k1 = k0 + 31 < K32 ? k0 + 31 : K32;
+        __m256i c[QVIZ_TILE_MR][2];
+        for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm256_setzero_si256();
+        for (size_t k = k0; k < k1; k++) {
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
+            const __m256i l0 = _mm256_and_si256(b0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+            const __m256i l1 = _mm256_and_si256(b1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+            for (int i = 0; i < MR; i++) {
+                const __m256i al = _mm256_set1_epi32((int)A[i * lda + 2 * k]);
+                const __m256i ah = _mm256_set1_epi32((int)A[i * lda + 2 * k + 1]);
+#define QVIZ_OP256(x, y) (AND ? _mm256_and_si256(x, y) : _mm256_xor_si256(x, y))
+                c[i][0] = _mm256_add_epi8(c[i][0], _mm256_add_epi8(_mm256_shuffle_epi8(T, QVIZ_OP256(al, l0)),
+                                                                   _mm256_shuffle_epi8(T, QVIZ_OP256(ah, h0))));
+                c[i][1] = _mm256_add_epi8(c[i][1], _mm256_add_epi8(_mm256_shuffle_epi8(T, QVIZ_OP256(al, l1)),
+                                                                   _mm256_shuffle_epi8(T, QVIZ_OP256(ah, h1))));
+#undef QVIZ_OP256
+            }
+        }
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < 2; v++)
+                wide[i][v] = _mm256_add_epi32(wide[i][v], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i][v], ones8), ones16));
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 2; v++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i][v], mul, add[i]);
+}
+
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    (void)NP;
+    (void)ldb;
+    const int G = 8 / BITS;
+    const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm256_set1_epi16(1);
+    __m256i wide[QVIZ_TILE_MR][2];
+    for (int i = 0; i < MR; i++) wide[i][0] = wide[i][1] = _mm256_setzero_si256();
+    for (size_t k0 = 0; k0 < K32; k0 += 32) {
+        const size_t k1 = k0 + 32 < K32 ? k0 + 32 : K32;
+        __m256i acc[QVIZ_TILE_MR][2];
+        for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+        for (size_t k = k0; k < k1; k++) {
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
+            for (int g = 0; g < G; g++) {
+                const __m256i g0 = _mm256_and_si256(_mm256_srli_epi32(b0, g * BITS), mask);
+                const __m256i g1 = _mm256_and_si256(_mm256_srli_epi32(b1, g * BITS), mask);
+                for (int i = 0; i < MR; i++) {
+                    const __m256i a = _mm256_set1_epi32((int)A[i * lda + k * (size_t)G + (size_t)g]);
+                    acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(a, g0));
+                    acc[i][1] = _mm256_add_epi16(acc[i][1], _mm256_maddubs_epi16(a, g1));
+                }
+            }
+        }
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < 2; v++) wide[i][v] = _mm256_add_epi32(wide[i][v], _mm256_madd_epi16(acc[i][v], ones));
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 2; v++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i][v], mul, add[i]);
+}
+
+QVIZ_PANEL_FN_NP1(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
+QVIZ_PANEL_FN_NP1(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
+QVIZ_PANEL_FN_NP1(qviz_panel_avx2_dot2, QVIZ_AVX2_FN, qviz_p256_dot, 2)
+QVIZ_PANEL_FN_NP1(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
+#endif /* QVIZ_X86 */
+
+/* The kernel for (path, op) and its largest tile (rows x panels). */
+static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
+    *mr = 4;
+    *np = 1;
+    static const qviz_panel_fn portable[QVIZ_P_N_OPS] = {qviz_panel_portable_xor, qviz_panel_portable_and,
+                                                         qviz_panel_portable_dot2, qviz_panel_portable_dot4};
+#if QVIZ_X86 && defined(__GNUC__)
+    static const qviz_panel_fn popcnt[QVIZ_P_N_OPS] = {qviz_panel_popcnt_xor, qviz_panel_popcnt_and,
+                                                       qviz_panel_popcnt_dot2, qviz_panel_popcnt_dot4};
+    static const qviz_panel_fn avx2[QVIZ_P_N_OPS] = {qviz_panel_avx2_xor, qviz_panel_avx2_and, qviz_panel_avx2_dot2,
+                                                     qviz_panel_avx2_dot4};
+    static const qviz_panel_fn avx512[QVIZ_P_N_OPS] = {qviz_panel_avx512_xor, qviz_panel_avx512_and,
+                                                       qviz_panel_avx512_dot2, qviz_panel_avx512_dot4};
+    static const qviz_panel_fn vnni[QVIZ_P_N_OPS] = {qviz_panel_avx512_xor, qviz_panel_avx512_and,
+                                                     qviz_panel_vnni_dot2, qviz_panel_vnni_dot4};
+    if (path >= QVIZ_AVX512) {
+        /* 6 x 4 popcount tile: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32 registers */
+        *mr = op == QVIZ_P_XOR || op == QVIZ_P_AND ? 6 : 4;
+        *np = QVIZ_TILE_NP;
+    }
+    if (path == QVIZ_AVX512VNNI) return vnni[op];
+    if (path == QVIZ_AVX512) return avx512[op];
+    if (path == QVIZ_AVX2) return avx2[op];
+    if (path == QVIZ_POPCNT) return popcnt[op];
+#endif
+    return portable[op];
+}
+
+/* Below about 50 us of work one thread is faster than waking another: a sleeping worker took ~100 us
+ * to join on the shared 2-core machine (a futex wake-up across virtual CPUs, a busy neighbour), and the
+ * caller then waits for the task it took. Units: word pairs of a popcount (~80 G/s on one AVX-512
+ * core; byte dot products cost ~8x more per word pair), codes of a codebook GEMV (~70 G/s). */
+#define QVIZ_PARALLEL_MIN (1L << 22)
+
+typedef struct {
+    qviz_panel_fn fn;
+    int MR, NP;
+    const uint32_t *A, *Bp;
+    size_t M, N, K32, lda, ldb, P, MB;
+    int64_t mul, offset;
+    const int64_t *offset_m;
+    int32_t *out;
+} qviz_panel_job;
+
+/* Task t: the tile of panel block t / MB and row block t % MB. Consecutive tasks share a block of
+ * weights, which stays in L1/L2 while the rows pass over it. */
+static void qviz_panel_task(void *arg, long t) {
+    const qviz_panel_job *j = (const qviz_panel_job *)arg;
+    int32_t add[QVIZ_TILE_MR];
+    const size_t nb = (size_t)t / j->MB, m = ((size_t)t % j->MB) * (size_t)j->MR;
+    const size_t p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
+    const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+    const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
+    const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+    for (int i = 0; i < mr; i++) add[i] = (int32_t)(j->offset + (j->offset_m ? j->offset_m[m + (size_t)i] : 0));
+    j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, j->out + m * j->N + n0, j->N, cols,
+          (int32_t)j->mul, add);
+}
+
+/* out[m, n] = mul * S[m, n] + offset + offset_m[m] (offset_m may be NULL), S from `op` over the panels.
+ * A: activation rows already laid out by qviz_split_rows (lda = K32 * slots). Callers guarantee that
+ * every result and offset fits int32. */
+static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, size_t lda, const uint32_t *Bp,
+                              size_t N, size_t K32, int64_t mul, const int64_t *offset_m, int64_t offset,
+                              int32_t *out, int threads) {
+    qviz_panel_job j;
+    j.fn = qviz_panel_for(path, op, &j.MR, &j.NP);
+    j.A = A, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.lda = lda, j.ldb = K32 * QVIZ_PANEL;
+    j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
+    j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
+    j.mul = mul, j.offset = offset, j.offset_m = offset_m, j.out = out;
+    const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
+    const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
+    const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    qviz_parallel(qviz_panel_task, &j, (long)(NB * j.MB), team);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Codebook (LUT) matmul over panels, one codebook per layer: out[m, n] = sum_k x[m, k] cb[code(n, k)]. */
+/* The 2^bits entries sit in a register (replicated to 16 so that the bits above a code, which belong */
+/* to its neighbours, select the same entry); a shift of the panel word brings code c of all 16 rows   */
+/* into the low bits of their lanes, one permute decodes them, one FMA per activation row uses them.    */
+
+typedef void (*qviz_lut_fn)(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32,
+                            const float *table, int mr, int np, float *out, size_t ldo, int cols);
+#define QVIZ_LUT_ARGS X, ldx, K, B, ldb, K32, table, out, ldo, cols
+
+static void qviz_lut_portable(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32,
+                              const float *table, int mr, int np, float *out, size_t ldo, int cols, int bits) {
+    const size_t per = (size_t)(32 / bits);
+    for (int i = 0; i < mr; i++)
+        for (int q = 0; q < np; q++)
+            for (int j = 0; j < QVIZ_PANEL && q * QVIZ_PANEL + j < cols; j++) {
+                float s = 0.0f;
+                for (size_t k = 0; k < K32; k++) {
+                    const uint32_t word = B[(size_t)q * ldb + k * QVIZ_PANEL + (size_t)j];
+                    for (size_t c = 0; c < per && k * per + c < K; c++)
+                        s += X[(size_t)i * ldx + k * per + c] * table[(word >> (c * (size_t)bits)) & 15u];
+                }
+                out[(size_t)i * ldo + (size_t)(q * QVIZ_PANEL + j)] = s;
+            }
+}
+#define QVIZ_LUT_PORTABLE(BITS)                                                                          \
+    static void qviz_lut_portable_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb,  \
+                                         size_t K32, const float *table, int mr, int np, float *out, size_t ldo, \
+                                         int cols) {                                                     \
+        qviz_lut_portable(X, ldx, K, B, ldb, K32, table, mr, np, out, ldo, cols, BITS);                  \
+    }
+QVIZ_LUT_PORTABLE(1)
+QVIZ_LUT_PORTABLE(2)
+QVIZ_LUT_PORTABLE(4)
+
+#if QVIZ_X86 && defined(__GNUC__)
+/* One panel word of codes (`codes` of them: all but in the last word of a row) for MR rows x NP panels.
+ * A single row alternates two accumulator banks (c0_*, c1_*): NP chains alone would wait on the FMA
+ * latency. Named accumulators, as in qviz_p512_pop. */
+#define QVIZ_FMA_UPD(c, a, v) _mm512_fmadd_ps(a, v, c)
+#define QVIZ_LUT_ROW(i, unused)                                                                         \
+    if (MR > i) {                                                                                       \
+        const __m512 xa##i = _mm512_set1_ps(x[(size_t)i * ldx + (size_t)c]);                            \
+        QVIZ_ROW_UPD(i, QVIZ_FMA_UPD, xa##i)                                                            \
+    }
+#define QVIZ_LUT512_WORD(CODES)                                                                         \
+    for (int c = 0; c < (CODES); c++) {                                                                 \
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(b0, c * BITS), tab);                  \
+        const __m512 v1 = NP > 1 ? _mm512_permutexvar_ps(_mm512_srli_epi32(b1, c * BITS), tab) : v0;    \
+        const __m512 v2 = NP > 2 ? _mm512_permutexvar_ps(_mm512_srli_epi32(b2, c * BITS), tab) : v0;    \
+        const __m512 v3 = NP > 3 ? _mm512_permutexvar_ps(_mm512_srli_epi32(b3, c * BITS), tab) : v0;    \
+        if (MR == 1) {                                                                                  \
+            const __m512 xa = _mm512_set1_ps(x[c]);                                                     \
+            if (c & 1) {                                                                                \
+                c1_0 = _mm512_fmadd_ps(xa, v0, c1_0);                                                   \
+                if (NP > 1) c1_1 = _mm512_fmadd_ps(xa, v1, c1_1);                                       \
+                if (NP > 2) c1_2 = _mm512_fmadd_ps(xa, v2, c1_2);                                       \
+                if (NP > 3) c1_3 = _mm512_fmadd_ps(xa, v3, c1_3);                                       \
+            } else {                                                                                    \
+                c0_0 = _mm512_fmadd_ps(xa, v0, c0_0);                                                   \
+                if (NP > 1) c0_1 = _mm512_fmadd_ps(xa, v1, c0_1);                                       \
+                if (NP > 2) c0_2 = _mm512_fmadd_ps(xa, v2, c0_2);                                       \
+                if (NP > 3) c0_3 = _mm512_fmadd_ps(xa, v3, c0_3);                                       \
+            }                                                                                           \
+        } else {                                                                                        \
+            QVIZ_ROWS(QVIZ_LUT_ROW, 0)                                                                  \
+        }                                                                                               \
+    }
+#define QVIZ_LUT_LOAD(q, k) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + (k) * QVIZ_PANEL)) : _mm512_setzero_si512())
+#define QVIZ_FSTORE512(i, q, c) _mm512_storeu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL, c);
+
+/* out[i, j] = C[i, j] for j < cols (out of line, as qviz_epilogue512) */
+static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_lut_epilogue512(const float *C, int mr, int np, float *out,
+                                                                         size_t ldo, int cols) {
+    for (int i = 0; i < mr; i++)
+        for (int q = 0; q < np; q++) {
+            const int n = cols - q * QVIZ_PANEL;
+            if (n <= 0) break;
+            _mm512_mask_storeu_ps(out + (size_t)i * ldo + (size_t)(q * QVIZ_PANEL),
+                                  n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1),
+                                  _mm512_loadu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL));
+        }
+}
+
+QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512(const int BITS, const int MR, const int NP, const float *X, size_t ldx,
+                                            size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,
+                                            float *out, size_t ldo, int cols) {
+    float C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const int PER = 32 / BITS;
+    const __m512 tab = _mm512_loadu_ps(table);
+    QVIZ_TILE_DECL(__m512, _mm512_setzero_ps());
+    const size_t full = K / (size_t)PER;
+    for (size_t k = 0; k < full; k++) {
+        const __m512i b0 = QVIZ_LUT_LOAD(0, k), b1 = QVIZ_LUT_LOAD(1, k), b2 = QVIZ_LUT_LOAD(2, k),
+                      b3 = QVIZ_LUT_LOAD(3, k);
+        if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
+            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + 8) * QVIZ_PANEL), _MM_HINT_T0);
+        const float *x = X + k * (size_t)PER;
+        QVIZ_LUT512_WORD(PER)
+    }
+    if (full < K32) {
+        const __m512i b0 = QVIZ_LUT_LOAD(0, full), b1 = QVIZ_LUT_LOAD(1, full), b2 = QVIZ_LUT_LOAD(2, full),
+                      b3 = QVIZ_LUT_LOAD(3, full);
+        const float *x = X + full * (size_t)PER;
+        const int codes = (int)(K - full * (size_t)PER);
+        QVIZ_LUT512_WORD(codes)
+    }
+    if (MR == 1) {
+        c0_0 = _mm512_add_ps(c0_0, c1_0), c0_1 = _mm512_add_ps(c0_1, c1_1);
+        c0_2 = _mm512_add_ps(c0_2, c1_2), c0_3 = _mm512_add_ps(c0_3, c1_3);
+    }
+    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_FSTORE512)
+    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols);
+}
+
+/* AVX2: 16 entries in two registers; vpermps looks up the low 3 bits, bit 3 (moved to the sign bit)
+ * picks the register. Codes of 1 and 2 bits use one register (entries replicated). */
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256_word(const int BITS, const int MR, const int codes, const float *x,
+                                               size_t ldx, __m256i b0, __m256i b1, __m256 tlo, __m256 thi,
+                                               __m256 (*acc)[2]) {
+    for (int c = 0; c < codes; c++) {
+        const __m256i i0 = _mm256_srli_epi32(b0, c * BITS), i1 = _mm256_srli_epi32(b1, c * BITS);
+        __m256 w0 = _mm256_permutevar8x32_ps(tlo, i0), w1 = _mm256_permutevar8x32_ps(tlo, i1);
+        if (BITS == 4) {
+            w0 = _mm256_blendv_ps(w0, _mm256_permutevar8x32_ps(thi, i0), _mm256_castsi256_ps(_mm256_slli_epi32(i0, 28)));
+            w1 = _mm256_blendv_ps(w1, _mm256_permutevar8x32_ps(thi, i1), _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
+        }
+        for (int i = 0; i < MR; i++) {
+            const __m256 xa = _mm256_broadcast_ss(x + (size_t)i * ldx + (size_t)c);
+            const int r = MR == 1 ? (c & 1) : i;
+            acc[r][0] = _mm256_fmadd_ps(xa, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xa, w1, acc[r][1]);
+        }
+    }
+}
+
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const int NP, const float *X, size_t ldx,
+                                          size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,
+                                          float *out, size_t ldo, int cols) {
+    (void)NP;
+    (void)ldb;
+    const int PER = 32 / BITS, R = MR == 1 ? 2 : MR;
+    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+    __m256 acc[QVIZ_TILE_MR][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const size_t full = K / (size_t)PER;
+    for (size_t k = 0; k < K32; k++) {
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
+        if (k < full)
+            qviz_lut256_word(BITS, MR, PER, X + k * (size_t)PER, ldx, b0, b1, tlo, thi, acc);
+        else
+            qviz_lut256_word(BITS, MR, (int)(K - k * (size_t)PER), X + k * (size_t)PER, ldx, b0, b1, tlo, thi, acc);
+    }
+    if (MR == 1) {
+        acc[0][0] = _mm256_add_ps(acc[0][0], acc[1][0]);
+        acc[0][1] = _mm256_add_ps(acc[0][1], acc[1][1]);
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 2; v++) {
+            const int n = cols - v * 8;
+            if (n > 0)
+                _mm256_maskstore_ps(out + i * ldo + v * 8,
+                                    _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                                    acc[i][v]);
+        }
+}
+
+#define QVIZ_LUT_TILE_FN(BITS, MR, NP)                                                                  \
+    static __attribute__((noinline)) QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_lut_avx512_##BITS##_##MR##x##NP(    \
+        const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,    \
+        float *out, size_t ldo, int cols) {                                                             \
+        qviz_lut512(BITS, MR, NP, QVIZ_LUT_ARGS);                                                       \
+    }
+#define QVIZ_LUT_TILE_FNS(BITS, MR) QVIZ_LUT_TILE_FN(BITS, MR, 1) QVIZ_LUT_TILE_FN(BITS, MR, 2)          \
+    QVIZ_LUT_TILE_FN(BITS, MR, 3) QVIZ_LUT_TILE_FN(BITS, MR, 4)
+#define QVIZ_LT(BITS, MR, NP)                                                                           \
+    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: qviz_lut_avx512_##BITS##_##MR##x##NP(QVIZ_LUT_ARGS); break;
+#define QVIZ_LT_NP(BITS, MR) QVIZ_LT(BITS, MR, 1) QVIZ_LT(BITS, MR, 2) QVIZ_LT(BITS, MR, 3) QVIZ_LT(BITS, MR, 4)
+#define QVIZ_LUT512_FN(BITS)                                                                            \
+    QVIZ_LUT_TILE_FNS(BITS, 1) QVIZ_LUT_TILE_FNS(BITS, 2) QVIZ_LUT_TILE_FNS(BITS, 3)                      \
+    QVIZ_LUT_TILE_FNS(BITS, 4) QVIZ_LUT_TILE_FNS(BITS, 5) QVIZ_LUT_TILE_FNS(BITS, 6)                      \
+    static void qviz_lut_avx512_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, \
+                                       size_t K32, const float *table, int mr, int np, float *out, size_t ldo, \
+                                       int cols) {                                                      \
+        switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
+            QVIZ_LT_NP(BITS, 1) QVIZ_LT_NP(BITS, 2) QVIZ_LT_NP(BITS, 3) QVIZ_LT_NP(BITS, 4)              \
+            QVIZ_LT_NP(BITS, 5) QVIZ_LT_NP(BITS, 6)                                                     \
+        default: break;                                                                                 \
+        }                                                                                               \
+    }
+QVIZ_LUT512_FN(1)
+QVIZ_LUT512_FN(2)
+QVIZ_LUT512_FN(4)
+
+#define QVIZ_LUT256_FN(BITS)                                                                              \
+    static QVIZ_AVX2_FN void qviz_lut_avx2_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B,    \
+                                                  size_t ldb, size_t K32, const float *table, int mr, int np, \
+                                                  float *out, size_t ldo, int cols) {                      \
+        switch (mr) {                                                                                      \
+        case 1: qviz_lut256(BITS, 1, 1, QVIZ_LUT_ARGS); break;                                             \
+        case 2: qviz_lut256(BITS, 2, 1, QVIZ_LUT_ARGS); break;                                             \
+        case 3: qviz_lut256(BITS, 3, 1, QVIZ_LUT_ARGS); break;                                             \
+        default: qviz_lut256(BITS, 4, 1, QVIZ_LUT_ARGS); break;                                            \
+        }                                                                                                  \
+        (void)np;                                                                                          \
+    }
+QVIZ_LUT256_FN(1)
+QVIZ_LUT256_FN(2)
+QVIZ_LUT256_FN(4)
+#endif
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Codebook GEMM (several activation rows): decode a block of panels once into floats, then a plain    */
+/* FMA tile over it. Decoding costs a shift and a permute (a blend more on AVX2) per 16 weights; in    */
+/* the GEMV kernel above each row tile pays it again, here all M rows share it, so the loop is         */
+/* FMA-bound like a float GEMM. The decoded block (K x 64 floats) is read from L2.                    */
+
+#define QVIZ_DECODED_BYTES (512 * 1024) /* larger decoded blocks fall out of L2: the panel kernel decodes in place */
+
+#if QVIZ_X86 && defined(__GNUC__)
+/* wf[k * ld + q * 16 + j] = table[code k of row 16 q + j], k < K, q < np (ld = np * 16) */
+static QVIZ_AVX512_FN void qviz_lut_decode512(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                             const float *table, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m512 tab = _mm512_loadu_ps(table);
+    for (int q = 0; q < np; q++)
+        for (size_t k = 0; k < K; k += per) {
+            const __m512i b = _mm512_loadu_si512((const void *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL));
+            const size_t codes = K - k < per ? K - k : per;
+            for (size_t c = 0; c < codes; c++)
+                _mm512_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL,
+                                 _mm512_permutexvar_ps(_mm512_srlv_epi32(b, _mm512_set1_epi32((int)(c * (size_t)bits))), tab));
+        }
+}
+
+static QVIZ_AVX2_FN void qviz_lut_decode256(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                           const float *table, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+    for (int q = 0; q < np; q++)
+        for (int v = 0; v < 2; v++)
+            for (size_t k = 0; k < K; k += per) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL + 8 * v));
+                const size_t codes = K - k < per ? K - k : per;
+                for (size_t c = 0; c < codes; c++) {
+                    const __m256i idx = _mm256_srlv_epi32(b, _mm256_set1_epi32((int)(c * (size_t)bits)));
+                    __m256 w = _mm256_permutevar8x32_ps(tlo, idx);
+                    if (bits == 4)
+                        w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(thi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                    _mm256_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL + 8 * v, w);
+                }
+            }
+}
+
+/* C[i * 64 + q * 16 + j] = sum_k X[i, k] wf[k, q * 16 + j]: 6 rows x NP panels, named accumulators */
+#define QVIZ_WF_LOAD(q) (NP > q ? _mm512_loadu_ps(wf + k * ld + q * QVIZ_PANEL) : _mm512_setzero_ps())
+#define QVIZ_WF_ROW(i, unused)                                                                          \
+    if (MR > i) {                                                                                       \
+        const __m512 xa##i = _mm512_set1_ps(X[(size_t)i * ldx + k]);                                    \
+        QVIZ_ROW_UPD(i, QVIZ_FMA_UPD, xa##i)                                                            \
+    }
+QVIZ_INLINE QVIZ_AVX512_FN void qviz_wf512(const int MR, const int NP, const float *X, size_t ldx, size_t K,
+                                           const float *wf, size_t ld, float *out, size_t ldo, int cols) {
+    float C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    QVIZ_TILE_DECL(__m512, _mm512_setzero_ps());
+    for (size_t k = 0; k < K; k++) {
+        const __m512 v0 = QVIZ_WF_LOAD(0), v1 = QVIZ_WF_LOAD(1), v2 = QVIZ_WF_LOAD(2), v3 = QVIZ_WF_LOAD(3);
+        QVIZ_ROWS(QVIZ_WF_ROW, 0)
+    }
+    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_FSTORE512)
+    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols);
+}
+#define QVIZ_WF_FN(MR, NP)                                                                              \
+    static __attribute__((noinline)) QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_wf512_##MR##x##NP(             \
+        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols) { \
+        qviz_wf512(MR, NP, X, ldx, K, wf, ld, out, ldo, cols);                                          \
+    }
+#define QVIZ_WF_FNS(MR) QVIZ_WF_FN(MR, 1) QVIZ_WF_FN(MR, 2) QVIZ_WF_FN(MR, 3) QVIZ_WF_FN(MR, 4)
+QVIZ_WF_FNS(1) QVIZ_WF_FNS(2) QVIZ_WF_FNS(3) QVIZ_WF_FNS(4) QVIZ_WF_FNS(5) QVIZ_WF_FNS(6)
+#define QVIZ_WF_CASE(MR, NP)                                                                            \
+    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: qviz_wf512_##MR##x##NP(X, ldx, K, wf, ld, out, ldo, cols); break;
+#define QVIZ_WF_CASES(MR) QVIZ_WF_CASE(MR, 1) QVIZ_WF_CASE(MR, 2) QVIZ_WF_CASE(MR, 3) QVIZ_WF_CASE(MR, 4)
+static void qviz_wf_avx512(const float *X, size_t ldx, size_t K, const float *wf, size_t ld, int mr, int np,
+                           float *out, size_t ldo, int cols) {
+    switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {
+        QVIZ_WF_CASES(1) QVIZ_WF_CASES(2) QVIZ_WF_CASES(3) QVIZ_WF_CASES(4) QVIZ_WF_CASES(5) QVIZ_WF_CASES(6)
+    default: break;
+    }
+}
+
+/* AVX2: 6 rows x one panel (two 256-bit halves): 12 accumulators */
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_wf256(const int MR, const float *X, size_t ldx, size_t K, const float *wf,
+                                         size_t ld, float *out, size_t ldo, int cols) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+           a5 = a0, b5 = a0;
+    for (size_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(wf + k * ld), w1 = _mm256_loadu_ps(wf + k * ld + 8);
+#define QVIZ_WF256_ROW(i)                                                                               \
+        if (MR > i) {                                                                                   \
+            const __m256 xa = _mm256_broadcast_ss(X + (size_t)i * ldx + k);                             \
+            a##i = _mm256_fmadd_ps(xa, w0, a##i);                                                       \
+            b##i = _mm256_fmadd_ps(xa, w1, b##i);                                                       \
+        }
+        QVIZ_WF256_ROW(0) QVIZ_WF256_ROW(1) QVIZ_WF256_ROW(2) QVIZ_WF256_ROW(3) QVIZ_WF256_ROW(4) QVIZ_WF256_ROW(5)
+#undef QVIZ_WF256_ROW
+    }
+    float C[6 * 16];
+#define QVIZ_WF256_STORE(i)                                                                             \
+    if (MR > i) {                                                                                       \
+        _mm256_storeu_ps(C + 16 * i, a##i);                                                             \
+        _mm256_storeu_ps(C + 16 * i + 8, b##i);                                                         \
+    }
+    QVIZ_WF256_STORE(0) QVIZ_WF256_STORE(1) QVIZ_WF256_STORE(2) QVIZ_WF256_STORE(3) QVIZ_WF256_STORE(4)
+    QVIZ_WF256_STORE(5)
+#undef QVIZ_WF256_STORE
+    for (int i = 0; i < MR; i++) memcpy(out + (size_t)i * ldo, C + 16 * i, (size_t)(cols < 16 ? cols : 16) * sizeof(float));
+}
+#define QVIZ_WF256_FN(MR)                                                                               \
+    static __attribute__((noinline)) QVIZ_AVX2_FN QVIZ_NO_PRE void qviz_wf256_##MR(                      \
+        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols) { \
+        qviz_wf256(MR, X, ldx, K, wf, ld, out, ldo, cols);                                              \
+    }
+QVIZ_WF256_FN(1) QVIZ_WF256_FN(2) QVIZ_WF256_FN(3) QVIZ_WF256_FN(4) QVIZ_WF256_FN(5) QVIZ_WF256_FN(6)
+static void qviz_wf_avx2(const float *X, size_t ldx, size_t K, const float *wf, size_t ld, int mr, int np,
+                         float *out, size_t ldo, int cols) {
+    (void)np;
+    switch (mr) {
+    case 1: qviz_wf256_1(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 2: qviz_wf256_2(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 3: qviz_wf256_3(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 4: qviz_wf256_4(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 5: qviz_wf256_5(X, ldx, K, wf, ld, out, ldo, cols); break;
+    default: qviz_wf256_6(X, ldx, K, wf, ld, out, ldo, cols); break;
+    }
+}
+
+typedef struct {
+    int avx512, bits, NP;
+    const float *X, *table;
+    const uint32_t *Bp;
+    size_t M, N, K, K32, ldb, P;
+    float *out;
+    _Atomic int failed;
+} qviz_wf_job;
+
+/* Task t: panel block t, every activation row. */
+static void qviz_wf_task(void *arg, long t) {
+    qviz_wf_job *j = (qviz_wf_job *)arg;
+    const size_t p0 = (size_t)t * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
+    const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+    const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+    const size_t ld = (size_t)np * QVIZ_PANEL;
+    float *wf = (float *)malloc(j->K * ld * sizeof(float) + 64);
+    if (!wf) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    if (j->avx512)
+        qviz_lut_decode512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
+    else
+        qviz_lut_decode256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
+    for (size_t m = 0; m < j->M; m += 6) {
+        const int mr = (int)(j->M - m < 6 ? j->M - m : 6);
+        if (j->avx512)
+            qviz_wf_avx512(j->X + m * j->K, j->K, j->K, wf, ld, mr, np, j->out + m * j->N + n0, j->N, cols);
+        else
+            qviz_wf_avx2(j->X + m * j->K, j->K, j->K, wf, ld, mr, np, j->out + m * j->N + n0, j->N, cols);
+    }
+    free(wf);
+}
+#endif
+
+static qviz_lut_fn qviz_lut_for(int path, int bits, int *mr, int *np) {
+    const int b = bits == 1 ? 0 : bits == 2 ? 1 : 2;
+    *mr = 4;
+    *np = 1;
+    static const qviz_lut_fn portable[3] = {qviz_lut_portable_1, qviz_lut_portable_2, qviz_lut_portable_4};
+#if QVIZ_X86 && defined(__GNUC__)
+    static const qviz_lut_fn avx2[3] = {qviz_lut_avx2_1, qviz_lut_avx2_2, qviz_lut_avx2_4};
+    static const qviz_lut_fn avx512[3] = {qviz_lut_avx512_1, qviz_lut_avx512_2, qviz_lut_avx512_4};
+    if (path >= QVIZ_AVX512) {
+        *mr = 6; /* 6 x 4 accumulators + 4 decoded vectors + table + broadcast: 30 registers */
+        *np = QVIZ_TILE_NP;
+        return avx512[b];
+    }
+    if (path == QVIZ_AVX2) return avx2[b];
+#endif
+    (void)path;
+    return portable[b];
+}
+
+typedef struct {
+    qviz_lut_fn fn;
+    int MR, NP;
+    const float *X, *table;
+    const uint32_t *Bp;
+    size_t M, N, K, K32, ldb, P, MB;
+    float *out;
+} qviz_lut_job;
+
+static void qviz_lut_task(void *arg, long t) {
+    const qviz_lut_job *j = (const qviz_lut_job *)arg;
+    const size_t nb = (size_t)t / j->MB, m = ((size_t)t % j->MB) * (size_t)j->MR;
+    const size_t p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
+    const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+    const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
+    const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+    j->fn(j->X + m * j->K, j->K, j->K, j->Bp + p0 * j->ldb, j->ldb, j->K32, j->table, mr, np, j->out + m * j->N + n0,
+          j->N, cols);
+}
+
+/* codebook: 2^bits floats; the kernels read a 16-entry table in which entry c is codebook[c mod 2^bits]. */
+static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
+                           int bits, const float *codebook, float *out, int threads) {
+    float table[16];
+    for (int c = 0; c < 16; c++) table[c] = codebook[c & ((1 << bits) - 1)];
+    qviz_lut_job j;
+    j.fn = qviz_lut_for(path, bits, &j.MR, &j.NP);
+    j.X = X, j.table = table, j.Bp = Bp, j.M = M, j.N = N, j.K = K, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
+    j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
+    j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
+    j.out = out;
+    const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
+    const int team = (double)M * (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+#if QVIZ_X86 && defined(__GNUC__)
+    /* decode once when enough rows share it and the decoded block stays within half of L2; measured on
+     * AVX-512: below 48 rows the in-place kernel (decode per 6-row tile, no buffer) was faster */
+    if (path >= QVIZ_AVX2 && M >= (path >= QVIZ_AVX512 ? 48u : 8u) && K * (size_t)j.NP * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES) {
+        qviz_wf_job g;
+        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = j.NP, g.X = X, g.table = table, g.Bp = Bp, g.M = M;
+        g.N = N, g.K = K, g.K32 = K32, g.ldb = j.ldb, g.P = j.P, g.out = out;
+        atomic_init(&g.failed, 0);
+        qviz_parallel(qviz_wf_task, &g, (long)NB, team);
+        if (!atomic_load(&g.failed)) return;
+    }
+#endif
+    qviz_parallel(qviz_lut_task, &j, (long)(NB * j.MB), team);
+}
+
+#endif /* QVIZ_PACKED_PANELS_H */

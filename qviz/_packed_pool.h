@@ -1,0 +1,173 @@
+/* A small thread pool for the panel kernels, included by _packed_kernels.h.
+ *
+ * Why not an OpenMP parallel-for: its closing barrier waits for every thread of the team, so when the
+ * machine is shared and one worker is preempted before it starts (a 2-core box with another busy
+ * process), the call waits out the scheduler's time slice: measured 8 ms instead of 0.6 ms. Here the
+ * calling thread takes tasks too and returns as soon as every task is *done*; a worker that wakes late
+ * finds nothing left and goes back to sleep. Tasks are claimed with a compare-and-swap on a word that
+ * holds the job's generation and the next task index, so a worker still holding an old job can never
+ * claim a task of the next one (or touch its context).
+ *
+ * One job runs at a time; a caller that finds the pool busy (another Python thread in a kernel: the
+ * GIL is released there) runs its tasks alone. Without POSIX threads everything runs on the caller.
+ *
+ * A worker can still be preempted while it holds a task, and then the caller waits for it. When that
+ * wait passes QVIZ_STALL_NS the next QVIZ_BACKOFF calls run on the caller alone: on a machine whose
+ * other cores are busy, one thread at full speed beats two that wait out each other's time slices
+ * (measured: a 4096 x 4096 codebook GEMV took 0.2 ms or 5 ms at random with two threads, 0.25 ms with one).
+ */
+#ifndef QVIZ_PACKED_POOL_H
+#define QVIZ_PACKED_POOL_H
+
+typedef void (*qviz_task_fn)(void *ctx, long task);
+
+#if (defined(__unix__) || defined(__APPLE__)) && !defined(QVIZ_NO_POOL)
+#define QVIZ_HAVE_POOL 1
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+#define QVIZ_POOL_MAX 64 /* workers, at most */
+#define QVIZ_STALL_NS 300000L /* a wait for workers this long (0.3 ms) counts as a stall */
+#define QVIZ_BACKOFF 64 /* calls on the caller alone after a stall */
+#define QVIZ_GEN_SHIFT 40 /* claim word: generation << 40 | next task (tasks < 2^40) */
+
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_mutex_t busy; /* held by the caller of the running job */
+    int workers;          /* started so far */
+    int sleeping;
+    pid_t pid;            /* workers belong to this process (a fork has none) */
+    uint64_t gen;
+    qviz_task_fn fn;
+    void *ctx;
+    long tasks;
+    int allowed;          /* workers 0 .. allowed - 1 may join the current job */
+    _Atomic uint64_t claim;
+    _Atomic long done;
+    _Atomic int backoff;  /* calls left to run on the caller alone after a worker stalled one */
+} qviz_pool_t;
+
+static qviz_pool_t qviz_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+                                .busy = PTHREAD_MUTEX_INITIALIZER};
+
+static inline void qviz_relax(void) {
+#if QVIZ_X86
+    _mm_pause();
+#endif
+}
+
+/* Run tasks of job `gen` until none is left; returns how many this thread ran. */
+static long qviz_pool_drain(uint64_t gen, qviz_task_fn fn, void *ctx, long tasks) {
+    long ran = 0;
+    uint64_t c = atomic_load_explicit(&qviz_pool.claim, memory_order_acquire);
+    for (;;) {
+        if (c >> QVIZ_GEN_SHIFT != (gen & ((1ULL << (64 - QVIZ_GEN_SHIFT)) - 1))) return ran;
+        const long t = (long)(c & ((1ULL << QVIZ_GEN_SHIFT) - 1));
+        if (t >= tasks) return ran;
+        if (!atomic_compare_exchange_weak_explicit(&qviz_pool.claim, &c, c + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        fn(ctx, t);
+        atomic_fetch_add_explicit(&qviz_pool.done, 1, memory_order_release);
+        ran++;
+        c = atomic_load_explicit(&qviz_pool.claim, memory_order_acquire);
+    }
+}
+
+static void *qviz_pool_worker(void *arg) {
+    const int me = (int)(intptr_t)arg;
+    uint64_t seen = 0;
+    for (;;) {
+        /* a short spin catches back-to-back calls without a wake-up; then sleep */
+        for (int spin = 0; spin < 4000; spin++) {
+            if (__atomic_load_n(&qviz_pool.gen, __ATOMIC_ACQUIRE) != seen) break;
+            qviz_relax();
+        }
+        pthread_mutex_lock(&qviz_pool.lock);
+        while (qviz_pool.gen == seen) {
+            qviz_pool.sleeping++;
+            pthread_cond_wait(&qviz_pool.wake, &qviz_pool.lock);
+            qviz_pool.sleeping--;
+        }
+        seen = qviz_pool.gen;
+        const qviz_task_fn fn = qviz_pool.fn;
+        void *ctx = qviz_pool.ctx;
+        const long tasks = qviz_pool.tasks;
+        const int join = me < qviz_pool.allowed;
+        pthread_mutex_unlock(&qviz_pool.lock);
+        if (join) qviz_pool_drain(seen, fn, ctx, tasks);
+    }
+    return NULL;
+}
+
+/* fn(ctx, t) for t < tasks on up to `threads` threads (the caller included). */
+static long qviz_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
+    if (threads > QVIZ_POOL_MAX + 1) threads = QVIZ_POOL_MAX + 1;
+    int backoff = atomic_load_explicit(&qviz_pool.backoff, memory_order_relaxed);
+    if (backoff > 0) atomic_store_explicit(&qviz_pool.backoff, backoff - 1, memory_order_relaxed);
+    if (threads <= 1 || tasks <= 1 || backoff > 0 || pthread_mutex_trylock(&qviz_pool.busy) != 0) {
+        for (long t = 0; t < tasks; t++) fn(ctx, t);
+        return;
+    }
+    pthread_mutex_lock(&qviz_pool.lock);
+    if (qviz_pool.pid != getpid()) { /* first use, or a forked child: its parent's workers are not here */
+        qviz_pool.pid = getpid();
+        qviz_pool.workers = 0;
+        qviz_pool.sleeping = 0;
+    }
+    while (qviz_pool.workers < threads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&th, &attr, qviz_pool_worker, (void *)(intptr_t)qviz_pool.workers);
+        pthread_attr_destroy(&attr);
+        if (failed) break; /* fewer workers: the caller does the rest */
+        qviz_pool.workers++;
+    }
+    const uint64_t gen = qviz_pool.gen + 1;
+    qviz_pool.fn = fn;
+    qviz_pool.ctx = ctx;
+    qviz_pool.tasks = tasks;
+    qviz_pool.allowed = threads - 1;
+    atomic_store_explicit(&qviz_pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&qviz_pool.claim, (gen & ((1ULL << (64 - QVIZ_GEN_SHIFT)) - 1)) << QVIZ_GEN_SHIFT,
+                          memory_order_release);
+    __atomic_store_n(&qviz_pool.gen, gen, __ATOMIC_RELEASE);
+    if (qviz_pool.sleeping) pthread_cond_broadcast(&qviz_pool.wake);
+    pthread_mutex_unlock(&qviz_pool.lock);
+    qviz_pool_drain(gen, fn, ctx, tasks);
+    /* the rest is in workers' hands: spin briefly, then yield the core (it may be the one they need) */
+    long waited_from = 0;
+    for (long spin = 0; atomic_load_explicit(&qviz_pool.done, memory_order_acquire) < tasks; spin++) {
+        if (spin < 2000) {
+            qviz_relax();
+            continue;
+        }
+        if (!waited_from) waited_from = qviz_now_ns();
+        sched_yield();
+    }
+    if (waited_from && qviz_now_ns() - waited_from > QVIZ_STALL_NS)
+        atomic_store_explicit(&qviz_pool.backoff, QVIZ_BACKOFF, memory_order_relaxed);
+    pthread_mutex_unlock(&qviz_pool.busy);
+}
+
+#else
+#define QVIZ_HAVE_POOL 0
+static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
+    (void)threads;
+    for (long t = 0; t < tasks; t++) fn(ctx, t);
+}
+#endif
+
+#endif /* QVIZ_PACKED_POOL_H */

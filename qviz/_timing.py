@@ -1,0 +1,318 @@
+"""Timing harness of the packed kernels: latency against PyTorch, instruction roofs, read bandwidth.
+
+Everything here runs candidates in turn, round after round, in one process and with one thread count,
+and reports medians: on a shared machine drift then hits all candidates alike. Functions that allocate
+from sizes they are given refuse requests beyond a memory budget (`memory_limit`) with a ValueError
+naming the sizes, so a widget or a typo cannot make the process swap or be killed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from qviz import _checks, _dispatch
+from qviz import _packed as _kernels
+
+LATENCY_KINDS = ("binary", "hybrid", "lowbit", "lut")
+ROOF_KINDS = ("pop", "dot", "fma")
+MEMORY_CAP = 2 * 2**30
+COLD_BYTES = 256 * 2**20  # weight copies cycled through in a cold run: several times any L3 cache
+
+
+def memory_limit() -> int:
+    """Bytes a measurement may allocate: 2 GiB, or half the memory available now if that is less.
+
+    A fixed cap keeps an interactive readout predictable (a 65536 x 65536 layer is refused, not
+    attempted); the fraction of available memory protects small machines and busy ones.
+    """
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        available = 2 * MEMORY_CAP
+    return int(min(MEMORY_CAP, available // 2))
+
+
+def _guard(call: str, nbytes: int) -> None:
+    limit = memory_limit()
+    if nbytes > limit:
+        raise ValueError(f"{call} would allocate about {nbytes / 2**30:.2f} GiB for its buffers; the limit is "
+                         f"{limit / 2**30:.2f} GiB (2 GiB, or half the available memory if less)")
+
+
+def _median_interleaved(fns: dict, budget_s: float, min_runs: int = 3) -> tuple[dict, int]:
+    """Run the callables in turn until the budget is spent; median seconds of each.
+
+    A value may be a pair (prepare, fn): prepare runs untimed right before each timed fn.
+    """
+    fns = {name: fn if isinstance(fn, tuple) else (None, fn) for name, fn in fns.items()}
+    for _, fn in fns.values():
+        fn()  # warm-up: first-touch allocation, thread pools, caches
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while True:
+        for name, (prepare, fn) in fns.items():
+            if prepare is not None:
+                prepare()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        runs = len(next(iter(times.values())))
+        spent = time.perf_counter() - start
+        if spent >= budget_s and (runs >= min_runs or spent >= 2 * budget_s):
+            break
+    return {name: statistics.median(ts) for name, ts in times.items()}, runs
+
+
+class _TorchThreads:
+    """Run torch with a given thread count, then restore the previous one."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def _threads(threads) -> int:
+    return torch.get_num_threads() if threads is None else _checks.integer("threads", threads, 1, 1024)
+
+
+def _cycle(items: list):
+    """A callable returning the items in turn (weight copies of a cold run)."""
+    state = {"i": 0}
+
+    def nxt():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+
+    return nxt
+
+
+def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 4096, *, bits: int = 1,
+                    budget_s: float = 0.25, threads: int | None = None, seed: int = 0,
+                    with_int8: bool = False, cold: bool = False, warm: bool = False) -> dict:
+    """Median latency of a qviz kernel and of torch float32 on the same shapes, same process and threads.
+
+    kind: "binary" (sign-pack float activations + XOR-popcount matmul), "hybrid" (pack {0, 1}
+    activations + AND-popcount matmul), "lowbit" (quantize-and-pack b-bit activations + integer
+    matmul, bits 1, 2 or 4), "lut" (float activations times b-bit codebook weights). Activation packing
+    is inside the timed qviz call; weights are packed and prepared (`qviz.packed.prepare`) beforehand, as
+    a deployed layer holds them. The torch side is x @ W.T in float32. Runs alternate until `budget_s`
+    is spent (at least 3 each unless one run alone exceeds the budget), so a widget can call this live.
+    Interleaving means each call starts from the caches the previous one left (torch's 64 MiB of float
+    weights at 4096 x 4096 flush a 32 MiB L3). warm=True runs an untimed identical qviz call right before
+    each timed one (its weights then come from L2/L3); cold=True cycles through copies of the weights
+    (about 256 MiB of each side's) so that they come from DRAM.
+
+    Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), runs, threads,
+    path, macs (M N K), weight_bytes (qviz's prepared weights), qviz_macs_per_s and bit_ops_per_s
+    (M N K b_a b_w / qviz_s; None for lut), and torch_int8_s / ratio_int8 (PyTorch's dynamic int8
+    linear) when with_int8. Refuses (ValueError) shapes whose buffers would pass `memory_limit()`.
+    """
+    _checks.choice("kind", kind, LATENCY_KINDS)
+    m, k, n = (_checks.integer(name, v, 1, 1 << 20) for name, v in (("m", m), ("k", k), ("n", n)))
+    budget_s = _checks.real("budget_s", budget_s, 0.0, 60.0, lo_open=True)
+    threads = _threads(threads)
+    _checks.boolean("with_int8", with_int8)
+    _checks.boolean("cold", cold)
+    _checks.boolean("warm", warm)
+    if warm and cold:
+        raise ValueError("warm=True and cold=True contradict each other; allowed: at most one of them")
+    seed = _checks.integer("seed", seed, 0, 2**63 - 1)
+    allowed_bits = {"binary": (1,), "hybrid": (1,), "lowbit": (1, 2, 4), "lut": (1, 2, 4, 8)}[kind]
+    _checks.choice("bits", bits, allowed_bits)
+    weight_bytes = -(-n // 16) * 16 * -(-k * bits // 32) * 4
+    copies = min(64, max(1, math.ceil(COLD_BYTES / weight_bytes))) if cold else 1
+    torch_copies = min(64, max(1, math.ceil(COLD_BYTES / (4 * n * k)))) if cold else 1
+    need = (4 * m * k * 3 + 4 * n * k * (1 + torch_copies) + 2 * weight_bytes * copies + 12 * m * n
+            + (n * k + 4 * m * k if with_int8 else 0))
+    _guard(f"measure_latency(kind={kind!r}, m={m}, k={k}, n={n}, bits={bits}, cold={cold})", need)
+    from qviz import packed  # the kernel API imports this module; import it back only when timing
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w_float = rng.standard_normal((n, k), dtype=np.float32)
+    qviz_call, a_bits = _kernel_call(packed, kind, x, w_float, bits, threads, rng, copies)
+    xt = torch.from_numpy(x)
+    wts = [torch.from_numpy(w_float)] + [torch.from_numpy(w_float.copy()) for _ in range(torch_copies - 1)]
+    next_wt = _cycle(wts)
+    fns = {"qviz": (qviz_call, qviz_call) if warm else qviz_call, "torch": lambda: xt @ next_wt().T}
+    if with_int8:
+        fns["int8"] = _int8_linear(wts[0], xt)
+    with _TorchThreads(threads):
+        medians, runs = _median_interleaved(fns, budget_s)
+    macs = m * n * k
+    result = {
+        "kind": kind, "m": m, "k": k, "n": n, "bits": bits, "threads": threads, "path": _dispatch.kernel_path(),
+        "qviz_s": medians["qviz"], "torch_s": medians["torch"], "ratio": medians["torch"] / medians["qviz"],
+        "runs": runs, "macs": macs, "weight_bytes": weight_bytes, "cold": cold, "warm": warm,
+        "qviz_macs_per_s": macs / medians["qviz"],
+        "bit_ops_per_s": None if kind == "lut" else macs * a_bits * bits / medians["qviz"],
+    }
+    if with_int8:
+        result["torch_int8_s"] = medians["int8"]
+        result["ratio_int8"] = medians["int8"] / medians["qviz"]
+    return result
+
+
+def _kernel_call(packed, kind: str, x: np.ndarray, w_float: np.ndarray, bits: int, threads: int, rng, copies: int):
+    """The timed qviz call for `kind`, weights prepared beforehand (`copies` of them); and the activation bits."""
+    if kind in ("binary", "hybrid"):
+        w = packed.prepare(packed.pack_signs(w_float))
+    else:
+        w = packed.prepare(packed.pack(rng.integers(0, 2**bits, w_float.shape, dtype=np.uint8), bits))
+    ws = [w] + [packed.PreparedMatrix(w.bits, w.shape, w.panels.copy()) for _ in range(copies - 1)]
+    nxt = _cycle(ws)
+    if kind == "binary":
+        return (lambda: packed.binary_matmul(packed.pack_signs(x), nxt(), threads=threads)), 1
+    if kind == "hybrid":
+        return (lambda: packed.hybrid_matmul(packed.pack_uniform(x, 1, 1.0, threads=threads), nxt(),
+                                             threads=threads)), 1
+    if kind == "lowbit":
+        scale = float(np.abs(x).max()) / (2**bits - 1) * 2
+        zero = 2 ** (bits - 1)
+        return (lambda: packed.lowbit_matmul(packed.pack_uniform(x, bits, scale, zero, threads=threads), nxt(),
+                                             threads=threads)), bits
+    cb = rng.standard_normal(2**bits).astype(np.float32)
+    return (lambda: packed.lut_matmul(x, nxt(), cb, threads=threads)), 32
+
+
+def _int8_linear(wt: torch.Tensor, xt: torch.Tensor):
+    """PyTorch's own dynamic int8 linear on the same weights: the honest reference for quantized speed."""
+    layer = torch.nn.Linear(wt.shape[1], wt.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(wt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qlayer = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear}, torch.qint8)
+
+    def run():
+        with torch.no_grad():
+            return qlayer(xt)
+
+    return run
+
+
+def measure_conv_latency(batch: int = 1, in_channels: int = 3, size: int = 16, out_channels: int = 8,
+                         kernel: int = 3, *, bits: int = 1, padding: int = 0, budget_s: float = 0.25,
+                         threads: int | None = None, seed: int = 0) -> dict:
+    """Median latency of `lut_conv2d` and torch float32 conv2d on the same shapes ([Kütükcü 2020, Ch. 5]).
+
+    The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. Returns
+    qviz_s, torch_s, ratio (torch_s / qviz_s), runs, threads, path. Refuses (ValueError) shapes whose
+    buffers would pass `memory_limit()`.
+    """
+    batch, in_channels, size, out_channels = (
+        _checks.integer(name, v, 1, 4096) for name, v in
+        (("batch", batch), ("in_channels", in_channels), ("size", size), ("out_channels", out_channels)))
+    kernel = _checks.integer("kernel", kernel, 1, min(size, 64))
+    _checks.choice("bits", bits, (1, 2, 4, 8))
+    padding = _checks.integer("padding", padding, 0, kernel - 1)
+    budget_s = _checks.real("budget_s", budget_s, 0.0, 60.0, lo_open=True)
+    threads = _threads(threads)
+    seed = _checks.integer("seed", seed, 0, 2**63 - 1)
+    out_side = size + 2 * padding - kernel + 1
+    need = 4 * batch * in_channels * size**2 + 8 * batch * out_channels * out_side**2 \
+        + 6 * out_channels * in_channels * kernel**2
+    _guard(f"measure_conv_latency(batch={batch}, in_channels={in_channels}, size={size}, "
+           f"out_channels={out_channels}, kernel={kernel})", need)
+    from qviz import packed
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, in_channels, size, size), dtype=np.float32)
+    codes = rng.integers(0, 2**bits, (out_channels, in_channels * kernel * kernel), dtype=np.uint8)
+    cb = rng.standard_normal(2**bits).astype(np.float32)
+    w = packed.prepare(packed.pack(codes, bits))
+    xt = torch.from_numpy(x)
+    wt = torch.from_numpy(cb[codes].reshape(out_channels, in_channels, kernel, kernel))
+    fns = {"qviz": lambda: packed.lut_conv2d(x, w, cb, (kernel, kernel), padding=padding, threads=threads),
+           "torch": lambda: torch.nn.functional.conv2d(xt, wt, padding=padding)}
+    with _TorchThreads(threads), torch.no_grad():
+        medians, runs = _median_interleaved(fns, budget_s)
+    return {"qviz_s": medians["qviz"], "torch_s": medians["torch"], "ratio": medians["torch"] / medians["qviz"],
+            "runs": runs, "threads": threads, "path": _dispatch.kernel_path()}
+
+
+def _path_index(path) -> int:
+    if path is None:
+        return _dispatch.current()
+    _checks.choice("path", path, _dispatch.available_paths())
+    return _dispatch.PATHS.index(path)
+
+
+def _concurrently(threads: int, work) -> float:
+    """Run work(i) on `threads` Python threads at once (the kernels release the GIL); seconds elapsed."""
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - start
+
+
+def roof(kind: str = "pop", *, path: str | None = None, threads: int | None = None, seconds: float = 0.2) -> float:
+    """The instruction roof of a code path: operations per second of its inner loop on register-resident data.
+
+    kind "pop": XOR + popcount + add, in bit-MACs/s (the binary and hybrid kernels' operation: 3 vector
+    instructions per 512 bit-MACs with VPOPCNTDQ; XOR of nibbles, 2 table lookups and 2 adds per 256
+    with AVX2; one POPCNT per 64 bits on "popcnt"); "dot": byte dot products in MACs/s (vpdpbusd with
+    VNNI, vpmaddubsw + add otherwise: the 2- and 4-bit kernels); "fma": float32 multiply-adds in MACs/s
+    (the codebook kernels). Each of `threads` threads runs the loop with as many independent
+    accumulators as the kernels' largest tile, at the same time, for about `seconds`.
+    """
+    _checks.choice("kind", kind, ROOF_KINDS)
+    index = _path_index(path)
+    threads = _threads(threads)
+    seconds = _checks.real("seconds", seconds, 0.0, 60.0, lo_open=True)
+    code = _kernels.ROOF_KINDS[kind]
+    t0 = time.perf_counter()
+    _kernels.roof(index, code, 20000)
+    per_iter = (time.perf_counter() - t0) / 20000
+    iters = max(1000, int(seconds / max(per_iter, 1e-10)))
+    done = [0.0] * threads
+
+    def work(i):
+        done[i] = _kernels.roof(index, code, iters)[1]
+
+    elapsed = _concurrently(threads, work)
+    return sum(done) / elapsed
+
+
+def popcount_ceiling(*, threads: int | None = None, seconds: float = 0.2, path: str | None = None) -> float:
+    """XOR-popcount roof in bits per second: `roof("pop", ...)` (kept for older notebooks)."""
+    return roof("pop", path=path, threads=threads, seconds=seconds)
+
+
+def read_bandwidth(nbytes: int = 256 * 2**20, *, threads: int | None = None, seconds: float = 0.2) -> float:
+    """Bytes per second `threads` threads read from a buffer of `nbytes` (median of repeated passes).
+
+    A buffer well beyond the last-level cache measures DRAM; one that fits it measures that cache
+    (a 64 MiB buffer still fits the L3 of some server CPUs: pick sizes from the machine's caches).
+    """
+    nbytes = _checks.integer("nbytes", nbytes, 4096, 1 << 40)
+    threads = _threads(threads)
+    seconds = _checks.real("seconds", seconds, 0.0, 60.0, lo_open=True)
+    _guard(f"read_bandwidth(nbytes={nbytes})", nbytes)
+    buf = np.ones(nbytes // 8, np.uint64)
+    _kernels.read_words(buf, threads)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        t0 = time.perf_counter()
+        _kernels.read_words(buf, threads)
+        times.append(time.perf_counter() - t0)
+    return buf.nbytes / statistics.median(times)
