@@ -348,7 +348,7 @@ def message(fig: Figure, text: str, title: str) -> dict:
 # Model explorer
 
 
-LAYER_PANEL_WIDTH = 190
+LAYER_PANEL_WIDTH = 170
 
 
 def _layer_panel(fig: Figure, layers: Sequence[str], rows: Sequence[dict], field: str, name: str, color: str,
@@ -357,7 +357,7 @@ def _layer_panel(fig: Figure, layers: Sequence[str], rows: Sequence[dict], field
     values = [r.get(field) for r in rows]
     data = fig.data(layer=list(layers), v=[v if v is not None and np.isfinite(v) else None for v in values])
     y = {"field": "layer", "type": "nominal", "sort": list(layers), "title": None,
-         "axis": {"labelLimit": 260} if selectable else None}
+         "axis": {"labelLimit": 200} if selectable else None}
     bars = view(data, {"type": "bar", "color": color, "cursor": "pointer"},
                 {"y": y, "x": q("v", x_title),
                  "opacity": {"condition": {"param": "pick", "empty": False, "value": 1.0}, "value": 0.55},
@@ -436,5 +436,7 @@ def layer_staircase(fig: Figure, x, q_values, levels, title: str) -> dict:
 
 
 def model_figure(layers: dict, pareto: dict, drill: Sequence[dict]) -> dict:
-    """The model explorer: per-layer view on top; the Pareto chart and the picked layer up close below."""
-    return {"vconcat": [layers, {"hconcat": [pareto, *drill]}], "spacing": 18}
+    """The model explorer, about 950 pixels wide for a projector: the per-layer view on top, the Pareto chart
+    beside the picked layer's weights, then that layer's input activations and quantizer."""
+    weights, *rest = drill
+    return {"vconcat": [layers, {"hconcat": [pareto, weights]}, {"hconcat": rest}], "spacing": 18}

@@ -79,7 +79,7 @@ class ModelExplorer(Explorer):
         self.layer = W.Dropdown(options=layers, value=layers[0], description="layer", style=style)
         self.layer_w = W.SelectionSlider(options=LAYER_OPTIONS, value=GLOBAL, description="its weight bits",
                                          style=style)
-        self.layer_a = W.SelectionSlider(options=LAYER_OPTIONS, value=GLOBAL, description="its activation bits",
+        self.layer_a = W.SelectionSlider(options=LAYER_OPTIONS, value=GLOBAL, description="its input bits",
                                          style=style)
         self.keep_float = W.Checkbox(value=False, description="keep this layer float", indent=False)
         self.layer.observe(self._layer_picked, names="value")
