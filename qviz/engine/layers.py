@@ -178,6 +178,13 @@ class ActivationQuantizer(nn.Module):
         return self.spec is not None and SCHEMES[self.spec.scheme].nonlinearity
 
     @property
+    def clips_at_zero(self) -> bool:
+        """Does this quantizer's forward pass include a ReLU (PACT's clip(x, 0, α), 002 §2.2), so that a ReLU
+        before it would be done twice? Not while calibration passes float activations through."""
+        return (self.spec is not None and SCHEMES[self.spec.scheme].clips_at_zero
+                and self.calibrating in (None, "moving_average") and not EXPORTING.get())
+
+    @property
     def calibrated(self) -> bool:
         """Has this quantizer a range (or none to set: a float point, a fixed-range scheme)?"""
         if self.spec is None:
@@ -328,7 +335,8 @@ class ActivationPoint(nn.Module):
     (002's quantized shortcuts) only by an override that names them.
 
     `after_relu(z)` is ReLU then the quantizer, or the quantizer alone when its scheme is a nonlinearity
-    (BNN's sign replaces the ReLU, 003 eq. 3-5).
+    (BNN's sign replaces the ReLU, 003 eq. 3-5) or clips at zero itself (PACT replaces the ReLU, 002 §2.2:
+    the same values, one pass fewer).
     """
 
     def __init__(self, by_default: bool = True):
@@ -347,7 +355,7 @@ class ActivationPoint(nn.Module):
         return self.quantizer(x)
 
     def after_relu(self, z: torch.Tensor) -> torch.Tensor:
-        return self.quantizer(z if self.quantizer.nonlinearity else F.relu(z))
+        return self.quantizer(z if self.quantizer.nonlinearity or self.quantizer.clips_at_zero else F.relu(z))
 
 
 # --------------------------------------------------------------------------------------------------
