@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import numbers
 import os
 
 import torch
@@ -85,6 +86,13 @@ def _address(name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32, num
     return t.data_ptr()
 
 
+def _number(name: str, value: object) -> float:
+    """A real number for a kernel's float parameter (any value, inf and NaN included, is safe to compute with)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def _output(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(x.shape, dtype=dtype)
 
@@ -96,7 +104,7 @@ def clip_round(x: torch.Tensor, alpha: float, step: float, ste: str | None = Non
     address = _address("x", x)
     q, state = _output(x), None if ste is None else _output(x, torch.uint8)
     _kernels.clip_round(_path, address, q.data_ptr(), 0 if state is None else state.data_ptr(), x.numel(),
-                        alpha, step, code)
+                        _number("alpha", alpha), _number("step", step), code)
     return q, state
 
 
@@ -106,7 +114,8 @@ def uniform(x: torch.Tensor, inv_scale: float, zero_point: float, qmin: float, q
     address = _address("x", x)
     q, state = _output(x), _output(x, torch.uint8) if with_mask else None
     _kernels.uniform(_path, address, q.data_ptr(), 0 if state is None else state.data_ptr(), x.numel(),
-                     inv_scale, zero_point, qmin, qmax, scale)
+                     _number("inv_scale", inv_scale), _number("zero_point", zero_point), _number("qmin", qmin),
+                     _number("qmax", qmax), _number("scale", scale))
     return q, state
 
 
@@ -117,14 +126,14 @@ def abs_stats(x: torch.Tensor) -> tuple[float, float]:
 
 def kept(x: torch.Tensor, delta: float) -> tuple[float, int]:
     """(sum of |x| over |x| > delta accumulated in double, how many)."""
-    return _kernels.kept(_path, _address("x", x), x.numel(), delta)
+    return _kernels.kept(_path, _address("x", x), x.numel(), _number("delta", delta))
 
 
 def ternary(x: torch.Tensor, delta: float, alpha: float) -> torch.Tensor:
     """alpha where x > delta, -alpha where x < -delta, else 0."""
     address = _address("x", x)
     q = _output(x)
-    _kernels.ternary(_path, address, q.data_ptr(), x.numel(), delta, alpha)
+    _kernels.ternary(_path, address, q.data_ptr(), x.numel(), _number("delta", delta), _number("alpha", alpha))
     return q
 
 

@@ -175,15 +175,15 @@ def test_tensors_that_cannot_take_a_fused_path_take_the_pytorch_one():
 
 def test_the_kernels_refuse_what_they_cannot_read():
     x = torch.randn(10)
-    with pytest.raises(ValueError, match="x must be a contiguous torch.float32"):
+    with pytest.raises(ValueError, match=r"x must be a contiguous torch\.float32"):
         fused.clip_round(x.double(), 1.0, 0.5)
     with pytest.raises(ValueError, match="x must be a contiguous"):
         fused.abs_stats(torch.randn(4, 4).t())
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         fused.kept(x.numpy(), 0.5)
     with pytest.raises(ValueError, match="state has 9 elements; expected 10"):
         fused.masked_backward(x, torch.zeros(9, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="state must be a contiguous torch.uint8"):
+    with pytest.raises(ValueError, match=r"state must be a contiguous torch\.uint8"):
         fused.masked_backward(x, torch.zeros(10))
     with pytest.raises(ValueError, match="ste="):
         fused.clip_round(x, 1.0, 0.5, "wide")

@@ -243,7 +243,17 @@ def test_decision_map_streams_ptq_then_qat_refinements(cache, monkeypatch):
     e.runner._apply = spy
     try:
         e.method.value = "qat_clr"
-        assert stages[-3:] == ["PTQ", "QAT step 10", "QAT step 20"]
+        assert stages[-4:] == ["PTQ preview", "PTQ", "QAT step 10", "QAT step 20"]
+        # the preview shows each 2x2 block's point; the finished PTQ map is decision_map's
+        stages.clear()
+        previews = []
+        e.runner._apply = lambda result, params: (previews.append(result), spy(result, params))
+        e.method.value = "ptq"
+        preview, done = previews[-2:]
+        assert preview["quant"]["preview"] and "preview" not in done["quant"]
+        p = preview["quant"]["probs"]
+        assert np.array_equal(p[0::2], p[1::2]) and np.array_equal(p[:, 0::2], p[:, 1::2])
+        assert np.array_equal(p[1::2, 1::2], done["quant"]["probs"][1::2, 1::2])
     finally:
         e.close()
 
@@ -258,7 +268,7 @@ def test_a_newer_change_cancels_stale_training(cache, monkeypatch):
         threading.Event().wait(1.0)
         e.method.value = "ptq"  # ... and this must cancel it
         assert e.wait(20), "the stale QAT run was not cancelled"
-        assert e.data["stage"] == "PTQ" and e.params["method"] == "ptq"
+        assert e.data["stage"] == "PTQ" and e.params["method"] == "ptq"  # (the finished map, after its preview)
     finally:
         e.close()
 
