@@ -34,6 +34,14 @@
 #include <omp.h>
 #endif
 
+/* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
+ * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define QVIZ_NO_PRE __attribute__((optimize("no-tree-pre")))
+#else
+#define QVIZ_NO_PRE
+#endif
+
 enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_AVX512VNNI = 4, QVIZ_N_PATHS = 5 };
 
 /* What the reduction over words computes for one pair of rows. */
@@ -783,14 +791,12 @@ static void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const 
 /* ------------------------------------------------------------------------------------------------ */
 /* Packed-index direct convolution (003 Figs. 5.1, 5.2), stride 1, zero padding `pad`:                 */
 /* out[b, co, y, x] = sum_{ci, i, j} x[b, ci, y + i - pad, x + j - pad] codebook_co[code(co, ci, i, j)]. */
-/* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2); the inner loop     */
-/* runs along output columns so the compiler can vectorise it.                                         */
+/* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2), into a stack buffer */
+/* when it is small (003's layer: 8 x 27 floats), so a small layer costs no allocation.                */
 
-/* Direct convolution with the output channels in the vector lanes: the filters are decoded once per
- * call into wt[(ci, i, j)][co] (output channels padded to 8), and every output pixel sums its taps as
- * acc[co] += x[ci, y + i - pad, x + j - pad] wt[(ci, i, j)][co], one broadcast and CO / 8 FMAs per tap.
- * 003's layer (3 x 16 x 16 in, 8 out, 3 x 3) is 196 pixels x 27 taps: a few thousand vector FMAs,
- * where a plane-by-plane loop along 14-pixel rows spends most of its time in loop tails. */
+/* Portable: the output channels in the vector lanes (GCC vectors of 8): the filters are decoded into
+ * wt[(ci, i, j)][co] (output channels padded to 8), and every output pixel sums its taps as
+ * acc[co] += x[ci, y + i - pad, x + j - pad] wt[(ci, i, j)][co], one broadcast and CO / 8 FMAs per tap. */
 #ifndef QVIZ_PANEL
 #define QVIZ_PANEL 16
 #endif
@@ -838,9 +844,111 @@ typedef float qviz_v8 __attribute__((vector_size(32), aligned(4))); /* 8 output 
         }                                                                                               \
     }
 QVIZ_DEFINE_CONV_ROW(qviz_conv_row_portable, )
+
+/* Pixels in the vector lanes, for layers with few output channels (003's has 8): one output row is
+ * cut into chunks of V pixels (16 with AVX-512, 8 with AVX2), and each tap (ci, i, j) costs one load of
+ * V input pixels (masked at the image edges and the row's end: masked lanes are never read) and one FMA
+ * per output channel, 8 channels at a time with the filter value broadcast from the decoded filters
+ * wk[co][(ci, i, j)]. With channels in the lanes, 8 channels fill only 8 lanes and each tap costs a
+ * broadcast of the input; here every lane does useful work once a row has V pixels. */
 #if QVIZ_X86 && defined(__GNUC__)
-QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx2, QVIZ_AVX2_FN)
-QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx512, QVIZ_AVX512_FN)
+#define QVIZ_PX_FMA8(FMA, SET1, xv, wr, KF)                                                              \
+    a0 = FMA(SET1(wr[0]), xv, a0), a1 = FMA(SET1(wr[KF]), xv, a1), a2 = FMA(SET1(wr[2 * KF]), xv, a2),     \
+    a3 = FMA(SET1(wr[3 * KF]), xv, a3), a4 = FMA(SET1(wr[4 * KF]), xv, a4), a5 = FMA(SET1(wr[5 * KF]), xv, a5), \
+    a6 = FMA(SET1(wr[6 * KF]), xv, a6), a7 = FMA(SET1(wr[7 * KF]), xv, a7)
+
+static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_conv_px512(const float *x, size_t C, size_t H, size_t Wd, const float *wk,
+                                                      size_t COp, size_t CO, size_t kh, size_t kw, size_t pad,
+                                                      size_t y, float *out, size_t Ho, size_t Wo) {
+    (void)COp;
+    const size_t KF = C * kh * kw;
+    const long i0 = (long)pad > (long)y ? (long)pad - (long)y : 0;
+    const long i1 = (long)(H + pad) - (long)y < (long)kh ? (long)(H + pad) - (long)y : (long)kh;
+    __mmask16 jm[64];
+    long js[64];
+    for (size_t x0 = 0; x0 < Wo; x0 += 16) {
+        const long lanes = Wo - x0 < 16 ? (long)(Wo - x0) : 16;
+        for (size_t j = 0; j < kw; j++) { /* lanes whose input column lies inside the image */
+            const long s = (long)x0 + (long)j - (long)pad, lo = s < 0 ? -s : 0;
+            const long hi = (long)Wd - s < lanes ? (long)Wd - s : lanes;
+            jm[j] = hi > lo ? (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)) : 0;
+            js[j] = s;
+        }
+        for (size_t c0 = 0; c0 < CO; c0 += 8) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (size_t ci = 0; ci < C; ci++)
+                for (long i = i0; i < i1; i++) {
+                    const float *xr = x + (ci * H + (size_t)((long)y + i - (long)pad)) * Wd;
+                    const float *wr = wk + c0 * KF + (ci * kh + (size_t)i) * kw;
+                    for (size_t j = 0; j < kw; j++) {
+                        if (!jm[j]) continue;
+                        /* the address of lane 0 may lie before the row: only unmasked lanes are read */
+                        const __m512 xv = _mm512_maskz_loadu_ps(jm[j], (const void *)((uintptr_t)xr + (uintptr_t)(js[j] * 4)));
+                        QVIZ_PX_FMA8(_mm512_fmadd_ps, _mm512_set1_ps, xv, (wr + j), KF);
+                    }
+                }
+            const __mmask16 st = (__mmask16)((1u << lanes) - 1);
+            float *o = out + (c0 * Ho + y) * Wo + x0;
+            const size_t plane = Ho * Wo, left = CO - c0;
+            _mm512_mask_storeu_ps(o, st, a0);
+            if (left > 1) _mm512_mask_storeu_ps(o + plane, st, a1);
+            if (left > 2) _mm512_mask_storeu_ps(o + 2 * plane, st, a2);
+            if (left > 3) _mm512_mask_storeu_ps(o + 3 * plane, st, a3);
+            if (left > 4) _mm512_mask_storeu_ps(o + 4 * plane, st, a4);
+            if (left > 5) _mm512_mask_storeu_ps(o + 5 * plane, st, a5);
+            if (left > 6) _mm512_mask_storeu_ps(o + 6 * plane, st, a6);
+            if (left > 7) _mm512_mask_storeu_ps(o + 7 * plane, st, a7);
+        }
+    }
+}
+
+static QVIZ_AVX2_FN QVIZ_NO_PRE void qviz_conv_px256(const float *x, size_t C, size_t H, size_t Wd, const float *wk,
+                                                    size_t COp, size_t CO, size_t kh, size_t kw, size_t pad, size_t y,
+                                                    float *out, size_t Ho, size_t Wo) {
+    (void)COp;
+    const size_t KF = C * kh * kw;
+    const long i0 = (long)pad > (long)y ? (long)pad - (long)y : 0;
+    const long i1 = (long)(H + pad) - (long)y < (long)kh ? (long)(H + pad) - (long)y : (long)kh;
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i jm[64];
+    long js[64];
+    unsigned char any[64];
+    for (size_t x0 = 0; x0 < Wo; x0 += 8) {
+        const long lanes = Wo - x0 < 8 ? (long)(Wo - x0) : 8;
+        for (size_t j = 0; j < kw; j++) {
+            const long s = (long)x0 + (long)j - (long)pad, lo = s < 0 ? -s : 0;
+            const long hi = (long)Wd - s < lanes ? (long)Wd - s : lanes;
+            jm[j] = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)hi), idx),
+                                     _mm256_cmpgt_epi32(idx, _mm256_set1_epi32((int)lo - 1)));
+            any[j] = hi > lo;
+            js[j] = s;
+        }
+        const __m256i st = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)lanes), idx);
+        for (size_t c0 = 0; c0 < CO; c0 += 8) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (size_t ci = 0; ci < C; ci++)
+                for (long i = i0; i < i1; i++) {
+                    const float *xr = x + (ci * H + (size_t)((long)y + i - (long)pad)) * Wd;
+                    const float *wr = wk + c0 * KF + (ci * kh + (size_t)i) * kw;
+                    for (size_t j = 0; j < kw; j++) {
+                        if (!any[j]) continue;
+                        const __m256 xv = _mm256_maskload_ps((const float *)((uintptr_t)xr + (uintptr_t)(js[j] * 4)), jm[j]);
+                        QVIZ_PX_FMA8(_mm256_fmadd_ps, _mm256_set1_ps, xv, (wr + j), KF);
+                    }
+                }
+            float *o = out + (c0 * Ho + y) * Wo + x0;
+            const size_t plane = Ho * Wo, left = CO - c0;
+            _mm256_maskstore_ps(o, st, a0);
+            if (left > 1) _mm256_maskstore_ps(o + plane, st, a1);
+            if (left > 2) _mm256_maskstore_ps(o + 2 * plane, st, a2);
+            if (left > 3) _mm256_maskstore_ps(o + 3 * plane, st, a3);
+            if (left > 4) _mm256_maskstore_ps(o + 4 * plane, st, a4);
+            if (left > 5) _mm256_maskstore_ps(o + 5 * plane, st, a5);
+            if (left > 6) _mm256_maskstore_ps(o + 6 * plane, st, a6);
+            if (left > 7) _mm256_maskstore_ps(o + 7 * plane, st, a7);
+        }
+    }
+}
 #endif
 
 typedef void (*qviz_conv_row_fn)(const float *x, size_t C, size_t H, size_t Wd, const float *wt, size_t COp,
@@ -860,44 +968,53 @@ static void qviz_conv_task(void *arg, long t) {
           j->out + b * j->CO * j->Ho * j->Wo, j->Ho, j->Wo);
 }
 
+/* The SIMD paths run pixels in lanes (measured faster than channels in lanes at every layer tried, from
+ * 003's 3 -> 8 channels on 16 x 16 to 64 -> 64 on 56 x 56 and 128 -> 256 on 7 x 7); the portable path
+ * keeps channels in lanes (GCC vectors, no masked loads). */
+static int qviz_conv_pixel_lanes(int path) { return QVIZ_X86 && path >= QVIZ_AVX2; }
+
+#define QVIZ_CONV_STACK 4096 /* decoded filters of up to this many floats live on the stack */
+
 /* Filters come as panels (qviz_make_panels of the [CO, C kh kw] codes). Returns 0, or -1 if there was no
  * memory for the decoded filters. */
 static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
                            size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
                            size_t pad, float *out, size_t Ho, size_t Wo, int threads) {
     const size_t KF = C * kh * kw, COp = (CO + 7) / 8 * 8, per = (size_t)(32 / bits);
-    const uint32_t mask = bits == 32 ? 0xFFFFFFFFu : (1u << bits) - 1;
-    float *wt = (float *)calloc(KF * COp + 1, sizeof(float));
+    const uint32_t mask = (1u << bits) - 1;
+    const int lanes = qviz_conv_pixel_lanes(path);
+    float stack[QVIZ_CONV_STACK];
+    float *wt = KF * COp <= QVIZ_CONV_STACK ? stack : (float *)malloc(KF * COp * sizeof(float));
     if (!wt) return -1;
+    /* pixels in lanes: wt[co][k]; channels in lanes: wt[k][co]; channels past CO are zero */
+    const size_t sk = lanes ? 1 : COp, sc = lanes ? KF : 1;
+    if (COp > CO) {
+        if (lanes) memset(wt + CO * KF, 0, (COp - CO) * KF * sizeof(float));
+        else for (size_t k = 0; k < KF; k++) memset(wt + k * COp + CO, 0, (COp - CO) * sizeof(float));
+    }
     for (size_t co = 0; co < CO; co++) {
         const uint32_t *col = Bp + (co / QVIZ_PANEL) * K32 * QVIZ_PANEL + co % QVIZ_PANEL;
         const float *table = cb + co * cb_stride;
-        for (size_t k = 0; k < KF; k++)
-            wt[k * COp + co] = table[(col[(k / per) * QVIZ_PANEL] >> ((k % per) * (size_t)bits)) & mask];
+        float *dst = wt + co * sc;
+        for (size_t w = 0, k = 0; k < KF; w++) {
+            uint32_t word = col[w * QVIZ_PANEL];
+            for (size_t c = 0; c < per && k < KF; c++, k++, word >>= bits) dst[k * sk] = table[word & mask];
+        }
     }
     qviz_conv_job j;
     j.fn = qviz_conv_row_portable;
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX512) j.fn = qviz_conv_row_avx512;
-    else if (path >= QVIZ_AVX2) j.fn = qviz_conv_row_avx2;
+    if (path >= QVIZ_AVX512) j.fn = qviz_conv_px512;
+    else if (path >= QVIZ_AVX2) j.fn = qviz_conv_px256;
 #endif
-    (void)path;
     j.x = x, j.wt = wt, j.out = out, j.C = C, j.H = H, j.Wd = Wd, j.COp = COp, j.CO = CO, j.kh = kh, j.kw = kw;
     j.pad = pad, j.Ho = Ho, j.Wo = Wo;
     const int team = (double)B * Ho * Wo * KF * COp < 4e6 ? 1 : threads;
     qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
-    free(wt);
+    if (wt != stack) free(wt);
     return 0;
 }
 
-
-/* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
- * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
-#if defined(__GNUC__) && !defined(__clang__)
-#define QVIZ_NO_PRE __attribute__((optimize("no-tree-pre")))
-#else
-#define QVIZ_NO_PRE
-#endif
 
 #include "_packed_panels.h"
 #include "_packed_roof.h"

@@ -140,8 +140,12 @@ def test_lut_matmul_equals_x_times_the_decoded_weights(path, shape, bits, seed, 
        kernel=st.integers(1, 3), bits=st.sampled_from([1, 2, 4, 8]), seed=seeds, data=st.data())
 def test_lut_conv2d_equals_torch_conv2d(path, batch, c, size, co, kernel, bits, seed, data):
     padding = data.draw(st.integers(0, kernel - 1))
+    if data.draw(st.booleans()):  # rows of several vectors, channel blocks past 8 and 16, both kernel layouts
+        size, co, kernel = data.draw(st.integers(12, 40)), data.draw(st.integers(1, 40)), data.draw(st.integers(1, 5))
+        padding = data.draw(st.integers(0, kernel - 1))
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+    width = data.draw(st.integers(max(kernel - 2 * padding, 1), size + 5))
+    x = rng.standard_normal((batch, c, size, width), dtype=np.float32)
     codes = _codes(rng, (co, c * kernel * kernel), bits)
     cb = rng.standard_normal((co, 2**bits)).astype(np.float32)
     out = packed.lut_conv2d(x, packed.pack(codes, bits), cb, (kernel, kernel), padding=padding)
