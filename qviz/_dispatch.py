@@ -97,7 +97,7 @@ def _self_check(path: int) -> bool:
                 ops = {1: ("xor", "and"), 2: ("dot2",), 4: ("dot4",)}[bits]
                 for op in ops:
                     ok &= same(lambda p, o, a=a, panels=panels, k32=k32, op=op: _kernels.panel_matmul(
-                        a, k32, panels, n, _kernels.OPS[op], 1, None, 0, o, p, 2), (m, n), np.int32)
+                        a, k32, panels, n, _kernels.OPS[op], 1, False, 0, o, p, 2), (m, n), np.int32)
                 ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(
                     x, panels, n, bits, cb[0], o, p, 2), (m, n), np.float32, exact=False)
             if not ok:

@@ -5,8 +5,10 @@ Codes of 1, 2, 4 or 8 bits are packed along the reduction axis K into little-end
 of a row sits in word j // (64 / bits) at bit offset (j % (64 / bits)) * bits. Rows are padded with zero
 bits to a whole word, ceil(K * bits / 64) words per row; weights may also come as panels
 (_packed_panels.h). These functions are called only through qviz.packed, which validates every
-argument and allocates every output; here the only allocations are scratch buffers (activation rows
-laid out for a kernel, decoded filters), and the only error is MemoryError when one cannot be had.
+argument's type, shape and layout and allocates (or checks) every output; here the only allocations
+are scratch buffers (activation rows laid out for a kernel, decoded filters), the only exception is
+MemoryError when one cannot be had, and the float kernels return a status: their wrappers check the
+values of x and the codebook (NaN, Inf) before they compute and the result (float32 overflow) after.
 """
 
 from libc.stdint cimport uint8_t, uint64_t
@@ -47,10 +49,11 @@ cdef extern from "_packed_kernels.h" nogil:
     int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512
     int qviz_path_supported(int path)
     int qviz_openmp_enabled()
+    int qviz_all_finite(const float *p, size_t n)
     void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, size_t M, const uint64_t *B, size_t N,
                                size_t W, int32_t *out, int threads)
     void qviz_expand_planes(const uint64_t *codes, size_t M, size_t W, int bits, uint64_t *planes)
-    int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W)
+    int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W, int threads)
     int qviz_pack_uniform(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
                           float zero_point, uint64_t *out, size_t W, int64_t *row_sums, int threads)
     void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const uint64_t *Wc, size_t N, size_t W,
@@ -64,9 +67,9 @@ cdef extern from "_packed_kernels.h" nogil:
     void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out)
     int qviz_panel_slots(int path, int op)
     void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32, int S, uint32_t *dst)
-    void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, size_t lda, const uint32_t *Bp, size_t N,
-                           size_t K32, int64_t mul, const int64_t *offset_m, int64_t offset, int32_t *out,
-                           int threads)
+    int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t M, size_t W64, const uint32_t *Bp,
+                               size_t N, size_t K32, int64_t mul, int popcount_offset, int64_t offset, int32_t *out,
+                               int threads)
     int QVIZ_ROOF_POP, QVIZ_ROOF_DOT, QVIZ_ROOF_FMA, QVIZ_HAVE_POOL
     int64_t qviz_roof(int path, int kind, long iters, double *macs)
     int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
@@ -103,11 +106,11 @@ def bitserial_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, int bit
         free(planes)
 
 
-def pack_signs(const float[:, ::1] x, uint64_t[:, ::1] out, int path):
+def pack_signs(const float[:, ::1] x, uint64_t[:, ::1] out, int path, int threads=1):
     """Sign bits of x (1 where x < 0); returns True if x held NaN."""
     cdef int nan_seen
     with nogil:
-        nan_seen = qviz_pack_signs_best(path, &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1])
+        nan_seen = qviz_pack_signs_best(path, &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1], threads)
     return bool(nan_seen)
 
 
@@ -121,27 +124,55 @@ def pack_uniform(const float[:, ::1] x, int bits, float inv_scale, float zero_po
     return bool(nan_seen)
 
 
+cdef int _float_status(const float *x, size_t nx, const float *cb, size_t ncb) noexcept nogil:
+    """0, or 1 if x holds NaN / Inf, 2 if the codebook does (checked before a float kernel runs)."""
+    if not qviz_all_finite(x, nx):
+        return 1
+    if not qviz_all_finite(cb, ncb):
+        return 2
+    return 0
+
+
 def lut_matmul(const float[:, ::1] x, const uint64_t[:, ::1] w, int bits, const float[:, ::1] codebook,
                float[:, ::1] out, int path, int threads):
-    """out = x @ codebook[w].T; codebook has one row (per layer) or one per weight row."""
+    """out = x @ codebook[w].T; codebook has one row (per layer) or one per weight row.
+
+    Returns 0, or 1 / 2 if x / the codebook held NaN or Inf (nothing computed), 3 if the result did."""
     cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
+    cdef int status
     with nogil:
-        qviz_lut_matmul(path, &x[0, 0], x.shape[0], x.shape[1], &w[0, 0], w.shape[0], w.shape[1], bits,
-                        &codebook[0, 0], stride, &out[0, 0], threads)
+        status = _float_status(&x[0, 0], x.shape[0] * x.shape[1], &codebook[0, 0],
+                               codebook.shape[0] * codebook.shape[1])
+        if status == 0:
+            qviz_lut_matmul(path, &x[0, 0], x.shape[0], x.shape[1], &w[0, 0], w.shape[0], w.shape[1], bits,
+                            &codebook[0, 0], stride, &out[0, 0], threads)
+            if not qviz_all_finite(&out[0, 0], out.shape[0] * out.shape[1]):
+                status = 3
+    return status
 
 
 def lut_conv2d(const float[:, :, :, ::1] x, const uint32_t[:, :, ::1] w, Py_ssize_t co, int bits,
                const float[:, ::1] codebook, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out,
                int path, int threads):
-    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad; w in panels."""
+    """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad; w in panels.
+
+    Returns 0, or 1 / 2 if x / the codebook held NaN or Inf (nothing computed), 3 if the result did."""
     cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
-    cdef int failed
+    cdef int status
     with nogil:
-        failed = qviz_lut_conv2d(path, &x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0],
-                                 co, w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad,
-                                 &out[0, 0, 0, 0], out.shape[2], out.shape[3], threads)
-    if failed:
+        status = _float_status(&x[0, 0, 0, 0], x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3],
+                               &codebook[0, 0], codebook.shape[0] * codebook.shape[1])
+        if status == 0:
+            if qviz_lut_conv2d(path, &x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0],
+                               co, w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad, &out[0, 0, 0, 0],
+                               out.shape[2], out.shape[3], threads):
+                status = -1
+            elif not qviz_all_finite(&out[0, 0, 0, 0],
+                                                   out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]):
+                status = 3
+    if status < 0:
         raise MemoryError("no memory for the decoded filters")
+    return status
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,30 +197,30 @@ def row_popcounts(const uint64_t[:, ::1] a, int64_t[::1] out):
 
 
 def panel_matmul(const uint64_t[:, ::1] a, Py_ssize_t k32, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int op,
-                 long long mul, const int64_t[::1] offset_m, long long offset, int32_t[:, ::1] out, int path,
-                 int threads):
-    """out = mul * S + offset + offset_m[m] with S the `op` reduction of a's rows against the panels."""
-    cdef size_t m = a.shape[0]
-    cdef int slots = qviz_panel_slots(path, op)
-    cdef uint32_t *rows = <uint32_t *> malloc(m * <size_t> k32 * <size_t> slots * sizeof(uint32_t) + 4)
-    cdef const int64_t *off = NULL if offset_m is None else &offset_m[0]
-    if rows == NULL:
+                 long long mul, bint popcount_offset, long long offset, int32_t[:, ::1] out, int path, int threads):
+    """out = mul * S + offset (+ popcount of each row of a) with S the `op` reduction of a's rows and the panels."""
+    cdef int failed
+    with nogil:
+        failed = qviz_panel_matmul_rows(path, op, &a[0, 0], a.shape[0], a.shape[1], &panels[0, 0, 0], n, k32, mul,
+                                        popcount_offset, offset, &out[0, 0], threads)
+    if failed:
         raise MemoryError("no memory for the activation rows")
-    try:
-        with nogil:
-            qviz_split_rows(&a[0, 0], m, a.shape[1], k32, slots, rows)
-            qviz_panel_matmul(path, op, rows, m, <size_t> k32 * slots, &panels[0, 0, 0], n, k32, mul, off, offset,
-                              &out[0, 0], threads)
-    finally:
-        free(rows)
 
 
 def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int bits,
               const float[::1] codebook, float[:, ::1] out, int path, int threads):
-    """out = x @ codebook[w].T with w in panels, one codebook of 2**bits entries (bits 1, 2 or 4)."""
+    """out = x @ codebook[w].T with w in panels, one codebook of 2**bits entries (bits 1, 2 or 4).
+
+    Returns 0, or 1 / 2 if x / the codebook held NaN or Inf (nothing computed), 3 if the result did."""
+    cdef int status
     with nogil:
-        qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1], bits,
-                       &codebook[0], &out[0, 0], threads)
+        status = _float_status(&x[0, 0], x.shape[0] * x.shape[1], &codebook[0], codebook.shape[0])
+        if status == 0:
+            qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1], bits,
+                           &codebook[0], &out[0, 0], threads)
+            if not qviz_all_finite(&out[0, 0], out.shape[0] * out.shape[1]):
+                status = 3
+    return status
 
 
 def pool_enabled():

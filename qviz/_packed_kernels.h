@@ -71,6 +71,15 @@ static int qviz_path_supported(int path) {
 
 static int qviz_openmp_enabled(void) { return QVIZ_HAVE_OPENMP; }
 
+/* 1 if no float of p[0 .. n) is NaN or infinite (its exponent bits are not all ones). Branch-free, so
+ * the compiler vectorises it; the kernels' wrappers run it on inputs and results. */
+static int qviz_all_finite(const float *p, size_t n) {
+    const uint32_t *u = (const uint32_t *)p; /* built with -fno-strict-aliasing */
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (u[i] & 0x7F800000u) == 0x7F800000u;
+    return !bad;
+}
+
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Scalar word reductions. "fieldsB" sums the B-bit unsigned fields of a word: for B = 2 that is     */
@@ -427,14 +436,64 @@ static QVIZ_AVX2_FN int qviz_pack_signs_avx2(const float *x, size_t M, size_t K,
     }
     return nan_seen != 0;
 }
+
+/* AVX-512: one compare into a mask register per 16 floats, four masks make a word; the last word of a
+ * row loads only the lanes that exist (masked lanes read nothing and compare false). */
+static QVIZ_AVX512_FN int qviz_pack_signs_avx512(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+    const __m512 zero = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;
+            uint64_t word = 0;
+            for (size_t g = 0; g < 4 && 16 * g < n; g++) {
+                const size_t left = n - 16 * g;
+                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k0 + 16 * g);
+                word |= (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ) << (16 * g);
+                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan != 0;
+}
 #endif
 
-static int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+typedef struct {
+    int path;
+    const float *x;
+    size_t M, K, W;
+    uint64_t *out;
+    _Atomic int nan_seen;
+} qviz_signs_job;
+
+#define QVIZ_SIGN_ROWS 32 /* rows per task */
+
+static void qviz_signs_task(void *arg, long t) {
+    qviz_signs_job *j = (qviz_signs_job *)arg;
+    const size_t r0 = (size_t)t * QVIZ_SIGN_ROWS, rows = j->M - r0 < QVIZ_SIGN_ROWS ? j->M - r0 : QVIZ_SIGN_ROWS;
+    const float *x = j->x + r0 * j->K;
+    uint64_t *out = j->out + r0 * j->W;
+    int nan;
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX2) return qviz_pack_signs_avx2(x, M, K, out, W);
+    if (j->path >= QVIZ_AVX512) nan = qviz_pack_signs_avx512(x, rows, j->K, out, j->W);
+    else if (j->path >= QVIZ_AVX2) nan = qviz_pack_signs_avx2(x, rows, j->K, out, j->W);
+    else
 #endif
-    (void)path;
-    return qviz_pack_signs(x, M, K, out, W);
+        nan = qviz_pack_signs(x, rows, j->K, out, j->W);
+    if (nan) atomic_store(&j->nan_seen, 1);
+}
+
+/* Sign bits of x on up to `threads` threads (a single task below 1 MiB of floats). 1 if x held NaN. */
+static int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W, int threads) {
+    qviz_signs_job j;
+    j.path = path, j.x = x, j.M = M, j.K = K, j.W = W, j.out = out;
+    atomic_init(&j.nan_seen, 0);
+    const int team = (double)M * (double)K < 262144.0 ? 1 : threads;
+    qviz_parallel(qviz_signs_task, &j, (long)((M + QVIZ_SIGN_ROWS - 1) / QVIZ_SIGN_ROWS), team);
+    return atomic_load(&j.nan_seen);
 }
 
 /* Uniform quantization of float activations straight into packed codes:
@@ -857,12 +916,30 @@ QVIZ_DEFINE_CONV_ROW(qviz_conv_row_portable, )
     a3 = FMA(SET1(wr[3 * KF]), xv, a3), a4 = FMA(SET1(wr[4 * KF]), xv, a4), a5 = FMA(SET1(wr[5 * KF]), xv, a5), \
     a6 = FMA(SET1(wr[6 * KF]), xv, a6), a7 = FMA(SET1(wr[7 * KF]), xv, a7)
 
-static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_conv_px512(const float *x, size_t C, size_t H, size_t Wd, const float *wk,
-                                                      size_t COp, size_t CO, size_t kh, size_t kw, size_t pad,
-                                                      size_t y, float *out, size_t Ho, size_t Wo) {
-    (void)COp;
+/* AVX-512: two output rows at once (16 accumulators), so each broadcast filter value serves two loads. */
+#define QVIZ_PX_FMA16(wr, KF)                                                                           \
+    {                                                                                                   \
+        __m512 f;                                                                                       \
+        f = _mm512_set1_ps(wr[0]), a0 = _mm512_fmadd_ps(f, x0, a0), b0 = _mm512_fmadd_ps(f, x1, b0);        \
+        f = _mm512_set1_ps(wr[KF]), a1 = _mm512_fmadd_ps(f, x0, a1), b1 = _mm512_fmadd_ps(f, x1, b1);       \
+        f = _mm512_set1_ps(wr[2 * KF]), a2 = _mm512_fmadd_ps(f, x0, a2), b2 = _mm512_fmadd_ps(f, x1, b2);   \
+        f = _mm512_set1_ps(wr[3 * KF]), a3 = _mm512_fmadd_ps(f, x0, a3), b3 = _mm512_fmadd_ps(f, x1, b3);   \
+        f = _mm512_set1_ps(wr[4 * KF]), a4 = _mm512_fmadd_ps(f, x0, a4), b4 = _mm512_fmadd_ps(f, x1, b4);   \
+        f = _mm512_set1_ps(wr[5 * KF]), a5 = _mm512_fmadd_ps(f, x0, a5), b5 = _mm512_fmadd_ps(f, x1, b5);   \
+        f = _mm512_set1_ps(wr[6 * KF]), a6 = _mm512_fmadd_ps(f, x0, a6), b6 = _mm512_fmadd_ps(f, x1, b6);   \
+        f = _mm512_set1_ps(wr[7 * KF]), a7 = _mm512_fmadd_ps(f, x0, a7), b7 = _mm512_fmadd_ps(f, x1, b7);   \
+    }
+#define QVIZ_PX_STORE512(acc, yy, c)                                                                    \
+    if (left > c) _mm512_mask_storeu_ps(out + ((c0 + c) * Ho + (yy)) * Wo + x0, st, acc);
+
+/* rows y and y + 1 (if rows == 2): a row of taps whose input row lies outside the image loads zeros */
+static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_conv_px512_rows(const float *x, size_t C, size_t H, size_t Wd,
+                                                           const float *wk, size_t CO, size_t kh, size_t kw,
+                                                           size_t pad, size_t y, int rows, float *out, size_t Ho,
+                                                           size_t Wo) {
     const size_t KF = C * kh * kw;
-    const long i0 = (long)pad > (long)y ? (long)pad - (long)y : 0;
+    /* taps i that reach inside the image for row y or y + 1 */
+    const long i0 = (long)pad > (long)y + rows - 1 ? (long)pad - (long)y - rows + 1 : 0;
     const long i1 = (long)(H + pad) - (long)y < (long)kh ? (long)(H + pad) - (long)y : (long)kh;
     __mmask16 jm[64];
     long js[64];
@@ -874,30 +951,34 @@ static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_conv_px512(const float *x, size_t C,
             jm[j] = hi > lo ? (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)) : 0;
             js[j] = s;
         }
+        const __mmask16 st = (__mmask16)((1u << lanes) - 1);
         for (size_t c0 = 0; c0 < CO; c0 += 8) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
             for (size_t ci = 0; ci < C; ci++)
                 for (long i = i0; i < i1; i++) {
-                    const float *xr = x + (ci * H + (size_t)((long)y + i - (long)pad)) * Wd;
+                    const long r0 = (long)y + i - (long)pad, r1 = r0 + 1;
+                    const __mmask16 v0 = r0 >= 0 && r0 < (long)H ? 0xFFFF : 0;
+                    const __mmask16 v1 = rows > 1 && r1 >= 0 && r1 < (long)H ? 0xFFFF : 0;
+                    /* rows outside the image are never dereferenced: their mask is zero */
+                    const uintptr_t xr0 = (uintptr_t)(x + ci * H * Wd) + (uintptr_t)(r0 * (long)Wd * 4);
                     const float *wr = wk + c0 * KF + (ci * kh + (size_t)i) * kw;
                     for (size_t j = 0; j < kw; j++) {
-                        if (!jm[j]) continue;
-                        /* the address of lane 0 may lie before the row: only unmasked lanes are read */
-                        const __m512 xv = _mm512_maskz_loadu_ps(jm[j], (const void *)((uintptr_t)xr + (uintptr_t)(js[j] * 4)));
-                        QVIZ_PX_FMA8(_mm512_fmadd_ps, _mm512_set1_ps, xv, (wr + j), KF);
+                        const uintptr_t at = xr0 + (uintptr_t)(js[j] * 4);
+                        const __m512 x0 = _mm512_maskz_loadu_ps(jm[j] & v0, (const void *)at);
+                        const __m512 x1 = _mm512_maskz_loadu_ps(jm[j] & v1, (const void *)(at + Wd * 4));
+                        QVIZ_PX_FMA16((wr + j), KF)
                     }
                 }
-            const __mmask16 st = (__mmask16)((1u << lanes) - 1);
-            float *o = out + (c0 * Ho + y) * Wo + x0;
-            const size_t plane = Ho * Wo, left = CO - c0;
-            _mm512_mask_storeu_ps(o, st, a0);
-            if (left > 1) _mm512_mask_storeu_ps(o + plane, st, a1);
-            if (left > 2) _mm512_mask_storeu_ps(o + 2 * plane, st, a2);
-            if (left > 3) _mm512_mask_storeu_ps(o + 3 * plane, st, a3);
-            if (left > 4) _mm512_mask_storeu_ps(o + 4 * plane, st, a4);
-            if (left > 5) _mm512_mask_storeu_ps(o + 5 * plane, st, a5);
-            if (left > 6) _mm512_mask_storeu_ps(o + 6 * plane, st, a6);
-            if (left > 7) _mm512_mask_storeu_ps(o + 7 * plane, st, a7);
+            const size_t left = CO - c0;
+            QVIZ_PX_STORE512(a0, y, 0) QVIZ_PX_STORE512(a1, y, 1) QVIZ_PX_STORE512(a2, y, 2)
+            QVIZ_PX_STORE512(a3, y, 3) QVIZ_PX_STORE512(a4, y, 4) QVIZ_PX_STORE512(a5, y, 5)
+            QVIZ_PX_STORE512(a6, y, 6) QVIZ_PX_STORE512(a7, y, 7)
+            if (rows > 1) {
+                QVIZ_PX_STORE512(b0, y + 1, 0) QVIZ_PX_STORE512(b1, y + 1, 1) QVIZ_PX_STORE512(b2, y + 1, 2)
+                QVIZ_PX_STORE512(b3, y + 1, 3) QVIZ_PX_STORE512(b4, y + 1, 4) QVIZ_PX_STORE512(b5, y + 1, 5)
+                QVIZ_PX_STORE512(b6, y + 1, 6) QVIZ_PX_STORE512(b7, y + 1, 7)
+            }
         }
     }
 }
@@ -961,6 +1042,18 @@ typedef struct {
     size_t C, H, Wd, COp, CO, kh, kw, pad, Ho, Wo;
 } qviz_conv_job;
 
+/* AVX-512: task t is rows 2 y', 2 y' + 1 of an image */
+static void qviz_conv_task2(void *arg, long t) {
+    const qviz_conv_job *j = (const qviz_conv_job *)arg;
+    const size_t pairs = (j->Ho + 1) / 2, b = (size_t)t / pairs, y = (size_t)t % pairs * 2;
+#if QVIZ_X86 && defined(__GNUC__)
+    qviz_conv_px512_rows(j->x + b * j->C * j->H * j->Wd, j->C, j->H, j->Wd, j->wt, j->CO, j->kh, j->kw, j->pad, y,
+                         y + 1 < j->Ho ? 2 : 1, j->out + b * j->CO * j->Ho * j->Wo, j->Ho, j->Wo);
+#else
+    (void)j, (void)b, (void)y;
+#endif
+}
+
 static void qviz_conv_task(void *arg, long t) {
     const qviz_conv_job *j = (const qviz_conv_job *)arg;
     const size_t b = (size_t)t / j->Ho, y = (size_t)t % j->Ho;
@@ -1004,13 +1097,15 @@ static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t 
     qviz_conv_job j;
     j.fn = qviz_conv_row_portable;
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX512) j.fn = qviz_conv_px512;
-    else if (path >= QVIZ_AVX2) j.fn = qviz_conv_px256;
+    if (path >= QVIZ_AVX2) j.fn = qviz_conv_px256;
 #endif
     j.x = x, j.wt = wt, j.out = out, j.C = C, j.H = H, j.Wd = Wd, j.COp = COp, j.CO = CO, j.kh = kh, j.kw = kw;
     j.pad = pad, j.Ho = Ho, j.Wo = Wo;
     const int team = (double)B * Ho * Wo * KF * COp < 4e6 ? 1 : threads;
-    qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
+    if (QVIZ_X86 && path >= QVIZ_AVX512)
+        qviz_parallel(qviz_conv_task2, &j, (long)(B * ((Ho + 1) / 2)), team);
+    else
+        qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
     if (wt != stack) free(wt);
     return 0;
 }

@@ -93,8 +93,8 @@ static void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32,
  * The epilogue is applied in registers: a separate pass over a tile buffer costs as much as the loop
  * itself when K is short. int32 arithmetic wraps; callers keep every true result inside int32. */
 typedef void (*qviz_panel_fn)(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr,
-                              int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add);
-#define QVIZ_PANEL_ARGS A, lda, B, ldb, K32, out, ldo, cols, mul, add
+                              int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn);
+#define QVIZ_PANEL_ARGS A, lda, B, ldb, K32, out, ldo, cols, mul, add, pf, pfn
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Portable: plain C over the 16 lanes; the reference every other path is checked against.            */
@@ -109,7 +109,7 @@ static inline uint32_t qviz_dot_fields(uint32_t a, uint32_t b, int bits) {
 #define QVIZ_DEFINE_SCALAR_PANEL(NAME, ATTR, POP)                                                        \
     static ATTR void NAME##_body(int op, const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb,  \
                                  size_t K32, int mr, int np, int32_t *out, size_t ldo, int cols,         \
-                                 int32_t mul, const int32_t *add) {                                     \
+                                 int32_t mul, const int32_t *add, const char *pf, size_t pfn) {                                     \
         for (int i = 0; i < mr; i++)                                                                     \
             for (int q = 0; q < np; q++)                                                                 \
                 for (int j = 0; j < QVIZ_PANEL && q * QVIZ_PANEL + j < cols; j++) {                     \
@@ -126,20 +126,20 @@ static inline uint32_t qviz_dot_fields(uint32_t a, uint32_t b, int bits) {
                 }                                                                                        \
     }                                                                                                    \
     static void NAME##_xor(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_XOR, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_XOR, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     } \
     static void NAME##_and(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_AND, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_AND, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     } \
     static void NAME##_dot2(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_DOT2, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_DOT2, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     } \
     static void NAME##_dot4(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_DOT4, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_DOT4, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     }
 
 static inline uint32_t qviz_swar_popcount32(uint32_t x) { return (uint32_t)qviz_swar_popcount(x); }
@@ -168,7 +168,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 1) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 2)             \
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 3) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 4)             \
     static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
         switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
             QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
         default: break;                                                                                 \
@@ -179,7 +179,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 3) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 4)             \
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 5) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 6)             \
     static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
         switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
             QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
             QVIZ_T_NP(NAME, 5) QVIZ_T_NP(NAME, 6)                                                       \
@@ -191,7 +191,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
     QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
     static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
         (void)np;                                                                                       \
         switch (mr) {                                                                                   \
         case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
@@ -202,7 +202,16 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     }
 #define QVIZ_BODY_PARAMS                                                                                \
     const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int32_t *out, size_t ldo, int cols, \
-        int32_t mul, const int32_t *add
+        int32_t mul, const int32_t *add, const char *pf, size_t pfn
+
+/* Software prefetch of the next block of panels (pf, pfn cache lines; NULL for none): spread over the
+ * K32 steps of the tile, npf lines a step. Weights that come from DRAM (a 2 MiB layer after another
+ * layer flushed the caches) are otherwise fetched when the first row tile of a block asks for them, at
+ * a rate one core's DRAM bandwidth cannot give; this way the fetch overlaps every tile of the block. */
+#define QVIZ_PREFETCH_PER_K(K32) (pf ? (pfn + (K32)-1) / (K32) : 0)
+#define QVIZ_PREFETCH_NEXT(k)                                                                           \
+    for (size_t l = (k) * npf, e = l + npf < pfn ? l + npf : pfn; l < e; l++)                           \
+        _mm_prefetch(pf + l * 64, _MM_HINT_T0)
 
 #define QVIZ_INLINE static inline __attribute__((always_inline))
 #define QVIZ_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt")))
@@ -232,6 +241,22 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int3
     const __m256i v = _mm256_add_epi32(_mm256_mullo_epi32(acc, _mm256_set1_epi32(mul)), _mm256_set1_epi32(add));
     _mm256_maskstore_epi32(o, keep, v);
 }
+
+/* The epilogue in registers: out[i, q * 16 + j] = mul * c_i_q + add[i], plain full-width stores. The
+ * tile functions are only handed whole tiles (the task gives a partial one a scratch tile and copies
+ * what is valid), so neither a mask nor a call sits in the kernel function (either made GCC 12 keep the
+ * accumulators on the stack, measured 1.8x slower), and nothing makes a round trip through memory. */
+#define QVIZ_OUT512(i, q, c)                                                                            \
+    _mm512_storeu_si512((void *)(out + (size_t)(i) * ldo + (q) * QVIZ_PANEL),                            \
+                        _mm512_add_epi32(_mm512_mullo_epi32(c, mulv), addv##i));
+#define QVIZ_ADDV(i, unused) const __m512i addv##i = _mm512_set1_epi32(MR > i ? add[i] : 0);
+#define QVIZ_EPILOGUE512(STORE_ROW)                                                                     \
+    {                                                                                                   \
+        const __m512i mulv = _mm512_set1_epi32(mul);                                                    \
+        QVIZ_ROWS(QVIZ_ADDV, 0)                                                                         \
+        QVIZ_ROWS(STORE_ROW, QVIZ_OUT512)                                                               \
+        (void)cols;                                                                                     \
+    }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* AVX-512 VPOPCNTDQ: XOR / AND, popcount per 32-bit lane, add: 3 instructions per 512 bit-MACs.      */
@@ -272,9 +297,10 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int3
     }
 
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
     for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
         const __m512i v0 = QVIZ_LOAD512(0), v1 = QVIZ_LOAD512(1), v2 = QVIZ_LOAD512(2), v3 = QVIZ_LOAD512(3);
         if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
             for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + 16) * QVIZ_PANEL), _MM_HINT_T0);
@@ -284,8 +310,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const
             QVIZ_ROWS(QVIZ_POP_ROW, QVIZ_XOR_UPD)
         }
     }
-    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_STORE512)
-    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+    QVIZ_EPILOGUE512(QVIZ_ROW_STORE)
 }
 
 /* Byte dot products of b-bit codes. A holds each word split into G = 8 / BITS field groups; the same
@@ -301,11 +326,12 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const
     }
 
 QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     const int G = 8 / BITS;
     const __m512i mask = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
     QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
     for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
         const __m512i w0 = QVIZ_LOAD512(0), w1 = QVIZ_LOAD512(1), w2 = QVIZ_LOAD512(2), w3 = QVIZ_LOAD512(3);
         for (int g = 0; g < G; g++) {
             const __m512i v0 = QVIZ_GROUP512(w0, g), v1 = QVIZ_GROUP512(w1, g), v2 = QVIZ_GROUP512(w2, g),
@@ -313,8 +339,7 @@ QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const
             QVIZ_ROWS(QVIZ_DOT_ROW, QVIZ_VNNI_UPD)
         }
     }
-    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_STORE512)
-    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+    QVIZ_EPILOGUE512(QVIZ_ROW_STORE)
 }
 
 /* Without VNNI: vpmaddubsw sums byte pairs into 16-bit lanes (at most 2 x 15 x 15 = 450 per group);
@@ -326,16 +351,16 @@ QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const
         if (NP > 2) { w##i##_2 = _mm512_add_epi32(w##i##_2, _mm512_madd_epi16(c##i##_2, ones)); c##i##_2 = zero; } \
         if (NP > 3) { w##i##_3 = _mm512_add_epi32(w##i##_3, _mm512_madd_epi16(c##i##_3, ones)); c##i##_3 = zero; } \
     }
-#define QVIZ_WSTORE_ROW(i, unused)                                                                      \
+#define QVIZ_WSTORE_ROW(i, STORE)                                                                       \
     if (MR > i) {                                                                                       \
-        if (NP > 0) QVIZ_STORE512(i, 0, w##i##_0)                                                       \
-        if (NP > 1) QVIZ_STORE512(i, 1, w##i##_1)                                                       \
-        if (NP > 2) QVIZ_STORE512(i, 2, w##i##_2)                                                       \
-        if (NP > 3) QVIZ_STORE512(i, 3, w##i##_3)                                                       \
+        if (NP > 0) STORE(i, 0, w##i##_0)                                                               \
+        if (NP > 1) STORE(i, 1, w##i##_1)                                                               \
+        if (NP > 2) STORE(i, 2, w##i##_2)                                                               \
+        if (NP > 3) STORE(i, 3, w##i##_3)                                                               \
     }
 
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     const int G = 8 / BITS;
     const __m512i mask = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm512_set1_epi16(1);
     const __m512i zero = _mm512_setzero_si512();
@@ -346,6 +371,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, cons
     for (size_t k0 = 0; k0 < K32; k0 += 32) {
         const size_t k1 = k0 + 32 < K32 ? k0 + 32 : K32;
         for (size_t k = k0; k < k1; k++) {
+            QVIZ_PREFETCH_NEXT(k);
             const __m512i u0 = QVIZ_LOAD512(0), u1 = QVIZ_LOAD512(1), u2 = QVIZ_LOAD512(2), u3 = QVIZ_LOAD512(3);
             for (int g = 0; g < G; g++) {
                 const __m512i v0 = QVIZ_GROUP512(u0, g), v1 = QVIZ_GROUP512(u1, g), v2 = QVIZ_GROUP512(u2, g),
@@ -355,8 +381,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, cons
         }
         QVIZ_ROWS(QVIZ_WIDEN_ROW, 0)
     }
-    QVIZ_ROWS(QVIZ_WSTORE_ROW, 0)
-    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+    QVIZ_EPILOGUE512(QVIZ_WSTORE_ROW)
 }
 
 QVIZ_PANEL_FN6(qviz_panel_avx512_xor, QVIZ_AVX512_FN, qviz_p512_pop, 0)
@@ -373,6 +398,7 @@ QVIZ_PANEL_FN4(qviz_panel_vnni_dot4, QVIZ_VNNI_FN, qviz_p512_vnni, 4)
 /* (at most 8 per word) are widened every 31 words, before a byte could pass 255. One panel = 2 ymm.  */
 
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     (void)NP;
     (void)ldb;
     const __m256i T = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
@@ -385,6 +411,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const i
         __m256i c[QVIZ_TILE_MR][2];
         for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm256_setzero_si256();
         for (size_t k = k0; k < k1; k++) {
+            QVIZ_PREFETCH_NEXT(k);
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
             const __m256i l0 = _mm256_and_si256(b0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
@@ -409,6 +436,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const i
 }
 
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     (void)NP;
     (void)ldb;
     const int G = 8 / BITS;
@@ -420,6 +448,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const 
         __m256i acc[QVIZ_TILE_MR][2];
         for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         for (size_t k = k0; k < k1; k++) {
+            QVIZ_PREFETCH_NEXT(k);
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
             for (int g = 0; g < G; g++) {
@@ -500,8 +529,28 @@ static void qviz_panel_task(void *arg, long t) {
     const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
     const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
     for (int i = 0; i < mr; i++) add[i] = (int32_t)(j->offset + (j->offset_m ? j->offset_m[m + (size_t)i] : 0));
-    j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, j->out + m * j->N + n0, j->N, cols,
-          (int32_t)j->mul, add);
+    /* row block r of MB fetches its share of the next panel block, whole steps of K32 lines (a GEMV's
+     * single row tile prefetches within its own block instead) */
+    const char *pf = NULL;
+    size_t pfn = 0;
+    const size_t p1 = p0 + (size_t)j->NP;
+    if (p1 < j->P && j->MB > 1) {
+        const size_t lines = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
+        const size_t steps = (lines + j->K32 * j->MB - 1) / (j->K32 * j->MB), first = (t % (long)j->MB) * steps * j->K32;
+        if (first < lines) {
+            pf = (const char *)(j->Bp + p1 * j->ldb) + first * 64;
+            pfn = lines - first < steps * j->K32 ? lines - first : steps * j->K32;
+        }
+    }
+    /* the kernels write whole tiles: a partial one goes to a scratch tile, and its valid part is copied */
+    int32_t scratch[QVIZ_TILE_MR * QVIZ_TILE_LD];
+    const int whole = cols == np * QVIZ_PANEL;
+    int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
+    j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD,
+          np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
+    if (!whole)
+        for (int i = 0; i < mr; i++)
+            memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
 }
 
 /* out[m, n] = mul * S[m, n] + offset + offset_m[m] (offset_m may be NULL), S from `op` over the panels.
@@ -520,6 +569,41 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
     const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
     qviz_parallel(qviz_panel_task, &j, (long)(NB * j.MB), team);
+}
+
+/* The same from activation rows as qviz.packed holds them (W64 uint64 words a row): rows are split for
+ * the path's kernel, or read in place when its kernel takes whole 32-bit words and the host is
+ * little-endian (word k of a row is then the k-th uint32 of the row). With popcount_offset, popcount(a)
+ * of each row is added (the hybrid epilogue), counted here from the words. Returns -1 if no memory. */
+static int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t M, size_t W64, const uint32_t *Bp,
+                                  size_t N, size_t K32, int64_t mul, int popcount_offset, int64_t offset,
+                                  int32_t *out, int threads) {
+    const int slots = qviz_panel_slots(path, op);
+    const uint32_t *A = NULL;
+    uint32_t *rows = NULL;
+    size_t lda = K32 * (size_t)slots;
+    int64_t *ones = NULL, ones_stack[64];
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (slots == 1) A = (const uint32_t *)A64, lda = 2 * W64;
+#endif
+    if (!A) {
+        rows = (uint32_t *)malloc(M * lda * sizeof(uint32_t) + 4);
+        if (!rows) return -1;
+        qviz_split_rows(A64, M, W64, K32, slots, rows);
+        A = rows;
+    }
+    if (popcount_offset) {
+        ones = M <= 64 ? ones_stack : (int64_t *)malloc(M * sizeof(int64_t));
+        if (!ones) {
+            free(rows);
+            return -1;
+        }
+        qviz_row_popcounts(A64, M, W64, ones);
+    }
+    qviz_panel_matmul(path, op, A, M, lda, Bp, N, K32, mul, ones, offset, out, threads);
+    if (ones != ones_stack) free(ones);
+    free(rows);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
