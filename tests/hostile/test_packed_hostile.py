@@ -655,3 +655,39 @@ def test_words_per_row(k, bits):
         hostile.expect_answer(out, lambda v: v == -(-int(k) * int(bits) // 64), "words_per_row")
     else:
         hostile.expect_clear_error(out, "k ", "bits ")
+
+
+# --------------------------------------------------------------------------------------------------
+# out=: the caller's result array (every matmul and the convolution)
+
+OUT_CHANGES = ["none", "ok", "ok", "dtype_f64", "dtype_i64", "dtype_other", "shape_t", "shape_more", "shape_flat",
+               "noncontig", "fortran", "readonly", "tensor", "list", "big_endian", "alias_a", "alias_w", "alias_x",
+               "alias_codebook"]
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(fn=st.sampled_from(pc.OUT_FNS), change=st.sampled_from(OUT_CHANGES), m=st.integers(1, 9),
+       n=st.integers(1, 40), k=st.integers(1, 200), bits=st.sampled_from([1, 2, 4]), seed=seeds)
+def test_out_argument(guard, fn, change, m, n, k, bits, seed):
+    lut = fn in ("lut_matmul", "lut_conv2d")
+    if change in (("alias_a",) if lut else ("alias_x", "alias_codebook")):
+        change = "alias_w"  # every fn has weights; a and x / codebook only one kind each
+    _, shape, dtype, ref = pc.out_problem(fn, m, n, k, bits, seed)
+    out = guard.call("packed_cases:out_call", fn, change, m, n, k, bits, seed)
+
+    def right(v, given: bool | None = None) -> bool:
+        result, is_out = v
+        same = np.array_equal(result, ref) if dtype == np.int32 else np.allclose(result, ref, rtol=1e-4, atol=1e-4)
+        return result.dtype == dtype and same and (given is None or is_out == given)
+
+    size = int(np.prod(shape))
+    if change in ("none", "ok"):
+        hostile.expect_answer(out, lambda v: right(v, change == "ok"), f"{fn} out={change}")
+    elif change == "noncontig" and size == 1:  # a single element is contiguous
+        hostile.expect_answer(out, right, f"{fn} out={change}")
+    elif change == "shape_t" and shape[::-1] == shape:  # a square result transposed is the same shape
+        hostile.expect_answer(out, right, f"{fn} out={change}")
+    elif change == "fortran" and sum(d > 1 for d in shape) <= 1:  # a vector is C- and F-contiguous at once
+        hostile.expect_answer(out, right, f"{fn} out={change}")
+    else:  # a wrong dtype, shape or layout, not an array, or a view of an input's memory
+        hostile.expect_clear_error(out, "out")
