@@ -70,6 +70,15 @@ cdef extern from "_packed_kernels.h" nogil:
     int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t M, size_t W64, const uint32_t *Bp,
                                size_t N, size_t K32, int64_t mul, int popcount_offset, int64_t offset, int32_t *out,
                                int threads)
+    ctypedef struct qviz_act:
+        int mode, bits
+        const float *x
+        size_t K, W64
+        float inv_scale, zero_point
+    int QVIZ_ACT_SIGNS, QVIZ_ACT_UNIFORM
+    int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M, const uint32_t *Bp, size_t N,
+                              size_t K32, int64_t mul, int popcount_offset, int64_t offset, int32_t *out,
+                              int threads)
     int QVIZ_ROOF_POP, QVIZ_ROOF_DOT, QVIZ_ROOF_FMA, QVIZ_HAVE_POOL
     int64_t qviz_roof(int path, int kind, long iters, double *macs)
     int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
@@ -205,6 +214,28 @@ def panel_matmul(const uint64_t[:, ::1] a, Py_ssize_t k32, const uint32_t[:, :, 
                                         popcount_offset, offset, &out[0, 0], threads)
     if failed:
         raise MemoryError("no memory for the activation rows")
+
+
+def fused_matmul(const float[:, ::1] x, bint signs, int bits, float inv_scale, float zero_point,
+                 const uint32_t[:, :, ::1] panels, Py_ssize_t n, int op, long long mul, bint popcount_offset,
+                 long long offset, int32_t[:, ::1] out, int path, int threads):
+    """panel_matmul with the activations given as floats, packed inside the call: their signs (signs=True)
+    or their b-bit affine codes (inv_scale, zero_point as in pack_uniform). Returns True if x held NaN."""
+    cdef qviz_act act
+    cdef int status
+    act.mode = QVIZ_ACT_SIGNS if signs else QVIZ_ACT_UNIFORM
+    act.bits = bits
+    act.x = &x[0, 0]
+    act.K = x.shape[1]
+    act.W64 = (x.shape[1] * bits + 63) // 64
+    act.inv_scale = inv_scale
+    act.zero_point = zero_point
+    with nogil:
+        status = qviz_panel_matmul_act(path, op, &act, x.shape[0], &panels[0, 0, 0], n, panels.shape[1], mul,
+                                       popcount_offset, offset, &out[0, 0], threads)
+    if status < 0:
+        raise MemoryError("no memory for the activation rows")
+    return status == 1
 
 
 def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int bits,

@@ -461,6 +461,114 @@ static QVIZ_AVX512_FN int qviz_pack_signs_avx512(const float *x, size_t M, size_
 }
 #endif
 
+/* 1-bit uniform codes are a threshold: code = clamp(round_half_even(x * inv_scale) + z, 0, 1) is 1 exactly
+ * where x * inv_scale > 0.5 (z = 0: 0.5 rounds to 0) or x * inv_scale >= -0.5 (z = 1: -0.5 rounds to -0).
+ * The product is the same float32 product the b-bit packers round, so the codes are the same. */
+static int qviz_pack_thresh(const float *x, size_t M, size_t K, float inv, float thr, int ge, uint64_t *out,
+                            size_t W) {
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++)
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            const size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            for (size_t k = k0; k < k1; k++) {
+                const float c = x[r * K + k] * inv;
+                nan_seen |= c != c;
+                word |= (uint64_t)(ge ? c >= thr : c > thr) << (k - k0);
+            }
+            out[r * W + w] = word;
+        }
+    return nan_seen;
+}
+
+#if QVIZ_X86 && defined(__GNUC__)
+static QVIZ_AVX2_FN int qviz_pack_thresh_avx2(const float *x, size_t M, size_t K, float inv, float thr, int ge,
+                                               uint64_t *out, size_t W) {
+    const __m256 vi = _mm256_set1_ps(inv), vt = _mm256_set1_ps(thr);
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            const size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            size_t k = k0;
+            for (; k + 8 <= k1; k += 8) {
+                const __m256 c = _mm256_mul_ps(_mm256_loadu_ps(row + k), vi);
+                const __m256 hit = ge ? _mm256_cmp_ps(c, vt, _CMP_GE_OQ) : _mm256_cmp_ps(c, vt, _CMP_GT_OQ);
+                word |= (uint64_t)_mm256_movemask_ps(hit) << (k - k0);
+                nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+            }
+            for (; k < k1; k++) {
+                const float c = row[k] * inv;
+                nan_seen |= c != c;
+                word |= (uint64_t)(ge ? c >= thr : c > thr) << (k - k0);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan_seen != 0;
+}
+
+static QVIZ_AVX512_FN int qviz_pack_thresh_avx512(const float *x, size_t M, size_t K, float inv, float thr, int ge,
+                                                   uint64_t *out, size_t W) {
+    const __m512 vi = _mm512_set1_ps(inv), vt = _mm512_set1_ps(thr);
+    __mmask16 nan = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;
+            uint64_t word = 0;
+            for (size_t g = 0; g < 4 && 16 * g < n; g++) {
+                const size_t left = n - 16 * g;
+                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k0 + 16 * g), vi);
+                const __mmask16 hit = ge ? _mm512_mask_cmp_ps_mask(lanes, c, vt, _CMP_GE_OQ)
+                                         : _mm512_mask_cmp_ps_mask(lanes, c, vt, _CMP_GT_OQ);
+                word |= (uint64_t)hit << (16 * g);
+                nan |= _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan != 0;
+}
+#endif
+
+/* Activations as the fused matmuls receive them: float rows to sign-binarize (SIGNS) or to quantize to
+ * b-bit codes (UNIFORM, the affine quantizer of qviz_pack_uniform). */
+enum { QVIZ_ACT_SIGNS = 0, QVIZ_ACT_UNIFORM = 1 };
+typedef struct {
+    int mode, bits;
+    const float *x;
+    size_t K, W64;
+    float inv_scale, zero_point;
+} qviz_act;
+
+static int qviz_pack_uniform_rows(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                  float zero_point, uint64_t *out, size_t W, int64_t *row_sums);
+static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out);
+
+/* Rows [r0, r0 + rows) of the activations packed into dst (rows x W64 words); 1 if they held NaN. */
+static int qviz_pack_act(int path, const qviz_act *a, size_t r0, size_t rows, uint64_t *dst, int64_t *sums) {
+    const float *x = a->x + r0 * a->K;
+    if (a->mode == QVIZ_ACT_UNIFORM && a->bits == 1) {
+        const float thr = a->zero_point >= 1.0f ? -0.5f : 0.5f;
+        const int ge = a->zero_point >= 1.0f;
+#if QVIZ_X86 && defined(__GNUC__)
+        if (path >= QVIZ_AVX512) return qviz_pack_thresh_avx512(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
+        if (path >= QVIZ_AVX2) return qviz_pack_thresh_avx2(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
+#endif
+        return qviz_pack_thresh(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
+    }
+    if (a->mode == QVIZ_ACT_UNIFORM)
+        return qviz_pack_uniform_rows(path, x, rows, a->K, a->bits, a->inv_scale, a->zero_point, dst, a->W64, sums);
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512) return qviz_pack_signs_avx512(x, rows, a->K, dst, a->W64);
+    if (path >= QVIZ_AVX2) return qviz_pack_signs_avx2(x, rows, a->K, dst, a->W64);
+#endif
+    return qviz_pack_signs(x, rows, a->K, dst, a->W64);
+}
+
 typedef struct {
     int path;
     const float *x;
@@ -605,19 +713,28 @@ typedef struct {
 
 #define QVIZ_PACK_ROWS 16 /* rows per task */
 
+/* M rows of x quantized into out (W words a row) and their code sums. 1-bit codes are a threshold
+ * (qviz_pack_act), counted by popcount. */
+static int qviz_pack_uniform_rows(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                  float zero_point, uint64_t *out, size_t W, int64_t *row_sums) {
+    if (bits == 1) {
+        const qviz_act a = {QVIZ_ACT_UNIFORM, 1, x, K, W, inv_scale, zero_point};
+        const int nan_seen = qviz_pack_act(path, &a, 0, M, out, NULL);
+        if (row_sums) qviz_row_popcounts(out, M, W, row_sums);
+        return nan_seen;
+    }
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX2) return qviz_pack_uniform_avx2(x, 0, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+#endif
+    return qviz_pack_uniform_portable(x, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+}
+
 static void qviz_pack_task(void *arg, long t) {
     qviz_pack_job *j = (qviz_pack_job *)arg;
     const size_t r0 = (size_t)t * QVIZ_PACK_ROWS, r1 = r0 + QVIZ_PACK_ROWS < j->M ? r0 + QVIZ_PACK_ROWS : j->M;
-    int nan_seen;
-#if QVIZ_X86 && defined(__GNUC__)
-    if (j->path >= QVIZ_AVX2)
-        nan_seen = qviz_pack_uniform_avx2(j->x, r0, r1, j->K, j->bits, j->inv_scale, j->zero_point, j->out, j->W,
-                                          j->row_sums);
-    else
-#endif
-        nan_seen = qviz_pack_uniform_portable(j->x + r0 * j->K, r1 - r0, j->K, j->bits, j->inv_scale, j->zero_point,
-                                              j->out + r0 * j->W, j->W, j->row_sums + r0);
-    if (nan_seen) atomic_store(&j->nan_seen, 1);
+    if (qviz_pack_uniform_rows(j->path, j->x + r0 * j->K, r1 - r0, j->K, j->bits, j->inv_scale, j->zero_point,
+                               j->out + r0 * j->W, j->W, j->row_sums + r0))
+        atomic_store(&j->nan_seen, 1);
 }
 
 /* Rows in blocks on the pool; a single block (small M) stays on the caller. Returns 1 if x held NaN. */

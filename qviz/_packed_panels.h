@@ -607,6 +607,123 @@ static int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t 
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Fused: float activations packed inside the matmul. When the weights fit in L2, each task takes one  */
+/* row tile: it packs its rows (signs or b-bit codes) into a small buffer and runs them against every  */
+/* panel block, while the tiles prefetch the next row tile's floats, so reading x overlaps the         */
+/* popcounts instead of preceding them (a separate pass over 4 MiB of x cost as much as 15% of a      */
+/* 1024^3 binary matmul). Larger weights keep the panel-block order: x is packed first, on the pool.   */
+
+#define QVIZ_FUSED_L2 (512u * 1024u) /* weights up to this size stay in L2 while row tiles pass over them */
+
+typedef struct {
+    qviz_panel_fn fn;
+    int path, op, MR, NP, slots, popcount_offset;
+    qviz_act act;
+    const uint32_t *Bp;
+    size_t M, N, K32, ldb, P, NB;
+    int64_t mul, offset;
+    int32_t *out;
+    _Atomic int nan_seen, failed;
+} qviz_fused_job;
+
+static void qviz_fused_task(void *arg, long t) {
+    qviz_fused_job *j = (qviz_fused_job *)arg;
+    const size_t m = (size_t)t * (size_t)j->MR, W64 = j->act.W64, lda = j->K32 * (size_t)j->slots;
+    const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
+    uint64_t words_stack[QVIZ_TILE_MR * 256];
+    uint32_t rows_stack[QVIZ_TILE_MR * 1024];
+    int64_t sums[QVIZ_TILE_MR];
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const int in_place = j->slots == 1; /* the kernel reads the packed words themselves */
+#else
+    const int in_place = 0;
+#endif
+    uint64_t *words = W64 <= 256 ? words_stack : (uint64_t *)malloc((size_t)mr * W64 * sizeof(uint64_t));
+    uint32_t *rows = in_place ? NULL : lda <= 1024 ? rows_stack : (uint32_t *)malloc((size_t)mr * lda * sizeof(uint32_t) + 4);
+    if (!words || (!in_place && !rows)) {
+        atomic_store(&j->failed, 1);
+        if (words != words_stack) free(words);
+        if (rows != rows_stack) free(rows);
+        return;
+    }
+    if (qviz_pack_act(j->path, &j->act, m, (size_t)mr, words, sums)) atomic_store(&j->nan_seen, 1);
+    const uint32_t *A = in_place ? (const uint32_t *)words : rows;
+    const size_t ld = in_place ? 2 * W64 : lda;
+    if (!in_place) qviz_split_rows(words, (size_t)mr, W64, j->K32, j->slots, rows);
+    int32_t add[QVIZ_TILE_MR];
+    for (int i = 0; i < mr; i++) {
+        int64_t ones = 0;
+        if (j->popcount_offset) qviz_row_popcounts(words + (size_t)i * W64, 1, W64, &ones);
+        add[i] = (int32_t)(j->offset + ones);
+    }
+    /* the next row tile's floats, a share per panel block, fetched while this tile computes */
+    const size_t m1 = m + (size_t)j->MR;
+    const size_t next = m1 < j->M ? ((j->M - m1 < (size_t)j->MR ? j->M - m1 : (size_t)j->MR) * j->act.K * 4 + 63) / 64 : 0;
+    const size_t share = (next + j->NB - 1) / j->NB;
+    int32_t scratch[QVIZ_TILE_MR * QVIZ_TILE_LD];
+    for (size_t nb = 0; nb < j->NB; nb++) {
+        const size_t p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
+        const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+        const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+        const size_t first = nb * share;
+        const char *pf = first < next ? (const char *)(j->act.x + m1 * j->act.K) + first * 64 : NULL;
+        const size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
+        const int whole = cols == np * QVIZ_PANEL;
+        int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
+        j->fn(A, ld, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL,
+              (int32_t)j->mul, add, pf, pfn);
+        if (!whole)
+            for (int i = 0; i < mr; i++)
+                memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
+    }
+    if (words != words_stack) free(words);
+    if (rows != rows_stack) free(rows);
+}
+
+/* out = mul * S + offset (+ popcount of each packed row when popcount_offset), S from `op` between the
+ * activations `act` (packed here) and the panels. Returns 0, 1 if the activations held NaN (out is then
+ * not meaningful), or -1 if there was no memory. */
+static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M, const uint32_t *Bp, size_t N,
+                                 size_t K32, int64_t mul, int popcount_offset, int64_t offset, int32_t *out,
+                                 int threads) {
+    qviz_fused_job j;
+    j.fn = qviz_panel_for(path, op, &j.MR, &j.NP);
+    j.path = path, j.op = op, j.slots = qviz_panel_slots(path, op), j.popcount_offset = popcount_offset;
+    j.act = *act, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
+    j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
+    j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
+    j.mul = mul, j.offset = offset, j.out = out;
+    atomic_init(&j.nan_seen, 0);
+    atomic_init(&j.failed, 0);
+    const size_t MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
+    if (MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) {
+        const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
+        qviz_parallel(qviz_fused_task, &j, (long)MB, work < (double)QVIZ_PARALLEL_MIN ? 1 : threads);
+        return atomic_load(&j.failed) ? -1 : atomic_load(&j.nan_seen);
+    }
+    /* panel-block order: pack every row first (rows in parallel), then the matmul */
+    uint64_t *words = (uint64_t *)malloc(M * act->W64 * sizeof(uint64_t) + 8);
+    if (!words) return -1;
+    int nan_seen = 0;
+    if (act->mode == QVIZ_ACT_SIGNS)
+        nan_seen = qviz_pack_signs_best(path, act->x, M, act->K, words, act->W64, threads);
+    else {
+        int64_t *sums = (int64_t *)malloc(M * sizeof(int64_t) + 8);
+        if (!sums) {
+            free(words);
+            return -1;
+        }
+        nan_seen = qviz_pack_uniform(path, act->x, M, act->K, act->bits, act->inv_scale, act->zero_point, words,
+                                     act->W64, sums, threads);
+        free(sums);
+    }
+    const int failed = qviz_panel_matmul_rows(path, op, words, M, act->W64, Bp, N, K32, mul, popcount_offset, offset,
+                                              out, threads);
+    free(words);
+    return failed ? -1 : nan_seen;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Codebook (LUT) matmul over panels, one codebook per layer: out[m, n] = sum_k x[m, k] cb[code(n, k)]. */
 /* The 2^bits entries sit in a register (replicated to 16 so that the bits above a code, which belong */
 /* to its neighbours, select the same entry); a shift of the panel word brings code c of all 16 rows   */

@@ -174,7 +174,8 @@ class _Checked:
         self.panels = panels
 
 
-def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: bool = False) -> _Checked:
+def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: bool = False,
+            floats: bool = False) -> _Checked:
     """The checked fields of a PackedMatrix (or, if `prepared`, a PreparedMatrix) passed as `name`.
 
     The common case is recognised first, with exact types and the same conditions as the full checks
@@ -198,13 +199,15 @@ def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: b
                     if buf.dtype == _U32 and buf.shape == (-(-n // PANEL), k32, PANEL) and (
                             k * b % 32 == 0 or _kernels.panels_padding_clear(buf, k * b - 32 * (k32 - 1)) < 0):
                         return _Checked(b, n, k, None, buf)
-    return _packed_checked(name, p, bits, prepared)
+    return _packed_checked(name, p, bits, prepared, floats)
 
 
-def _packed_checked(name: str, p: object, bits: tuple[int, ...], prepared: bool) -> _Checked:
+def _packed_checked(name: str, p: object, bits: tuple[int, ...], prepared: bool, floats: bool = False) -> _Checked:
     kinds = "a PackedMatrix (from qviz.packed.pack / pack_signs / pack_uniform)"
     if prepared:
         kinds += " or a PreparedMatrix (from qviz.packed.prepare)"
+    if floats:
+        kinds += " or float32 activations (a numpy.ndarray)"
     if isinstance(p, PreparedMatrix) and prepared:
         b = _bits_field(f"{name}.bits", p.bits, bits)
         n, k = _shape_field(f"{name}.shape", p.shape)
@@ -311,18 +314,25 @@ def pack_uniform(x: np.ndarray, bits: int, scale: float, zero_point: int = 0, *,
     [Krishnamoorthi 2018, eqs. 1-2] (paper 004). The result carries each row's sum of codes (`code_sums`).
     """
     bits = _bits_field("bits", bits, CODE_BITS)
-    scale = _checks.real("scale", scale, 0.0, lo_open=True)
-    zero_point = _checks.integer("zero_point", zero_point, 0, 2**bits - 1)
+    inv_scale, zero_point = _quantizer(bits, scale, zero_point)
     x = _matrix("x", x, np.float32)
-    inv_scale = np.float32(1.0) / np.float32(scale)
-    if not np.isfinite(inv_scale) or inv_scale == 0:
-        raise ValueError(f"scale={scale} is out of range for float32; allowed: 1/scale finite and non-zero")
     n, k = x.shape
     words = np.empty((n, words_per_row(k, bits)), dtype=np.uint64)
     sums = np.empty(n, dtype=np.int64)
-    if _kernels.pack_uniform(x, bits, float(inv_scale), float(zero_point), words, sums, _path(), _threads(threads)):
+    if _kernels.pack_uniform(x, bits, inv_scale, float(zero_point), words, sums, _path(), _threads(threads)):
         raise ValueError("x contains NaN; only numbers can be quantized")
     return PackedMatrix(bits, (n, k), words, sums)
+
+
+def _quantizer(bits: int, scale: object, zero_point: object) -> tuple[float, int]:
+    """1 / scale as the float32 the kernels multiply by, and the zero point, both checked."""
+    scale = _checks.real("scale", scale, 0.0, lo_open=True)
+    zero_point = _checks.integer("zero_point", zero_point, 0, 2**bits - 1)
+    with np.errstate(over="ignore"):
+        inv_scale = np.float32(1.0) / np.float32(scale)
+    if not np.isfinite(inv_scale) or inv_scale == 0:
+        raise ValueError(f"scale={scale} is out of range for float32; allowed: 1/scale finite and non-zero")
+    return float(inv_scale), zero_point
 
 
 def popcounts(packed: PackedMatrix | PreparedMatrix) -> np.ndarray:
@@ -378,31 +388,68 @@ def _panel_matmul(a: _Checked, w: _Checked, op: str, mul: int, offset: int, popc
     return out
 
 
+def _floats_as_a(a: np.ndarray, w: _Checked) -> np.ndarray:
+    """Float32 activations [M, K] passed as `a`, to be packed inside the matmul."""
+    x = _matrix("a", a, np.float32)
+    if x.shape[1] != w.k:
+        raise ValueError(f"a and w must share K (their second dimension), got a.shape={x.shape}, "
+                         f"w.shape={(w.n, w.k)}")
+    return x
+
+
+def _fused_matmul(x: np.ndarray, w: _Checked, op: str, mul: int, offset: int, popcount_offset: bool,
+                  quantizer: tuple[int, float, int] | None, threads: int | None, out: object) -> np.ndarray:
+    """The panel matmul of float activations x, packed inside the kernel: their signs (quantizer None) or
+    their codes under (bits, 1 / scale, zero point)."""
+    panels = _panels_of(w)
+    shape = (x.shape[0], w.n)
+    out = np.empty(shape, _I32) if out is None else _out(out, shape, _I32, {"a": x, "w": panels})
+    bits, inv_scale, zero_point = quantizer or (1, 1.0, 0)
+    if _kernels.fused_matmul(x, quantizer is None, bits, inv_scale, float(zero_point), panels, w.n,
+                             _kernels.OPS[op], mul, popcount_offset, offset, out, _path(), _threads(threads)):
+        raise ValueError("a contains NaN; a sign is defined only for numbers" if quantizer is None
+                         else "a contains NaN; only numbers can be quantized")
+    return out
+
+
 def _k_fits_int32(a: _Checked, per_code: int) -> None:
     """Every kernel accumulates in int32: refuse K for which sum_k a_k w_k could pass 2^31 - 1."""
     if a.k * per_code > INT32_MAX:
         raise ValueError(f"K={a.k} at {a.bits} bits could overflow int32; allowed: K <= {INT32_MAX // per_code}")
 
 
-def binary_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, scale_a=None, scale_w=None,
+def binary_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix, *, scale_a=None, scale_w=None,
                   threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Sign matmul of 1-bit a [M, K] and w [N, K] (bit 1 = -1): int32 [M, N] = K - 2 popcount(a XOR w).
 
-    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2020, §3.2]. With `scale_w` (one
-    α per output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor scheme's
-    scaling [Kütükcü 2020, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
+    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2020, §3.2]. `a` may also be the
+    float32 activations themselves: their signs are packed inside the kernel, as `pack_signs` packs them
+    (the same result as binary_matmul(pack_signs(a), w), without a separate pass over a). With `scale_w`
+    (one α per output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor
+    scheme's scaling [Kütükcü 2020, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
     (sign(a) α_a) @ (sign(w) α_w).T. `out`: an array to write the result into (C-contiguous, writeable,
     the result's dtype and shape, sharing no memory with a or w), returned; by default a new one.
     """
-    a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
+    x = a if isinstance(a, np.ndarray) else None
+    a = None if x is not None else _packed("a", a, (1,), floats=True)
+    w = _packed("w", w, (1,), prepared=True)
+    if x is not None:
+        x = _floats_as_a(x, w)
+        a = _Checked(1, x.shape[0], x.shape[1], x, None)
     _same_k(a, w)
     _k_fits_int32(a, 1)
     sa = None if scale_a is None else _scales("scale_a", scale_a, a.n).reshape(-1, 1)
     sw = None if scale_w is None else _scales("scale_w", scale_w, w.n).reshape(1, -1)
+
+    def dots(into):
+        if x is not None:
+            return _fused_matmul(x, w, "xor", -2, a.k, False, None, threads, into)
+        return _panel_matmul(a, w, "xor", -2, a.k, False, threads, into)
+
     if sa is None and sw is None:
-        return _panel_matmul(a, w, "xor", -2, a.k, False, threads, out)
-    out = _out(out, (a.n, w.n), _F32, {"a.words": a.words, "w": w.words if w.panels is None else w.panels})
-    dots = _panel_matmul(a, w, "xor", -2, a.k, False, threads, None)
+        return dots(out)
+    out = _out(out, (a.n, w.n), _F32, {"a": a.words, "w": w.words if w.panels is None else w.panels})
+    dots = dots(None)
     out[...] = dots * (1.0 if sa is None else sa) * (1.0 if sw is None else sw)
     return out
 
@@ -422,29 +469,51 @@ def _scales(name: str, value, rows: int) -> np.ndarray:
     return v
 
 
-def hybrid_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads: int | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+def hybrid_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix, *, scale: float = 1.0,
+                  zero_point: int = 0, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Activations in {0, 1} (DoReFa 1-bit; bit 1 = 1) times weights in {+1, -1} (bit 1 = -1).
 
     int32 [M, N] = popcount(a AND NOT w) - popcount(a AND w) = popcount(a) - 2 popcount(a AND w): the
     "two AND gates" hybrid of [Kütükcü 2020, Table 4.4, Fig. 4.5]. popcount(a) is counted from a's words
-    (a.code_sums is not trusted). `out`: as in `binary_matmul`.
+    (a.code_sums is not trusted). `a` may also be float32 activations, quantized to 1-bit codes inside
+    the kernel as pack_uniform(a, 1, scale, zero_point) quantizes them (by default: 1 where a > 0.5).
+    `out`: as in `binary_matmul`.
     """
-    a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
+    if isinstance(a, np.ndarray):
+        w = _packed("w", w, (1,), prepared=True)
+        x = _floats_as_a(a, w)
+        inv_scale, zero_point = _quantizer(1, scale, zero_point)
+        _k_fits_int32(_Checked(1, x.shape[0], x.shape[1], x, None), 1)
+        return _fused_matmul(x, w, "and", -2, 0, True, (1, inv_scale, zero_point), threads, out)
+    a, w = _packed("a", a, (1,), floats=True), _packed("w", w, (1,), prepared=True)
     _same_k(a, w)
     _k_fits_int32(a, 1)
     return _panel_matmul(a, w, "and", -2, 0, True, threads, out)
 
 
-def lowbit_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads: int | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+def lowbit_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix, *, scale: float | None = None,
+                  zero_point: int = 0, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Integer matmul of unsigned b-bit codes: int32 [M, N] = sum_k a[m, k] w[n, k] (a.bits == w.bits).
 
     1-bit codes: popcount(a AND w); 2- and 4-bit: byte dot products of the codes' fields (vpdpbusd with
     VNNI, vpmaddubsw with AVX2/AVX-512BW); 8-bit: a sum over the bit planes of a (bit-serial). Turn it
-    into real values with `dequantize_matmul`. `out`: as in `binary_matmul`.
+    into real values with `dequantize_matmul`. `a` may also be float32 activations with their quantizer
+    (`scale`, `zero_point`): they are quantized to w.bits-bit codes inside the kernel, as
+    pack_uniform(a, w.bits, scale, zero_point) quantizes them. `out`: as in `binary_matmul`.
     """
-    a, w = _packed("a", a), _packed("w", w, prepared=True)
+    if not isinstance(a, np.ndarray):
+        a = _packed("a", a, floats=True)
+    w = _packed("w", w, prepared=True)
+    if isinstance(a, np.ndarray):
+        x = _floats_as_a(a, w)
+        if scale is None:
+            raise TypeError("scale is required when a holds float activations (the quantizer of pack_uniform)")
+        inv_scale, zero_point = _quantizer(w.bits, scale, zero_point)
+        _k_fits_int32(_Checked(w.bits, x.shape[0], x.shape[1], x, None), (2**w.bits - 1) ** 2)
+        if w.bits < 8:
+            op = {1: "and", 2: "dot2", 4: "dot4"}[w.bits]
+            return _fused_matmul(x, w, op, 1, 0, False, (w.bits, inv_scale, zero_point), threads, out)
+        a = _packed("a", pack_uniform(x, w.bits, scale, zero_point, threads=threads))
     _same_k(a, w)
     if a.bits != w.bits:
         raise ValueError(f"a.bits={a.bits} and w.bits={w.bits} must be equal; allowed: both 1, 2, 4 or 8")
