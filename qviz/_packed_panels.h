@@ -696,9 +696,11 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     atomic_init(&j.nan_seen, 0);
     atomic_init(&j.failed, 0);
     const size_t MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
-    if (MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) {
-        const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
-        qviz_parallel(qviz_fused_task, &j, (long)MB, work < (double)QVIZ_PARALLEL_MIN ? 1 : threads);
+    const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
+    const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    /* one row tile on one thread (a GEMV): the fused task too, it saves the scratch buffers of packing first */
+    if ((MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) || (MB == 1 && team == 1)) {
+        qviz_parallel(qviz_fused_task, &j, (long)MB, team);
         return atomic_load(&j.failed) ? -1 : atomic_load(&j.nan_seen);
     }
     /* panel-block order: pack every row first (rows in parallel), then the matmul */

@@ -328,6 +328,8 @@ def _quantizer(bits: int, scale: object, zero_point: object) -> tuple[float, int
     """1 / scale as the float32 the kernels multiply by, and the zero point, both checked."""
     scale = _checks.real("scale", scale, 0.0, lo_open=True)
     zero_point = _checks.integer("zero_point", zero_point, 0, 2**bits - 1)
+    if 2.0**-125 < scale < 2.0**125:  # 1 / scale in float32 is finite and non-zero: no warning to silence
+        return float(np.float32(1.0) / np.float32(scale)), zero_point
     with np.errstate(over="ignore"):
         inv_scale = np.float32(1.0) / np.float32(scale)
     if not np.isfinite(inv_scale) or inv_scale == 0:
