@@ -22,7 +22,7 @@
 #define QVIZ_PACKED_PANELS_H
 
 #define QVIZ_PANEL 16   /* weight rows per panel: one per 32-bit lane of a 512-bit register */
-#define QVIZ_TILE_MR 6  /* activation rows per tile, at most */
+#define QVIZ_TILE_MR 8  /* activation rows per tile, at most (AVX-512: 6, AVX2 popcount: 8) */
 #define QVIZ_TILE_NP 4  /* panels per tile, at most */
 #define QVIZ_TILE_LD (QVIZ_TILE_NP * QVIZ_PANEL)
 
@@ -184,6 +184,26 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
             QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
             QVIZ_T_NP(NAME, 5) QVIZ_T_NP(NAME, 6)                                                       \
         default: break;                                                                                 \
+        }                                                                                               \
+    }
+/* AVX2 popcount: one panel, up to QVIZ_AVX2_POP_MR rows */
+#define QVIZ_PANEL_FN_R8(NAME, ATTR, BODY, MODE)                                                        \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 5, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 6, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 7, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 8, 1)               \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        (void)np;                                                                                       \
+        switch (mr) {                                                                                   \
+        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 4: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 5: NAME##_5x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 6: NAME##_6x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 7: NAME##_7x1(QVIZ_PANEL_ARGS); break;                                                     \
+        default: NAME##_8x1(QVIZ_PANEL_ARGS); break;                                                    \
         }                                                                                               \
     }
 /* AVX2: one panel (two 256-bit halves) per tile */
@@ -397,6 +417,20 @@ QVIZ_PANEL_FN4(qviz_panel_vnni_dot4, QVIZ_VNNI_FN, qviz_p512_vnni, 4)
 /* (a XOR b) AND 0x0F = (a AND 0x0F) XOR (b AND 0x0F): 6 instructions per 256 bit-MACs. Byte counts    */
 /* (at most 8 per word) are widened every 31 words, before a byte could pass 255. One panel = 2 ymm.  */
 
+/* One half panel (8 lanes) at a time: the weight split is 3 instructions shared by up to 8 rows, and the
+ * 8 byte accumulators, the table, the mask, the split weights and two broadcasts fit the 16 registers
+ * (with both halves at once, 4 rows already spilled an accumulator every step). The 32-bit sums live
+ * in memory: they are touched every 31 steps. */
+#define QVIZ_POP256_ROW(i)                                                                              \
+    if (MR > i) {                                                                                       \
+        const __m256i al = _mm256_set1_epi32((int)A[i * lda + 2 * k]);                                 \
+        const __m256i ah = _mm256_set1_epi32((int)A[i * lda + 2 * k + 1]);                             \
+        c##i = _mm256_add_epi8(c##i, _mm256_add_epi8(_mm256_shuffle_epi8(T, QVIZ_OP256(al, l)),         \
+                                                     _mm256_shuffle_epi8(T, QVIZ_OP256(ah, h))));       \
+    }
+#define QVIZ_WIDEN256(i)                                                                                \
+    if (MR > i) wide[i] = _mm256_add_epi32(wide[i], _mm256_madd_epi16(_mm256_maddubs_epi16(c##i, ones8), ones16));
+
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
     const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     (void)NP;
@@ -404,35 +438,26 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const i
     const __m256i T = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
                                        2, 3, 2, 3, 3, 4);
     const __m256i low = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    __m256i wide[QVIZ_TILE_MR][2];
-    for (int i = 0; i < MR; i++) wide[i][0] = wide[i][1] = _mm256_setzero_si256();
-    for (size_t k0 = 0; k0 < K32; k0 += 31) {
-        const size_t k1 = k0 + 31 < K32 ? k0 + 31 : K32;
-        __m256i c[QVIZ_TILE_MR][2];
-        for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm256_setzero_si256();
-        for (size_t k = k0; k < k1; k++) {
-            QVIZ_PREFETCH_NEXT(k);
-            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
-            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
-            const __m256i l0 = _mm256_and_si256(b0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
-            const __m256i l1 = _mm256_and_si256(b1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
-            for (int i = 0; i < MR; i++) {
-                const __m256i al = _mm256_set1_epi32((int)A[i * lda + 2 * k]);
-                const __m256i ah = _mm256_set1_epi32((int)A[i * lda + 2 * k + 1]);
 #define QVIZ_OP256(x, y) (AND ? _mm256_and_si256(x, y) : _mm256_xor_si256(x, y))
-                c[i][0] = _mm256_add_epi8(c[i][0], _mm256_add_epi8(_mm256_shuffle_epi8(T, QVIZ_OP256(al, l0)),
-                                                                   _mm256_shuffle_epi8(T, QVIZ_OP256(ah, h0))));
-                c[i][1] = _mm256_add_epi8(c[i][1], _mm256_add_epi8(_mm256_shuffle_epi8(T, QVIZ_OP256(al, l1)),
-                                                                   _mm256_shuffle_epi8(T, QVIZ_OP256(ah, h1))));
-#undef QVIZ_OP256
+    for (int v = 0; v < 2; v++) {
+        __m256i wide[QVIZ_TILE_MR];
+        for (int i = 0; i < MR; i++) wide[i] = _mm256_setzero_si256();
+        for (size_t k0 = 0; k0 < K32; k0 += 31) {
+            const size_t k1 = k0 + 31 < K32 ? k0 + 31 : K32;
+            __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+            for (size_t k = k0; k < k1; k++) {
+                if (v == 0) QVIZ_PREFETCH_NEXT(k);
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8 * v));
+                const __m256i l = _mm256_and_si256(b, low), h = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                QVIZ_POP256_ROW(0) QVIZ_POP256_ROW(1) QVIZ_POP256_ROW(2) QVIZ_POP256_ROW(3)
+                QVIZ_POP256_ROW(4) QVIZ_POP256_ROW(5) QVIZ_POP256_ROW(6) QVIZ_POP256_ROW(7)
             }
+            QVIZ_WIDEN256(0) QVIZ_WIDEN256(1) QVIZ_WIDEN256(2) QVIZ_WIDEN256(3)
+            QVIZ_WIDEN256(4) QVIZ_WIDEN256(5) QVIZ_WIDEN256(6) QVIZ_WIDEN256(7)
         }
-        for (int i = 0; i < MR; i++)
-            for (int v = 0; v < 2; v++)
-                wide[i][v] = _mm256_add_epi32(wide[i][v], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i][v], ones8), ones16));
+        for (int i = 0; i < MR; i++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i], mul, add[i]);
     }
-    for (int i = 0; i < MR; i++)
-        for (int v = 0; v < 2; v++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i][v], mul, add[i]);
+#undef QVIZ_OP256
 }
 
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
@@ -468,12 +493,15 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const 
         for (int v = 0; v < 2; v++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i][v], mul, add[i]);
 }
 
-QVIZ_PANEL_FN_NP1(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
-QVIZ_PANEL_FN_NP1(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
+QVIZ_PANEL_FN_R8(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
+QVIZ_PANEL_FN_R8(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
 QVIZ_PANEL_FN_NP1(qviz_panel_avx2_dot2, QVIZ_AVX2_FN, qviz_p256_dot, 2)
 QVIZ_PANEL_FN_NP1(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
 #endif /* QVIZ_X86 */
 
+#ifndef QVIZ_AVX2_POP_MR
+#define QVIZ_AVX2_POP_MR 8
+#endif
 /* The kernel for (path, op) and its largest tile (rows x panels). */
 static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     *mr = 4;
@@ -496,7 +524,10 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     }
     if (path == QVIZ_AVX512VNNI) return vnni[op];
     if (path == QVIZ_AVX512) return avx512[op];
-    if (path == QVIZ_AVX2) return avx2[op];
+    if (path == QVIZ_AVX2) {
+        if (op == QVIZ_P_XOR || op == QVIZ_P_AND) *mr = QVIZ_AVX2_POP_MR;
+        return avx2[op];
+    }
     if (path == QVIZ_POPCNT) return popcnt[op];
 #endif
     return portable[op];
