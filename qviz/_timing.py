@@ -221,8 +221,8 @@ def measure_conv_latency(batch: int = 1, in_channels: int = 3, size: int = 16, o
                          threads: int | None = None, seed: int = 0) -> dict:
     """Median latency of `lut_conv2d` and torch float32 conv2d on the same shapes ([Kütükcü 2020, Ch. 5]).
 
-    The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. qviz writes into
-    one result array reused every call; torch's conv2d (no out argument) allocates its own. Returns
+    The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. Both sides
+    allocate their result per call (torch's conv2d has no out argument). Returns
     qviz_s, torch_s, ratio (torch_s / qviz_s), runs, threads, path. Refuses (ValueError) shapes whose
     buffers would pass `memory_limit()`.
     """
@@ -249,8 +249,7 @@ def measure_conv_latency(batch: int = 1, in_channels: int = 3, size: int = 16, o
     w = packed.prepare(packed.pack(codes, bits))
     xt = torch.from_numpy(x)
     wt = torch.from_numpy(cb[codes].reshape(out_channels, in_channels, kernel, kernel))
-    out = np.empty((batch, out_channels, out_side, out_side), np.float32)
-    fns = {"qviz": lambda: packed.lut_conv2d(x, w, cb, (kernel, kernel), padding=padding, threads=threads, out=out),
+    fns = {"qviz": lambda: packed.lut_conv2d(x, w, cb, (kernel, kernel), padding=padding, threads=threads),
            "torch": lambda: torch.nn.functional.conv2d(xt, wt, padding=padding)}
     with _TorchThreads(threads), torch.no_grad():
         medians, runs = _median_interleaved(fns, budget_s)
