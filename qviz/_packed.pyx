@@ -160,28 +160,108 @@ def lut_matmul(const float[:, ::1] x, const uint64_t[:, ::1] w, int bits, const 
     return status
 
 
+cdef int _lut_conv2d(const float[:, :, :, ::1] x, const uint32_t[:, :, ::1] w, Py_ssize_t co, int bits,
+                     const float *cb, size_t cb_n, size_t stride, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad,
+                     float[:, :, :, ::1] out, int path, int threads) except -2:
+    """cb: cb_n floats, one codebook (stride 0) or one per output channel (stride 2**bits)."""
+    cdef int status
+    with nogil:
+        status = _float_status(&x[0, 0, 0, 0], x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3], cb, cb_n)
+        if status == 0:
+            if qviz_lut_conv2d(path, &x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0],
+                               co, w.shape[1], bits, cb, stride, kh, kw, pad, &out[0, 0, 0, 0],
+                               out.shape[2], out.shape[3], threads):
+                status = -1
+            elif not qviz_all_finite(&out[0, 0, 0, 0], out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]):
+                status = 3
+    if status < 0:
+        raise MemoryError("no memory for the decoded filters")
+    return status
+
+
 def lut_conv2d(const float[:, :, :, ::1] x, const uint32_t[:, :, ::1] w, Py_ssize_t co, int bits,
                const float[:, ::1] codebook, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t pad, float[:, :, :, ::1] out,
                int path, int threads):
     """Direct convolution with packed-index filters (003 Figs. 5.1, 5.2), stride 1, zero padding pad; w in panels.
 
     Returns 0, or 1 / 2 if x / the codebook held NaN or Inf (nothing computed), 3 if the result did."""
-    cdef size_t stride = 0 if codebook.shape[0] == 1 else codebook.shape[1]
-    cdef int status
-    with nogil:
-        status = _float_status(&x[0, 0, 0, 0], x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3],
-                               &codebook[0, 0], codebook.shape[0] * codebook.shape[1])
-        if status == 0:
-            if qviz_lut_conv2d(path, &x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0],
-                               co, w.shape[1], bits, &codebook[0, 0], stride, kh, kw, pad, &out[0, 0, 0, 0],
-                               out.shape[2], out.shape[3], threads):
-                status = -1
-            elif not qviz_all_finite(&out[0, 0, 0, 0],
-                                                   out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]):
-                status = 3
-    if status < 0:
-        raise MemoryError("no memory for the decoded filters")
-    return status
+    return _lut_conv2d(x, w, co, bits, &codebook[0, 0], codebook.shape[0] * codebook.shape[1],
+                       0 if codebook.shape[0] == 1 else codebook.shape[1], kh, kw, pad, out, path, threads)
+
+
+cdef object _fast_types = None  # (numpy.ndarray, PreparedMatrix, float32 dtype, numpy.empty), set by qviz.packed
+
+
+def set_fast_types(ndarray, prepared, float32, empty):
+    """The types the fast call paths recognise (qviz.packed hands them over at import)."""
+    global _fast_types
+    _fast_types = (ndarray, prepared, float32, empty)
+
+
+def conv2d_fast(object x, object w, object codebook, object kernel, object padding, int threads, int path):
+    """lut_conv2d for the common case, checked here at C speed; None when anything is unusual.
+
+    Accepted only: w a PreparedMatrix with int bits in (1, 2, 4, 8), a tuple shape of two ints in
+    [1, 2^40] and uint32 panels of exactly the shape that shape needs with zero padding bits; x a
+    C-contiguous 4-D float32 numpy array with no empty dimension; codebook a C-contiguous float32 numpy
+    array of shape (2**bits,) or (N, 2**bits); kernel a tuple of two ints in [1, 64]; padding an int in
+    [0, max(kernel) - 1]; a geometry with at least one output pixel. These are the conditions of
+    qviz.packed's full checks; everything else returns None and goes through them (and their messages).
+    Returns (status, result) as lut_conv2d's wrapper does.
+    """
+    if _fast_types is None:
+        return None
+    ndarray, prepared, float32, empty = _fast_types
+    if type(w) is not prepared or type(x) is not ndarray or type(codebook) is not ndarray:
+        return None
+    bits, shape = w.bits, w.shape
+    if type(bits) is not int or type(shape) is not tuple or len(shape) != 2 or type(kernel) is not tuple \
+            or len(kernel) != 2 or type(padding) is not int:
+        return None
+    n, k = shape
+    kh, kw = kernel
+    if type(n) is not int or type(k) is not int or type(kh) is not int or type(kw) is not int:
+        return None
+    if bits not in (1, 2, 4, 8) or not (0 < n <= 2**40 and 0 < k <= 2**40 and 1 <= kh <= 64 and 1 <= kw <= 64) \
+            or not (0 <= padding < max(kh, kw)):
+        return None
+    cdef int b = bits
+    cdef Py_ssize_t e = 1 << b, k32 = (k * b + 31) // 32
+    if x.dtype != float32 or codebook.dtype != float32 or type(w.panels) is not ndarray:
+        return None
+    cdef const float[:, :, :, ::1] xv
+    cdef const uint32_t[:, :, ::1] pv
+    cdef const float[::1] c1
+    cdef const float[:, ::1] c2
+    cdef const float *cb
+    cdef size_t cb_n, stride
+    try:  # dtype (native byte order), dimensions and C-contiguity, or a refusal
+        xv = x
+        pv = w.panels
+        if codebook.ndim == 1:
+            c1 = codebook
+            cb, cb_n, stride = &c1[0], c1.shape[0], 0
+            if c1.shape[0] != e:
+                return None
+        else:
+            c2 = codebook
+            cb, cb_n, stride = &c2[0, 0], c2.shape[0] * c2.shape[1], e
+            if c2.shape[0] != n or c2.shape[1] != e:
+                return None
+    except (ValueError, TypeError, BufferError):
+        return None
+    if pv.shape[0] != (n + QVIZ_PANEL - 1) // QVIZ_PANEL or pv.shape[1] != k32 or pv.shape[2] != QVIZ_PANEL:
+        return None
+    if xv.shape[0] == 0 or xv.shape[1] == 0 or xv.shape[2] == 0 or xv.shape[3] == 0:
+        return None
+    cdef Py_ssize_t ho = xv.shape[2] + 2 * padding - kh + 1, wo = xv.shape[3] + 2 * padding - kw + 1
+    if k != xv.shape[1] * kh * kw or ho < 1 or wo < 1:
+        return None
+    if (k * b) % 32 and _panels_padding_clear(pv, k * b - 32 * (k32 - 1)) >= 0:
+        return None
+    out = empty((xv.shape[0], n, ho, wo), float32)
+    cdef float[:, :, :, ::1] ov = out
+    return _lut_conv2d(xv, pv, n, b, cb, cb_n, stride, kh, kw, padding, ov, path, threads), out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,8 +372,7 @@ def padding_clear(const uint64_t[:, ::1] words, Py_ssize_t used):
     return r
 
 
-def panels_padding_clear(const uint32_t[:, :, ::1] panels, Py_ssize_t used):
-    """-1 if the bits at or after `used` of every last panel word are zero, else the first bad panel."""
+cdef Py_ssize_t _panels_padding_clear(const uint32_t[:, :, ::1] panels, Py_ssize_t used) noexcept:
     cdef Py_ssize_t p, j, last = panels.shape[1] - 1, bad = -1
     cdef uint32_t mask
     if used >= 32:
@@ -308,6 +387,11 @@ def panels_padding_clear(const uint32_t[:, :, ::1] panels, Py_ssize_t used):
             if bad >= 0:
                 break
     return bad
+
+
+def panels_padding_clear(const uint32_t[:, :, ::1] panels, Py_ssize_t used):
+    """-1 if the bits at or after `used` of every last panel word are zero, else the first bad panel."""
+    return _panels_padding_clear(panels, used)
 
 
 def code_sums(const uint64_t[:, ::1] words, int bits, Py_ssize_t k, int64_t[::1] out):

@@ -697,30 +697,13 @@ def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     `lut_matmul`.
     """
     # A small layer (003's: 42k multiply-adds, about a microsecond of arithmetic) is mostly call overhead:
-    # the common case (prepared filters, arrays exactly as the kernel takes them) is recognised in one
-    # pass of exact-type tests, the same conditions the checks below apply; anything else goes through them.
-    if type(w) is PreparedMatrix and type(x) is np.ndarray and type(codebook) is np.ndarray \
-            and type(kernel) is tuple and len(kernel) == 2 and type(padding) is int \
-            and (threads is None or (type(threads) is int and 1 <= threads <= 1024)):
-        bits, shape, panels, (kh, kw) = w.bits, w.shape, w.panels, kernel
-        if type(bits) is int and bits in CODE_BITS and type(shape) is tuple and len(shape) == 2 \
-                and type(kh) is int and type(kw) is int and 1 <= kh <= 64 and 1 <= kw <= 64 \
-                and 0 <= padding < max(kh, kw) and type(panels) is np.ndarray and panels.dtype == _U32 \
-                and panels.flags.c_contiguous and x.dtype == _F32 and x.ndim == 4 and x.flags.c_contiguous \
-                and x.size and codebook.dtype == _F32 and codebook.flags.c_contiguous:
-            n, k = shape
-            b, c, h, wd = x.shape
-            ho, wo = h + 2 * padding - kh + 1, wd + 2 * padding - kw + 1
-            k32 = -(-k * bits // 32) if type(n) is int and type(k) is int else 0
-            if 0 < n <= _MAX_SIDE and k == c * kh * kw and ho >= 1 and wo >= 1 \
-                    and panels.shape == (-(-n // PANEL), k32, PANEL) \
-                    and codebook.shape in ((2**bits,), (n, 2**bits)) \
-                    and (k * bits % 32 == 0 or _kernels.panels_padding_clear(panels, k * bits - 32 * (k32 - 1)) < 0):
-                result = np.empty((b, n, ho, wo), _F32) if out is None else _out(
-                    out, (b, n, ho, wo), _F32, {"x": x, "w": panels, "codebook": codebook})
-                status = _kernels.lut_conv2d(x, panels, n, bits, codebook.reshape(-1, 2**bits), kh, kw, padding,
-                                             result, _path(), torch.get_num_threads() if threads is None else threads)
-                return _float_status(status, result)
+    # the common case is recognised and run by one compiled call that applies the conditions of the checks
+    # below; anything else (and every error) goes through them.
+    if out is None and (threads is None or (type(threads) is int and 1 <= threads <= 1024)):
+        fast = _kernels.conv2d_fast(x, w, codebook, kernel, padding,
+                                    torch.get_num_threads() if threads is None else threads, _path())
+        if fast is not None:
+            return _float_status(*fast)
     w = _packed("w", w, prepared=True)
     x = _matrix("x", x, np.float32, ndim=4)  # NaN / Inf: the kernel wrapper checks before it computes
     if type(kernel) is tuple and len(kernel) == 2 and type(kernel[0]) is int and type(kernel[1]) is int \
@@ -826,6 +809,8 @@ def _module_report(module: torch.nn.Module, bits: int, codebook_bits: int, per_c
     total["layers"] = layers
     return total
 
+
+_kernels.set_fast_types(np.ndarray, PreparedMatrix, _F32, np.empty)
 
 # The timing harness is its own module; its public names belong to this API.
 from qviz._timing import (  # noqa: E402

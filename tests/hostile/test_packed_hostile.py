@@ -253,15 +253,17 @@ def test_float_arrays(guard, fn, data):
     k = a.shape[1] if a.ndim >= 2 and a.shape[1] else 1
     codes = _codes(7, 5, k, 2)
     cb = np.array([-1.5, -0.5, 0.5, 1.5], np.float32)
+    w = packed.pack(codes, 2)
+    w = packed.prepare(w) if data.draw(st.booleans()) else w  # prepared: lut_conv2d's compiled fast path
     if fn == "lut_matmul":
-        out = guard.call("packed_cases:call", fn, d, packed.pack(codes, 2), cb)
+        out = guard.call("packed_cases:call", fn, d, w, cb)
         if valid and np.isfinite(a).all():
             want = a.astype(np.float64) @ cb[codes].T.astype(np.float64)
             _answer_unless_overflow(out, want, fn)
         else:
             hostile.expect_clear_error(out, "x ")
         return
-    out = guard.call("packed_cases:call", fn, d, packed.pack(codes, 2), cb, (1, 1))
+    out = guard.call("packed_cases:call", fn, d, w, cb, (1, 1))
     if valid and np.isfinite(a).all():
         want = np.einsum("bchw,oc->bohw", a.astype(np.float64), cb[codes].astype(np.float64))
         _answer_unless_overflow(out, want, fn)
@@ -429,6 +431,7 @@ def test_codebooks(guard, fn, bits, change, n, seed):
         cb = bad[change]
     x = rng.standard_normal((2, k), dtype=np.float32)
     w = packed.pack(codes, bits)
+    w = packed.prepare(w) if seed % 2 else w  # prepared: lut_conv2d's compiled fast path
     if fn == "lut_matmul":
         out = guard.call("packed_cases:call", fn, x, w, cb)
         want = x.astype(np.float64) @ np.take_along_axis(table, codes.astype(np.int64), 1).T.astype(np.float64)
@@ -456,7 +459,9 @@ def test_conv_geometry(guard, size, kernel, padding, c, seed):
     k = c * max(kh, 1) * max(kw, 1)
     codes = _codes(seed, 3, k, 2)
     cb = np.array([-1.0, -0.25, 0.25, 1.0], np.float32)
-    out = guard.call("packed_cases:call", "lut_conv2d", x, packed.pack(codes, 2), cb, kernel, padding=padding)
+    w = packed.pack(codes, 2)
+    w = packed.prepare(w) if seed % 2 else w  # prepared: lut_conv2d's compiled fast path
+    out = guard.call("packed_cases:call", "lut_conv2d", x, w, cb, kernel, padding=padding)
     if not ints or not (1 <= kh <= 64 and 1 <= kw <= 64):
         hostile.expect_clear_error(out, "kernel")
         return
