@@ -100,6 +100,8 @@ def _self_check(path: int) -> bool:
                         a, k32, panels, n, _kernels.OPS[op], 1, False, 0, o, p, 2), (m, n), np.int32)
                 ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(
                     x, panels, n, bits, cb[0], o, p, 2), (m, n), np.float32, exact=False)
+                ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(  # a GEMV: tables
+                    x[:1], panels, n, bits, cb[0], o, p, 2), (1, n), np.float32, exact=False)
             if not ok:
                 return False
         xc = rng.standard_normal((2, 3, 9, 11), dtype=np.float32)

@@ -1260,6 +1260,86 @@ static void qviz_lut_task(void *arg, long t) {
           j->N, cols);
 }
 
+#if QVIZ_X86 && defined(__GNUC__)
+/* GEMV with codes of 1 or 2 bits (AVX-512): 4 / bits codes side by side form a 4-bit index, and a table
+ * of 16 partial sums per group of codes, T[g][i] = sum_t x[g G + t] codebook[field t of i], turns their
+ * multiply-adds into one permute and one add per 16 rows: half the instructions of decoding each code
+ * at 2 bits, a quarter at 1 bit. The tables (64 bytes a group, K / G groups) are built once per call. */
+typedef struct {
+    const float *tables;
+    const uint32_t *Bp;
+    size_t N, K32, ldb, P;
+    float *out;
+} qviz_gemv_tab_job;
+
+static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_gemv_tab_task(void *arg, long t) {
+    const qviz_gemv_tab_job *j = (const qviz_gemv_tab_job *)arg;
+    const size_t p0 = (size_t)t * QVIZ_TILE_NP, n0 = p0 * QVIZ_PANEL;
+    const int np = (int)(j->P - p0 < QVIZ_TILE_NP ? j->P - p0 : QVIZ_TILE_NP);
+    const uint32_t *B = j->Bp + p0 * j->ldb;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (size_t k = 0; k < j->K32; k++) {
+        const float *T = j->tables + k * 8 * 16; /* 8 groups of 4 bits in a 32-bit word */
+        for (int q = 0; q < np; q++)
+            _mm_prefetch((const char *)(B + q * j->ldb + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512((const void *)(B + k * QVIZ_PANEL));
+        const __m512i w1 = np > 1 ? _mm512_loadu_si512((const void *)(B + j->ldb + k * QVIZ_PANEL)) : w0;
+        const __m512i w2 = np > 2 ? _mm512_loadu_si512((const void *)(B + 2 * j->ldb + k * QVIZ_PANEL)) : w0;
+        const __m512i w3 = np > 3 ? _mm512_loadu_si512((const void *)(B + 3 * j->ldb + k * QVIZ_PANEL)) : w0;
+        for (int g = 0; g < 8; g += 2) { /* two banks of accumulators: the adds are a dependency chain */
+            const __m512 t0 = _mm512_loadu_ps(T + g * 16), t1 = _mm512_loadu_ps(T + g * 16 + 16);
+            a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_srli_epi32(w0, 4 * g), t0));
+            a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(w1, 4 * g), t0));
+            a2 = _mm512_add_ps(a2, _mm512_permutexvar_ps(_mm512_srli_epi32(w2, 4 * g), t0));
+            a3 = _mm512_add_ps(a3, _mm512_permutexvar_ps(_mm512_srli_epi32(w3, 4 * g), t0));
+            b0 = _mm512_add_ps(b0, _mm512_permutexvar_ps(_mm512_srli_epi32(w0, 4 * g + 4), t1));
+            b1 = _mm512_add_ps(b1, _mm512_permutexvar_ps(_mm512_srli_epi32(w1, 4 * g + 4), t1));
+            b2 = _mm512_add_ps(b2, _mm512_permutexvar_ps(_mm512_srli_epi32(w2, 4 * g + 4), t1));
+            b3 = _mm512_add_ps(b3, _mm512_permutexvar_ps(_mm512_srli_epi32(w3, 4 * g + 4), t1));
+        }
+    }
+    const __m512 s[4] = {_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3)};
+    for (int q = 0; q < np; q++) {
+        const size_t left = j->N - n0 - (size_t)q * QVIZ_PANEL;
+        _mm512_mask_storeu_ps(j->out + n0 + (size_t)q * QVIZ_PANEL,
+                              left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), s[q]);
+    }
+}
+
+/* Returns 0, or -1 if there was no memory for the tables (the caller falls back to decoding). */
+static QVIZ_AVX512_FN int qviz_gemv_tab(const float *x, size_t K, const uint32_t *Bp, size_t N, size_t K32, int bits,
+                                        const float *codebook, float *out, int threads) {
+    const size_t groups = K32 * 8, G = (size_t)(4 / bits);
+    float *tables = (float *)aligned_alloc(64, groups * 16 * sizeof(float));
+    if (!tables) return -1;
+    float cb[16][4]; /* cb[i][t] = codebook entry of field t of index i */
+    const int mask = (1 << bits) - 1;
+    for (int i = 0; i < 16; i++)
+        for (size_t t = 0; t < 4; t++) cb[i][t] = t < G ? codebook[(i >> (t * (size_t)bits)) & mask] : 0.0f;
+    __m512 col[4];
+    for (size_t t = 0; t < 4; t++) {
+        float c[16];
+        for (int i = 0; i < 16; i++) c[i] = cb[i][t];
+        col[t] = _mm512_loadu_ps(c);
+    }
+    for (size_t g = 0; g < groups; g++) { /* codes past K have x = 0 (their codes are zero padding) */
+        __m512 v = _mm512_setzero_ps();
+        for (size_t t = 0; t < G; t++) {
+            const size_t k = g * G + t;
+            if (k < K) v = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), col[t], v);
+        }
+        _mm512_store_ps(tables + g * 16, v);
+    }
+    qviz_gemv_tab_job j;
+    j.tables = tables, j.Bp = Bp, j.N = N, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
+    j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL, j.out = out;
+    const int team = (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    qviz_parallel(qviz_gemv_tab_task, &j, (long)((j.P + QVIZ_TILE_NP - 1) / QVIZ_TILE_NP), team);
+    free(tables);
+    return 0;
+}
+#endif
+
 /* codebook: 2^bits floats; the kernels read a 16-entry table in which entry c is codebook[c mod 2^bits]. */
 static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
                            int bits, const float *codebook, float *out, int threads) {
@@ -1274,6 +1354,8 @@ static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const u
     const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const int team = (double)M * (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
 #if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512 && M == 1 && bits <= 2 && qviz_gemv_tab(X, K, Bp, N, K32, bits, codebook, out, threads) == 0)
+        return;
     /* decode once when enough rows share it and the decoded block stays within half of L2; measured on
      * AVX-512: below 48 rows the in-place kernel (decode per 6-row tile, no buffer) was faster */
     if (path >= QVIZ_AVX2 && M >= (path >= QVIZ_AVX512 ? 48u : 8u) && K * (size_t)j.NP * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES) {

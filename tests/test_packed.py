@@ -177,6 +177,18 @@ def test_lut_matmul_equals_x_times_the_decoded_weights(path, shape, bits, seed, 
     np.testing.assert_allclose(prepared, out, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 900), n=st.integers(1, 140), bits=st.sampled_from([1, 2, 4]), seed=seeds)
+def test_codebook_gemv_equals_the_decoded_product(path, k, n, bits, seed):
+    """One activation row: 1- and 2-bit codes go through tables of partial sums on AVX-512, the rest decode."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    codes = _codes(rng, (n, k), bits)
+    cb = rng.standard_normal(2**bits).astype(np.float32)
+    out = packed.lut_matmul(x, packed.prepare(packed.pack(codes, bits)), cb)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ cb[codes].T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 2), c=st.integers(1, 4), size=st.integers(3, 12), co=st.integers(1, 5),
        kernel=st.integers(1, 3), bits=st.sampled_from([1, 2, 4, 8]), seed=seeds, data=st.data())
