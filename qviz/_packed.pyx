@@ -82,8 +82,9 @@ cdef extern from "_packed_kernels.h" nogil:
     int QVIZ_ROOF_POP, QVIZ_ROOF_DOT, QVIZ_ROOF_FMA, QVIZ_HAVE_POOL
     int64_t qviz_roof(int path, int kind, long iters, double *macs)
     int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
-    void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
-                        int bits, const float *codebook, float *out, int threads)
+    int qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
+                       int bits, const float *codebook, size_t cb_stride, float *out, int threads)
+    int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride)
 
 PATHS = ("portable", "popcnt", "avx2", "avx512", "avx512vnni")
 PANEL = QVIZ_PANEL
@@ -318,19 +319,27 @@ def fused_matmul(const float[:, ::1] x, bint signs, int bits, float inv_scale, f
     return status == 1
 
 
+def panel_lut_ok(int path, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int bits, Py_ssize_t stride):
+    """Whether panel_lut takes this call (else the row kernels of lut_matmul)."""
+    return bool(qviz_panel_lut_ok(path, m, n, k, bits, stride))
+
+
 def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_t n, int bits,
-              const float[::1] codebook, float[:, ::1] out, int path, int threads):
-    """out = x @ codebook[w].T with w in panels, one codebook of 2**bits entries (bits 1, 2 or 4).
+              const float[::1] codebook, Py_ssize_t stride, float[:, ::1] out, int path, int threads):
+    """out = x @ codebook[w].T with w in panels: one codebook of 2**bits entries (stride 0) or one per
+    weight row (codebook flat, stride 2**bits); as panel_lut_ok allows.
 
     Returns 0, or 1 / 2 if x / the codebook held NaN or Inf (nothing computed), 3 if the result did."""
-    cdef int status
+    cdef int status, failed = 0
     with nogil:
         status = _float_status(&x[0, 0], x.shape[0] * x.shape[1], &codebook[0], codebook.shape[0])
         if status == 0:
-            qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1], bits,
-                           &codebook[0], &out[0, 0], threads)
-            if not qviz_all_finite(&out[0, 0], out.shape[0] * out.shape[1]):
+            failed = qviz_panel_lut(path, &x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], n, panels.shape[1],
+                                    bits, &codebook[0], stride, &out[0, 0], threads)
+            if failed == 0 and not qviz_all_finite(&out[0, 0], out.shape[0] * out.shape[1]):
                 status = 3
+    if failed:
+        raise MemoryError("no memory for a decoded block of weights")
     return status
 
 

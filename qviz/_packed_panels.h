@@ -1084,6 +1084,32 @@ static QVIZ_AVX512_FN void qviz_lut_decode512(int bits, const uint32_t *B, size_
         }
 }
 
+/* The same for codebooks that do not fit a register: one per output row (stride 2^bits floats) or one of
+ * 256 entries (8-bit codes). Lane j of panel q is row n0 + 16 q + j; lanes past N (zero codes of the
+ * padding rows) are not looked up and decode to 0, so the gather never reads past the codebooks. */
+static QVIZ_AVX512_FN void qviz_lut_gather512(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                             const float *cb, size_t stride, size_t n0, size_t N, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                                      10, 11, 12, 13, 14, 15);
+    for (int q = 0; q < np; q++) {
+        const size_t r0 = n0 + (size_t)q * QVIZ_PANEL, left = N > r0 ? N - r0 : 0;
+        const __mmask16 valid = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512i base = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)r0), lane),
+                                                _mm512_set1_epi32((int)stride));
+        for (size_t k = 0; k < K; k += per) {
+            const __m512i b = _mm512_loadu_si512((const void *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL));
+            const size_t codes = K - k < per ? K - k : per;
+            for (size_t c = 0; c < codes; c++) {
+                const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(
+                    _mm512_srlv_epi32(b, _mm512_set1_epi32((int)(c * (size_t)bits))), mask));
+                _mm512_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL,
+                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, cb, 4));
+            }
+        }
+    }
+}
+
 static QVIZ_AVX2_FN void qviz_lut_decode256(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
                                            const float *table, float *wf) {
     const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
@@ -1101,6 +1127,29 @@ static QVIZ_AVX2_FN void qviz_lut_decode256(int bits, const uint32_t *B, size_t 
                     _mm256_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL + 8 * v, w);
                 }
             }
+}
+
+static QVIZ_AVX2_FN void qviz_lut_gather256(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                           const float *cb, size_t stride, size_t n0, size_t N, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int q = 0; q < np; q++)
+        for (int v = 0; v < 2; v++) {
+            const size_t r0 = n0 + (size_t)q * QVIZ_PANEL + 8 * (size_t)v;
+            const __m256i rows = _mm256_add_epi32(_mm256_set1_epi32((int)r0), lane);
+            const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(N > r0 ? (N - r0 < 8 ? N - r0 : 8) : 0)), lane);
+            const __m256i base = _mm256_mullo_epi32(rows, _mm256_set1_epi32((int)stride));
+            for (size_t k = 0; k < K; k += per) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL + 8 * v));
+                const size_t codes = K - k < per ? K - k : per;
+                for (size_t c = 0; c < codes; c++) {
+                    const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(
+                        _mm256_srlv_epi32(b, _mm256_set1_epi32((int)(c * (size_t)bits))), mask));
+                    _mm256_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL + 8 * v,
+                                     _mm256_mask_i32gather_ps(_mm256_setzero_ps(), cb, idx, _mm256_castsi256_ps(valid), 4));
+                }
+            }
+        }
 }
 
 /* C[i * 64 + q * 16 + j] = sum_k X[i, k] wf[k, q * 16 + j]: 6 rows x NP panels, named accumulators */
@@ -1186,10 +1235,10 @@ static void qviz_wf_avx2(const float *X, size_t ldx, size_t K, const float *wf, 
 }
 
 typedef struct {
-    int avx512, bits, NP;
-    const float *X, *table;
+    int avx512, bits, NP, gather;
+    const float *X, *table, *cb;
     const uint32_t *Bp;
-    size_t M, N, K, K32, ldb, P;
+    size_t M, N, K, K32, ldb, P, stride;
     float *out;
     _Atomic int failed;
 } qviz_wf_job;
@@ -1206,7 +1255,11 @@ static void qviz_wf_task(void *arg, long t) {
         atomic_store(&j->failed, 1);
         return;
     }
-    if (j->avx512)
+    if (j->gather && j->avx512)
+        qviz_lut_gather512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->cb, j->stride, n0, j->N, wf);
+    else if (j->gather)
+        qviz_lut_gather256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->cb, j->stride, n0, j->N, wf);
+    else if (j->avx512)
         qviz_lut_decode512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
     else
         qviz_lut_decode256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
@@ -1340,34 +1393,57 @@ static QVIZ_AVX512_FN int qviz_gemv_tab(const float *x, size_t K, const uint32_t
 }
 #endif
 
-/* codebook: 2^bits floats; the kernels read a 16-entry table in which entry c is codebook[c mod 2^bits]. */
-static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
-                           int bits, const float *codebook, float *out, int threads) {
+/* codebook: 2^bits floats (cb_stride 0), or one codebook of 2^bits floats per output row (cb_stride 2^bits).
+ * One codebook of up to 16 entries: the kernels read a 16-entry table in which entry c is
+ * codebook[c mod 2^bits]. Per-row codebooks and 8-bit codes decode with gathers, once per block of panels
+ * (qviz_panel_lut_ok says when a call qualifies). */
+static int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride) {
+    if (bits <= 4 && cb_stride == 0) return 1;
+#if QVIZ_X86 && defined(__GNUC__)
+    /* gathers take int32 offsets; a decoded block of at least one panel must fit the budget */
+    return path >= QVIZ_AVX2 && M >= 2 && (double)(N + QVIZ_PANEL) * (double)(cb_stride + 256) < 2147483647.0 &&
+           K * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES;
+#else
+    (void)path, (void)M, (void)N, (void)K;
+    return 0;
+#endif
+}
+
+static int qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
+                          int bits, const float *codebook, size_t cb_stride, float *out, int threads) {
+    const int gather = bits == 8 || cb_stride != 0;
     float table[16];
-    for (int c = 0; c < 16; c++) table[c] = codebook[c & ((1 << bits) - 1)];
+    for (int c = 0; c < 16; c++) table[c] = gather ? 0.0f : codebook[c & ((1 << bits) - 1)];
     qviz_lut_job j;
-    j.fn = qviz_lut_for(path, bits, &j.MR, &j.NP);
+    j.fn = qviz_lut_for(path, bits <= 4 ? bits : 4, &j.MR, &j.NP);
     j.X = X, j.table = table, j.Bp = Bp, j.M = M, j.N = N, j.K = K, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     j.out = out;
-    const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const int team = (double)M * (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX512 && M == 1 && bits <= 2 && qviz_gemv_tab(X, K, Bp, N, K32, bits, codebook, out, threads) == 0)
-        return;
-    /* decode once when enough rows share it and the decoded block stays within half of L2; measured on
-     * AVX-512: below 48 rows the in-place kernel (decode per 6-row tile, no buffer) was faster */
-    if (path >= QVIZ_AVX2 && M >= (path >= QVIZ_AVX512 ? 48u : 8u) && K * (size_t)j.NP * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES) {
+    if (!gather && path >= QVIZ_AVX512 && M == 1 && bits <= 2 &&
+        qviz_gemv_tab(X, K, Bp, N, K32, bits, codebook, out, threads) == 0)
+        return 0;
+    /* decode once when enough rows share it (or a gather must), into a block that stays within half of
+     * L2 (fewer panels when K is long); measured on AVX-512: below 48 rows the in-place kernel (decode
+     * per 6-row tile, no buffer) was faster */
+    const size_t fit = QVIZ_DECODED_BYTES / (K * QVIZ_PANEL * 4);
+    const int np = (int)(fit < (size_t)j.NP ? fit : (size_t)j.NP);
+    if (path >= QVIZ_AVX2 && np >= 1 && (gather || M >= (path >= QVIZ_AVX512 ? 48u : 8u))) {
         qviz_wf_job g;
-        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = j.NP, g.X = X, g.table = table, g.Bp = Bp, g.M = M;
+        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = np, g.gather = gather, g.X = X, g.table = table;
+        g.cb = codebook, g.stride = cb_stride, g.Bp = Bp, g.M = M;
         g.N = N, g.K = K, g.K32 = K32, g.ldb = j.ldb, g.P = j.P, g.out = out;
         atomic_init(&g.failed, 0);
-        qviz_parallel(qviz_wf_task, &g, (long)NB, team);
-        if (!atomic_load(&g.failed)) return;
+        qviz_parallel(qviz_wf_task, &g, (long)((j.P + (size_t)np - 1) / (size_t)np), team);
+        if (!atomic_load(&g.failed)) return 0;
+        if (gather) return -1; /* no memory for a decoded block, and no in-place kernel for gathers */
     }
 #endif
+    const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     qviz_parallel(qviz_lut_task, &j, (long)(NB * j.MB), team);
+    return 0;
 }
 
 #endif /* QVIZ_PACKED_PANELS_H */

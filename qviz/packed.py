@@ -613,7 +613,8 @@ def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     The matmul form of the packed-index convolution [Kütükcü 2020, Fig. 5.2]. codebook: [2**bits] for one
     codebook per layer or [N, 2**bits] for one per output channel. Uniform weights use
     `codebook_from_affine(scale, zero_point, bits)`. One codebook and b <= 4 run on panels (the table
-    sits in a register); per-channel codebooks and 8-bit codes decode row by row. `out`: as in
+    sits in a register); per-channel codebooks and 8-bit codes decode blocks of panels with gathers when
+    there are several rows of x (AVX2 and AVX-512), and row by row otherwise. `out`: as in
     `binary_matmul` (float32); after a refused call (NaN, overflow) its contents are unspecified.
     """
     w = _packed("w", w, prepared=True)
@@ -621,12 +622,13 @@ def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     if x.shape[1] != w.k:
         raise ValueError(f"x and w must share K, got x.shape={x.shape}, w.shape={(w.n, w.k)}")
     cb = _codebook(codebook, w.bits, w.n)
-    panel = cb.shape[0] == 1 and w.bits <= 4
+    stride = 0 if cb.shape[0] == 1 else 2**w.bits
+    panel = _kernels.panel_lut_ok(_path(), x.shape[0], w.n, w.k, w.bits, stride)
     weights = _panels_of(w) if panel else _rows_of(w)
     shape = (x.shape[0], w.n)
     out = np.empty(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": weights, "codebook": cb})
     if panel:
-        status = _kernels.panel_lut(x, weights, w.n, w.bits, cb[0], out, _path(), _threads(threads))
+        status = _kernels.panel_lut(x, weights, w.n, w.bits, cb.reshape(-1), stride, out, _path(), _threads(threads))
     else:
         status = _kernels.lut_matmul(x, weights, w.bits, cb, out, _path(), _threads(threads))
     return _float_status(status, out)
