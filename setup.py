@@ -1,4 +1,5 @@
-"""Build the Cython kernels in qviz/_packed.pyx.
+"""Build the Cython kernels: qviz/_packed.pyx (bit-packed low-bit kernels) and qviz/_fused.pyx (fused
+fake-quantize kernels).
 
 The build never uses -march=native: a wheel or an editable install must run on any x86-64 (and build on
 aarch64). Fast SIMD paths are compiled per function with target attributes and chosen at run time from
@@ -47,9 +48,20 @@ extension = Extension(
     define_macros=[("QVIZ_HAVE_OPENMP", "1" if openmp else "0")],
 )
 
+# one pass per fake-quantize instead of a chain of PyTorch ops. No contraction into fused multiply-adds, so
+# every code path rounds as the PyTorch formulation does; no floating-point traps (nobody reads the
+# exception flags), which lets floor() vectorize.
+fused = Extension(
+    "qviz._fused",
+    sources=["qviz/_fused.pyx"],
+    include_dirs=["qviz"],
+    depends=["qviz/_fused.h"],
+    extra_compile_args=["-O3", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-trapping-math"],
+)
+
 setup(
     ext_modules=cythonize(
-        [extension],
+        [extension, fused],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

@@ -3,10 +3,11 @@
 Prints, on this machine's threads (2 here):
 1. time to train float 128-4 and 256-4 to their plateau (correct-answer accuracy on the 200x200 grid
    within 0.5 points of a run 4x as long) — goal <= 30 s for 128-4;
-2. time from a changed bit width to the first PTQ decision map of a cached 256-8 on a 200x200 grid
-   (median over changes) — goal <= 100 ms;
-3. time for QAT at W2/A2 to reach its plateau from the cached float 128-4 — goal <= 15 s;
-4. one QAT step (W2/A2) relative to one float step, measured interleaved — goal <= 1.5x.
+2. time for QAT at W2/A2 to reach its plateau from the cached float 128-4 (mean over three seeds within
+   0.5 points of the mean of runs 4x as long) — goal <= 15 s;
+3. time from a changed bit width to the preview and to the finished PTQ decision map of a cached 256-8 on
+   a 200x200 grid (medians over changes) — goals: preview <= 100 ms, finished <= 1.5x the float map;
+4. one QAT step (W2/A2) relative to one float step, measured interleaved — goal <= 1.3x.
 Run: .venv/bin/python benchmarks/experiments.py
 """
 
@@ -29,6 +30,7 @@ from qviz.engine import (
     Schedule,
     activation_spec,
     decision_map,
+    decision_map_stages,
     float_model,
     post_training_quantize,
     quantized_fcdnn,
@@ -39,6 +41,7 @@ from qviz.engine import (
 from qviz.engine.train import FLOAT_SCHEDULE, QAT_SCHEDULE
 
 PLATEAU = 0.005  # 0.5 accuracy points
+SEEDS = (0, 1, 2)
 
 
 def _timed(fn):
@@ -62,28 +65,42 @@ def float_plateau(width: int, depth: int, cache: Path) -> list[str]:
 
 
 def qat_plateau(cache: Path) -> list[str]:
+    """QAT W2/A2 of the cached float 128-4 with the default schedule and with one 4x as long, over three
+    seeds (data sample and batch order): one run's accuracy moves by a few points from seed to seed, more
+    than the 0.5-point plateau criterion, so the criterion is judged on the mean."""
     base = float_model(128, 4, cache=cache)
     w, a = weight_spec(2), activation_spec(2)
-    model, seconds = _timed(lambda: retrain_quantized(base, w, a, schedule=QAT_SCHEDULE))
     longer = Schedule(steps=4 * QAT_SCHEDULE.steps, lr=QAT_SCHEDULE.lr, batch_size=QAT_SCHEDULE.batch_size)
-    ref = retrain_quantized(base, w, a, schedule=longer)
-    acc, acc_ref = decision_map(model)["accuracy"], decision_map(ref)["accuracy"]
-    return ["QAT W2/A2 128-4 (from cache)", f"{QAT_SCHEDULE.steps} steps", f"{seconds:.1f} s", f"{acc:.4f}",
-            f"{acc_ref:.4f}", "yes" if acc >= acc_ref - PLATEAU else "no", "<= 15 s"]
+    accs, refs, seconds = [], [], []
+    for seed in SEEDS:
+        model, t = _timed(lambda seed=seed: retrain_quantized(base, w, a, schedule=QAT_SCHEDULE, seed=seed))
+        seconds.append(t)
+        accs.append(decision_map(model)["accuracy"])
+        refs.append(decision_map(retrain_quantized(base, w, a, schedule=longer, seed=seed))["accuracy"])
+    acc, acc_ref = statistics.mean(accs), statistics.mean(refs)
+    each = " / ".join(f"{x:.3f}" for x in accs)
+    each_ref = " / ".join(f"{x:.3f}" for x in refs)
+    return [f"QAT W2/A2 128-4 (from cache), seeds {each}", f"{QAT_SCHEDULE.steps} steps",
+            f"{statistics.median(seconds):.1f} s", f"{acc:.4f}", f"{acc_ref:.4f} ({each_ref})",
+            "yes" if acc >= acc_ref - PLATEAU else "no", "<= 15 s"]
 
 
-def ptq_map_latency(cache: Path) -> tuple[float, float]:
+def ptq_map_latency(cache: Path) -> tuple[float, float, float]:
+    """A weight-bits change on a cached 256-8: PTQ, then the preview and the finished map of
+    decision_map_stages (what the explorer shows), and the float model's map timed after each change."""
     base = float_model(256, 8, cache=cache)
-    times = []
+    first, finished, floor = [], [], []
     for bits in (2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5, 6, 7, 8):
         start = time.perf_counter()
-        decision_map(post_training_quantize(base, weight_spec(bits), None), resolution=200)
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(5):
+        stages = decision_map_stages(post_training_quantize(base, weight_spec(bits), None), resolution=200)
+        next(stages)
+        first.append(time.perf_counter() - start)
+        list(stages)
+        finished.append(time.perf_counter() - start)
+        start = time.perf_counter()
         decision_map(base, resolution=200)
-    float_map = (time.perf_counter() - start) / 5
-    return statistics.median(times), float_map
+        floor.append(time.perf_counter() - start)
+    return statistics.median(first), statistics.median(finished), statistics.median(floor)
 
 
 def step_cost(cache: Path) -> tuple[float, float]:
@@ -116,12 +133,14 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
         rows = [float_plateau(128, 4, cache), float_plateau(256, 4, cache), qat_plateau(cache)]
         print(table(rows, ["run", "length", "time", "grid acc", "4x longer", "plateau", "goal"]))
-        median, float_map = ptq_map_latency(cache)
-        print(f"\nbit width change -> first PTQ decision map, cached 256-8, 200x200 grid: {median * 1e3:.0f} ms "
-              f"median (goal <= 100 ms); the float model's map alone: {float_map * 1e3:.0f} ms")
+        first, finished, float_map = ptq_map_latency(cache)
+        print(f"\nbit width change -> PTQ decision map, cached 256-8, 200x200 grid, medians: "
+              f"preview {first * 1e3:.0f} ms (goal <= 100 ms), finished {finished * 1e3:.0f} ms = "
+              f"{finished / float_map:.2f}x the float model's map ({float_map * 1e3:.0f} ms, timed after each "
+              "change; goal <= 1.5x)")
         float_step, qat_step = step_cost(cache)
         print(f"one training step, batch {QAT_SCHEDULE.batch_size}, 128-4: float {float_step * 1e3:.2f} ms, "
-              f"QAT W2/A2 {qat_step * 1e3:.2f} ms, ratio {qat_step / float_step:.2f}x (goal <= 1.5x)")
+              f"QAT W2/A2 {qat_step * 1e3:.2f} ms, ratio {qat_step / float_step:.2f}x (goal <= 1.3x)")
 
 
 if __name__ == "__main__":

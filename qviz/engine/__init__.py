@@ -11,6 +11,7 @@ from qviz.engine.data import correct_labels, evaluation_grid, semicircles
 from qviz.engine.evaluate import (
     accuracy,
     decision_map,
+    decision_map_stages,
     grid_accuracy,
     heldout_accuracy,
     predict_proba,
@@ -127,6 +128,7 @@ __all__ = [
     "correct_labels",
     "cyclic_lr_factors",
     "decision_map",
+    "decision_map_stages",
     "dequantize_model",
     "describe_schemes",
     "evaluation_grid",

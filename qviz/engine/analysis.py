@@ -33,13 +33,14 @@ from qviz import _checks
 from qviz.engine.metrics import histogram, sqnr_db, weight_report
 from qviz.engine.quantize import (
     UnquantizedModuleWarning,
-    calibrate,
+    _fast_paths_off_when_needed,
     channel_axis,
+    configure_layer,
     default_activation_spec,
     default_weight_spec,
     float_weight,
+    input_quantizers,
     quantizable_layers,
-    quantize_in_place,
     quantize_model,
     weight_names,
 )
@@ -104,6 +105,8 @@ class ModelAnalysis:
         self._modules = dict(quantizable_layers(self.qmodel))
         self._float_modules = dict(quantizable_layers(self.model))
         self._cache: dict = {}
+        self._applied: dict[str, LayerSetting] = {}
+        self._input_ranges: dict[str, list[tuple[float, float]]] = {}
         self._captured_float: dict[str, tuple] | None = None
         self._float_outputs: torch.Tensor | None = None
         self._rates: dict | None = None
@@ -160,22 +163,19 @@ class ModelAnalysis:
         return [n for n, s in SCHEMES.items() if s.kind == "weights" and not s.stochastic]
 
     def _apply(self, config: dict[str, LayerSetting]) -> None:
-        overrides = {_escape(name): {"weights": s.weights, "activations": s.activations} for name, s in config.items()}
-        quantize_in_place(self.qmodel, None, None, overrides)
-        self._calibrate_new()
-
-    def _calibrate_new(self) -> None:
-        """Calibrate every input quantizer that has no range yet (ranges hold float min/max, so once is enough)."""
-        fresh = [m.input_quantizer for m in self._modules.values()
-                 if hasattr(m, "input_quantizer") and m.input_quantizer.spec is not None
-                 and not m.input_quantizer.calibrated]
-        fresh += [getattr(m, n) for m in self._modules.values() if isinstance(m, nn.MultiheadAttention)
-                  for n in ("key_quantizer", "value_quantizer") if hasattr(m, n)
-                  and getattr(m, n).spec is not None and not getattr(m, n).calibrated]
-        if fresh:
-            calibrate(self.qmodel, [_rows(self.X, i, i + self.batch_size)
-                                    for i in range(0, _count(self.X), self.batch_size)], method="minmax",
-                      forward=lambda model, batch: _call(model, batch))
+        """Reconfigure only the layers whose setting changed. A new input quantizer takes the min/max of the
+        float network's inputs to that layer over all of X, which is what calibrate(..., "minmax") sets."""
+        self.float_pass()
+        for name, setting in config.items():
+            if self._applied.get(name) == setting:
+                continue
+            layer = self._modules[name]
+            configure_layer(layer, setting.weights, setting.activations)
+            for quantizer, (lo, hi) in zip(input_quantizers(layer), self._input_ranges[name], strict=False):
+                if quantizer.spec is not None and not quantizer.observer.initialized:
+                    quantizer.observer.min_val, quantizer.observer.max_val = torch.tensor([lo]), torch.tensor([hi])
+            self._applied[name] = setting
+        _fast_paths_off_when_needed(self.qmodel)
 
     # ------------------------------------------------------------------ the float pass
 
@@ -202,14 +202,36 @@ class ModelAnalysis:
         return seen, out
 
     def float_pass(self) -> None:
-        if self._captured_float is None:
-            self._captured_float, _ = self._capture(self.model, self._float_modules)
-            self._float_outputs = self._forward(self.model)
+        """One pass of the float model over X: its outputs, each layer's inputs and output for the first
+        CAPTURE_SAMPLES samples, and the range of every layer's inputs over all of X."""
+        if self._captured_float is not None:
+            return
+        ranges: dict[str, list[list[float]]] = {}
+        handles = []
+        for name, m in self._float_modules.items():
+            def observe(mod, args, kwargs, name=name):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                tensors += [v for k, v in kwargs.items() if k in ("query", "key", "value", "input")
+                            and isinstance(v, torch.Tensor)]
+                seen = ranges.setdefault(name, [[math.inf, -math.inf] for _ in tensors])
+                for r, t in zip(seen, tensors, strict=False):
+                    r[0], r[1] = min(r[0], float(t.min())), max(r[1], float(t.max()))
 
-    def _forward(self, model: nn.Module) -> torch.Tensor:
+            handles.append(m.register_forward_pre_hook(observe, with_kwargs=True))
+        try:
+            captured, head = self._capture(self.model, self._float_modules)
+            rest = self._forward(self.model, start=CAPTURE_SAMPLES) if _count(self.X) > CAPTURE_SAMPLES else None
+        finally:
+            for h in handles:
+                h.remove()
+        self._captured_float = captured
+        self._float_outputs = head if rest is None else torch.cat([head, rest])
+        self._input_ranges = {name: [tuple(r) for r in ranges.get(name, [])] for name in self.layers}
+
+    def _forward(self, model: nn.Module, start: int = 0) -> torch.Tensor:
         outs = []
         with torch.no_grad(), _checks.no_finite_checks():
-            for i in range(0, _count(self.X), self.batch_size):
+            for i in range(start, _count(self.X), self.batch_size):
                 outs.append(_outputs(_call(model, _rows(self.X, i, i + self.batch_size))))
         return torch.cat(outs)
 

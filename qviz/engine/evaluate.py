@@ -3,6 +3,8 @@ roughness) and plain classification accuracy. No training happens here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,14 +49,56 @@ def decision_map(model: torch.nn.Module, lo: float = 0.0, hi: float = 1.0, resol
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     points, labels = _grid(_checks.integer("resolution", resolution, 2, 4096), float(lo), float(hi))
-    probs = predict_proba(model, points)
+    return _map_of(predict_proba(model, points), labels, resolution, lo, hi)
+
+
+def decision_map_stages(model: torch.nn.Module, lo: float = 0.0, hi: float = 1.0, resolution: int = 200,
+                        preview_stride: int = 2) -> Iterator[dict]:
+    """`decision_map` in two stages, for a picture that must come before the whole map can: first a preview
+    from one grid point per `preview_stride` x `preview_stride` block (1/stride² of the work; each block
+    shows its point's answer, `preview` is True and `accuracy` is measured on those points), then the
+    full map, which evaluates only the points the preview skipped, so both stages together cost one
+    map. With preview_stride=1 only the full map comes. The full map holds the answers `decision_map`
+    gives (batches of other sizes may round probabilities differently in the last bit).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    resolution = _checks.integer("resolution", resolution, 2, 4096)
+    stride = _checks.integer("preview_stride", preview_stride, 1, resolution)
+    _grid(resolution, float(lo), float(hi))  # checks lo and hi now, not at the first next()
+    return _stages(model, float(lo), float(hi), resolution, stride)
+
+
+def _stages(model: torch.nn.Module, lo: float, hi: float, resolution: int, stride: int) -> Iterator[dict]:
+    points, labels = _grid(resolution, lo, hi)
+    if stride == 1:
+        yield decision_map(model, lo, hi, resolution)
+        return
+    # each block's point: its centre row/column, or the grid's last one for a block cut by the edge
+    block_of = torch.arange(resolution) // stride
+    rep = torch.clamp(block_of * stride + stride // 2, max=resolution - 1)
+    shown = torch.unique(rep)
+    index = (shown[:, None] * resolution + shown[None, :]).reshape(-1)
+    probs = torch.empty(resolution * resolution)
+    probs[index] = predict_proba(model, points[index])
+    preview = probs.reshape(resolution, resolution)[rep][:, rep].reshape(-1)
+    yield _map_of(preview, labels, resolution, lo, hi, accuracy_at=index) | {"preview": True}
+    rest = torch.ones(resolution * resolution, dtype=torch.bool)
+    rest[index] = False
+    probs[rest] = predict_proba(model, points[rest])
+    yield _map_of(probs, labels, resolution, lo, hi)
+
+
+def _map_of(probs: torch.Tensor, labels: torch.Tensor, resolution: int, lo: float, hi: float,
+            accuracy_at: torch.Tensor | None = None) -> dict:
     predicted = (probs > 0.5).to(torch.int64)
+    right = predicted == labels if accuracy_at is None else predicted[accuracy_at] == labels[accuracy_at]
     shape = (resolution, resolution)
     return {
         "probs": probs.reshape(shape).numpy(),
         "predicted": predicted.reshape(shape).numpy(),
         "correct": labels.reshape(shape).numpy(),
-        "accuracy": float((predicted == labels).float().mean()),
+        "accuracy": float(right.float().mean()),
         "lo": float(lo), "hi": float(hi), "resolution": resolution,
     }
 

@@ -178,6 +178,13 @@ class ActivationQuantizer(nn.Module):
         return self.spec is not None and SCHEMES[self.spec.scheme].nonlinearity
 
     @property
+    def clips_at_zero(self) -> bool:
+        """Does this quantizer's forward pass include a ReLU (PACT's clip(x, 0, α), 002 §2.2), so that a ReLU
+        before it would be done twice? Not while calibration passes float activations through."""
+        return (self.spec is not None and SCHEMES[self.spec.scheme].clips_at_zero
+                and self.calibrating in (None, "moving_average") and not EXPORTING.get())
+
+    @property
     def calibrated(self) -> bool:
         """Has this quantizer a range (or none to set: a float point, a fixed-range scheme)?"""
         if self.spec is None:
@@ -282,6 +289,14 @@ def spec_with_range(spec: QuantSpec, lo: float, hi: float) -> QuantSpec:
     return spec.replace(clip=(lo, hi) if lo < hi else (lo - 1e-8, hi + 1e-8))
 
 
+def _subsample(values: torch.Tensor, most: int) -> torch.Tensor:
+    """At most `most` of the values, drawn with a fixed seed (O(most): a permutation of a million
+    activations would cost more than the calibration it serves)."""
+    if values.numel() <= most:
+        return values
+    return values[torch.randint(values.numel(), (most,), generator=torch.Generator().manual_seed(0))]
+
+
 def mse_clip(x: torch.Tensor, spec: QuantSpec, candidates: int = 24) -> float:
     """The clip α in [q50, max] of the positive values of x that minimises the mean squared quantization
     error of `spec` with clip α: where PACT starts (and what calibration sets) before α learns.
@@ -292,7 +307,7 @@ def mse_clip(x: torch.Tensor, spec: QuantSpec, candidates: int = 24) -> float:
     positive = x[x > 0].reshape(-1)
     if positive.numel() == 0:
         return 1e-3
-    sample = positive[torch.randperm(positive.numel(), generator=torch.Generator().manual_seed(0))[:65536]]
+    sample = _subsample(positive, 65536)
     quantiles = torch.quantile(sample, torch.linspace(0.5, 1.0, candidates))
     best, best_err = float(quantiles[-1]), float("inf")
     for alpha in quantiles.tolist():
@@ -309,7 +324,7 @@ def mse_range(sample: torch.Tensor, spec: QuantSpec, candidates: int = 16) -> tu
     quantization error (a calibration that ignores rare outliers when that helps)."""
     values, _ = sample.reshape(-1).sort()
     n = values.numel()
-    probe = values[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:16384]]  # the error's sample
+    probe = _subsample(values, 16384)  # the error's sample
     best, best_err = (float(values[0]), float(values[-1])), float("inf")
     for p in torch.linspace(0.0, 0.01, candidates).tolist():
         lo, hi = float(values[int(p * (n - 1))]), float(values[int((1 - p) * (n - 1))])  # quantiles of a sorted set
@@ -328,7 +343,8 @@ class ActivationPoint(nn.Module):
     (002's quantized shortcuts) only by an override that names them.
 
     `after_relu(z)` is ReLU then the quantizer, or the quantizer alone when its scheme is a nonlinearity
-    (BNN's sign replaces the ReLU, 003 eq. 3-5).
+    (BNN's sign replaces the ReLU, 003 eq. 3-5) or clips at zero itself (PACT replaces the ReLU, 002 §2.2:
+    the same values, one pass fewer).
     """
 
     def __init__(self, by_default: bool = True):
@@ -347,7 +363,7 @@ class ActivationPoint(nn.Module):
         return self.quantizer(x)
 
     def after_relu(self, z: torch.Tensor) -> torch.Tensor:
-        return self.quantizer(z if self.quantizer.nonlinearity else F.relu(z))
+        return self.quantizer(z if self.quantizer.nonlinearity or self.quantizer.clips_at_zero else F.relu(z))
 
 
 # --------------------------------------------------------------------------------------------------

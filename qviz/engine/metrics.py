@@ -134,10 +134,13 @@ def histogram(values, bins: int = 50, lo: float | None = None,
     hi = float(v.max()) if hi is None else _checks.real("hi", hi)
     if given and not hi >= lo:
         raise ValueError(f"lo={lo:g}, hi={hi:g}: allowed lo <= hi")
-    if not hi > lo:  # one value: a bin around it (that stays finite at float64's largest value)
+    # one value, or a range too narrow for `bins` distinct edges (0 to 5e-324): bins around it (that stay
+    # finite at float64's largest value)
+    top = np.finfo(np.float64).max / 4
+    narrow = max(abs(lo), abs(hi)) < top and not np.all(np.diff(np.linspace(lo, hi, bins + 1)) > 0)
+    if not hi > lo or narrow:
         half, biggest = max(0.5, abs(lo) * 1e-6), np.finfo(np.float64).max
         lo, hi = max(lo - half, -biggest), min(hi + half, biggest)
-    top = np.finfo(np.float64).max / 4
     if max(abs(lo), abs(hi)) < top:
         counts, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
         return edges, counts

@@ -302,6 +302,20 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
     return model
 
 
+def configure_layer(layer: nn.Module, weights: QuantSpec | None, activations: QuantSpec | None, *,
+                    stochastic: bool = False) -> None:
+    """Set one quantizable layer's weight quantizer and input quantizers in place (what quantize_in_place
+    does for every layer): the ModelExplorer changes one layer at a time this way."""
+    _quantize_weights(layer, weights, stochastic)
+    _quantize_inputs(layer, activations)
+
+
+def input_quantizers(layer: nn.Module) -> list[ActivationQuantizer]:
+    """The quantizers of a layer's inputs (query, key, value for attention), if it has any."""
+    names = ("input_quantizer", "key_quantizer", "value_quantizer")
+    return [getattr(layer, n) for n in names if isinstance(getattr(layer, n, None), ActivationQuantizer)]
+
+
 def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool) -> None:
     if isinstance(getattr(layer, "wq", None), WeightQuantizer):  # a layer that quantizes what it computes
         layer.wq.stochastic = stochastic
@@ -313,7 +327,9 @@ def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool
             quantizer.stochastic = stochastic
             quantizer.configure(spec)
         elif spec is not None:  # appended after any parametrization of the user's own (weight norm)
-            parametrize.register_parametrization(layer, name, WeightQuantizer(spec, stochastic))
+            # a new module starts in training mode; in a model in eval mode it must not (stochastic twins,
+            # no inference cache)
+            parametrize.register_parametrization(layer, name, WeightQuantizer(spec, stochastic).train(layer.training))
 
 
 def _quantize_inputs(layer: nn.Module, spec: QuantSpec | None) -> None:
@@ -322,8 +338,8 @@ def _quantize_inputs(layer: nn.Module, spec: QuantSpec | None) -> None:
     if not hasattr(layer, names[0]):
         if spec is None:
             return
-        for n in names:
-            layer.add_module(n, ActivationQuantizer(spec))
+        for n in names:  # in the layer's mode: a quantizer left in training mode moves its range in eval
+            layer.add_module(n, ActivationQuantizer(spec).train(layer.training))
         layer.register_forward_pre_hook(_quantized_inputs, with_kwargs=True)
         return
     for n in names:

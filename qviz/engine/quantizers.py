@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from qviz import _checks
+from qviz.engine import fused
 from qviz.engine.observers import GRANULARITIES, SCALE_FLOOR, minmax, quant_params, reduce_dims
 
 STES = ("identity", "clipped", "saturated")
@@ -156,6 +157,12 @@ class _PACT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, levels, ste):
         a = max(float(alpha.detach().max()), SCALE_FLOOR) if alpha.numel() == 1 else None
+        ctx.alpha_shape = alpha.shape
+        ctx.fused = a is not None and a <= torch.finfo(torch.float32).max / 2 and fused.usable(x)
+        if ctx.fused:
+            q, state = fused.clip_round(x, a, a / levels, ste)
+            ctx.save_for_backward(state)
+            return q
         bound = a if a is not None else alpha.detach().clamp(min=SCALE_FLOOR)
         clipped = x.clamp(0.0, a) if a is not None else torch.minimum(x.clamp(min=0), bound)
         if ste == "clipped":
@@ -170,11 +177,15 @@ class _PACT(torch.autograd.Function):
         if a is not None and a > torch.finfo(x.dtype).max / 2:  # the top level may round past the largest float
             q.clamp_(max=torch.finfo(x.dtype).max)
         ctx.save_for_backward(above, inside)
-        ctx.alpha_shape = alpha.shape
         return q
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.fused:
+            (state,) = ctx.saved_tensors
+            grad_x, above_sum = fused.masked_backward(grad, state)
+            grad_alpha = torch.full(ctx.alpha_shape, above_sum) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_alpha, None, None
         above, inside = ctx.saved_tensors
         grad_x = grad if inside is None else grad * inside
         grad_alpha = None
@@ -206,11 +217,21 @@ class Scheme:
     stochastic_twin: str | None = None  # the scheme QAT may train with instead (004 §2.3, §4)
     observed = False  # as an activation quantizer its range comes from a moving-average observer (004 §2.5)
     nonlinearity = False  # replaces the ReLU before it (BNN's sign activation, 003 eq. 3-5)
+    clips_at_zero = False  # with a learnable α its forward is clip(x, 0, α): a ReLU before it changes nothing
     onnx = False  # QuantizeLinear/DequantizeLinear can express it exactly (uniform codes, up to 8 bits)
     takes_clip = False
     takes_clip_pair = False
     takes_alpha = False  # takes α, as a number (spec.alpha) or a learnable tensor (fake_quantize's alpha)
     takes_narrow = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+
+        def owner(name):
+            return next(c for c in cls.__mro__ if name in c.__dict__)
+
+        # a subclass that changes `quantize` but not `fused` must not inherit its parent's fused path
+        cls.fuses = issubclass(owner("fused"), owner("quantize"))
 
     @property
     def menu_label(self) -> str:
@@ -226,6 +247,10 @@ class Scheme:
     def stats(self, x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None) -> dict:
         _checks.finite_values("x", x)
         return {}
+
+    def apply_stats(self, x: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | None) -> dict:
+        """The statistics `apply` needs (all of `stats` unless a scheme's apply does without some)."""
+        return self.stats(x, spec, alpha)
 
     def quantize(self, x: torch.Tensor, spec: QuantSpec, st: dict, generator) -> torch.Tensor:
         raise NotImplementedError
@@ -262,7 +287,20 @@ class Scheme:
         mask = self.clipped_mask(x, spec, st) if ste == "clipped" else x.abs() <= 1
         return mask.to(x.dtype)
 
+    def fused(self, x: torch.Tensor, spec: QuantSpec, st: dict, ste: str | None):
+        """(q, state) from one fused pass (see fused.py), `state` holding the STE `ste` (None: no state),
+        or None where this scheme or these statistics have no fused path."""
+        return None
+
     def apply(self, x: torch.Tensor, spec: QuantSpec, st: dict, alpha, generator) -> torch.Tensor:
+        ste = spec.ste or self.default_ste
+        wanted = ste if x.requires_grad and ste != "identity" else None
+        fast = self.fused(x.detach(), spec, st, wanted) if self.fuses and fused.usable(x) else None
+        if fast is not None:
+            q, state = fast
+            if not x.requires_grad:
+                return q
+            return _StraightThrough.apply(x, q, None) if state is None else fused.StraightThrough.apply(x, q, state)
         q = self.quantize(x.detach(), spec, st, generator)
         if not x.requires_grad:
             return q
@@ -379,7 +417,17 @@ class _Uniform(Scheme):
         return (code.clamp(st["qmin"], st["qmax"]) - st["zero_point"]) * st["scale"]
 
     def quantize(self, x, spec, st, generator):
+        fast = self.fused(x, spec, st, None) if fused.usable(x) else None
+        if fast is not None:
+            return fast[0]
         return _within(self._dequantize(self._code(x, st), st), st).to(x.dtype)
+
+    def fused(self, x, spec, st, ste):
+        scale = st["scale"]
+        if scale.numel() != 1 or scale.dtype != torch.float32 or st["limit"] is not None or ste == "saturated":
+            return None
+        return fused.uniform(x, float(1.0 / scale), float(st["zero_point"]), float(st["qmin"]), float(st["qmax"]),
+                             float(scale), with_mask=ste == "clipped")
 
     def span(self, spec, st):
         return (_within((st["qmin"] - st["zero_point"]) * st["scale"], st),
@@ -555,6 +603,8 @@ class Ternary(Scheme):
         return 3
 
     def stats(self, x, spec, alpha):
+        if spec.granularity == "tensor" and spec.delta_rule == "twn" and fused.usable(x):
+            return self._fused_stats(x)
         a = x.abs()
         if spec.delta_rule == "twn":
             delta = 0.7 * _reduce(a, spec, _mean)
@@ -568,7 +618,27 @@ class Ternary(Scheme):
         alpha = torch.where(count > 0, total / count.clamp(min=1) * top, 0.0).to(x.dtype)
         return {"delta": delta, "alpha": alpha, "top": _reduce(a, spec, lambda t, d: t.amax(dim=d, keepdim=True))}
 
+    @staticmethod
+    def _fused_stats(x):
+        total, top = fused.abs_stats(x)
+        if not math.isfinite(total):
+            _checks.finite_values("x", x)  # raises unless finite checks are off
+        delta = np.float32(0.7) * np.float32(total / x.numel())
+        kept, count = fused.kept(x, float(delta))
+        alpha = kept / count if count else 0.0
+        shape = (1,) * x.dim()
+        return {"delta": torch.full(shape, float(delta)), "alpha": torch.full(shape, alpha),
+                "top": torch.full(shape, top)}
+
+    def fused(self, x, spec, st, ste):
+        if st["delta"].numel() != 1 or st["delta"].dtype != torch.float32 or ste is not None:
+            return None
+        return fused.ternary(x, float(st["delta"]), float(st["alpha"])), None
+
     def quantize(self, x, spec, st, generator):
+        fast = self.fused(x, spec, st, None) if fused.usable(x) else None
+        if fast is not None:
+            return fast[0]
         zero = torch.zeros((), dtype=x.dtype)
         return torch.where(x > st["delta"], st["alpha"], torch.where(x < -st["delta"], -st["alpha"], zero)).to(x.dtype)
 
@@ -769,8 +839,17 @@ class Relu(Scheme):
         return {"beta": beta, "step": step, "limit": _finite_limit(step.double() * (2**spec.bits - 1), x.dtype)}
 
     def quantize(self, x, spec, st, generator):
+        fast = self.fused(x, spec, st, None) if fused.usable(x) else None
+        if fast is not None:
+            return fast[0]
         clipped = torch.minimum(_widened(x, st["step"]).clamp(min=0), st["beta"])
         return _within(torch.floor(clipped / st["step"] + 0.5) * st["step"], st).to(x.dtype)
+
+    def fused(self, x, spec, st, ste):
+        step = st["step"]
+        if step.numel() != 1 or step.dtype != torch.float32 or st["limit"] is not None:
+            return None
+        return fused.clip_round(x, float(st["beta"]), float(step), ste)
 
     def qdq_params(self, x, spec, alpha):
         # codes 0 .. 2^b - 1 of the step; QuantizeLinear rounds half to even where this rounds half up,
@@ -800,6 +879,7 @@ class Pact(Relu):
     summary = "relu with a learnable clip alpha"
     label = "PACT"
     takes_alpha = True
+    clips_at_zero = True  # PACT replaces the ReLU (002 §2.2)
     observed = False  # PACT learns its clip instead
 
     def stats(self, x, spec, alpha):
@@ -810,6 +890,12 @@ class Pact(Relu):
         beta = beta.clamp(min=SCALE_FLOOR)
         step = beta / (2**spec.bits - 1)
         return {"beta": beta, "step": step, "limit": _finite_limit(step.double() * (2**spec.bits - 1), x.dtype)}
+
+    def apply_stats(self, x, spec, alpha):
+        if alpha is None:
+            return self.stats(x, spec, alpha)
+        _checks.finite_values("x", x)
+        return {}  # _PACT takes its clip from the tensor α itself
 
     def apply(self, x, spec, st, alpha, generator):
         if alpha is None:
@@ -952,19 +1038,29 @@ def _check_alpha(alpha: object, spec: QuantSpec, x: torch.Tensor) -> torch.Tenso
         raise ValueError(f"alpha is not used by scheme {spec.scheme!r}; "
                          f"schemes that take alpha: {_names_with('takes_alpha')}")
     _checks.float_tensor("alpha", alpha)
-    try:
-        fits = torch.broadcast_shapes(alpha.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
+    if alpha.numel() == 1 and alpha.dim() <= x.dim():
+        fits = True  # (torch.broadcast_shapes costs more than the quantizer on a small tensor)
+    else:
+        try:
+            fits = torch.broadcast_shapes(alpha.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
     if alpha.numel() == 0 or not fits:
         raise ValueError(f"alpha has shape {tuple(alpha.shape)}, which does not broadcast to x's shape "
                          f"{tuple(x.shape)}; allowed: one value, or one per channel shaped to broadcast against x")
     values = alpha.detach()
-    if not bool(torch.isfinite(values).all()):
+    if values.numel() == 1:
+        values = float(values)  # (one number: Python compares it faster than a tensor op would)
+        smallest = values
+        finite, positive, nonzero = math.isfinite(values), values > 0, values != 0
+    else:
+        smallest = float(values.min())
+        finite, positive, nonzero = bool(torch.isfinite(values).all()), smallest > 0, bool((values != 0).all())
+    if not finite:
         raise ValueError("alpha contains NaN or Inf; allowed: finite values")
-    if spec.scheme == "pact" and bool((values <= 0).any()):
-        raise ValueError(f"alpha must be > 0 for scheme 'pact' (it is the clip), got min {float(values.min()):g}")
-    if spec.scheme == "ceil" and bool((values == 0).any()):
+    if spec.scheme == "pact" and not positive:
+        raise ValueError(f"alpha must be > 0 for scheme 'pact' (it is the clip), got min {smallest:g}")
+    if spec.scheme == "ceil" and not nonzero:
         raise ValueError("alpha must be non-zero for scheme 'ceil' (the levels are ±|α| k / 2^(b-1))")
     return alpha
 
@@ -974,7 +1070,7 @@ def _check_alpha(alpha: object, spec: QuantSpec, x: torch.Tensor) -> torch.Tenso
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _prepare(x: object, spec: object, alpha: object = None):
+def _prepare(x: object, spec: object, alpha: object = None, for_apply: bool = False):
     spec, x = _check_spec(spec), _checks.float_tensor("x", x)
     if spec.granularity == "channel":
         _checks.axis_for("axis", spec.axis, x.dim())
@@ -983,7 +1079,8 @@ def _prepare(x: object, spec: object, alpha: object = None):
     if x.dtype in _HALF:  # (the cast's backward brings float32 gradients back within x's range)
         x = _CastWithin.apply(x, torch.float32)
         alpha = None if alpha is None else _CastWithin.apply(alpha, torch.float32)
-    return scheme, spec, x, alpha, scheme.stats(x.detach(), spec, alpha)
+    stats = scheme.apply_stats if for_apply else scheme.stats
+    return scheme, spec, x, alpha, stats(x.detach(), spec, alpha)
 
 
 def _as_input_dtype(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1021,7 +1118,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, alpha: torch.Tensor | Non
     that train one (`ceil`, `pact`); `generator` seeds the stochastic schemes.
     """
     dtype = x.dtype if isinstance(x, torch.Tensor) else None
-    scheme, spec, x, alpha, st = _prepare(x, spec, alpha)
+    scheme, spec, x, alpha, st = _prepare(x, spec, alpha, for_apply=True)
     return _as_input_dtype(scheme.apply(x, spec, st, alpha, generator), dtype)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,9 @@ def _offline_bundle(path: Path) -> str:
 
 # Hide the static snapshot when the live widget rendered just before it (JupyterLab, Voila); a page
 # without widget JavaScript (nbconvert's HTML opened offline) shows the snapshot instead.
+# Seconds a replaced chart view stays open before it is closed: ample for a front end to finish creating it.
+RETIRE_AFTER_S = 30.0
+
 _SNAPSHOT_CSS = ("<style>.jp-OutputArea-child:has(.widget-vbox) + .jp-OutputArea-child .qviz-snapshot,"
                  ".output_area:has(.widget-vbox) + .output_area .qviz-snapshot{display:none}</style>")
 
@@ -130,6 +134,7 @@ class Explorer(W.VBox):
         # the chart widget is created with its first spec: a chart that ever drew a placeholder would keep
         # applying later data and params to it (see _show)
         self.view: W.Widget = W.HTML("<i style='color:#777'>computing…</i>")
+        self._retired: list[tuple[float, W.Widget]] = []  # replaced views, closed later (see _retire)
         self.runner = Runner(self._compute, self._apply, on_error=self.status.show_error,
                              on_progress=self.status.progress, on_done=self.status.done,
                              debounce_s=debounce_s, background=background)
@@ -242,8 +247,20 @@ class Explorer(W.VBox):
                 view.spec = spec  # JupyterChart's `chart` trait would re-validate a whole chart
             old_view, self.view = self.view, view
             self.children = tuple(view if child is old_view else child for child in self.children)
-            old_view.close()
+            self._retire(old_view)
         self.spec, self._shape = spec, shape
+
+    def _retire(self, view: W.Widget) -> None:
+        """Close a replaced view once the front end is surely done with it.
+
+        Closing it at once races the front end: a box still creating the views of children it was just
+        sent ("computing…" is replaced milliseconds after display when the first result is quick) fails
+        with "Could not add child view to box" when one of them is gone.
+        """
+        now = time.monotonic()
+        self._retired.append((now, view))
+        while self._retired and now - self._retired[0][0] > RETIRE_AFTER_S:
+            self._retired.pop(0)[1].close()
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Block until the explorer has shown the result of its latest control change."""
@@ -253,6 +270,9 @@ class Explorer(W.VBox):
         if hasattr(self, "runner"):  # __del__ also calls close on an explorer whose __init__ failed
             self.runner.close()
             self.view.close()
+            for _, view in self._retired:
+                view.close()
+            self._retired.clear()
         super().close()
 
     # ------------------------------------------------------------ export

@@ -49,11 +49,16 @@ class Figure:
         self.datasets[name] = rows
         return {"name": name}
 
-    def title(self, text: str) -> dict:
-        """A view title whose text is a param, so it can change without a new chart."""
+    def title(self, text: str, subtitle: str | None = None) -> dict:
+        """A view title (and a second, smaller line) whose text is a param, so it can change without a new
+        chart."""
         name = f"t{len(self.texts)}"
         self.texts[name] = text
-        return {"text": {"expr": name}}
+        if subtitle is None:
+            return {"text": {"expr": name}}
+        sub = f"t{len(self.texts)}"
+        self.texts[sub] = subtitle
+        return {"text": {"expr": name}, "subtitle": {"expr": sub}, "subtitleFontSize": 12}
 
     def spec(self, body: dict, title: str | None = None) -> dict:
         """The top-level spec: body + datasets + text params + configuration (+ an overall title)."""
@@ -348,29 +353,30 @@ def message(fig: Figure, text: str, title: str) -> dict:
 # Model explorer
 
 
-LAYER_PANEL_WIDTH = 190
+LAYER_PANEL_WIDTH = 170
 
 
 def _layer_panel(fig: Figure, layers: Sequence[str], rows: Sequence[dict], field: str, name: str, color: str,
-                 title: str, x_title: str, selectable: bool = False) -> dict:
+                 title: tuple[str, str], x_title: str, selectable: bool = False) -> dict:
     """One horizontal bar per layer (network order top to bottom); the picked layer stands out."""
     values = [r.get(field) for r in rows]
     data = fig.data(layer=list(layers), v=[v if v is not None and np.isfinite(v) else None for v in values])
     y = {"field": "layer", "type": "nominal", "sort": list(layers), "title": None,
-         "axis": {"labelLimit": 260} if selectable else None}
+         "axis": {"labelLimit": 200} if selectable else None}
     bars = view(data, {"type": "bar", "color": color, "cursor": "pointer"},
                 {"y": y, "x": q("v", x_title),
                  "opacity": {"condition": {"param": "pick", "empty": False, "value": 1.0}, "value": 0.55},
                  "tooltip": [{"field": "layer"}, {"field": "v", "title": x_title, "format": ".4g"}]}, name)
     if selectable:
         bars["params"] = [{"name": "pick", "select": {"type": "point", "fields": ["layer"], "on": "click"}}]
-    return {"layer": [bars], "title": fig.title(title), "width": LAYER_PANEL_WIDTH,
+    return {"layer": [bars], "title": fig.title(*title), "width": LAYER_PANEL_WIDTH,
             "height": max(120, 18 * len(layers))}
 
 
-def layer_view(fig: Figure, rows: Sequence[dict], titles: Sequence[str]) -> dict:
+def layer_view(fig: Figure, rows: Sequence[dict], titles: Sequence[tuple[str, str]]) -> dict:
     """The per-layer view: weight SQNR, output SQNR (the layer's own and in the quantized network),
-    sensitivity and packed bytes, side by side; clicking a bar of the first panel picks that layer."""
+    sensitivity and packed bytes, side by side; clicking a bar of the first panel picks that layer.
+    `titles` are (title, subtitle) pairs: two short lines keep the row within a projector's width."""
     layers = [r["name"] for r in rows]
     own = _layer_panel(fig, layers, rows, "output_sqnr_db", "own_sqnr", ORANGE, titles[1], "dB", False)
     propagated = view(fig.data(layer=layers, v=[r.get("propagated_sqnr_db") if r.get("propagated_sqnr_db") is not None
@@ -411,7 +417,7 @@ def pareto_chart(fig: Figure, uniform: Sequence[dict], greedy: Sequence[dict], c
         view(fig.data(bytes=[current["bytes"]], metric=[current["metric"]]),
              {"type": "point", "size": 260, "color": RED, "filled": True, "stroke": "white", "strokeWidth": 2},
              {"x": x, "y": y}, "current"),
-        title=fig.title(title), width=2 * WIDTH - 60, height=HEIGHT)
+        title=fig.title(title), width=2 * WIDTH - 140, height=HEIGHT)
 
 
 def activation_histogram(fig: Figure, edges, counts, clip: Sequence[float], title: str) -> dict:
@@ -436,5 +442,7 @@ def layer_staircase(fig: Figure, x, q_values, levels, title: str) -> dict:
 
 
 def model_figure(layers: dict, pareto: dict, drill: Sequence[dict]) -> dict:
-    """The model explorer: per-layer view on top; the Pareto chart and the picked layer up close below."""
-    return {"vconcat": [layers, {"hconcat": [pareto, *drill]}], "spacing": 18}
+    """The model explorer, about 950 pixels wide for a projector: the per-layer view on top, the Pareto chart
+    beside the picked layer's weights, then that layer's input activations and quantizer."""
+    weights, *rest = drill
+    return {"vconcat": [layers, {"hconcat": [pareto, weights]}, {"hconcat": rest}], "spacing": 18}

@@ -12,15 +12,32 @@ the runner keeps serving later requests.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ipywidgets as W
 
 Compute = Callable[[dict, threading.Event, Callable[[float, str], None]], Iterator[Any]]
+
+# How long close() waits for a running computation to notice its cancel event. Training checks it
+# between steps (milliseconds), so this bounds only work that cannot be interrupted (one latency measurement).
+CLOSE_TIMEOUT_S = 10.0
+
+_RUNNERS: weakref.WeakSet[Runner] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_runners() -> None:
+    # A worker thread still inside PyTorch when the interpreter tears down aborts the process
+    # ("terminate called without an active exception"): a script that ends while an explorer trains
+    # must exit cleanly, so stop every worker before finalization.
+    for runner in list(_RUNNERS):
+        runner.close()
 
 
 class Runner:
@@ -50,11 +67,14 @@ class Runner:
         self._thread: threading.Thread | None = None
         self.applied_generation = 0
         self.errors = 0
+        _RUNNERS.add(self)
 
     # ---------------------------------------------------------------- requests
 
     def request(self, params: dict) -> None:
         with self._cond:
+            if self._closed:
+                return  # a closed explorer's controls may still fire; nothing is shown any more
             self._generation += 1
             self._pending = (self._generation, dict(params))
             now = time.monotonic()
@@ -113,8 +133,8 @@ class Runner:
 
         try:
             for result in self._compute(params, cancel, progress):
-                if not self._current(generation):
-                    return  # a newer request exists: drop this result and stop the stale work
+                if not self._current(generation) or self._closed:
+                    return  # a newer request exists (or the explorer closed): drop the stale work
                 self._apply(result, params)
                 self.applied_generation = generation
         except Exception as e:  # shown inside the widget; the runner keeps working
@@ -142,11 +162,19 @@ class Runner:
                 self._cond.wait(min(left, 0.05))
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Stop serving requests, cancel the running computation and wait up to `timeout` seconds for
+        the worker thread to finish it; True if no worker is left running."""
         with self._cond:
             self._closed = True
+            self._pending = None
             self._cancel.set()
             self._cond.notify_all()
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
 
 class StatusPanel(W.VBox):

@@ -15,6 +15,7 @@ from qviz.engine import (
     _cache,
     activation_spec,
     decision_map,
+    decision_map_stages,
     float_model,
     post_training_quantize,
     prepare_qat,
@@ -30,6 +31,7 @@ from qviz.widgets._image import data_url
 
 WIDTHS = [16, 32, 64, 128, 200, 256]
 BITS = [("float", 0), ("1", 1), ("2", 2), ("3", 3), ("4", 4), ("6", 6), ("8", 8)]
+PREVIEW_STRIDE = 2  # the first map of a change shows one point per 2x2 block of the grid
 METHODS = [("PTQ (no retraining)", "ptq"), ("QAT", "qat"), ("QAT + CLR", "qat_clr"), ("QAT + L_Lip", "qat_lip"),
            ("QAT + CLR + L_Lip", "qat_clr_lip")]
 
@@ -47,8 +49,9 @@ def activation_scheme_menu() -> list[tuple[str, str]]:
 class DecisionMapExplorer(Explorer):
     """Width, depth, residual, quantized shortcut, weight / activation bits, schemes and method: the float
     and quantized decision maps over the training points, their correct-answer accuracy and the
-    difference map. A change shows the PTQ map at once, then QAT refinements stream in with a progress
-    bar; a newer change cancels stale training (last write wins).
+    difference map. A change shows a preview of the PTQ map at once (one point per 2x2 block of the grid),
+    completes it in place, then QAT refinements stream in with a progress bar; a newer change cancels
+    stale work (last write wins).
 
     Float models are trained once per architecture and then loaded from the cache (a first 256-8 takes
     about half a minute on 2 cores; the progress bar says so).
@@ -135,8 +138,12 @@ class DecisionMapExplorer(Explorer):
         a_spec = activation_spec(params["a_bits"], params["a_scheme"])
         changes = {"quantize_shortcut": params["shortcut"] and params["residual"]}
         ptq = post_training_quantize(base, w_spec, a_spec, **changes)
-        yield {"float": float_map, "quant": decision_map(ptq, resolution=self.resolution), "stage": "PTQ",
-               "w_spec": w_spec, "a_spec": a_spec}
+        # a preview from a quarter of the grid first, then the rest of it: the picture follows the slider
+        # and the finished map costs no more than one map
+        stride = PREVIEW_STRIDE if self.resolution >= 4 * PREVIEW_STRIDE else 1
+        for qmap in decision_map_stages(ptq, resolution=self.resolution, preview_stride=stride):
+            yield {"float": float_map, "quant": qmap, "stage": "PTQ preview" if qmap.get("preview") else "PTQ",
+                   "w_spec": w_spec, "a_spec": a_spec}
         if params["method"] == "ptq" or (w_spec is None and a_spec is None):
             return
         X, y = semicircles(0)

@@ -79,7 +79,7 @@ class ModelExplorer(Explorer):
         self.layer = W.Dropdown(options=layers, value=layers[0], description="layer", style=style)
         self.layer_w = W.SelectionSlider(options=LAYER_OPTIONS, value=GLOBAL, description="its weight bits",
                                          style=style)
-        self.layer_a = W.SelectionSlider(options=LAYER_OPTIONS, value=GLOBAL, description="its activation bits",
+        self.layer_a = W.SelectionSlider(options=LAYER_OPTIONS, value=GLOBAL, description="its input bits",
                                          style=style)
         self.keep_float = W.Checkbox(value=False, description="keep this layer float", indent=False)
         self.layer.observe(self._layer_picked, names="value")
@@ -252,11 +252,12 @@ class ModelExplorer(Explorer):
         totals = result["totals"]
         rows = result["rows"]
         done = sum(r["sensitivity"] is not None for r in rows)
+        so_far = "" if done == len(rows) else f" ({done}/{len(rows)})"
         titles = [
-            "weight SQNR (dB): click a layer",
-            "output SQNR: own (bars), in the network (ticks)",
-            f"sensitivity: {a.sensitivity_name}, layer alone" + ("" if done == len(rows) else f" ({done}/{len(rows)})"),
-            f"packed bytes: {totals['packed_bytes']:,} of {totals['float32_bytes']:,} float32",
+            ("weight SQNR (dB)", "click a layer"),
+            ("output SQNR (dB)", "bars: own, ticks: in the network"),
+            ("sensitivity", f"{a.sensitivity_name}, layer alone{so_far}"),
+            ("packed bytes", f"{totals['packed_bytes']:,} of {totals['float32_bytes']:,} float32"),
         ]
         layers = _charts.layer_view(fig, rows, titles)
         pareto = result["pareto"] or {"uniform": [], "greedy": []}

@@ -120,7 +120,16 @@ def _quantizer_state(page):
 
 def _shot(page, name):
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.locator(".qviz-explorer").first.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.mouse.move(1, 1)
+    # a tooltip opened by a click outlives the redrawn mark it belonged to: keep it out of the picture
+    page.add_style_tag(content="#vg-tooltip-element{visibility:hidden !important}")
+    explorer = page.locator(".qviz-explorer").first
+    explorer.scroll_into_view_if_needed()
+    box, viewport = explorer.bounding_box(), page.viewport_size
+    if box and box["y"] + box["height"] + 40 > viewport["height"]:  # the notebook panel clips a tall explorer
+        page.set_viewport_size({"width": viewport["width"], "height": int(box["y"] + box["height"] + 80)})
+    page.wait_for_timeout(300)
+    explorer.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
 def test_quantizer_staircase_has_2_to_the_bits_levels(lab, browser):

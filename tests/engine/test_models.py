@@ -164,3 +164,30 @@ def test_inference_quantizes_weights_once_and_notices_changes():
     bn = FCDNN(8, 3, w_spec=QuantSpec("symmetric", bits=3), batchnorm=True).eval()
     with torch.inference_mode():
         assert bn(x).shape == (4, 2)  # folded weights are computed tensors: quantized afresh, never cached
+
+
+def test_pact_replaces_the_relu_before_it_with_the_same_values_and_gradients():
+    """002 §2.2: PACT's clip(x, 0, α) is the activation function; a ReLU before it would run twice."""
+    from qviz.engine.layers import ActivationPoint
+
+    point = ActivationPoint()
+    point.configure(QuantSpec("pact", bits=3))
+    point.quantizer.alpha.data.fill_(1.5)
+    assert point.quantizer.clips_at_zero
+    z = torch.randn(512, 16) * 2
+    z[z.abs() < 1e-3] = 0.5  # (the two differ only where z == 0 exactly)
+    a, b = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out = point.after_relu(a)
+    ref = point.quantizer(torch.relu(b))
+    assert torch.equal(out, ref)
+    weights = torch.randn(512, 16)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    # while calibration passes float activations through, the ReLU must stay
+    point.quantizer.start_calibration("mse")
+    assert not point.quantizer.clips_at_zero
+    assert bool((point.after_relu(z) >= 0).all())
+    point.quantizer.finish_calibration()
+    point.configure(QuantSpec("relu", bits=3))
+    assert not point.quantizer.clips_at_zero

@@ -466,3 +466,15 @@ def test_a_digits_cnn_retrained_at_w4a4_through_quantize_model_stays_within_a_po
     assert float_acc > 0.97
     assert results[4][1] >= float_acc - 0.01, (float_acc, results)  # measured: 0.991 vs 0.993
     assert results[2][1] > results[2][0] + 0.05, results  # QAT recovers what 2-bit PTQ lost (0.82 -> 0.94)
+
+
+def test_quantizers_added_to_a_model_in_eval_mode_are_in_eval_mode_and_keep_their_ranges():
+    """A module is created in training mode; a quantizer left so inside an eval-mode model moved its
+    calibrated range with every inference batch."""
+    model = SmallCNN().eval()
+    qm = calibrate(quantize_model(model, 8, 8), torch.randn(8, 1, 8, 8), method="minmax")
+    assert not any(m.training for m in qm.modules())
+    before = qm.conv2.input_quantizer.range()
+    with torch.no_grad():
+        qm(torch.randn(8, 1, 8, 8) * 10)
+    assert qm.conv2.input_quantizer.range() == before

@@ -17,6 +17,7 @@ from qviz.engine import (
     clr_factor,
     cyclic_lr_factors,
     decision_map,
+    decision_map_stages,
     float_model,
     heldout_accuracy,
     lipschitz_penalty,
@@ -212,6 +213,40 @@ def test_the_cache_directory_is_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv("QVIZ_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert cache_dir() == tmp_path / "elsewhere"
     assert cache_dir(tmp_path / "given") == tmp_path / "given"
+
+
+@pytest.mark.parametrize("resolution,stride", [(40, 2), (41, 2), (30, 3), (16, 1), (9, 4)])
+def test_decision_map_stages_preview_then_the_same_map_as_decision_map(small_float, resolution, stride):
+    w_spec, a_spec = QuantSpec("symmetric", bits=3, narrow=True), QuantSpec("relu", bits=3)
+    model = post_training_quantize(small_float, w_spec, a_spec)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    stages = list(decision_map_stages(model, resolution=resolution, preview_stride=stride))
+    whole = decision_map(model, resolution=resolution)
+    done = stages[-1]
+    assert "preview" not in done and len(stages) == (1 if stride == 1 else 2)
+    assert np.array_equal(done["predicted"], whole["predicted"])
+    assert np.allclose(done["probs"], whole["probs"], atol=1e-6)
+    assert done["accuracy"] == pytest.approx(whole["accuracy"])
+    assert sum(calls) == 2 * resolution**2  # the stages together evaluate each point once, decision_map once
+    if stride > 1:
+        preview = stages[0]
+        assert preview["preview"] and preview["probs"].shape == (resolution, resolution)
+        rep = np.minimum(np.arange(resolution) // stride * stride + stride // 2, resolution - 1)
+        assert np.allclose(preview["probs"], whole["probs"][rep][:, rep], atol=1e-6)
+        shown = np.unique(rep)
+        assert len(shown) <= -(-resolution // stride)
+        right = whole["predicted"][np.ix_(shown, shown)] == whole["correct"][np.ix_(shown, shown)]
+        assert preview["accuracy"] == pytest.approx(right.mean())
+
+
+def test_decision_map_stages_checks_its_arguments_before_the_first_map(small_float):
+    with pytest.raises(ValueError, match="preview_stride"):
+        decision_map_stages(small_float, resolution=10, preview_stride=11)
+    with pytest.raises(ValueError, match="lo=1, hi=0"):
+        decision_map_stages(small_float, lo=1.0, hi=0.0)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        decision_map_stages("net")
 
 
 def test_roughness_tells_noise_from_a_smooth_boundary():

@@ -1,6 +1,8 @@
 """Every explorer, driven by setting traits (no browser): the chart data changes as the engine says."""
 
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -243,7 +245,17 @@ def test_decision_map_streams_ptq_then_qat_refinements(cache, monkeypatch):
     e.runner._apply = spy
     try:
         e.method.value = "qat_clr"
-        assert stages[-3:] == ["PTQ", "QAT step 10", "QAT step 20"]
+        assert stages[-4:] == ["PTQ preview", "PTQ", "QAT step 10", "QAT step 20"]
+        # the preview shows each 2x2 block's point; the finished PTQ map is decision_map's
+        stages.clear()
+        previews = []
+        e.runner._apply = lambda result, params: (previews.append(result), spy(result, params))
+        e.method.value = "ptq"
+        preview, done = previews[-2:]
+        assert preview["quant"]["preview"] and "preview" not in done["quant"]
+        p = preview["quant"]["probs"]
+        assert np.array_equal(p[0::2], p[1::2]) and np.array_equal(p[:, 0::2], p[:, 1::2])
+        assert np.array_equal(p[1::2, 1::2], done["quant"]["probs"][1::2, 1::2])
     finally:
         e.close()
 
@@ -258,7 +270,7 @@ def test_a_newer_change_cancels_stale_training(cache, monkeypatch):
         threading.Event().wait(1.0)
         e.method.value = "ptq"  # ... and this must cancel it
         assert e.wait(20), "the stale QAT run was not cancelled"
-        assert e.data["stage"] == "PTQ" and e.params["method"] == "ptq"
+        assert e.data["stage"] == "PTQ" and e.params["method"] == "ptq"  # (the finished map, after its preview)
     finally:
         e.close()
 
@@ -388,3 +400,41 @@ def test_chart_updates_are_queued_behind_the_running_vega_update():
     assert serialize_view_updates(esm) == esm  # applying it twice changes nothing
     with pytest.warns(RuntimeWarning, match="not the one qviz knows"):
         assert serialize_view_updates("export default {}") == "export default {}"
+
+
+def test_close_stops_the_worker_and_a_script_ending_mid_training_exits_cleanly(cache, monkeypatch):
+    monkeypatch.setattr("qviz.widgets.decision.float_model",
+                        lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
+    e = DecisionMapExplorer(resolution=32, qat_steps=100_000, refresh_every=50, points=100)
+    assert e.wait(60)
+    e.method.value = "qat"
+    threading.Event().wait(0.5)
+    worker = e.runner._thread
+    assert worker is not None and worker.is_alive()
+    e.close()
+    assert not worker.is_alive(), "close() left the training thread running"
+    e.method.value = "ptq"  # controls of a closed explorer do nothing
+    assert e.runner.idle()
+
+    # Before the fix a script that ended while an explorer trained aborted in PyTorch's teardown.
+    script = ("import qviz, time\n"
+              "d = qviz.DecisionMapExplorer(width=64, depth=3, method='qat', qat_steps=100000)\n"
+              "time.sleep(3)\n"
+              "print('ending')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ending" in done.stdout
+
+
+def test_a_replaced_view_stays_open_until_the_front_end_is_done_with_it(monkeypatch):
+    # closing "computing…" the moment the first chart replaces it failed in JupyterLab with "Could not add
+    # child view to box" when the box was still creating its children's views
+    e = QuantizerExplorer(background=False)
+    placeholder = e._retired[0][1]
+    assert placeholder not in e.children and placeholder.comm is not None, "the replaced view was closed at once"
+    monkeypatch.setattr("qviz.widgets._base.RETIRE_AFTER_S", 0.0)
+    import ipywidgets as W
+    e._retire(W.HTML())  # the next replacement closes views retired long enough ago
+    assert placeholder.comm is None
+    e.close()
+    assert all(view.comm is None for _, view in e._retired) and e.view.comm is None

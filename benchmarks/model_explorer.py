@@ -1,0 +1,70 @@
+"""How fast the ModelExplorer answers on a ResNet-18-shaped network (Hugging Face's ResNet from a config:
+64-128-256-512 channels, two basic blocks per stage, 11.2M parameters, 21 quantized layers) with 32 images of
+64x64 and no labels (output SQNR as the metric), on 2 threads.
+
+Goals (issue 12): the full per-layer view (every row with its sensitivity) within 30 s, the first rows
+within 3 s, and one layer's bit change within 1 s; the Pareto chart is timed too. The float forward pass
+over the same images is printed as the yardstick (the machine is shared, so absolute times drift).
+
+Run: .venv/bin/python benchmarks/model_explorer.py   (needs transformers)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import table
+from quantize import resnet18_shaped
+
+import qviz
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model = resnet18_shaped()
+    images = {"pixel_values": torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        model(**images)
+        start = time.perf_counter()
+        model(**images)
+        forward = time.perf_counter() - start
+    start = time.perf_counter()
+    explorer = qviz.ModelExplorer(model, images)  # computes in the background, as in a notebook
+    layers = len(explorer.analysis.layers)
+    first_rows = _since(start, explorer, lambda d: len(d["rows"]) == layers)
+    full_view = _since(start, explorer, lambda d: all(r["sensitivity"] is not None for r in d["rows"]))
+    pareto = _since(start, explorer, lambda d: d["stage"] == "done")
+    changes = []
+    for i, name in enumerate(explorer.analysis.layers[1:7]):
+        before = explorer.data
+        start = time.perf_counter()
+        explorer.set_bits(name, 4 if i % 2 else 2, 8)
+        changes.append(_since(start, explorer, lambda d, before=before: d is not before and d["stage"] == "done"))
+    explorer.close()
+    rows = [["float forward, 32 images", f"{forward:.2f}", ""],
+            ["first rows (weight and own output SQNR of every layer)", f"{first_rows:.2f}", "<= 3"],
+            ["full per-layer view (every sensitivity)", f"{full_view:.2f}", "<= 30"],
+            ["Pareto chart (uniform widths + greedy path)", f"{pareto:.2f}", ""],
+            ["one layer's bit change, median of 6", f"{statistics.median(changes):.2f}", "<= 1"]]
+    print(f"torch {torch.__version__}, 2 threads; ResNet-18-shaped network, {layers} quantized layers, 32 images "
+          "of 64x64, output SQNR as the metric\n")
+    print(table(rows, ["step", "seconds", "goal"]))
+
+
+def _since(start: float, explorer, predicate, timeout: float = 300.0) -> float:
+    while time.perf_counter() - start < timeout:
+        data = explorer.data
+        if data is not None and predicate(data):
+            return time.perf_counter() - start
+        time.sleep(0.005)
+    raise TimeoutError("the explorer did not get there")
+
+
+if __name__ == "__main__":
+    main()
