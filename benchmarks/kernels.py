@@ -6,13 +6,17 @@ What it prints, in order:
   "pop" XOR + popcount + add in bit-MACs/s, "dot" byte dot products (vpdpbusd / vpmaddubsw) in MACs/s,
   "fma" float32 multiply-adds in MACs/s, all threads at once;
 - read bandwidth from a buffer that fits the L3 cache and from one far beyond it (DRAM);
-- every kernel on four shapes: qviz time (activation packing included; weights prepared beforehand, as a
-  deployed layer holds them), torch float32 (x @ W.T), torch's dynamic int8 linear (fbgemm), the ratios,
-  and how close qviz is to the hardware: "% roof" (compute: achieved ops/s over the path's roof for that
-  kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over the L3 bandwidth with
-  warm weights: an untimed identical call right before each timed one; over the DRAM bandwidth with
-  cold weights: copies cycled through, 256 MiB of them). Rows without "warm"/"cold" start from whatever
-  the previous call left in the caches (torch's float weights flush the L3 at the larger shapes);
+- every kernel on four shapes: qviz time (float activations go in as they are and are packed inside the
+  matmul; weights prepared beforehand, as a deployed layer holds them; both sides write into a result
+  array of their own, reused), torch float32 (torch.matmul(x, W.T, out=...)), torch's dynamic int8 linear
+  (fbgemm), the ratios, and how close qviz is to the hardware: "% roof" (compute: achieved ops/s over the
+  path's roof for that kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over
+  the L3 bandwidth with warm weights: an untimed identical call right before each timed one; over the
+  DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them). Rows without "warm"/"cold"
+  start from whatever the previous call left in the caches (torch's float weights flush the L3 at the
+  larger shapes, and the first touches after PyTorch's GEMM were measured slower than after a plain
+  flush); the binary and hybrid kernels also get "warm" rows at M >= 16 (their weights and activations
+  in the caches, as in a loop over one layer), the compute-bound case their roof goal is about;
 - 003 Chapter 5's layer: packed-index convolution against torch conv2d, and its memory.
 
 Runs alternate qviz / torch / int8 in one process until a time budget is spent and report medians
@@ -101,7 +105,8 @@ def main() -> None:
     shapes = SHAPES[:2] if ARGS.quick else SHAPES
     for kind, bits, label, roof_kind in KERNELS:
         for m, k, n in shapes:
-            for cache in (("warm", "cold") if m == 1 else ("",)):
+            caches = ("warm", "cold") if m == 1 else ("", "warm") if roof_kind == "pop" else ("",)
+            for cache in caches:
                 cold = cache == "cold"
                 r = packed.measure_latency(kind, m, k, n, bits=bits, budget_s=ARGS.budget, threads=THREADS,
                                            with_int8=True, cold=cold, warm=cache == "warm")

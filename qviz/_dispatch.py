@@ -97,9 +97,20 @@ def _self_check(path: int) -> bool:
                 ops = {1: ("xor", "and"), 2: ("dot2",), 4: ("dot4",)}[bits]
                 for op in ops:
                     ok &= same(lambda p, o, a=a, panels=panels, k32=k32, op=op: _kernels.panel_matmul(
-                        a, k32, panels, n, _kernels.OPS[op], 1, None, 0, o, p, 2), (m, n), np.int32)
+                        a, k32, panels, n, _kernels.OPS[op], 1, False, 0, o, p, 2), (m, n), np.int32)
                 ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(
-                    x, panels, n, bits, cb[0], o, p, 2), (m, n), np.float32, exact=False)
+                    x, panels, n, bits, cb[0], 0, o, p, 2), (m, n), np.float32, exact=False)
+                ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(  # a GEMV: tables
+                    x[:1], panels, n, bits, cb[0], 0, o, p, 2), (1, n), np.float32, exact=False)
+            # per-row codebooks and 8-bit codes: gathers from a decoded block where the path has them
+            panels8 = _panels(w, k, bits)
+            cbr = rng.standard_normal((n, 2**bits), dtype=np.float32)
+            if _kernels.panel_lut_ok(path, m, n, k, bits, 2**bits):
+                def per_row(p, o, panels8=panels8, bits=bits, cbr=cbr, w=w):  # portable: the row kernel
+                    if p == 0:
+                        return _kernels.lut_matmul(x, w, bits, cbr, o, 0, 2)
+                    return _kernels.panel_lut(x, panels8, n, bits, cbr.reshape(-1), 2**bits, o, p, 2)
+                ok &= same(per_row, (m, n), np.float32, exact=False)
             if not ok:
                 return False
         xc = rng.standard_normal((2, 3, 9, 11), dtype=np.float32)

@@ -34,6 +34,14 @@
 #include <omp.h>
 #endif
 
+/* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
+ * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define QVIZ_NO_PRE __attribute__((optimize("no-tree-pre")))
+#else
+#define QVIZ_NO_PRE
+#endif
+
 enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_AVX512VNNI = 4, QVIZ_N_PATHS = 5 };
 
 /* What the reduction over words computes for one pair of rows. */
@@ -62,6 +70,15 @@ static int qviz_path_supported(int path) {
 }
 
 static int qviz_openmp_enabled(void) { return QVIZ_HAVE_OPENMP; }
+
+/* 1 if no float of p[0 .. n) is NaN or infinite (its exponent bits are not all ones). Branch-free, so
+ * the compiler vectorises it; the kernels' wrappers run it on inputs and results. */
+static int qviz_all_finite(const float *p, size_t n) {
+    const uint32_t *u = (const uint32_t *)p; /* built with -fno-strict-aliasing */
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (u[i] & 0x7F800000u) == 0x7F800000u;
+    return !bad;
+}
 
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -419,14 +436,172 @@ static QVIZ_AVX2_FN int qviz_pack_signs_avx2(const float *x, size_t M, size_t K,
     }
     return nan_seen != 0;
 }
+
+/* AVX-512: one compare into a mask register per 16 floats, four masks make a word; the last word of a
+ * row loads only the lanes that exist (masked lanes read nothing and compare false). */
+static QVIZ_AVX512_FN int qviz_pack_signs_avx512(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+    const __m512 zero = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;
+            uint64_t word = 0;
+            for (size_t g = 0; g < 4 && 16 * g < n; g++) {
+                const size_t left = n - 16 * g;
+                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k0 + 16 * g);
+                word |= (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ) << (16 * g);
+                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan != 0;
+}
 #endif
 
-static int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+/* 1-bit uniform codes are a threshold: code = clamp(round_half_even(x * inv_scale) + z, 0, 1) is 1 exactly
+ * where x * inv_scale > 0.5 (z = 0: 0.5 rounds to 0) or x * inv_scale >= -0.5 (z = 1: -0.5 rounds to -0).
+ * The product is the same float32 product the b-bit packers round, so the codes are the same. */
+static int qviz_pack_thresh(const float *x, size_t M, size_t K, float inv, float thr, int ge, uint64_t *out,
+                            size_t W) {
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++)
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            const size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            for (size_t k = k0; k < k1; k++) {
+                const float c = x[r * K + k] * inv;
+                nan_seen |= c != c;
+                word |= (uint64_t)(ge ? c >= thr : c > thr) << (k - k0);
+            }
+            out[r * W + w] = word;
+        }
+    return nan_seen;
+}
+
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX2) return qviz_pack_signs_avx2(x, M, K, out, W);
+static QVIZ_AVX2_FN int qviz_pack_thresh_avx2(const float *x, size_t M, size_t K, float inv, float thr, int ge,
+                                               uint64_t *out, size_t W) {
+    const __m256 vi = _mm256_set1_ps(inv), vt = _mm256_set1_ps(thr);
+    int nan_seen = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            uint64_t word = 0;
+            const size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            size_t k = k0;
+            for (; k + 8 <= k1; k += 8) {
+                const __m256 c = _mm256_mul_ps(_mm256_loadu_ps(row + k), vi);
+                const __m256 hit = ge ? _mm256_cmp_ps(c, vt, _CMP_GE_OQ) : _mm256_cmp_ps(c, vt, _CMP_GT_OQ);
+                word |= (uint64_t)_mm256_movemask_ps(hit) << (k - k0);
+                nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+            }
+            for (; k < k1; k++) {
+                const float c = row[k] * inv;
+                nan_seen |= c != c;
+                word |= (uint64_t)(ge ? c >= thr : c > thr) << (k - k0);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan_seen != 0;
+}
+
+static QVIZ_AVX512_FN int qviz_pack_thresh_avx512(const float *x, size_t M, size_t K, float inv, float thr, int ge,
+                                                   uint64_t *out, size_t W) {
+    const __m512 vi = _mm512_set1_ps(inv), vt = _mm512_set1_ps(thr);
+    __mmask16 nan = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        for (size_t w = 0; w < W; w++) {
+            const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;
+            uint64_t word = 0;
+            for (size_t g = 0; g < 4 && 16 * g < n; g++) {
+                const size_t left = n - 16 * g;
+                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k0 + 16 * g), vi);
+                const __mmask16 hit = ge ? _mm512_mask_cmp_ps_mask(lanes, c, vt, _CMP_GE_OQ)
+                                         : _mm512_mask_cmp_ps_mask(lanes, c, vt, _CMP_GT_OQ);
+                word |= (uint64_t)hit << (16 * g);
+                nan |= _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+            }
+            out[r * W + w] = word;
+        }
+    }
+    return nan != 0;
+}
 #endif
-    (void)path;
-    return qviz_pack_signs(x, M, K, out, W);
+
+/* Activations as the fused matmuls receive them: float rows to sign-binarize (SIGNS) or to quantize to
+ * b-bit codes (UNIFORM, the affine quantizer of qviz_pack_uniform). */
+enum { QVIZ_ACT_SIGNS = 0, QVIZ_ACT_UNIFORM = 1 };
+typedef struct {
+    int mode, bits;
+    const float *x;
+    size_t K, W64;
+    float inv_scale, zero_point;
+} qviz_act;
+
+static int qviz_pack_uniform_rows(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                  float zero_point, uint64_t *out, size_t W, int64_t *row_sums);
+static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out);
+
+/* Rows [r0, r0 + rows) of the activations packed into dst (rows x W64 words); 1 if they held NaN. */
+static int qviz_pack_act(int path, const qviz_act *a, size_t r0, size_t rows, uint64_t *dst, int64_t *sums) {
+    const float *x = a->x + r0 * a->K;
+    if (a->mode == QVIZ_ACT_UNIFORM && a->bits == 1) {
+        const float thr = a->zero_point >= 1.0f ? -0.5f : 0.5f;
+        const int ge = a->zero_point >= 1.0f;
+#if QVIZ_X86 && defined(__GNUC__)
+        if (path >= QVIZ_AVX512) return qviz_pack_thresh_avx512(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
+        if (path >= QVIZ_AVX2) return qviz_pack_thresh_avx2(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
+#endif
+        return qviz_pack_thresh(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
+    }
+    if (a->mode == QVIZ_ACT_UNIFORM)
+        return qviz_pack_uniform_rows(path, x, rows, a->K, a->bits, a->inv_scale, a->zero_point, dst, a->W64, sums);
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512) return qviz_pack_signs_avx512(x, rows, a->K, dst, a->W64);
+    if (path >= QVIZ_AVX2) return qviz_pack_signs_avx2(x, rows, a->K, dst, a->W64);
+#endif
+    return qviz_pack_signs(x, rows, a->K, dst, a->W64);
+}
+
+typedef struct {
+    int path;
+    const float *x;
+    size_t M, K, W;
+    uint64_t *out;
+    _Atomic int nan_seen;
+} qviz_signs_job;
+
+#define QVIZ_SIGN_ROWS 32 /* rows per task */
+
+static void qviz_signs_task(void *arg, long t) {
+    qviz_signs_job *j = (qviz_signs_job *)arg;
+    const size_t r0 = (size_t)t * QVIZ_SIGN_ROWS, rows = j->M - r0 < QVIZ_SIGN_ROWS ? j->M - r0 : QVIZ_SIGN_ROWS;
+    const float *x = j->x + r0 * j->K;
+    uint64_t *out = j->out + r0 * j->W;
+    int nan;
+#if QVIZ_X86 && defined(__GNUC__)
+    if (j->path >= QVIZ_AVX512) nan = qviz_pack_signs_avx512(x, rows, j->K, out, j->W);
+    else if (j->path >= QVIZ_AVX2) nan = qviz_pack_signs_avx2(x, rows, j->K, out, j->W);
+    else
+#endif
+        nan = qviz_pack_signs(x, rows, j->K, out, j->W);
+    if (nan) atomic_store(&j->nan_seen, 1);
+}
+
+/* Sign bits of x on up to `threads` threads (a single task below 1 MiB of floats). 1 if x held NaN. */
+static int qviz_pack_signs_best(int path, const float *x, size_t M, size_t K, uint64_t *out, size_t W, int threads) {
+    qviz_signs_job j;
+    j.path = path, j.x = x, j.M = M, j.K = K, j.W = W, j.out = out;
+    atomic_init(&j.nan_seen, 0);
+    const int team = (double)M * (double)K < 262144.0 ? 1 : threads;
+    qviz_parallel(qviz_signs_task, &j, (long)((M + QVIZ_SIGN_ROWS - 1) / QVIZ_SIGN_ROWS), team);
+    return atomic_load(&j.nan_seen);
 }
 
 /* Uniform quantization of float activations straight into packed codes:
@@ -538,19 +713,28 @@ typedef struct {
 
 #define QVIZ_PACK_ROWS 16 /* rows per task */
 
+/* M rows of x quantized into out (W words a row) and their code sums. 1-bit codes are a threshold
+ * (qviz_pack_act), counted by popcount. */
+static int qviz_pack_uniform_rows(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                  float zero_point, uint64_t *out, size_t W, int64_t *row_sums) {
+    if (bits == 1) {
+        const qviz_act a = {QVIZ_ACT_UNIFORM, 1, x, K, W, inv_scale, zero_point};
+        const int nan_seen = qviz_pack_act(path, &a, 0, M, out, NULL);
+        if (row_sums) qviz_row_popcounts(out, M, W, row_sums);
+        return nan_seen;
+    }
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX2) return qviz_pack_uniform_avx2(x, 0, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+#endif
+    return qviz_pack_uniform_portable(x, M, K, bits, inv_scale, zero_point, out, W, row_sums);
+}
+
 static void qviz_pack_task(void *arg, long t) {
     qviz_pack_job *j = (qviz_pack_job *)arg;
     const size_t r0 = (size_t)t * QVIZ_PACK_ROWS, r1 = r0 + QVIZ_PACK_ROWS < j->M ? r0 + QVIZ_PACK_ROWS : j->M;
-    int nan_seen;
-#if QVIZ_X86 && defined(__GNUC__)
-    if (j->path >= QVIZ_AVX2)
-        nan_seen = qviz_pack_uniform_avx2(j->x, r0, r1, j->K, j->bits, j->inv_scale, j->zero_point, j->out, j->W,
-                                          j->row_sums);
-    else
-#endif
-        nan_seen = qviz_pack_uniform_portable(j->x + r0 * j->K, r1 - r0, j->K, j->bits, j->inv_scale, j->zero_point,
-                                              j->out + r0 * j->W, j->W, j->row_sums + r0);
-    if (nan_seen) atomic_store(&j->nan_seen, 1);
+    if (qviz_pack_uniform_rows(j->path, j->x + r0 * j->K, r1 - r0, j->K, j->bits, j->inv_scale, j->zero_point,
+                               j->out + r0 * j->W, j->W, j->row_sums + r0))
+        atomic_store(&j->nan_seen, 1);
 }
 
 /* Rows in blocks on the pool; a single block (small M) stays on the caller. Returns 1 if x held NaN. */
@@ -783,14 +967,12 @@ static void qviz_lut_matmul(int path, const float *x, size_t M, size_t K, const 
 /* ------------------------------------------------------------------------------------------------ */
 /* Packed-index direct convolution (003 Figs. 5.1, 5.2), stride 1, zero padding `pad`:                 */
 /* out[b, co, y, x] = sum_{ci, i, j} x[b, ci, y + i - pad, x + j - pad] codebook_co[code(co, ci, i, j)]. */
-/* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2); the inner loop     */
-/* runs along output columns so the compiler can vectorise it.                                         */
+/* Each filter is decoded once per call (not once per output pixel as in Fig. 5.2), into a stack buffer */
+/* when it is small (003's layer: 8 x 27 floats), so a small layer costs no allocation.                */
 
-/* Direct convolution with the output channels in the vector lanes: the filters are decoded once per
- * call into wt[(ci, i, j)][co] (output channels padded to 8), and every output pixel sums its taps as
- * acc[co] += x[ci, y + i - pad, x + j - pad] wt[(ci, i, j)][co], one broadcast and CO / 8 FMAs per tap.
- * 003's layer (3 x 16 x 16 in, 8 out, 3 x 3) is 196 pixels x 27 taps: a few thousand vector FMAs,
- * where a plane-by-plane loop along 14-pixel rows spends most of its time in loop tails. */
+/* Portable: the output channels in the vector lanes (GCC vectors of 8): the filters are decoded into
+ * wt[(ci, i, j)][co] (output channels padded to 8), and every output pixel sums its taps as
+ * acc[co] += x[ci, y + i - pad, x + j - pad] wt[(ci, i, j)][co], one broadcast and CO / 8 FMAs per tap. */
 #ifndef QVIZ_PANEL
 #define QVIZ_PANEL 16
 #endif
@@ -838,9 +1020,133 @@ typedef float qviz_v8 __attribute__((vector_size(32), aligned(4))); /* 8 output 
         }                                                                                               \
     }
 QVIZ_DEFINE_CONV_ROW(qviz_conv_row_portable, )
+
+/* Pixels in the vector lanes, for layers with few output channels (003's has 8): one output row is
+ * cut into chunks of V pixels (16 with AVX-512, 8 with AVX2), and each tap (ci, i, j) costs one load of
+ * V input pixels (masked at the image edges and the row's end: masked lanes are never read) and one FMA
+ * per output channel, 8 channels at a time with the filter value broadcast from the decoded filters
+ * wk[co][(ci, i, j)]. With channels in the lanes, 8 channels fill only 8 lanes and each tap costs a
+ * broadcast of the input; here every lane does useful work once a row has V pixels. */
 #if QVIZ_X86 && defined(__GNUC__)
-QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx2, QVIZ_AVX2_FN)
-QVIZ_DEFINE_CONV_ROW(qviz_conv_row_avx512, QVIZ_AVX512_FN)
+#define QVIZ_PX_FMA8(FMA, SET1, xv, wr, KF)                                                              \
+    a0 = FMA(SET1(wr[0]), xv, a0), a1 = FMA(SET1(wr[KF]), xv, a1), a2 = FMA(SET1(wr[2 * KF]), xv, a2),     \
+    a3 = FMA(SET1(wr[3 * KF]), xv, a3), a4 = FMA(SET1(wr[4 * KF]), xv, a4), a5 = FMA(SET1(wr[5 * KF]), xv, a5), \
+    a6 = FMA(SET1(wr[6 * KF]), xv, a6), a7 = FMA(SET1(wr[7 * KF]), xv, a7)
+
+/* AVX-512: two output rows at once (16 accumulators), so each broadcast filter value serves two loads. */
+#define QVIZ_PX_FMA16(wr, KF)                                                                           \
+    {                                                                                                   \
+        __m512 f;                                                                                       \
+        f = _mm512_set1_ps(wr[0]), a0 = _mm512_fmadd_ps(f, x0, a0), b0 = _mm512_fmadd_ps(f, x1, b0);        \
+        f = _mm512_set1_ps(wr[KF]), a1 = _mm512_fmadd_ps(f, x0, a1), b1 = _mm512_fmadd_ps(f, x1, b1);       \
+        f = _mm512_set1_ps(wr[2 * KF]), a2 = _mm512_fmadd_ps(f, x0, a2), b2 = _mm512_fmadd_ps(f, x1, b2);   \
+        f = _mm512_set1_ps(wr[3 * KF]), a3 = _mm512_fmadd_ps(f, x0, a3), b3 = _mm512_fmadd_ps(f, x1, b3);   \
+        f = _mm512_set1_ps(wr[4 * KF]), a4 = _mm512_fmadd_ps(f, x0, a4), b4 = _mm512_fmadd_ps(f, x1, b4);   \
+        f = _mm512_set1_ps(wr[5 * KF]), a5 = _mm512_fmadd_ps(f, x0, a5), b5 = _mm512_fmadd_ps(f, x1, b5);   \
+        f = _mm512_set1_ps(wr[6 * KF]), a6 = _mm512_fmadd_ps(f, x0, a6), b6 = _mm512_fmadd_ps(f, x1, b6);   \
+        f = _mm512_set1_ps(wr[7 * KF]), a7 = _mm512_fmadd_ps(f, x0, a7), b7 = _mm512_fmadd_ps(f, x1, b7);   \
+    }
+#define QVIZ_PX_STORE512(acc, yy, c)                                                                    \
+    if (left > c) _mm512_mask_storeu_ps(out + ((c0 + c) * Ho + (yy)) * Wo + x0, st, acc);
+
+/* rows y and y + 1 (if rows == 2): a row of taps whose input row lies outside the image loads zeros */
+static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_conv_px512_rows(const float *x, size_t C, size_t H, size_t Wd,
+                                                           const float *wk, size_t CO, size_t kh, size_t kw,
+                                                           size_t pad, size_t y, int rows, float *out, size_t Ho,
+                                                           size_t Wo) {
+    const size_t KF = C * kh * kw;
+    /* taps i that reach inside the image for row y or y + 1 */
+    const long i0 = (long)pad > (long)y + rows - 1 ? (long)pad - (long)y - rows + 1 : 0;
+    const long i1 = (long)(H + pad) - (long)y < (long)kh ? (long)(H + pad) - (long)y : (long)kh;
+    __mmask16 jm[64];
+    long js[64];
+    for (size_t x0 = 0; x0 < Wo; x0 += 16) {
+        const long lanes = Wo - x0 < 16 ? (long)(Wo - x0) : 16;
+        for (size_t j = 0; j < kw; j++) { /* lanes whose input column lies inside the image */
+            const long s = (long)x0 + (long)j - (long)pad, lo = s < 0 ? -s : 0;
+            const long hi = (long)Wd - s < lanes ? (long)Wd - s : lanes;
+            jm[j] = hi > lo ? (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)) : 0;
+            js[j] = s;
+        }
+        const __mmask16 st = (__mmask16)((1u << lanes) - 1);
+        for (size_t c0 = 0; c0 < CO; c0 += 8) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
+            for (size_t ci = 0; ci < C; ci++)
+                for (long i = i0; i < i1; i++) {
+                    const long r0 = (long)y + i - (long)pad, r1 = r0 + 1;
+                    const __mmask16 v0 = r0 >= 0 && r0 < (long)H ? 0xFFFF : 0;
+                    const __mmask16 v1 = rows > 1 && r1 >= 0 && r1 < (long)H ? 0xFFFF : 0;
+                    /* rows outside the image are never dereferenced: their mask is zero */
+                    const uintptr_t xr0 = (uintptr_t)(x + ci * H * Wd) + (uintptr_t)(r0 * (long)Wd * 4);
+                    const float *wr = wk + c0 * KF + (ci * kh + (size_t)i) * kw;
+                    for (size_t j = 0; j < kw; j++) {
+                        const uintptr_t at = xr0 + (uintptr_t)(js[j] * 4);
+                        const __m512 x0 = _mm512_maskz_loadu_ps(jm[j] & v0, (const void *)at);
+                        const __m512 x1 = _mm512_maskz_loadu_ps(jm[j] & v1, (const void *)(at + Wd * 4));
+                        QVIZ_PX_FMA16((wr + j), KF)
+                    }
+                }
+            const size_t left = CO - c0;
+            QVIZ_PX_STORE512(a0, y, 0) QVIZ_PX_STORE512(a1, y, 1) QVIZ_PX_STORE512(a2, y, 2)
+            QVIZ_PX_STORE512(a3, y, 3) QVIZ_PX_STORE512(a4, y, 4) QVIZ_PX_STORE512(a5, y, 5)
+            QVIZ_PX_STORE512(a6, y, 6) QVIZ_PX_STORE512(a7, y, 7)
+            if (rows > 1) {
+                QVIZ_PX_STORE512(b0, y + 1, 0) QVIZ_PX_STORE512(b1, y + 1, 1) QVIZ_PX_STORE512(b2, y + 1, 2)
+                QVIZ_PX_STORE512(b3, y + 1, 3) QVIZ_PX_STORE512(b4, y + 1, 4) QVIZ_PX_STORE512(b5, y + 1, 5)
+                QVIZ_PX_STORE512(b6, y + 1, 6) QVIZ_PX_STORE512(b7, y + 1, 7)
+            }
+        }
+    }
+}
+
+static QVIZ_AVX2_FN QVIZ_NO_PRE void qviz_conv_px256(const float *x, size_t C, size_t H, size_t Wd, const float *wk,
+                                                    size_t COp, size_t CO, size_t kh, size_t kw, size_t pad, size_t y,
+                                                    float *out, size_t Ho, size_t Wo) {
+    (void)COp;
+    const size_t KF = C * kh * kw;
+    const long i0 = (long)pad > (long)y ? (long)pad - (long)y : 0;
+    const long i1 = (long)(H + pad) - (long)y < (long)kh ? (long)(H + pad) - (long)y : (long)kh;
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i jm[64];
+    long js[64];
+    unsigned char any[64];
+    for (size_t x0 = 0; x0 < Wo; x0 += 8) {
+        const long lanes = Wo - x0 < 8 ? (long)(Wo - x0) : 8;
+        for (size_t j = 0; j < kw; j++) {
+            const long s = (long)x0 + (long)j - (long)pad, lo = s < 0 ? -s : 0;
+            const long hi = (long)Wd - s < lanes ? (long)Wd - s : lanes;
+            jm[j] = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)hi), idx),
+                                     _mm256_cmpgt_epi32(idx, _mm256_set1_epi32((int)lo - 1)));
+            any[j] = hi > lo;
+            js[j] = s;
+        }
+        const __m256i st = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)lanes), idx);
+        for (size_t c0 = 0; c0 < CO; c0 += 8) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (size_t ci = 0; ci < C; ci++)
+                for (long i = i0; i < i1; i++) {
+                    const float *xr = x + (ci * H + (size_t)((long)y + i - (long)pad)) * Wd;
+                    const float *wr = wk + c0 * KF + (ci * kh + (size_t)i) * kw;
+                    for (size_t j = 0; j < kw; j++) {
+                        if (!any[j]) continue;
+                        const __m256 xv = _mm256_maskload_ps((const float *)((uintptr_t)xr + (uintptr_t)(js[j] * 4)), jm[j]);
+                        QVIZ_PX_FMA8(_mm256_fmadd_ps, _mm256_set1_ps, xv, (wr + j), KF);
+                    }
+                }
+            float *o = out + (c0 * Ho + y) * Wo + x0;
+            const size_t plane = Ho * Wo, left = CO - c0;
+            _mm256_maskstore_ps(o, st, a0);
+            if (left > 1) _mm256_maskstore_ps(o + plane, st, a1);
+            if (left > 2) _mm256_maskstore_ps(o + 2 * plane, st, a2);
+            if (left > 3) _mm256_maskstore_ps(o + 3 * plane, st, a3);
+            if (left > 4) _mm256_maskstore_ps(o + 4 * plane, st, a4);
+            if (left > 5) _mm256_maskstore_ps(o + 5 * plane, st, a5);
+            if (left > 6) _mm256_maskstore_ps(o + 6 * plane, st, a6);
+            if (left > 7) _mm256_maskstore_ps(o + 7 * plane, st, a7);
+        }
+    }
+}
 #endif
 
 typedef void (*qviz_conv_row_fn)(const float *x, size_t C, size_t H, size_t Wd, const float *wt, size_t COp,
@@ -853,6 +1159,18 @@ typedef struct {
     size_t C, H, Wd, COp, CO, kh, kw, pad, Ho, Wo;
 } qviz_conv_job;
 
+/* AVX-512: task t is rows 2 y', 2 y' + 1 of an image */
+static void qviz_conv_task2(void *arg, long t) {
+    const qviz_conv_job *j = (const qviz_conv_job *)arg;
+    const size_t pairs = (j->Ho + 1) / 2, b = (size_t)t / pairs, y = (size_t)t % pairs * 2;
+#if QVIZ_X86 && defined(__GNUC__)
+    qviz_conv_px512_rows(j->x + b * j->C * j->H * j->Wd, j->C, j->H, j->Wd, j->wt, j->CO, j->kh, j->kw, j->pad, y,
+                         y + 1 < j->Ho ? 2 : 1, j->out + b * j->CO * j->Ho * j->Wo, j->Ho, j->Wo);
+#else
+    (void)j, (void)b, (void)y;
+#endif
+}
+
 static void qviz_conv_task(void *arg, long t) {
     const qviz_conv_job *j = (const qviz_conv_job *)arg;
     const size_t b = (size_t)t / j->Ho, y = (size_t)t % j->Ho;
@@ -860,44 +1178,55 @@ static void qviz_conv_task(void *arg, long t) {
           j->out + b * j->CO * j->Ho * j->Wo, j->Ho, j->Wo);
 }
 
+/* The SIMD paths run pixels in lanes (measured faster than channels in lanes at every layer tried, from
+ * 003's 3 -> 8 channels on 16 x 16 to 64 -> 64 on 56 x 56 and 128 -> 256 on 7 x 7); the portable path
+ * keeps channels in lanes (GCC vectors, no masked loads). */
+static int qviz_conv_pixel_lanes(int path) { return QVIZ_X86 && path >= QVIZ_AVX2; }
+
+#define QVIZ_CONV_STACK 4096 /* decoded filters of up to this many floats live on the stack */
+
 /* Filters come as panels (qviz_make_panels of the [CO, C kh kw] codes). Returns 0, or -1 if there was no
  * memory for the decoded filters. */
 static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t H, size_t Wd, const uint32_t *Bp,
                            size_t CO, size_t K32, int bits, const float *cb, size_t cb_stride, size_t kh, size_t kw,
                            size_t pad, float *out, size_t Ho, size_t Wo, int threads) {
     const size_t KF = C * kh * kw, COp = (CO + 7) / 8 * 8, per = (size_t)(32 / bits);
-    const uint32_t mask = bits == 32 ? 0xFFFFFFFFu : (1u << bits) - 1;
-    float *wt = (float *)calloc(KF * COp + 1, sizeof(float));
+    const uint32_t mask = (1u << bits) - 1;
+    const int lanes = qviz_conv_pixel_lanes(path);
+    float stack[QVIZ_CONV_STACK];
+    float *wt = KF * COp <= QVIZ_CONV_STACK ? stack : (float *)malloc(KF * COp * sizeof(float));
     if (!wt) return -1;
+    /* pixels in lanes: wt[co][k]; channels in lanes: wt[k][co]; channels past CO are zero */
+    const size_t sk = lanes ? 1 : COp, sc = lanes ? KF : 1;
+    if (COp > CO) {
+        if (lanes) memset(wt + CO * KF, 0, (COp - CO) * KF * sizeof(float));
+        else for (size_t k = 0; k < KF; k++) memset(wt + k * COp + CO, 0, (COp - CO) * sizeof(float));
+    }
     for (size_t co = 0; co < CO; co++) {
         const uint32_t *col = Bp + (co / QVIZ_PANEL) * K32 * QVIZ_PANEL + co % QVIZ_PANEL;
         const float *table = cb + co * cb_stride;
-        for (size_t k = 0; k < KF; k++)
-            wt[k * COp + co] = table[(col[(k / per) * QVIZ_PANEL] >> ((k % per) * (size_t)bits)) & mask];
+        float *dst = wt + co * sc;
+        for (size_t w = 0, k = 0; k < KF; w++) {
+            uint32_t word = col[w * QVIZ_PANEL];
+            for (size_t c = 0; c < per && k < KF; c++, k++, word >>= bits) dst[k * sk] = table[word & mask];
+        }
     }
     qviz_conv_job j;
     j.fn = qviz_conv_row_portable;
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX512) j.fn = qviz_conv_row_avx512;
-    else if (path >= QVIZ_AVX2) j.fn = qviz_conv_row_avx2;
+    if (path >= QVIZ_AVX2) j.fn = qviz_conv_px256;
 #endif
-    (void)path;
     j.x = x, j.wt = wt, j.out = out, j.C = C, j.H = H, j.Wd = Wd, j.COp = COp, j.CO = CO, j.kh = kh, j.kw = kw;
     j.pad = pad, j.Ho = Ho, j.Wo = Wo;
     const int team = (double)B * Ho * Wo * KF * COp < 4e6 ? 1 : threads;
-    qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
-    free(wt);
+    if (QVIZ_X86 && path >= QVIZ_AVX512)
+        qviz_parallel(qviz_conv_task2, &j, (long)(B * ((Ho + 1) / 2)), team);
+    else
+        qviz_parallel(qviz_conv_task, &j, (long)(B * Ho), team);
+    if (wt != stack) free(wt);
     return 0;
 }
 
-
-/* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
- * stack on each iteration (seen in the assembly): the tile functions and roof loops turn it off. */
-#if defined(__GNUC__) && !defined(__clang__)
-#define QVIZ_NO_PRE __attribute__((optimize("no-tree-pre")))
-#else
-#define QVIZ_NO_PRE
-#endif
 
 #include "_packed_panels.h"
 #include "_packed_roof.h"

@@ -22,7 +22,7 @@
 #define QVIZ_PACKED_PANELS_H
 
 #define QVIZ_PANEL 16   /* weight rows per panel: one per 32-bit lane of a 512-bit register */
-#define QVIZ_TILE_MR 6  /* activation rows per tile, at most */
+#define QVIZ_TILE_MR 8  /* activation rows per tile, at most (AVX-512: 6, AVX2 popcount: 8) */
 #define QVIZ_TILE_NP 4  /* panels per tile, at most */
 #define QVIZ_TILE_LD (QVIZ_TILE_NP * QVIZ_PANEL)
 
@@ -93,8 +93,8 @@ static void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32,
  * The epilogue is applied in registers: a separate pass over a tile buffer costs as much as the loop
  * itself when K is short. int32 arithmetic wraps; callers keep every true result inside int32. */
 typedef void (*qviz_panel_fn)(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr,
-                              int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add);
-#define QVIZ_PANEL_ARGS A, lda, B, ldb, K32, out, ldo, cols, mul, add
+                              int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn);
+#define QVIZ_PANEL_ARGS A, lda, B, ldb, K32, out, ldo, cols, mul, add, pf, pfn
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Portable: plain C over the 16 lanes; the reference every other path is checked against.            */
@@ -109,7 +109,7 @@ static inline uint32_t qviz_dot_fields(uint32_t a, uint32_t b, int bits) {
 #define QVIZ_DEFINE_SCALAR_PANEL(NAME, ATTR, POP)                                                        \
     static ATTR void NAME##_body(int op, const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb,  \
                                  size_t K32, int mr, int np, int32_t *out, size_t ldo, int cols,         \
-                                 int32_t mul, const int32_t *add) {                                     \
+                                 int32_t mul, const int32_t *add, const char *pf, size_t pfn) {                                     \
         for (int i = 0; i < mr; i++)                                                                     \
             for (int q = 0; q < np; q++)                                                                 \
                 for (int j = 0; j < QVIZ_PANEL && q * QVIZ_PANEL + j < cols; j++) {                     \
@@ -126,20 +126,20 @@ static inline uint32_t qviz_dot_fields(uint32_t a, uint32_t b, int bits) {
                 }                                                                                        \
     }                                                                                                    \
     static void NAME##_xor(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_XOR, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_XOR, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     } \
     static void NAME##_and(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_AND, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_AND, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     } \
     static void NAME##_dot2(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_DOT2, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_DOT2, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     } \
     static void NAME##_dot4(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, \
-                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) { \
-        NAME##_body(QVIZ_P_DOT4, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add);                   \
+                           int np, int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        NAME##_body(QVIZ_P_DOT4, A, lda, B, ldb, K32, mr, np, out, ldo, cols, mul, add, pf, pfn);                \
     }
 
 static inline uint32_t qviz_swar_popcount32(uint32_t x) { return (uint32_t)qviz_swar_popcount(x); }
@@ -168,7 +168,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 1) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 2)             \
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 3) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 4)             \
     static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
         switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
             QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
         default: break;                                                                                 \
@@ -179,11 +179,31 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 3) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 4)             \
     QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 5) QVIZ_TILE_FNS_NP(NAME, ATTR, BODY, MODE, 6)             \
     static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
         switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
             QVIZ_T_NP(NAME, 1) QVIZ_T_NP(NAME, 2) QVIZ_T_NP(NAME, 3) QVIZ_T_NP(NAME, 4)                  \
             QVIZ_T_NP(NAME, 5) QVIZ_T_NP(NAME, 6)                                                       \
         default: break;                                                                                 \
+        }                                                                                               \
+    }
+/* AVX2 popcount: one panel, up to QVIZ_AVX2_POP_MR rows */
+#define QVIZ_PANEL_FN_R8(NAME, ATTR, BODY, MODE)                                                        \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 5, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 6, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 7, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 8, 1)               \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        (void)np;                                                                                       \
+        switch (mr) {                                                                                   \
+        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 4: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 5: NAME##_5x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 6: NAME##_6x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 7: NAME##_7x1(QVIZ_PANEL_ARGS); break;                                                     \
+        default: NAME##_8x1(QVIZ_PANEL_ARGS); break;                                                    \
         }                                                                                               \
     }
 /* AVX2: one panel (two 256-bit halves) per tile */
@@ -191,7 +211,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
     QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
     static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add) {             \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
         (void)np;                                                                                       \
         switch (mr) {                                                                                   \
         case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
@@ -202,8 +222,23 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
     }
 #define QVIZ_BODY_PARAMS                                                                                \
     const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int32_t *out, size_t ldo, int cols, \
-        int32_t mul, const int32_t *add
+        int32_t mul, const int32_t *add, const char *pf, size_t pfn
 
+/* Software prefetch of the next block of panels (pf, pfn cache lines; NULL for none): spread over the
+ * K32 steps of the tile, npf lines a step. Weights that come from DRAM (a 2 MiB layer after another
+ * layer flushed the caches) are otherwise fetched when the first row tile of a block asks for them, at
+ * a rate one core's DRAM bandwidth cannot give; this way the fetch overlaps every tile of the block. */
+#define QVIZ_PREFETCH_PER_K(K32) (pf ? (pfn + (K32)-1) / (K32) : 0)
+#define QVIZ_PREFETCH_NEXT(k)                                                                           \
+    for (size_t l = (k) * npf, e = l + npf < pfn ? l + npf : pfn; l < e; l++)                           \
+        _mm_prefetch(pf + l * 64, _MM_HINT_T0)
+
+/* How far ahead (in steps of K) a GEMV tile prefetches its own panels. Measured with weights from DRAM
+ * (4096 x 4096, one thread): popcount 16 steps (1 KiB a panel) was best, codebook 32 (16 -> 21 GB/s,
+ * 32 -> 27 GB/s at 4 bits; farther ahead was slower). Streaming while computing stayed near 20-27 GB/s
+ * on this machine whatever the distance and with 2 MiB pages, against 50 GB/s for a pure read. */
+#define QVIZ_GEMV_AHEAD 16
+#define QVIZ_GEMV_AHEAD_LUT 32
 #define QVIZ_INLINE static inline __attribute__((always_inline))
 #define QVIZ_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt")))
 
@@ -232,6 +267,22 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int3
     const __m256i v = _mm256_add_epi32(_mm256_mullo_epi32(acc, _mm256_set1_epi32(mul)), _mm256_set1_epi32(add));
     _mm256_maskstore_epi32(o, keep, v);
 }
+
+/* The epilogue in registers: out[i, q * 16 + j] = mul * c_i_q + add[i], plain full-width stores. The
+ * tile functions are only handed whole tiles (the task gives a partial one a scratch tile and copies
+ * what is valid), so neither a mask nor a call sits in the kernel function (either made GCC 12 keep the
+ * accumulators on the stack, measured 1.8x slower), and nothing makes a round trip through memory. */
+#define QVIZ_OUT512(i, q, c)                                                                            \
+    _mm512_storeu_si512((void *)(out + (size_t)(i) * ldo + (q) * QVIZ_PANEL),                            \
+                        _mm512_add_epi32(_mm512_mullo_epi32(c, mulv), addv##i));
+#define QVIZ_ADDV(i, unused) const __m512i addv##i = _mm512_set1_epi32(MR > i ? add[i] : 0);
+#define QVIZ_EPILOGUE512(STORE_ROW)                                                                     \
+    {                                                                                                   \
+        const __m512i mulv = _mm512_set1_epi32(mul);                                                    \
+        QVIZ_ROWS(QVIZ_ADDV, 0)                                                                         \
+        QVIZ_ROWS(STORE_ROW, QVIZ_OUT512)                                                               \
+        (void)cols;                                                                                     \
+    }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* AVX-512 VPOPCNTDQ: XOR / AND, popcount per 32-bit lane, add: 3 instructions per 512 bit-MACs.      */
@@ -272,20 +323,20 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int3
     }
 
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
     for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
         const __m512i v0 = QVIZ_LOAD512(0), v1 = QVIZ_LOAD512(1), v2 = QVIZ_LOAD512(2), v3 = QVIZ_LOAD512(3);
         if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
-            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + 16) * QVIZ_PANEL), _MM_HINT_T0);
+            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + QVIZ_GEMV_AHEAD) * QVIZ_PANEL), _MM_HINT_T0);
         if (AND) {
             QVIZ_ROWS(QVIZ_POP_ROW, QVIZ_AND_UPD)
         } else {
             QVIZ_ROWS(QVIZ_POP_ROW, QVIZ_XOR_UPD)
         }
     }
-    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_STORE512)
-    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+    QVIZ_EPILOGUE512(QVIZ_ROW_STORE)
 }
 
 /* Byte dot products of b-bit codes. A holds each word split into G = 8 / BITS field groups; the same
@@ -301,11 +352,12 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const
     }
 
 QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     const int G = 8 / BITS;
     const __m512i mask = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
     QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
     for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
         const __m512i w0 = QVIZ_LOAD512(0), w1 = QVIZ_LOAD512(1), w2 = QVIZ_LOAD512(2), w3 = QVIZ_LOAD512(3);
         for (int g = 0; g < G; g++) {
             const __m512i v0 = QVIZ_GROUP512(w0, g), v1 = QVIZ_GROUP512(w1, g), v2 = QVIZ_GROUP512(w2, g),
@@ -313,8 +365,7 @@ QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const
             QVIZ_ROWS(QVIZ_DOT_ROW, QVIZ_VNNI_UPD)
         }
     }
-    QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_STORE512)
-    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+    QVIZ_EPILOGUE512(QVIZ_ROW_STORE)
 }
 
 /* Without VNNI: vpmaddubsw sums byte pairs into 16-bit lanes (at most 2 x 15 x 15 = 450 per group);
@@ -326,16 +377,16 @@ QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const
         if (NP > 2) { w##i##_2 = _mm512_add_epi32(w##i##_2, _mm512_madd_epi16(c##i##_2, ones)); c##i##_2 = zero; } \
         if (NP > 3) { w##i##_3 = _mm512_add_epi32(w##i##_3, _mm512_madd_epi16(c##i##_3, ones)); c##i##_3 = zero; } \
     }
-#define QVIZ_WSTORE_ROW(i, unused)                                                                      \
+#define QVIZ_WSTORE_ROW(i, STORE)                                                                       \
     if (MR > i) {                                                                                       \
-        if (NP > 0) QVIZ_STORE512(i, 0, w##i##_0)                                                       \
-        if (NP > 1) QVIZ_STORE512(i, 1, w##i##_1)                                                       \
-        if (NP > 2) QVIZ_STORE512(i, 2, w##i##_2)                                                       \
-        if (NP > 3) QVIZ_STORE512(i, 3, w##i##_3)                                                       \
+        if (NP > 0) STORE(i, 0, w##i##_0)                                                               \
+        if (NP > 1) STORE(i, 1, w##i##_1)                                                               \
+        if (NP > 2) STORE(i, 2, w##i##_2)                                                               \
+        if (NP > 3) STORE(i, 3, w##i##_3)                                                               \
     }
 
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    int32_t C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     const int G = 8 / BITS;
     const __m512i mask = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm512_set1_epi16(1);
     const __m512i zero = _mm512_setzero_si512();
@@ -346,6 +397,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, cons
     for (size_t k0 = 0; k0 < K32; k0 += 32) {
         const size_t k1 = k0 + 32 < K32 ? k0 + 32 : K32;
         for (size_t k = k0; k < k1; k++) {
+            QVIZ_PREFETCH_NEXT(k);
             const __m512i u0 = QVIZ_LOAD512(0), u1 = QVIZ_LOAD512(1), u2 = QVIZ_LOAD512(2), u3 = QVIZ_LOAD512(3);
             for (int g = 0; g < G; g++) {
                 const __m512i v0 = QVIZ_GROUP512(u0, g), v1 = QVIZ_GROUP512(u1, g), v2 = QVIZ_GROUP512(u2, g),
@@ -355,8 +407,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, cons
         }
         QVIZ_ROWS(QVIZ_WIDEN_ROW, 0)
     }
-    QVIZ_ROWS(QVIZ_WSTORE_ROW, 0)
-    qviz_epilogue512(C, MR, NP, out, ldo, cols, mul, add);
+    QVIZ_EPILOGUE512(QVIZ_WSTORE_ROW)
 }
 
 QVIZ_PANEL_FN6(qviz_panel_avx512_xor, QVIZ_AVX512_FN, qviz_p512_pop, 0)
@@ -372,19 +423,35 @@ QVIZ_PANEL_FN4(qviz_panel_vnni_dot4, QVIZ_VNNI_FN, qviz_p512_vnni, 4)
 /* (a XOR b) AND 0x0F = (a AND 0x0F) XOR (b AND 0x0F): 6 instructions per 256 bit-MACs. Byte counts    */
 /* (at most 8 per word) are widened every 31 words, before a byte could pass 255. One panel = 2 ymm.  */
 
-QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
-    (void)NP;
-    (void)ldb;
+/* From 3 rows on, one half panel (8 lanes) at a time: the weight split is 3 instructions shared by up to 8 rows, and the
+ * 8 byte accumulators, the table, the mask, the split weights and two broadcasts fit the 16 registers
+ * (with both halves at once, 4 rows already spilled an accumulator every step). The 32-bit sums live
+ * in memory: they are touched every 31 steps. */
+#define QVIZ_POP256_ROW(i)                                                                              \
+    if (MR > i) {                                                                                       \
+        const __m256i al = _mm256_set1_epi32((int)A[i * lda + 2 * k]);                                 \
+        const __m256i ah = _mm256_set1_epi32((int)A[i * lda + 2 * k + 1]);                             \
+        c##i = _mm256_add_epi8(c##i, _mm256_add_epi8(_mm256_shuffle_epi8(T, QVIZ_OP256(al, l)),         \
+                                                     _mm256_shuffle_epi8(T, QVIZ_OP256(ah, h))));       \
+    }
+#define QVIZ_WIDEN256(i)                                                                                \
+    if (MR > i) wide[i] = _mm256_add_epi32(wide[i], _mm256_madd_epi16(_mm256_maddubs_epi16(c##i, ones8), ones16));
+
+/* One or two rows (a GEMV): both halves in one pass, so the weights stream through once. */
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop_both(const int AND, const int MR, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     const __m256i T = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
                                        2, 3, 2, 3, 3, 4);
     const __m256i low = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    __m256i wide[QVIZ_TILE_MR][2];
+    __m256i wide[2][2];
     for (int i = 0; i < MR; i++) wide[i][0] = wide[i][1] = _mm256_setzero_si256();
     for (size_t k0 = 0; k0 < K32; k0 += 31) {
         const size_t k1 = k0 + 31 < K32 ? k0 + 31 : K32;
-        __m256i c[QVIZ_TILE_MR][2];
+        __m256i c[2][2];
         for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm256_setzero_si256();
         for (size_t k = k0; k < k1; k++) {
+            QVIZ_PREFETCH_NEXT(k);
+            if (MR == 1) _mm_prefetch((const char *)(B + (k + QVIZ_GEMV_AHEAD) * QVIZ_PANEL), _MM_HINT_T0);
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
             const __m256i l0 = _mm256_and_si256(b0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
@@ -408,18 +475,61 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const i
         for (int v = 0; v < 2; v++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i][v], mul, add[i]);
 }
 
-QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop(const int AND, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    if (MR <= 2) {
+        qviz_p256_pop_both(AND, MR <= 2 ? MR : 2, QVIZ_PANEL_ARGS);
+        return;
+    }
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     (void)NP;
     (void)ldb;
+    const __m256i T = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+#define QVIZ_OP256(x, y) (AND ? _mm256_and_si256(x, y) : _mm256_xor_si256(x, y))
+    for (int v = 0; v < 2; v++) {
+        __m256i wide[QVIZ_TILE_MR];
+        for (int i = 0; i < MR; i++) wide[i] = _mm256_setzero_si256();
+        for (size_t k0 = 0; k0 < K32; k0 += 31) {
+            const size_t k1 = k0 + 31 < K32 ? k0 + 31 : K32;
+            __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+            for (size_t k = k0; k < k1; k++) {
+                if (v == 0) QVIZ_PREFETCH_NEXT(k);
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8 * v));
+                const __m256i l = _mm256_and_si256(b, low), h = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                QVIZ_POP256_ROW(0) QVIZ_POP256_ROW(1) QVIZ_POP256_ROW(2) QVIZ_POP256_ROW(3)
+                QVIZ_POP256_ROW(4) QVIZ_POP256_ROW(5) QVIZ_POP256_ROW(6) QVIZ_POP256_ROW(7)
+            }
+            QVIZ_WIDEN256(0) QVIZ_WIDEN256(1) QVIZ_WIDEN256(2) QVIZ_WIDEN256(3)
+            QVIZ_WIDEN256(4) QVIZ_WIDEN256(5) QVIZ_WIDEN256(6) QVIZ_WIDEN256(7)
+        }
+        for (int i = 0; i < MR; i++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i], mul, add[i]);
+    }
+#undef QVIZ_OP256
+}
+
+/* Half a panel at a time, as qviz_p256_pop, with up to 4 rows (measured: 77% of the roof at 2 bits, 6 or 8
+ * rows 56-65%, both halves at once 65%). 16-bit sums are widened before they
+ * could pass 32767: per step at most G pairs of products, 2 x 3 x 3 (2-bit) or 2 x 15 x 15 (4-bit). */
+#define QVIZ_DOT256_ROW(i)                                                                              \
+    if (MR > i) c##i = _mm256_add_epi16(c##i, _mm256_maddubs_epi16(_mm256_set1_epi32((int)A[i * lda + k * (size_t)G + (size_t)g]), wg));
+#define QVIZ_WIDEN256D(i) if (MR > i) wide[i] = _mm256_add_epi32(wide[i], _mm256_madd_epi16(c##i, ones));
+
+/* One or two rows (a GEMV): both halves in one pass, so the weights stream through once. */
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot_both(const int BITS, const int MR, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
     const int G = 8 / BITS;
+    const size_t every = BITS == 4 ? 32 : 448;
     const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm256_set1_epi16(1);
-    __m256i wide[QVIZ_TILE_MR][2];
+    __m256i wide[2][2];
     for (int i = 0; i < MR; i++) wide[i][0] = wide[i][1] = _mm256_setzero_si256();
-    for (size_t k0 = 0; k0 < K32; k0 += 32) {
-        const size_t k1 = k0 + 32 < K32 ? k0 + 32 : K32;
-        __m256i acc[QVIZ_TILE_MR][2];
+    for (size_t k0 = 0; k0 < K32; k0 += every) {
+        const size_t k1 = k0 + every < K32 ? k0 + every : K32;
+        __m256i acc[2][2];
         for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         for (size_t k = k0; k < k1; k++) {
+            QVIZ_PREFETCH_NEXT(k);
+            if (MR == 1) _mm_prefetch((const char *)(B + (k + QVIZ_GEMV_AHEAD) * QVIZ_PANEL), _MM_HINT_T0);
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
             for (int g = 0; g < G; g++) {
@@ -439,12 +549,51 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const 
         for (int v = 0; v < 2; v++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i][v], mul, add[i]);
 }
 
-QVIZ_PANEL_FN_NP1(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
-QVIZ_PANEL_FN_NP1(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
-QVIZ_PANEL_FN_NP1(qviz_panel_avx2_dot2, QVIZ_AVX2_FN, qviz_p256_dot, 2)
-QVIZ_PANEL_FN_NP1(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
+QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    if (MR <= 2) {
+        qviz_p256_dot_both(BITS, MR <= 2 ? MR : 2, QVIZ_PANEL_ARGS);
+        return;
+    }
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
+    (void)NP;
+    (void)ldb;
+    const int G = 8 / BITS;
+    const size_t every = BITS == 4 ? 32 : 448; /* 32 x 2 x 450 = 28800; 448 x 4 x 18 = 32256 */
+    const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm256_set1_epi16(1);
+    for (int v = 0; v < 2; v++) {
+        __m256i wide[QVIZ_TILE_MR];
+        for (int i = 0; i < MR; i++) wide[i] = _mm256_setzero_si256();
+        for (size_t k0 = 0; k0 < K32; k0 += every) {
+            const size_t k1 = k0 + every < K32 ? k0 + every : K32;
+            __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+            for (size_t k = k0; k < k1; k++) {
+                if (v == 0) QVIZ_PREFETCH_NEXT(k);
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8 * v));
+                for (int g = 0; g < G; g++) {
+                    const __m256i wg = _mm256_and_si256(_mm256_srli_epi32(b, g * BITS), mask);
+                    QVIZ_DOT256_ROW(0) QVIZ_DOT256_ROW(1) QVIZ_DOT256_ROW(2) QVIZ_DOT256_ROW(3)
+                    QVIZ_DOT256_ROW(4) QVIZ_DOT256_ROW(5) QVIZ_DOT256_ROW(6) QVIZ_DOT256_ROW(7)
+                }
+            }
+            QVIZ_WIDEN256D(0) QVIZ_WIDEN256D(1) QVIZ_WIDEN256D(2) QVIZ_WIDEN256D(3)
+            QVIZ_WIDEN256D(4) QVIZ_WIDEN256D(5) QVIZ_WIDEN256D(6) QVIZ_WIDEN256D(7)
+        }
+        for (int i = 0; i < MR; i++) qviz_store256(out + i * ldo + v * 8, cols - v * 8, wide[i], mul, add[i]);
+    }
+}
+
+QVIZ_PANEL_FN_R8(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
+QVIZ_PANEL_FN_R8(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
+QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot2, QVIZ_AVX2_FN, qviz_p256_dot, 2)
+QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
 #endif /* QVIZ_X86 */
 
+#ifndef QVIZ_AVX2_DOT_MR
+#define QVIZ_AVX2_DOT_MR 4
+#endif
+#ifndef QVIZ_AVX2_POP_MR
+#define QVIZ_AVX2_POP_MR 8
+#endif
 /* The kernel for (path, op) and its largest tile (rows x panels). */
 static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     *mr = 4;
@@ -467,7 +616,10 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     }
     if (path == QVIZ_AVX512VNNI) return vnni[op];
     if (path == QVIZ_AVX512) return avx512[op];
-    if (path == QVIZ_AVX2) return avx2[op];
+    if (path == QVIZ_AVX2) {
+        *mr = op == QVIZ_P_XOR || op == QVIZ_P_AND ? QVIZ_AVX2_POP_MR : QVIZ_AVX2_DOT_MR;
+        return avx2[op];
+    }
     if (path == QVIZ_POPCNT) return popcnt[op];
 #endif
     return portable[op];
@@ -500,8 +652,28 @@ static void qviz_panel_task(void *arg, long t) {
     const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
     const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
     for (int i = 0; i < mr; i++) add[i] = (int32_t)(j->offset + (j->offset_m ? j->offset_m[m + (size_t)i] : 0));
-    j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, j->out + m * j->N + n0, j->N, cols,
-          (int32_t)j->mul, add);
+    /* row block r of MB fetches its share of the next panel block, whole steps of K32 lines (a GEMV's
+     * single row tile prefetches within its own block instead) */
+    const char *pf = NULL;
+    size_t pfn = 0;
+    const size_t p1 = p0 + (size_t)j->NP;
+    if (p1 < j->P && j->MB > 1) {
+        const size_t lines = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
+        const size_t steps = (lines + j->K32 * j->MB - 1) / (j->K32 * j->MB), first = (t % (long)j->MB) * steps * j->K32;
+        if (first < lines) {
+            pf = (const char *)(j->Bp + p1 * j->ldb) + first * 64;
+            pfn = lines - first < steps * j->K32 ? lines - first : steps * j->K32;
+        }
+    }
+    /* the kernels write whole tiles: a partial one goes to a scratch tile, and its valid part is copied */
+    int32_t scratch[QVIZ_TILE_MR * QVIZ_TILE_LD];
+    const int whole = cols == np * QVIZ_PANEL;
+    int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
+    j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD,
+          np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
+    if (!whole)
+        for (int i = 0; i < mr; i++)
+            memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
 }
 
 /* out[m, n] = mul * S[m, n] + offset + offset_m[m] (offset_m may be NULL), S from `op` over the panels.
@@ -520,6 +692,160 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
     const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
     qviz_parallel(qviz_panel_task, &j, (long)(NB * j.MB), team);
+}
+
+/* The same from activation rows as qviz.packed holds them (W64 uint64 words a row): rows are split for
+ * the path's kernel, or read in place when its kernel takes whole 32-bit words and the host is
+ * little-endian (word k of a row is then the k-th uint32 of the row). With popcount_offset, popcount(a)
+ * of each row is added (the hybrid epilogue), counted here from the words. Returns -1 if no memory. */
+static int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t M, size_t W64, const uint32_t *Bp,
+                                  size_t N, size_t K32, int64_t mul, int popcount_offset, int64_t offset,
+                                  int32_t *out, int threads) {
+    const int slots = qviz_panel_slots(path, op);
+    const uint32_t *A = NULL;
+    uint32_t *rows = NULL;
+    size_t lda = K32 * (size_t)slots;
+    int64_t *ones = NULL, ones_stack[64];
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (slots == 1) A = (const uint32_t *)A64, lda = 2 * W64;
+#endif
+    if (!A) {
+        rows = (uint32_t *)malloc(M * lda * sizeof(uint32_t) + 4);
+        if (!rows) return -1;
+        qviz_split_rows(A64, M, W64, K32, slots, rows);
+        A = rows;
+    }
+    if (popcount_offset) {
+        ones = M <= 64 ? ones_stack : (int64_t *)malloc(M * sizeof(int64_t));
+        if (!ones) {
+            free(rows);
+            return -1;
+        }
+        qviz_row_popcounts(A64, M, W64, ones);
+    }
+    qviz_panel_matmul(path, op, A, M, lda, Bp, N, K32, mul, ones, offset, out, threads);
+    if (ones != ones_stack) free(ones);
+    free(rows);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Fused: float activations packed inside the matmul. When the weights fit in L2, each task takes one  */
+/* row tile: it packs its rows (signs or b-bit codes) into a small buffer and runs them against every  */
+/* panel block, while the tiles prefetch the next row tile's floats, so reading x overlaps the         */
+/* popcounts instead of preceding them (a separate pass over 4 MiB of x cost as much as 15% of a      */
+/* 1024^3 binary matmul). Larger weights keep the panel-block order: x is packed first, on the pool.   */
+
+#define QVIZ_FUSED_L2 (512u * 1024u) /* weights up to this size stay in L2 while row tiles pass over them */
+
+typedef struct {
+    qviz_panel_fn fn;
+    int path, op, MR, NP, slots, popcount_offset;
+    qviz_act act;
+    const uint32_t *Bp;
+    size_t M, N, K32, ldb, P, NB;
+    int64_t mul, offset;
+    int32_t *out;
+    _Atomic int nan_seen, failed;
+} qviz_fused_job;
+
+static void qviz_fused_task(void *arg, long t) {
+    qviz_fused_job *j = (qviz_fused_job *)arg;
+    const size_t m = (size_t)t * (size_t)j->MR, W64 = j->act.W64, lda = j->K32 * (size_t)j->slots;
+    const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
+    uint64_t words_stack[QVIZ_TILE_MR * 256];
+    uint32_t rows_stack[QVIZ_TILE_MR * 1024];
+    int64_t sums[QVIZ_TILE_MR];
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const int in_place = j->slots == 1; /* the kernel reads the packed words themselves */
+#else
+    const int in_place = 0;
+#endif
+    uint64_t *words = W64 <= 256 ? words_stack : (uint64_t *)malloc((size_t)mr * W64 * sizeof(uint64_t));
+    uint32_t *rows = in_place ? NULL : lda <= 1024 ? rows_stack : (uint32_t *)malloc((size_t)mr * lda * sizeof(uint32_t) + 4);
+    if (!words || (!in_place && !rows)) {
+        atomic_store(&j->failed, 1);
+        if (words != words_stack) free(words);
+        if (rows != rows_stack) free(rows);
+        return;
+    }
+    if (qviz_pack_act(j->path, &j->act, m, (size_t)mr, words, sums)) atomic_store(&j->nan_seen, 1);
+    const uint32_t *A = in_place ? (const uint32_t *)words : rows;
+    const size_t ld = in_place ? 2 * W64 : lda;
+    if (!in_place) qviz_split_rows(words, (size_t)mr, W64, j->K32, j->slots, rows);
+    int32_t add[QVIZ_TILE_MR];
+    for (int i = 0; i < mr; i++) {
+        int64_t ones = 0;
+        if (j->popcount_offset) qviz_row_popcounts(words + (size_t)i * W64, 1, W64, &ones);
+        add[i] = (int32_t)(j->offset + ones);
+    }
+    /* the next row tile's floats, a share per panel block, fetched while this tile computes */
+    const size_t m1 = m + (size_t)j->MR;
+    const size_t next = m1 < j->M ? ((j->M - m1 < (size_t)j->MR ? j->M - m1 : (size_t)j->MR) * j->act.K * 4 + 63) / 64 : 0;
+    const size_t share = (next + j->NB - 1) / j->NB;
+    int32_t scratch[QVIZ_TILE_MR * QVIZ_TILE_LD];
+    for (size_t nb = 0; nb < j->NB; nb++) {
+        const size_t p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
+        const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+        const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+        const size_t first = nb * share;
+        const char *pf = first < next ? (const char *)(j->act.x + m1 * j->act.K) + first * 64 : NULL;
+        const size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
+        const int whole = cols == np * QVIZ_PANEL;
+        int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
+        j->fn(A, ld, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL,
+              (int32_t)j->mul, add, pf, pfn);
+        if (!whole)
+            for (int i = 0; i < mr; i++)
+                memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
+    }
+    if (words != words_stack) free(words);
+    if (rows != rows_stack) free(rows);
+}
+
+/* out = mul * S + offset (+ popcount of each packed row when popcount_offset), S from `op` between the
+ * activations `act` (packed here) and the panels. Returns 0, 1 if the activations held NaN (out is then
+ * not meaningful), or -1 if there was no memory. */
+static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M, const uint32_t *Bp, size_t N,
+                                 size_t K32, int64_t mul, int popcount_offset, int64_t offset, int32_t *out,
+                                 int threads) {
+    qviz_fused_job j;
+    j.fn = qviz_panel_for(path, op, &j.MR, &j.NP);
+    j.path = path, j.op = op, j.slots = qviz_panel_slots(path, op), j.popcount_offset = popcount_offset;
+    j.act = *act, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
+    j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
+    j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
+    j.mul = mul, j.offset = offset, j.out = out;
+    atomic_init(&j.nan_seen, 0);
+    atomic_init(&j.failed, 0);
+    const size_t MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
+    const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
+    const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    /* one row tile on one thread (a GEMV): the fused task too, it saves the scratch buffers of packing first */
+    if ((MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) || (MB == 1 && team == 1)) {
+        qviz_parallel(qviz_fused_task, &j, (long)MB, team);
+        return atomic_load(&j.failed) ? -1 : atomic_load(&j.nan_seen);
+    }
+    /* panel-block order: pack every row first (rows in parallel), then the matmul */
+    uint64_t *words = (uint64_t *)malloc(M * act->W64 * sizeof(uint64_t) + 8);
+    if (!words) return -1;
+    int nan_seen = 0;
+    if (act->mode == QVIZ_ACT_SIGNS)
+        nan_seen = qviz_pack_signs_best(path, act->x, M, act->K, words, act->W64, threads);
+    else {
+        int64_t *sums = (int64_t *)malloc(M * sizeof(int64_t) + 8);
+        if (!sums) {
+            free(words);
+            return -1;
+        }
+        nan_seen = qviz_pack_uniform(path, act->x, M, act->K, act->bits, act->inv_scale, act->zero_point, words,
+                                     act->W64, sums, threads);
+        free(sums);
+    }
+    const int failed = qviz_panel_matmul_rows(path, op, words, M, act->W64, Bp, N, K32, mul, popcount_offset, offset,
+                                              out, threads);
+    free(words);
+    return failed ? -1 : nan_seen;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -618,7 +944,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512(const int BITS, const int MR, const 
         const __m512i b0 = QVIZ_LUT_LOAD(0, k), b1 = QVIZ_LUT_LOAD(1, k), b2 = QVIZ_LUT_LOAD(2, k),
                       b3 = QVIZ_LUT_LOAD(3, k);
         if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
-            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + 8) * QVIZ_PANEL), _MM_HINT_T0);
+            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
         const float *x = X + k * (size_t)PER;
         QVIZ_LUT512_WORD(PER)
     }
@@ -758,6 +1084,32 @@ static QVIZ_AVX512_FN void qviz_lut_decode512(int bits, const uint32_t *B, size_
         }
 }
 
+/* The same for codebooks that do not fit a register: one per output row (stride 2^bits floats) or one of
+ * 256 entries (8-bit codes). Lane j of panel q is row n0 + 16 q + j; lanes past N (zero codes of the
+ * padding rows) are not looked up and decode to 0, so the gather never reads past the codebooks. */
+static QVIZ_AVX512_FN void qviz_lut_gather512(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                             const float *cb, size_t stride, size_t n0, size_t N, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                                      10, 11, 12, 13, 14, 15);
+    for (int q = 0; q < np; q++) {
+        const size_t r0 = n0 + (size_t)q * QVIZ_PANEL, left = N > r0 ? N - r0 : 0;
+        const __mmask16 valid = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512i base = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)r0), lane),
+                                                _mm512_set1_epi32((int)stride));
+        for (size_t k = 0; k < K; k += per) {
+            const __m512i b = _mm512_loadu_si512((const void *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL));
+            const size_t codes = K - k < per ? K - k : per;
+            for (size_t c = 0; c < codes; c++) {
+                const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(
+                    _mm512_srlv_epi32(b, _mm512_set1_epi32((int)(c * (size_t)bits))), mask));
+                _mm512_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL,
+                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, cb, 4));
+            }
+        }
+    }
+}
+
 static QVIZ_AVX2_FN void qviz_lut_decode256(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
                                            const float *table, float *wf) {
     const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
@@ -775,6 +1127,29 @@ static QVIZ_AVX2_FN void qviz_lut_decode256(int bits, const uint32_t *B, size_t 
                     _mm256_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL + 8 * v, w);
                 }
             }
+}
+
+static QVIZ_AVX2_FN void qviz_lut_gather256(int bits, const uint32_t *B, size_t ldb, size_t K, int np,
+                                           const float *cb, size_t stride, size_t n0, size_t N, float *wf) {
+    const size_t per = (size_t)(32 / bits), ld = (size_t)np * QVIZ_PANEL;
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int q = 0; q < np; q++)
+        for (int v = 0; v < 2; v++) {
+            const size_t r0 = n0 + (size_t)q * QVIZ_PANEL + 8 * (size_t)v;
+            const __m256i rows = _mm256_add_epi32(_mm256_set1_epi32((int)r0), lane);
+            const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(N > r0 ? (N - r0 < 8 ? N - r0 : 8) : 0)), lane);
+            const __m256i base = _mm256_mullo_epi32(rows, _mm256_set1_epi32((int)stride));
+            for (size_t k = 0; k < K; k += per) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + (size_t)q * ldb + (k / per) * QVIZ_PANEL + 8 * v));
+                const size_t codes = K - k < per ? K - k : per;
+                for (size_t c = 0; c < codes; c++) {
+                    const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(
+                        _mm256_srlv_epi32(b, _mm256_set1_epi32((int)(c * (size_t)bits))), mask));
+                    _mm256_storeu_ps(wf + (k + c) * ld + (size_t)q * QVIZ_PANEL + 8 * v,
+                                     _mm256_mask_i32gather_ps(_mm256_setzero_ps(), cb, idx, _mm256_castsi256_ps(valid), 4));
+                }
+            }
+        }
 }
 
 /* C[i * 64 + q * 16 + j] = sum_k X[i, k] wf[k, q * 16 + j]: 6 rows x NP panels, named accumulators */
@@ -860,10 +1235,10 @@ static void qviz_wf_avx2(const float *X, size_t ldx, size_t K, const float *wf, 
 }
 
 typedef struct {
-    int avx512, bits, NP;
-    const float *X, *table;
+    int avx512, bits, NP, gather;
+    const float *X, *table, *cb;
     const uint32_t *Bp;
-    size_t M, N, K, K32, ldb, P;
+    size_t M, N, K, K32, ldb, P, stride;
     float *out;
     _Atomic int failed;
 } qviz_wf_job;
@@ -880,7 +1255,11 @@ static void qviz_wf_task(void *arg, long t) {
         atomic_store(&j->failed, 1);
         return;
     }
-    if (j->avx512)
+    if (j->gather && j->avx512)
+        qviz_lut_gather512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->cb, j->stride, n0, j->N, wf);
+    else if (j->gather)
+        qviz_lut_gather256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->cb, j->stride, n0, j->N, wf);
+    else if (j->avx512)
         qviz_lut_decode512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
     else
         qviz_lut_decode256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
@@ -934,32 +1313,137 @@ static void qviz_lut_task(void *arg, long t) {
           j->N, cols);
 }
 
-/* codebook: 2^bits floats; the kernels read a 16-entry table in which entry c is codebook[c mod 2^bits]. */
-static void qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
-                           int bits, const float *codebook, float *out, int threads) {
+#if QVIZ_X86 && defined(__GNUC__)
+/* GEMV with codes of 1 or 2 bits (AVX-512): 4 / bits codes side by side form a 4-bit index, and a table
+ * of 16 partial sums per group of codes, T[g][i] = sum_t x[g G + t] codebook[field t of i], turns their
+ * multiply-adds into one permute and one add per 16 rows: half the instructions of decoding each code
+ * at 2 bits, a quarter at 1 bit. The tables (64 bytes a group, K / G groups) are built once per call. */
+typedef struct {
+    const float *tables;
+    const uint32_t *Bp;
+    size_t N, K32, ldb, P;
+    float *out;
+} qviz_gemv_tab_job;
+
+static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_gemv_tab_task(void *arg, long t) {
+    const qviz_gemv_tab_job *j = (const qviz_gemv_tab_job *)arg;
+    const size_t p0 = (size_t)t * QVIZ_TILE_NP, n0 = p0 * QVIZ_PANEL;
+    const int np = (int)(j->P - p0 < QVIZ_TILE_NP ? j->P - p0 : QVIZ_TILE_NP);
+    const uint32_t *B = j->Bp + p0 * j->ldb;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (size_t k = 0; k < j->K32; k++) {
+        const float *T = j->tables + k * 8 * 16; /* 8 groups of 4 bits in a 32-bit word */
+        for (int q = 0; q < np; q++)
+            _mm_prefetch((const char *)(B + q * j->ldb + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512((const void *)(B + k * QVIZ_PANEL));
+        const __m512i w1 = np > 1 ? _mm512_loadu_si512((const void *)(B + j->ldb + k * QVIZ_PANEL)) : w0;
+        const __m512i w2 = np > 2 ? _mm512_loadu_si512((const void *)(B + 2 * j->ldb + k * QVIZ_PANEL)) : w0;
+        const __m512i w3 = np > 3 ? _mm512_loadu_si512((const void *)(B + 3 * j->ldb + k * QVIZ_PANEL)) : w0;
+        for (int g = 0; g < 8; g += 2) { /* two banks of accumulators: the adds are a dependency chain */
+            const __m512 t0 = _mm512_loadu_ps(T + g * 16), t1 = _mm512_loadu_ps(T + g * 16 + 16);
+            a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_srli_epi32(w0, 4 * g), t0));
+            a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(w1, 4 * g), t0));
+            a2 = _mm512_add_ps(a2, _mm512_permutexvar_ps(_mm512_srli_epi32(w2, 4 * g), t0));
+            a3 = _mm512_add_ps(a3, _mm512_permutexvar_ps(_mm512_srli_epi32(w3, 4 * g), t0));
+            b0 = _mm512_add_ps(b0, _mm512_permutexvar_ps(_mm512_srli_epi32(w0, 4 * g + 4), t1));
+            b1 = _mm512_add_ps(b1, _mm512_permutexvar_ps(_mm512_srli_epi32(w1, 4 * g + 4), t1));
+            b2 = _mm512_add_ps(b2, _mm512_permutexvar_ps(_mm512_srli_epi32(w2, 4 * g + 4), t1));
+            b3 = _mm512_add_ps(b3, _mm512_permutexvar_ps(_mm512_srli_epi32(w3, 4 * g + 4), t1));
+        }
+    }
+    const __m512 s[4] = {_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3)};
+    for (int q = 0; q < np; q++) {
+        const size_t left = j->N - n0 - (size_t)q * QVIZ_PANEL;
+        _mm512_mask_storeu_ps(j->out + n0 + (size_t)q * QVIZ_PANEL,
+                              left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), s[q]);
+    }
+}
+
+/* Returns 0, or -1 if there was no memory for the tables (the caller falls back to decoding). */
+static QVIZ_AVX512_FN int qviz_gemv_tab(const float *x, size_t K, const uint32_t *Bp, size_t N, size_t K32, int bits,
+                                        const float *codebook, float *out, int threads) {
+    const size_t groups = K32 * 8, G = (size_t)(4 / bits);
+    float *tables = (float *)aligned_alloc(64, groups * 16 * sizeof(float));
+    if (!tables) return -1;
+    float cb[16][4]; /* cb[i][t] = codebook entry of field t of index i */
+    const int mask = (1 << bits) - 1;
+    for (int i = 0; i < 16; i++)
+        for (size_t t = 0; t < 4; t++) cb[i][t] = t < G ? codebook[(i >> (t * (size_t)bits)) & mask] : 0.0f;
+    __m512 col[4];
+    for (size_t t = 0; t < 4; t++) {
+        float c[16];
+        for (int i = 0; i < 16; i++) c[i] = cb[i][t];
+        col[t] = _mm512_loadu_ps(c);
+    }
+    for (size_t g = 0; g < groups; g++) { /* codes past K have x = 0 (their codes are zero padding) */
+        __m512 v = _mm512_setzero_ps();
+        for (size_t t = 0; t < G; t++) {
+            const size_t k = g * G + t;
+            if (k < K) v = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), col[t], v);
+        }
+        _mm512_store_ps(tables + g * 16, v);
+    }
+    qviz_gemv_tab_job j;
+    j.tables = tables, j.Bp = Bp, j.N = N, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
+    j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL, j.out = out;
+    const int team = (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    qviz_parallel(qviz_gemv_tab_task, &j, (long)((j.P + QVIZ_TILE_NP - 1) / QVIZ_TILE_NP), team);
+    free(tables);
+    return 0;
+}
+#endif
+
+/* codebook: 2^bits floats (cb_stride 0), or one codebook of 2^bits floats per output row (cb_stride 2^bits).
+ * One codebook of up to 16 entries: the kernels read a 16-entry table in which entry c is
+ * codebook[c mod 2^bits]. Per-row codebooks and 8-bit codes decode with gathers, once per block of panels
+ * (qviz_panel_lut_ok says when a call qualifies). */
+static int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride) {
+    if (bits <= 4 && cb_stride == 0) return 1;
+#if QVIZ_X86 && defined(__GNUC__)
+    /* gathers take int32 offsets; a decoded block of at least one panel must fit the budget */
+    return path >= QVIZ_AVX2 && M >= 2 && (double)(N + QVIZ_PANEL) * (double)(cb_stride + 256) < 2147483647.0 &&
+           K * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES;
+#else
+    (void)path, (void)M, (void)N, (void)K;
+    return 0;
+#endif
+}
+
+static int qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
+                          int bits, const float *codebook, size_t cb_stride, float *out, int threads) {
+    const int gather = bits == 8 || cb_stride != 0;
     float table[16];
-    for (int c = 0; c < 16; c++) table[c] = codebook[c & ((1 << bits) - 1)];
+    for (int c = 0; c < 16; c++) table[c] = gather ? 0.0f : codebook[c & ((1 << bits) - 1)];
     qviz_lut_job j;
-    j.fn = qviz_lut_for(path, bits, &j.MR, &j.NP);
+    j.fn = qviz_lut_for(path, bits <= 4 ? bits : 4, &j.MR, &j.NP);
     j.X = X, j.table = table, j.Bp = Bp, j.M = M, j.N = N, j.K = K, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     j.out = out;
-    const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const int team = (double)M * (double)N * (double)K < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
 #if QVIZ_X86 && defined(__GNUC__)
-    /* decode once when enough rows share it and the decoded block stays within half of L2; measured on
-     * AVX-512: below 48 rows the in-place kernel (decode per 6-row tile, no buffer) was faster */
-    if (path >= QVIZ_AVX2 && M >= (path >= QVIZ_AVX512 ? 48u : 8u) && K * (size_t)j.NP * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES) {
+    if (!gather && path >= QVIZ_AVX512 && M == 1 && bits <= 2 &&
+        qviz_gemv_tab(X, K, Bp, N, K32, bits, codebook, out, threads) == 0)
+        return 0;
+    /* decode once when enough rows share it (or a gather must), into a block that stays within half of
+     * L2 (fewer panels when K is long); measured on AVX-512: below 48 rows the in-place kernel (decode
+     * per 6-row tile, no buffer) was faster */
+    const size_t fit = QVIZ_DECODED_BYTES / (K * QVIZ_PANEL * 4);
+    const int np = (int)(fit < (size_t)j.NP ? fit : (size_t)j.NP);
+    if (path >= QVIZ_AVX2 && np >= 1 && (gather || M >= (path >= QVIZ_AVX512 ? 48u : 8u))) {
         qviz_wf_job g;
-        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = j.NP, g.X = X, g.table = table, g.Bp = Bp, g.M = M;
+        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = np, g.gather = gather, g.X = X, g.table = table;
+        g.cb = codebook, g.stride = cb_stride, g.Bp = Bp, g.M = M;
         g.N = N, g.K = K, g.K32 = K32, g.ldb = j.ldb, g.P = j.P, g.out = out;
         atomic_init(&g.failed, 0);
-        qviz_parallel(qviz_wf_task, &g, (long)NB, team);
-        if (!atomic_load(&g.failed)) return;
+        qviz_parallel(qviz_wf_task, &g, (long)((j.P + (size_t)np - 1) / (size_t)np), team);
+        if (!atomic_load(&g.failed)) return 0;
+        if (gather) return -1; /* no memory for a decoded block, and no in-place kernel for gathers */
     }
 #endif
+    const size_t NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     qviz_parallel(qviz_lut_task, &j, (long)(NB * j.MB), team);
+    return 0;
 }
 
 #endif /* QVIZ_PACKED_PANELS_H */

@@ -110,7 +110,10 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     activations + AND-popcount matmul), "lowbit" (quantize-and-pack b-bit activations + integer
     matmul, bits 1, 2 or 4), "lut" (float activations times b-bit codebook weights). Activation packing
     is inside the timed qviz call; weights are packed and prepared (`qviz.packed.prepare`) beforehand, as
-    a deployed layer holds them. The torch side is x @ W.T in float32. Runs alternate until `budget_s`
+    a deployed layer holds them; float activations go into the matmul as they are and are packed inside
+    it. The torch side is x @ W.T in float32 (torch.matmul with out=). Each side writes into one result
+    array of its own, reused every call (`out=`); the int8 reference (with_int8) allocates its result per
+    call, as PyTorch's quantized linear has no out argument. Runs alternate until `budget_s`
     is spent (at least 3 each unless one run alone exceeds the budget), so a widget can call this live.
     Interleaving means each call starts from the caches the previous one left (torch's 64 MiB of float
     weights at 4096 x 4096 flush a 32 MiB L3). warm=True runs an untimed identical qviz call right before
@@ -149,7 +152,9 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     xt = torch.from_numpy(x)
     wts = [torch.from_numpy(w_float)] + [torch.from_numpy(w_float.copy()) for _ in range(torch_copies - 1)]
     next_wt = _cycle(wts)
-    fns = {"qviz": (qviz_call, qviz_call) if warm else qviz_call, "torch": lambda: xt @ next_wt().T}
+    torch_out = torch.empty(m, n)  # both sides write into one result array of their own, reused every call
+    fns = {"qviz": (qviz_call, qviz_call) if warm else qviz_call,
+           "torch": lambda: torch.matmul(xt, next_wt().T, out=torch_out)}
     if with_int8:
         fns["int8"] = _int8_linear(wts[0], xt)
     with _TorchThreads(threads):
@@ -169,25 +174,30 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
 
 
 def _kernel_call(packed, kind: str, x: np.ndarray, w_float: np.ndarray, bits: int, threads: int, rng, copies: int):
-    """The timed qviz call for `kind`, weights prepared beforehand (`copies` of them); and the activation bits."""
+    """The timed qviz call for `kind`, weights prepared beforehand (`copies` of them); and the activation bits.
+
+    The call writes into one result array allocated here (`out=`), as torch's side does: a fresh array per
+    call would time the operating system's page faults (about 100 us for 4 MiB) rather than the kernel.
+    """
     if kind in ("binary", "hybrid"):
         w = packed.prepare(packed.pack_signs(w_float))
     else:
         w = packed.prepare(packed.pack(rng.integers(0, 2**bits, w_float.shape, dtype=np.uint8), bits))
     ws = [w] + [packed.PreparedMatrix(w.bits, w.shape, w.panels.copy()) for _ in range(copies - 1)]
     nxt = _cycle(ws)
+    out = np.empty((x.shape[0], w_float.shape[0]), np.float32 if kind == "lut" else np.int32)
+    # float activations go in as they are: the matmuls pack (sign / quantize) them inside the call
     if kind == "binary":
-        return (lambda: packed.binary_matmul(packed.pack_signs(x), nxt(), threads=threads)), 1
+        return (lambda: packed.binary_matmul(x, nxt(), threads=threads, out=out)), 1
     if kind == "hybrid":
-        return (lambda: packed.hybrid_matmul(packed.pack_uniform(x, 1, 1.0, threads=threads), nxt(),
-                                             threads=threads)), 1
+        return (lambda: packed.hybrid_matmul(x, nxt(), scale=1.0, threads=threads, out=out)), 1
     if kind == "lowbit":
         scale = float(np.abs(x).max()) / (2**bits - 1) * 2
         zero = 2 ** (bits - 1)
-        return (lambda: packed.lowbit_matmul(packed.pack_uniform(x, bits, scale, zero, threads=threads), nxt(),
-                                             threads=threads)), bits
+        return (lambda: packed.lowbit_matmul(x, nxt(), scale=scale, zero_point=zero, threads=threads,
+                                             out=out)), bits
     cb = rng.standard_normal(2**bits).astype(np.float32)
-    return (lambda: packed.lut_matmul(x, nxt(), cb, threads=threads)), 32
+    return (lambda: packed.lut_matmul(x, nxt(), cb, threads=threads, out=out)), 32
 
 
 def _int8_linear(wt: torch.Tensor, xt: torch.Tensor):
@@ -211,7 +221,8 @@ def measure_conv_latency(batch: int = 1, in_channels: int = 3, size: int = 16, o
                          threads: int | None = None, seed: int = 0) -> dict:
     """Median latency of `lut_conv2d` and torch float32 conv2d on the same shapes ([Kütükcü 2020, Ch. 5]).
 
-    The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. Returns
+    The default is 003's layer: 3 input channels of 16x16, 8 output channels, no padding. Both sides
+    allocate their result per call (torch's conv2d has no out argument). Returns
     qviz_s, torch_s, ratio (torch_s / qviz_s), runs, threads, path. Refuses (ValueError) shapes whose
     buffers would pass `memory_limit()`.
     """

@@ -123,7 +123,13 @@ def _empty_aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
 # Argument checks: every field of every object, before compiled code sees it
 
 
+_F32, _U32, _U64, _I32 = np.dtype(np.float32), np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.int32)
+
+
 def _matrix(name: str, a: object, dtype: type | None = None, ndim: int = 2) -> np.ndarray:
+    # the common case first, with exact types (a few attribute reads); anything else takes the checks below
+    if type(a) is np.ndarray and a.ndim == ndim and a.dtype == dtype and a.flags.c_contiguous and a.size:
+        return a
     if not isinstance(a, np.ndarray):
         hint = " (use .numpy() on a torch tensor)" if isinstance(a, torch.Tensor) else ""
         raise TypeError(f"{name} must be a numpy.ndarray{hint}, got {type(a).__name__}")
@@ -139,6 +145,8 @@ def _matrix(name: str, a: object, dtype: type | None = None, ndim: int = 2) -> n
 
 
 def _bits_field(name: str, bits: object, allowed: tuple[int, ...]) -> int:
+    if type(bits) is int and bits in allowed:
+        return bits
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(bits).__name__} {bits!r}")
     _checks.choice(name, int(bits), allowed)
@@ -146,26 +154,60 @@ def _bits_field(name: str, bits: object, allowed: tuple[int, ...]) -> int:
 
 
 def _shape_field(name: str, shape: object) -> tuple[int, int]:
+    if type(shape) is tuple and len(shape) == 2:
+        n, k = shape
+        if type(n) is int and type(k) is int and 1 <= n <= _MAX_SIDE and 1 <= k <= _MAX_SIDE:
+            return shape
     if not isinstance(shape, tuple | list) or len(shape) != 2:
         raise TypeError(f"{name} must be a pair (N, K), got {shape!r}")
     return tuple(_checks.integer(f"{name}[{i}]", v, 1, _MAX_SIDE) for i, v in enumerate(shape))
 
 
-@dataclasses.dataclass(frozen=True)
 class _Checked:
     """A matrix whose fields passed the checks: plain ints and a buffer of the exact shape."""
 
-    bits: int
-    n: int
-    k: int
-    words: np.ndarray | None  # row layout, or None for a PreparedMatrix
-    panels: np.ndarray | None
+    __slots__ = ("bits", "k", "n", "panels", "words")
+
+    def __init__(self, bits: int, n: int, k: int, words: np.ndarray | None, panels: np.ndarray | None):
+        self.bits, self.n, self.k = bits, n, k
+        self.words = words  # row layout, or None for a PreparedMatrix
+        self.panels = panels
 
 
-def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: bool = False) -> _Checked:
+def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: bool = False,
+            floats: bool = False) -> _Checked:
+    """The checked fields of a PackedMatrix (or, if `prepared`, a PreparedMatrix) passed as `name`.
+
+    The common case is recognised first, with exact types and the same conditions as the full checks
+    (`_packed_checked`), which everything else goes through: they raise, or accept what is unusual (numpy
+    integers as bits, a list as shape, a subclass).
+    """
+    t = type(p)
+    if t is PackedMatrix or (t is PreparedMatrix and prepared):
+        b, shape, buf = p.bits, p.shape, p.words if t is PackedMatrix else p.panels
+        if type(b) is int and b in bits and type(shape) is tuple and len(shape) == 2 and type(buf) is np.ndarray \
+                and buf.flags.c_contiguous:
+            n, k = shape
+            if type(n) is int and type(k) is int and 0 < n <= _MAX_SIDE and 0 < k <= _MAX_SIDE:
+                if t is PackedMatrix:
+                    w64 = -(-k * b // 64)
+                    if buf.dtype == _U64 and buf.shape == (n, w64) and (
+                            k * b % 64 == 0 or _kernels.padding_clear(buf, k * b - 64 * (w64 - 1)) < 0):
+                        return _Checked(b, n, k, buf, None)
+                else:
+                    k32 = -(-k * b // 32)
+                    if buf.dtype == _U32 and buf.shape == (-(-n // PANEL), k32, PANEL) and (
+                            k * b % 32 == 0 or _kernels.panels_padding_clear(buf, k * b - 32 * (k32 - 1)) < 0):
+                        return _Checked(b, n, k, None, buf)
+    return _packed_checked(name, p, bits, prepared, floats)
+
+
+def _packed_checked(name: str, p: object, bits: tuple[int, ...], prepared: bool, floats: bool = False) -> _Checked:
     kinds = "a PackedMatrix (from qviz.packed.pack / pack_signs / pack_uniform)"
     if prepared:
         kinds += " or a PreparedMatrix (from qviz.packed.prepare)"
+    if floats:
+        kinds += " or float32 activations (a numpy.ndarray)"
     if isinstance(p, PreparedMatrix) and prepared:
         b = _bits_field(f"{name}.bits", p.bits, bits)
         n, k = _shape_field(f"{name}.shape", p.shape)
@@ -174,7 +216,7 @@ def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: b
         if panels.shape != want:
             raise ValueError(f"{name}.panels has shape {panels.shape}, but {name}.shape={(n, k)} at {b} bits "
                              f"needs {want}")
-        bad = _kernels.panels_padding_clear(panels, k * b - 32 * (want[1] - 1))
+        bad = -1 if k * b % 32 == 0 else _kernels.panels_padding_clear(panels, k * b - 32 * (want[1] - 1))
         if bad >= 0:
             raise ValueError(f"{name}.panels has non-zero padding bits after K={k} codes (panel {bad}); "
                              "allowed: zero padding, as qviz.packed.prepare writes it")
@@ -187,7 +229,7 @@ def _packed(name: str, p: object, bits: tuple[int, ...] = CODE_BITS, prepared: b
     want = (n, words_per_row(k, b))
     if words.shape != want:
         raise ValueError(f"{name}.words has shape {words.shape}, but {name}.shape={(n, k)} at {b} bits needs {want}")
-    bad = _kernels.padding_clear(words, k * b - 64 * (want[1] - 1))
+    bad = -1 if k * b % 64 == 0 else _kernels.padding_clear(words, k * b - 64 * (want[1] - 1))
     if bad >= 0:
         raise ValueError(f"{name}.words has non-zero padding bits after K={k} codes (row {bad}); allowed: "
                          "zero padding, as qviz.packed.pack writes it")
@@ -216,13 +258,6 @@ def _panels_of(c: _Checked) -> np.ndarray:
     panels = _empty_aligned((-(-c.n // PANEL), _words32(c.k, c.bits), PANEL), np.uint32)
     _kernels.make_panels(c.words, panels.shape[1], panels)
     return panels
-
-
-def _finite_floats(name: str, x: object, ndim: int = 2) -> np.ndarray:
-    x = _matrix(name, x, np.float32, ndim=ndim)
-    if not np.isfinite(x).all():  # a NaN or Inf would make every output it touches meaningless
-        raise ValueError(f"{name} contains NaN or Inf; allowed: finite float32 values")
-    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,12 +296,12 @@ def prepare(w: PackedMatrix) -> PreparedMatrix:
     return PreparedMatrix(c.bits, (c.n, c.k), panels)
 
 
-def pack_signs(x: np.ndarray) -> PackedMatrix:
+def pack_signs(x: np.ndarray, *, threads: int | None = None) -> PackedMatrix:
     """Sign-binarize float32 x [N, K] into a 1-bit PackedMatrix: bit 1 encodes -1 (x < 0), bit 0 encodes +1."""
     x = _matrix("x", x, np.float32)
     n, k = x.shape
-    words = np.empty((n, words_per_row(k, 1)), dtype=np.uint64)
-    if _kernels.pack_signs(x, words, _path()):
+    words = np.empty((n, -(-k // 64)), dtype=np.uint64)
+    if _kernels.pack_signs(x, words, _path(), _threads(threads)):
         raise ValueError("x contains NaN; a sign is defined only for numbers")
     return PackedMatrix(1, (n, k), words)
 
@@ -279,18 +314,27 @@ def pack_uniform(x: np.ndarray, bits: int, scale: float, zero_point: int = 0, *,
     [Krishnamoorthi 2018, eqs. 1-2] (paper 004). The result carries each row's sum of codes (`code_sums`).
     """
     bits = _bits_field("bits", bits, CODE_BITS)
-    scale = _checks.real("scale", scale, 0.0, lo_open=True)
-    zero_point = _checks.integer("zero_point", zero_point, 0, 2**bits - 1)
+    inv_scale, zero_point = _quantizer(bits, scale, zero_point)
     x = _matrix("x", x, np.float32)
-    inv_scale = np.float32(1.0) / np.float32(scale)
-    if not np.isfinite(inv_scale) or inv_scale == 0:
-        raise ValueError(f"scale={scale} is out of range for float32; allowed: 1/scale finite and non-zero")
     n, k = x.shape
     words = np.empty((n, words_per_row(k, bits)), dtype=np.uint64)
     sums = np.empty(n, dtype=np.int64)
-    if _kernels.pack_uniform(x, bits, float(inv_scale), float(zero_point), words, sums, _path(), _threads(threads)):
+    if _kernels.pack_uniform(x, bits, inv_scale, float(zero_point), words, sums, _path(), _threads(threads)):
         raise ValueError("x contains NaN; only numbers can be quantized")
     return PackedMatrix(bits, (n, k), words, sums)
+
+
+def _quantizer(bits: int, scale: object, zero_point: object) -> tuple[float, int]:
+    """1 / scale as the float32 the kernels multiply by, and the zero point, both checked."""
+    scale = _checks.real("scale", scale, 0.0, lo_open=True)
+    zero_point = _checks.integer("zero_point", zero_point, 0, 2**bits - 1)
+    if 2.0**-125 < scale < 2.0**125:  # 1 / scale in float32 is finite and non-zero: no warning to silence
+        return float(np.float32(1.0) / np.float32(scale)), zero_point
+    with np.errstate(over="ignore"):
+        inv_scale = np.float32(1.0) / np.float32(scale)
+    if not np.isfinite(inv_scale) or inv_scale == 0:
+        raise ValueError(f"scale={scale} is out of range for float32; allowed: 1/scale finite and non-zero")
+    return float(inv_scale), zero_point
 
 
 def popcounts(packed: PackedMatrix | PreparedMatrix) -> np.ndarray:
@@ -311,11 +355,62 @@ def _code_sums(c: _Checked) -> np.ndarray:
 # Matmuls
 
 
-def _panel_matmul(a: _Checked, w: _Checked, op: str, mul: int, offset: int, offset_m: np.ndarray | None,
-                  threads: int | None) -> np.ndarray:
-    out = np.empty((a.n, w.n), dtype=np.int32)
-    _kernels.panel_matmul(a.words, _words32(a.k, a.bits), _panels_of(w), w.n, _kernels.OPS[op], mul, offset_m,
+def _out(out: object, shape: tuple[int, ...], dtype: np.dtype, inputs: dict) -> np.ndarray:
+    """The array a kernel writes: a new one, or the caller's `out` once it is exactly what the call writes.
+
+    `out` must be a C-contiguous, writeable numpy array of the result's dtype and shape that shares no
+    memory with any input (the kernels read the inputs while they write out). `inputs`: name -> array.
+    """
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray (or None), got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype.name} (the result's), got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}; this call writes {shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous; allowed: an array such as numpy.empty(shape, dtype)")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; allowed: a writeable array")
+    for name, a in inputs.items():
+        if a is not None and np.may_share_memory(out, a):  # both contiguous: the bounds are the memory
+            raise ValueError(f"out shares memory with {name}; allowed: an array of its own (the kernel reads "
+                             f"{name} while it writes out)")
+    return out
+
+
+def _panel_matmul(a: _Checked, w: _Checked, op: str, mul: int, offset: int, popcount_offset: bool,
+                  threads: int | None, out: object) -> np.ndarray:
+    panels = _panels_of(w)
+    shape = (a.n, w.n)
+    out = np.empty(shape, _I32) if out is None else _out(out, shape, _I32, {"a.words": a.words, "w": panels})
+    _kernels.panel_matmul(a.words, _words32(a.k, a.bits), panels, w.n, _kernels.OPS[op], mul, popcount_offset,
                           offset, out, _path(), _threads(threads))
+    return out
+
+
+def _floats_as_a(a: np.ndarray, w: _Checked) -> np.ndarray:
+    """Float32 activations [M, K] passed as `a`, to be packed inside the matmul."""
+    x = _matrix("a", a, np.float32)
+    if x.shape[1] != w.k:
+        raise ValueError(f"a and w must share K (their second dimension), got a.shape={x.shape}, "
+                         f"w.shape={(w.n, w.k)}")
+    return x
+
+
+def _fused_matmul(x: np.ndarray, w: _Checked, op: str, mul: int, offset: int, popcount_offset: bool,
+                  quantizer: tuple[int, float, int] | None, threads: int | None, out: object) -> np.ndarray:
+    """The panel matmul of float activations x, packed inside the kernel: their signs (quantizer None) or
+    their codes under (bits, 1 / scale, zero point)."""
+    panels = _panels_of(w)
+    shape = (x.shape[0], w.n)
+    out = np.empty(shape, _I32) if out is None else _out(out, shape, _I32, {"a": x, "w": panels})
+    bits, inv_scale, zero_point = quantizer or (1, 1.0, 0)
+    if _kernels.fused_matmul(x, quantizer is None, bits, inv_scale, float(zero_point), panels, w.n,
+                             _kernels.OPS[op], mul, popcount_offset, offset, out, _path(), _threads(threads)):
+        raise ValueError("a contains NaN; a sign is defined only for numbers" if quantizer is None
+                         else "a contains NaN; only numbers can be quantized")
     return out
 
 
@@ -325,24 +420,40 @@ def _k_fits_int32(a: _Checked, per_code: int) -> None:
         raise ValueError(f"K={a.k} at {a.bits} bits could overflow int32; allowed: K <= {INT32_MAX // per_code}")
 
 
-def binary_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, scale_a=None, scale_w=None,
-                  threads: int | None = None) -> np.ndarray:
+def binary_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix, *, scale_a=None, scale_w=None,
+                  threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Sign matmul of 1-bit a [M, K] and w [N, K] (bit 1 = -1): int32 [M, N] = K - 2 popcount(a XOR w).
 
-    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2020, §3.2]. With `scale_w` (one
-    α per output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor scheme's
-    scaling [Kütükcü 2020, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
-    (sign(a) α_a) @ (sign(w) α_w).T.
+    That is the sum of sign products, the XNOR-popcount of BNN [Kütükcü 2020, §3.2]. `a` may also be the
+    float32 activations themselves: their signs are packed inside the kernel, as `pack_signs` packs them
+    (the same result as binary_matmul(pack_signs(a), w), without a separate pass over a). With `scale_w`
+    (one α per output channel, or one per layer) and/or `scale_a` (one per activation row), the xnor
+    scheme's scaling [Kütükcü 2020, eq. 3-6] is applied afterwards and the result is float32 [M, N]:
+    (sign(a) α_a) @ (sign(w) α_w).T. `out`: an array to write the result into (C-contiguous, writeable,
+    the result's dtype and shape, sharing no memory with a or w), returned; by default a new one.
     """
-    a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
+    x = a if isinstance(a, np.ndarray) else None
+    a = None if x is not None else _packed("a", a, (1,), floats=True)
+    w = _packed("w", w, (1,), prepared=True)
+    if x is not None:
+        x = _floats_as_a(x, w)
+        a = _Checked(1, x.shape[0], x.shape[1], x, None)
     _same_k(a, w)
     _k_fits_int32(a, 1)
     sa = None if scale_a is None else _scales("scale_a", scale_a, a.n).reshape(-1, 1)
     sw = None if scale_w is None else _scales("scale_w", scale_w, w.n).reshape(1, -1)
-    out = _panel_matmul(a, w, "xor", -2, a.k, None, threads)
+
+    def dots(into):
+        if x is not None:
+            return _fused_matmul(x, w, "xor", -2, a.k, False, None, threads, into)
+        return _panel_matmul(a, w, "xor", -2, a.k, False, threads, into)
+
     if sa is None and sw is None:
-        return out
-    return (out * (1.0 if sa is None else sa) * (1.0 if sw is None else sw)).astype(np.float32)
+        return dots(out)
+    out = _out(out, (a.n, w.n), _F32, {"a": a.words, "w": w.words if w.panels is None else w.panels})
+    dots = dots(None)
+    out[...] = dots * (1.0 if sa is None else sa) * (1.0 if sw is None else sw)
+    return out
 
 
 def _scales(name: str, value, rows: int) -> np.ndarray:
@@ -360,37 +471,60 @@ def _scales(name: str, value, rows: int) -> np.ndarray:
     return v
 
 
-def hybrid_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads: int | None = None) -> np.ndarray:
+def hybrid_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix, *, scale: float = 1.0,
+                  zero_point: int = 0, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Activations in {0, 1} (DoReFa 1-bit; bit 1 = 1) times weights in {+1, -1} (bit 1 = -1).
 
     int32 [M, N] = popcount(a AND NOT w) - popcount(a AND w) = popcount(a) - 2 popcount(a AND w): the
     "two AND gates" hybrid of [Kütükcü 2020, Table 4.4, Fig. 4.5]. popcount(a) is counted from a's words
-    (a.code_sums is not trusted).
+    (a.code_sums is not trusted). `a` may also be float32 activations, quantized to 1-bit codes inside
+    the kernel as pack_uniform(a, 1, scale, zero_point) quantizes them (by default: 1 where a > 0.5).
+    `out`: as in `binary_matmul`.
     """
-    a, w = _packed("a", a, (1,)), _packed("w", w, (1,), prepared=True)
+    if isinstance(a, np.ndarray):
+        w = _packed("w", w, (1,), prepared=True)
+        x = _floats_as_a(a, w)
+        inv_scale, zero_point = _quantizer(1, scale, zero_point)
+        _k_fits_int32(_Checked(1, x.shape[0], x.shape[1], x, None), 1)
+        return _fused_matmul(x, w, "and", -2, 0, True, (1, inv_scale, zero_point), threads, out)
+    a, w = _packed("a", a, (1,), floats=True), _packed("w", w, (1,), prepared=True)
     _same_k(a, w)
     _k_fits_int32(a, 1)
-    ones = np.empty(a.n, np.int64)
-    _kernels.row_popcounts(a.words, ones)
-    return _panel_matmul(a, w, "and", -2, 0, ones, threads)
+    return _panel_matmul(a, w, "and", -2, 0, True, threads, out)
 
 
-def lowbit_matmul(a: PackedMatrix, w: PackedMatrix | PreparedMatrix, *, threads: int | None = None) -> np.ndarray:
+def lowbit_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix, *, scale: float | None = None,
+                  zero_point: int = 0, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Integer matmul of unsigned b-bit codes: int32 [M, N] = sum_k a[m, k] w[n, k] (a.bits == w.bits).
 
     1-bit codes: popcount(a AND w); 2- and 4-bit: byte dot products of the codes' fields (vpdpbusd with
     VNNI, vpmaddubsw with AVX2/AVX-512BW); 8-bit: a sum over the bit planes of a (bit-serial). Turn it
-    into real values with `dequantize_matmul`.
+    into real values with `dequantize_matmul`. `a` may also be float32 activations with their quantizer
+    (`scale`, `zero_point`): they are quantized to w.bits-bit codes inside the kernel, as
+    pack_uniform(a, w.bits, scale, zero_point) quantizes them. `out`: as in `binary_matmul`.
     """
-    a, w = _packed("a", a), _packed("w", w, prepared=True)
+    if not isinstance(a, np.ndarray):
+        a = _packed("a", a, floats=True)
+    w = _packed("w", w, prepared=True)
+    if isinstance(a, np.ndarray):
+        x = _floats_as_a(a, w)
+        if scale is None:
+            raise TypeError("scale is required when a holds float activations (the quantizer of pack_uniform)")
+        inv_scale, zero_point = _quantizer(w.bits, scale, zero_point)
+        _k_fits_int32(_Checked(w.bits, x.shape[0], x.shape[1], x, None), (2**w.bits - 1) ** 2)
+        if w.bits < 8:
+            op = {1: "and", 2: "dot2", 4: "dot4"}[w.bits]
+            return _fused_matmul(x, w, op, 1, 0, False, (w.bits, inv_scale, zero_point), threads, out)
+        a = _packed("a", pack_uniform(x, w.bits, scale, zero_point, threads=threads))
     _same_k(a, w)
     if a.bits != w.bits:
         raise ValueError(f"a.bits={a.bits} and w.bits={w.bits} must be equal; allowed: both 1, 2, 4 or 8")
     _k_fits_int32(a, (2**a.bits - 1) ** 2)
     if a.bits < 8:
-        return _panel_matmul(a, w, {1: "and", 2: "dot2", 4: "dot4"}[a.bits], 1, 0, None, threads)
-    out = np.empty((a.n, w.n), dtype=np.int32)
-    _kernels.bitserial_matmul(a.words, _rows_of(w), a.bits, out, _path(), _threads(threads))
+        return _panel_matmul(a, w, {1: "and", 2: "dot2", 4: "dot4"}[a.bits], 1, 0, False, threads, out)
+    rows = _rows_of(w)
+    out = _out(out, (a.n, w.n), _I32, {"a.words": a.words, "w": rows})
+    _kernels.bitserial_matmul(a.words, rows, a.bits, out, _path(), _threads(threads))
     return out
 
 
@@ -450,12 +584,9 @@ def _integers(name: str, value, n: int, lo: int, hi: int) -> np.ndarray:
 
 def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
     entries = 2**bits
-    if type(codebook) is np.ndarray and codebook.dtype == np.float32 and codebook.flags.c_contiguous and (
+    if type(codebook) is np.ndarray and codebook.dtype == _F32 and codebook.flags.c_contiguous and (
             codebook.shape == (entries,) or codebook.shape == (rows, entries)):  # the common case, without copies
-        cb = codebook.reshape(-1, entries)
-        if not np.isfinite(cb).all():
-            raise ValueError("codebook contains NaN or Inf (or values beyond float32); allowed: finite values")
-        return cb
+        return codebook if codebook.ndim == 2 else codebook.reshape(1, entries)  # values: checked in the kernel
     cb = codebook.detach().cpu().numpy() if isinstance(codebook, torch.Tensor) else codebook
     if not isinstance(cb, np.ndarray):
         raise TypeError(f"codebook must be a numpy.ndarray or torch.Tensor, got {type(codebook).__name__}")
@@ -476,32 +607,46 @@ def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
 
 
 def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.ndarray, *,
-               threads: int | None = None) -> np.ndarray:
+               threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Float activations times codebook weights: float32 [M, N] = x @ codebook[w].T.
 
     The matmul form of the packed-index convolution [Kütükcü 2020, Fig. 5.2]. codebook: [2**bits] for one
     codebook per layer or [N, 2**bits] for one per output channel. Uniform weights use
     `codebook_from_affine(scale, zero_point, bits)`. One codebook and b <= 4 run on panels (the table
-    sits in a register); per-channel codebooks and 8-bit codes decode row by row.
+    sits in a register); per-channel codebooks and 8-bit codes decode blocks of panels with gathers when
+    there are several rows of x (AVX2 and AVX-512), and row by row otherwise. `out`: as in
+    `binary_matmul` (float32); after a refused call (NaN, overflow) its contents are unspecified.
     """
     w = _packed("w", w, prepared=True)
-    x = _finite_floats("x", x)
+    x = _matrix("x", x, np.float32)  # NaN / Inf: the kernel wrapper checks before it computes
     if x.shape[1] != w.k:
         raise ValueError(f"x and w must share K, got x.shape={x.shape}, w.shape={(w.n, w.k)}")
     cb = _codebook(codebook, w.bits, w.n)
-    out = np.empty((x.shape[0], w.n), dtype=np.float32)
-    if cb.shape[0] == 1 and w.bits <= 4:
-        _kernels.panel_lut(x, _panels_of(w), w.n, w.bits, cb[0], out, _path(), _threads(threads))
+    stride = 0 if cb.shape[0] == 1 else 2**w.bits
+    panel = _kernels.panel_lut_ok(_path(), x.shape[0], w.n, w.k, w.bits, stride)
+    weights = _panels_of(w) if panel else _rows_of(w)
+    shape = (x.shape[0], w.n)
+    out = np.empty(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": weights, "codebook": cb})
+    if panel:
+        status = _kernels.panel_lut(x, weights, w.n, w.bits, cb.reshape(-1), stride, out, _path(), _threads(threads))
     else:
-        _kernels.lut_matmul(x, _rows_of(w), w.bits, cb, out, _path(), _threads(threads))
-    return _no_overflow(out)
+        status = _kernels.lut_matmul(x, weights, w.bits, cb, out, _path(), _threads(threads))
+    return _float_status(status, out)
 
 
-def _no_overflow(out: np.ndarray) -> np.ndarray:
-    """Finite inputs can still sum past float32's range: refuse rather than hand back inf or NaN."""
-    if not np.isfinite(out).all():
-        raise ValueError("the result overflows float32: x and codebook are finite but their products sum beyond "
-                         "3.4e38; allowed: inputs whose sums stay within float32 (scale x or the codebook down)")
+_FLOAT_ERRORS = {
+    1: "x contains NaN or Inf; allowed: finite float32 values",
+    2: "codebook contains NaN or Inf (or values beyond float32); allowed: finite values",
+    3: "the result overflows float32: x and codebook are finite but their products sum beyond 3.4e38; allowed: "
+       "inputs whose sums stay within float32 (scale x or the codebook down)",
+}
+
+
+def _float_status(status: int, out: np.ndarray) -> np.ndarray:
+    """The float kernels' wrappers check x and the codebook before, and the result after (finite inputs can
+    still sum past float32's range): refuse rather than hand back inf or NaN."""
+    if status:
+        raise ValueError(_FLOAT_ERRORS[status])
     return out
 
 
@@ -545,19 +690,33 @@ def _array_of_reals(name: str, value) -> np.ndarray:
 
 
 def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.ndarray, kernel: tuple[int, int], *,
-               padding: int = 0, threads: int | None = None) -> np.ndarray:
+               padding: int = 0, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Packed-index direct convolution [Kütükcü 2020, Figs. 5.1, 5.2], stride 1, zero padding.
 
     x: float32 [B, C, H, W]; w: codes [C_out, C * kh * kw] in torch's weight order (ci, i, j);
     returns float32 [B, C_out, H + 2p - kh + 1, W + 2p - kw + 1], equal to
-    torch.nn.functional.conv2d(x, codebook[w].reshape(C_out, C, kh, kw), padding=p).
+    torch.nn.functional.conv2d(x, codebook[w].reshape(C_out, C, kh, kw), padding=p). `out`: as in
+    `lut_matmul`.
     """
+    # A small layer (003's: 42k multiply-adds, about a microsecond of arithmetic) is mostly call overhead:
+    # the common case is recognised and run by one compiled call that applies the conditions of the checks
+    # below; anything else (and every error) goes through them.
+    if out is None and (threads is None or (type(threads) is int and 1 <= threads <= 1024)):
+        fast = _kernels.conv2d_fast(x, w, codebook, kernel, padding,
+                                    torch.get_num_threads() if threads is None else threads, _path())
+        if fast is not None:
+            return _float_status(*fast)
     w = _packed("w", w, prepared=True)
-    x = _finite_floats("x", x, ndim=4)
-    if not (isinstance(kernel, tuple | list) and len(kernel) == 2):
-        raise TypeError(f"kernel must be a pair (kh, kw), got {kernel!r}")
-    kh, kw = (_checks.integer(f"kernel[{i}]", v, 1, 64) for i, v in enumerate(kernel))
-    padding = _checks.integer("padding", padding, 0, max(kh, kw) - 1)
+    x = _matrix("x", x, np.float32, ndim=4)  # NaN / Inf: the kernel wrapper checks before it computes
+    if type(kernel) is tuple and len(kernel) == 2 and type(kernel[0]) is int and type(kernel[1]) is int \
+            and 1 <= kernel[0] <= 64 and 1 <= kernel[1] <= 64:
+        kh, kw = kernel
+    else:
+        if not (isinstance(kernel, tuple | list) and len(kernel) == 2):
+            raise TypeError(f"kernel must be a pair (kh, kw), got {kernel!r}")
+        kh, kw = (_checks.integer(f"kernel[{i}]", v, 1, 64) for i, v in enumerate(kernel))
+    if not (type(padding) is int and 0 <= padding < max(kh, kw)):
+        padding = _checks.integer("padding", padding, 0, max(kh, kw) - 1)
     b, c, h, wd = x.shape
     if w.k != c * kh * kw:
         raise ValueError(f"w has K={w.k}, but C * kh * kw = {c} * {kh} * {kw} = {c * kh * kw}")
@@ -565,9 +724,11 @@ def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     if ho < 1 or wo < 1:
         raise ValueError(f"the {kh}x{kw} kernel is larger than the padded {h}x{wd} input (padding={padding})")
     cb = _codebook(codebook, w.bits, w.n)
-    out = np.empty((b, w.n, ho, wo), dtype=np.float32)
-    _kernels.lut_conv2d(x, _panels_of(w), w.n, w.bits, cb, kh, kw, padding, out, _path(), _threads(threads))
-    return _no_overflow(out)
+    panels = _panels_of(w)
+    shape = (b, w.n, ho, wo)
+    out = np.empty(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": panels, "codebook": cb})
+    status = _kernels.lut_conv2d(x, panels, w.n, w.bits, cb, kh, kw, padding, out, _path(), _threads(threads))
+    return _float_status(status, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -650,6 +811,8 @@ def _module_report(module: torch.nn.Module, bits: int, codebook_bits: int, per_c
     total["layers"] = layers
     return total
 
+
+_kernels.set_fast_types(np.ndarray, PreparedMatrix, _F32, np.empty)
 
 # The timing harness is its own module; its public names belong to this API.
 from qviz._timing import (  # noqa: E402

@@ -108,6 +108,48 @@ def test_hybrid_matmul_is_zero_one_activations_times_sign_weights(path, shape, s
     assert np.array_equal(packed.hybrid_matmul(plain, packed.prepare(packed.pack_signs(w))), expected)
 
 
+def _affine_codes(x: np.ndarray, bits: int, scale: float, zero: int) -> np.ndarray:
+    inv = np.float32(1) / np.float32(scale)
+    return np.clip(np.round(x * inv) + zero, 0, 2**bits - 1).astype(np.int64)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=shapes, seed=seeds, bits=st.sampled_from([1, 2, 4, 8]), data=st.data())
+def test_float_activations_are_packed_inside_the_matmuls(path, shape, seed, bits, data):
+    m, k, n = shape
+    m = data.draw(st.sampled_from([m, m + 7, m + 20]))  # several row tiles: the fused path packs per tile
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x.reshape(-1)[rng.integers(0, x.size, 3)] = [0.0, -0.0, 0.5]  # zeros and a tie of the 1-bit threshold
+    wf = rng.standard_normal((n, k), dtype=np.float32)
+    w = packed.prepare(packed.pack_signs(wf))
+    signs = np.where(x < 0, -1, 1) @ np.where(wf < 0, -1, 1).T
+    assert np.array_equal(packed.binary_matmul(x, w), signs)
+    scale, zero = float(rng.uniform(0.2, 1.5)), int(rng.integers(0, 2))
+    ones = _affine_codes(x, 1, scale, zero)
+    assert np.array_equal(packed.hybrid_matmul(x, w, scale=scale, zero_point=zero),
+                          ones @ np.where(wf < 0, -1, 1).T)
+    codes = rng.integers(0, 2**bits, (n, k), dtype=np.uint8)
+    wc = packed.prepare(packed.pack(codes, bits))
+    zero = int(rng.integers(0, 2**bits))
+    want = _affine_codes(x, bits, scale, zero) @ codes.astype(np.int64).T
+    assert np.array_equal(packed.lowbit_matmul(x, wc, scale=scale, zero_point=zero), want)
+
+
+def test_float_activations_with_weights_beyond_l2():
+    """Weights past the fused kernel's L2 budget are packed first and run in panel-block order: same answers."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 4100), dtype=np.float32)
+    wf = rng.standard_normal((1030, 4100), dtype=np.float32)
+    w = packed.prepare(packed.pack_signs(wf))
+    assert w.nbytes > 512 * 1024
+    assert np.array_equal(packed.binary_matmul(x, w), packed.binary_matmul(packed.pack_signs(x), w))
+    assert np.array_equal(packed.hybrid_matmul(x, w), packed.hybrid_matmul(packed.pack_uniform(x, 1, 1.0), w))
+    x[3, 7] = np.nan
+    with pytest.raises(ValueError, match="a contains NaN"):
+        packed.binary_matmul(x, w)
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes, bits=st.sampled_from([1, 2, 4, 8]), seed=seeds)
 def test_lowbit_matmul_is_the_integer_dot_product_of_codes(path, shape, bits, seed):
@@ -135,13 +177,29 @@ def test_lut_matmul_equals_x_times_the_decoded_weights(path, shape, bits, seed, 
     np.testing.assert_allclose(prepared, out, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 900), n=st.integers(1, 140), bits=st.sampled_from([1, 2, 4]), seed=seeds)
+def test_codebook_gemv_equals_the_decoded_product(path, k, n, bits, seed):
+    """One activation row: 1- and 2-bit codes go through tables of partial sums on AVX-512, the rest decode."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    codes = _codes(rng, (n, k), bits)
+    cb = rng.standard_normal(2**bits).astype(np.float32)
+    out = packed.lut_matmul(x, packed.prepare(packed.pack(codes, bits)), cb)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ cb[codes].T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 2), c=st.integers(1, 4), size=st.integers(3, 12), co=st.integers(1, 5),
        kernel=st.integers(1, 3), bits=st.sampled_from([1, 2, 4, 8]), seed=seeds, data=st.data())
 def test_lut_conv2d_equals_torch_conv2d(path, batch, c, size, co, kernel, bits, seed, data):
     padding = data.draw(st.integers(0, kernel - 1))
+    if data.draw(st.booleans()):  # rows of several vectors, channel blocks past 8 and 16, both kernel layouts
+        size, co, kernel = data.draw(st.integers(12, 40)), data.draw(st.integers(1, 40)), data.draw(st.integers(1, 5))
+        padding = data.draw(st.integers(0, kernel - 1))
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+    width = data.draw(st.integers(max(kernel - 2 * padding, 1), size + 5))
+    x = rng.standard_normal((batch, c, size, width), dtype=np.float32)
     codes = _codes(rng, (co, c * kernel * kernel), bits)
     cb = rng.standard_normal((co, 2**bits)).astype(np.float32)
     out = packed.lut_conv2d(x, packed.pack(codes, bits), cb, (kernel, kernel), padding=padding)

@@ -208,13 +208,32 @@ def _valid_floats(a: np.ndarray, how: str, ndim: int) -> bool:
             and _is_c_contiguous_after(a, how))
 
 
-@settings(max_examples=600, **SETTINGS)
-@given(fn=st.sampled_from(["pack_signs", "pack_uniform", "lut_matmul", "lut_conv2d"]), data=st.data())
+@settings(max_examples=800, **SETTINGS)
+@given(fn=st.sampled_from(["pack_signs", "pack_uniform", "lut_matmul", "lut_conv2d", "binary_matmul", "hybrid_matmul",
+                           "lowbit_matmul"]), data=st.data())
 def test_float_arrays(guard, fn, data):
     ndim = 4 if fn == "lut_conv2d" else 2
     a, how = data.draw(float_inputs(ndim))
     d = pc.desc("array", a, transform=how)
     valid = _valid_floats(a, how, ndim)
+    if fn in ("binary_matmul", "hybrid_matmul", "lowbit_matmul"):  # float activations packed inside the kernel
+        k = a.shape[1] if a.ndim == 2 and a.shape[1] else 3
+        cw = _codes(11, 7, k, 2 if fn == "lowbit_matmul" else 1)
+        w = packed.prepare(packed.pack(cw, 2 if fn == "lowbit_matmul" else 1))
+        kwargs = {"scale": 0.5, "zero_point": 1} if fn == "lowbit_matmul" else {}
+        out = guard.call("packed_cases:call", fn, d, w, **kwargs)
+        if not (valid and not np.isnan(a).any()):
+            hostile.expect_clear_error(out, "a ", "a.", "a must")
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            if fn == "binary_matmul":
+                want = np.where(a < 0, -1, 1) @ (1 - 2 * cw.astype(np.int64)).T
+            elif fn == "hybrid_matmul":
+                want = np.clip(np.round(a), 0, 1).astype(np.int64) @ (1 - 2 * cw.astype(np.int64)).T
+            else:
+                want = np.clip(np.round(a * np.float32(2.0)) + 1, 0, 3).astype(np.int64) @ cw.astype(np.int64).T
+        hostile.expect_answer(out, lambda v: v.dtype == np.int32 and np.array_equal(v, want), fn)
+        return
     if fn == "pack_signs":
         out = guard.call("packed_cases:call", fn, d)
         if valid and not np.isnan(a).any():
@@ -234,15 +253,17 @@ def test_float_arrays(guard, fn, data):
     k = a.shape[1] if a.ndim >= 2 and a.shape[1] else 1
     codes = _codes(7, 5, k, 2)
     cb = np.array([-1.5, -0.5, 0.5, 1.5], np.float32)
+    w = packed.pack(codes, 2)
+    w = packed.prepare(w) if data.draw(st.booleans()) else w  # prepared: lut_conv2d's compiled fast path
     if fn == "lut_matmul":
-        out = guard.call("packed_cases:call", fn, d, packed.pack(codes, 2), cb)
+        out = guard.call("packed_cases:call", fn, d, w, cb)
         if valid and np.isfinite(a).all():
             want = a.astype(np.float64) @ cb[codes].T.astype(np.float64)
             _answer_unless_overflow(out, want, fn)
         else:
             hostile.expect_clear_error(out, "x ")
         return
-    out = guard.call("packed_cases:call", fn, d, packed.pack(codes, 2), cb, (1, 1))
+    out = guard.call("packed_cases:call", fn, d, w, cb, (1, 1))
     if valid and np.isfinite(a).all():
         want = np.einsum("bchw,oc->bohw", a.astype(np.float64), cb[codes].astype(np.float64))
         _answer_unless_overflow(out, want, fn)
@@ -304,6 +325,34 @@ def test_pack_uniform_scalars(guard, bits, scale, zero):
             inv = np.float32(1) / np.float32(scale)
             want = np.clip(np.round(x * inv) + zero, 0, 2**int(bits) - 1).astype(np.uint8)
         hostile.expect_answer(out, lambda v: np.array_equal(packed.unpack(v), want), f"pack_uniform {bits} {scale}")
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(fn=st.sampled_from(["hybrid_matmul", "lowbit_matmul"]), bits=st.sampled_from([1, 2, 4, 8]),
+       scale=st.sampled_from([0.5, 1e-30, 1e-45, 0.0, -1.0, np.nan, np.inf, 1e39, np.float32(2), True, "1", None]),
+       zero=st.sampled_from([0, 1, 3, 255, 256, -1, 1.5, True, np.int16(2), None]))
+def test_quantizer_of_float_activations(guard, fn, bits, scale, zero):
+    """hybrid_matmul / lowbit_matmul with float activations: scale and zero_point as pack_uniform takes them."""
+    bits = 1 if fn == "hybrid_matmul" else bits
+    x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(2, 20)
+    cw = _codes(3, 5, 20, bits)
+    w = packed.prepare(packed.pack(cw, bits))
+    out = guard.call("packed_cases:call", fn, x, w, scale=scale, zero_point=zero)
+    with np.errstate(all="ignore"):
+        scale_ok = (isinstance(scale, float | int | np.floating) and not isinstance(scale, bool)
+                    and math.isfinite(scale) and scale > 0 and np.isfinite(np.float32(1) / np.float32(scale))
+                    and np.float32(1) / np.float32(scale) != 0)
+    zero_ok = isinstance(zero, int | np.integer) and not isinstance(zero, bool) and 0 <= zero <= 2**bits - 1
+    if scale is None and fn == "lowbit_matmul":
+        hostile.expect_clear_error(out, "scale")
+        return
+    if not (scale_ok and zero_ok):
+        hostile.expect_clear_error(out, "scale", "zero_point")
+        return
+    with np.errstate(all="ignore"):
+        codes = np.clip(np.round(x * (np.float32(1) / np.float32(scale))) + zero, 0, 2**bits - 1).astype(np.int64)
+    want = codes @ ((1 - 2 * cw.astype(np.int64)) if fn == "hybrid_matmul" else cw.astype(np.int64)).T
+    hostile.expect_answer(out, lambda v: np.array_equal(v, want), f"{fn} scale={scale} zero_point={zero}")
 
 
 @pytest.mark.parametrize("name", ["portable", "avx512", "avx2", "quantum", "", None, 3, True, ["avx2"]])
@@ -382,6 +431,7 @@ def test_codebooks(guard, fn, bits, change, n, seed):
         cb = bad[change]
     x = rng.standard_normal((2, k), dtype=np.float32)
     w = packed.pack(codes, bits)
+    w = packed.prepare(w) if seed % 2 else w  # prepared: lut_conv2d's compiled fast path
     if fn == "lut_matmul":
         out = guard.call("packed_cases:call", fn, x, w, cb)
         want = x.astype(np.float64) @ np.take_along_axis(table, codes.astype(np.int64), 1).T.astype(np.float64)
@@ -409,7 +459,9 @@ def test_conv_geometry(guard, size, kernel, padding, c, seed):
     k = c * max(kh, 1) * max(kw, 1)
     codes = _codes(seed, 3, k, 2)
     cb = np.array([-1.0, -0.25, 0.25, 1.0], np.float32)
-    out = guard.call("packed_cases:call", "lut_conv2d", x, packed.pack(codes, 2), cb, kernel, padding=padding)
+    w = packed.pack(codes, 2)
+    w = packed.prepare(w) if seed % 2 else w  # prepared: lut_conv2d's compiled fast path
+    out = guard.call("packed_cases:call", "lut_conv2d", x, w, cb, kernel, padding=padding)
     if not ints or not (1 <= kh <= 64 and 1 <= kw <= 64):
         hostile.expect_clear_error(out, "kernel")
         return
@@ -655,3 +707,39 @@ def test_words_per_row(k, bits):
         hostile.expect_answer(out, lambda v: v == -(-int(k) * int(bits) // 64), "words_per_row")
     else:
         hostile.expect_clear_error(out, "k ", "bits ")
+
+
+# --------------------------------------------------------------------------------------------------
+# out=: the caller's result array (every matmul and the convolution)
+
+OUT_CHANGES = ["none", "ok", "ok", "dtype_f64", "dtype_i64", "dtype_other", "shape_t", "shape_more", "shape_flat",
+               "noncontig", "fortran", "readonly", "tensor", "list", "big_endian", "alias_a", "alias_w", "alias_x",
+               "alias_codebook"]
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(fn=st.sampled_from(pc.OUT_FNS), change=st.sampled_from(OUT_CHANGES), m=st.integers(1, 9),
+       n=st.integers(1, 40), k=st.integers(1, 200), bits=st.sampled_from([1, 2, 4]), seed=seeds)
+def test_out_argument(guard, fn, change, m, n, k, bits, seed):
+    lut = fn in ("lut_matmul", "lut_conv2d")
+    if change in (("alias_a",) if lut else ("alias_x", "alias_codebook")):
+        change = "alias_w"  # every fn has weights; a and x / codebook only one kind each
+    _, shape, dtype, ref = pc.out_problem(fn, m, n, k, bits, seed)
+    out = guard.call("packed_cases:out_call", fn, change, m, n, k, bits, seed)
+
+    def right(v, given: bool | None = None) -> bool:
+        result, is_out = v
+        same = np.array_equal(result, ref) if dtype == np.int32 else np.allclose(result, ref, rtol=1e-4, atol=1e-4)
+        return result.dtype == dtype and same and (given is None or is_out == given)
+
+    size = int(np.prod(shape))
+    if change in ("none", "ok"):
+        hostile.expect_answer(out, lambda v: right(v, change == "ok"), f"{fn} out={change}")
+    elif change == "noncontig" and size == 1:  # a single element is contiguous
+        hostile.expect_answer(out, right, f"{fn} out={change}")
+    elif change == "shape_t" and shape[::-1] == shape:  # a square result transposed is the same shape
+        hostile.expect_answer(out, right, f"{fn} out={change}")
+    elif change == "fortran" and sum(d > 1 for d in shape) <= 1:  # a vector is C- and F-contiguous at once
+        hostile.expect_answer(out, right, f"{fn} out={change}")
+    else:  # a wrong dtype, shape or layout, not an array, or a view of an input's memory
+        hostile.expect_clear_error(out, "out")
