@@ -84,6 +84,7 @@ class DecisionMapExplorer(Explorer):
         self._model_listeners = []
         self._model_lock = threading.Lock()
         self.float_model = None
+        self._float_key = None  # (width, depth, residual) of float_model
         self._float_map = None
         super().__init__(**kwargs)
 
@@ -121,13 +122,17 @@ class DecisionMapExplorer(Explorer):
 
     def _compute(self, params, cancel, progress):
         arch = f"{params['width']}-{params['depth']}{' residual' if params['residual'] else ''}"
-        progress(0.0, f"float {arch}: loading or training")
-        base = float_model(params["width"], params["depth"], params["residual"], cache=self.cache, cancel=cancel,
-                           callback=lambda p: progress(0.5 * p["step"] / p["steps"], f"training float {arch}: "
-                                                       f"step {p['step']} of {p['steps']}"))
+        key = (params["width"], params["depth"], params["residual"])
+        with self._model_lock:
+            base = self.float_model if self._float_key == key else None
+        if base is None:  # the cache reads a new copy from disk on every call: only when the network changes
+            progress(0.0, f"float {arch}: loading or training")
+            base = float_model(params["width"], params["depth"], params["residual"], cache=self.cache, cancel=cancel,
+                               callback=lambda p: progress(0.5 * p["step"] / p["steps"], f"training float {arch}: "
+                                                           f"step {p['step']} of {p['steps']}"))
         with self._model_lock:
             changed = base is not self.float_model
-            self.float_model = base
+            self.float_model, self._float_key = base, key
             listeners = list(self._model_listeners) if changed else []
         for listener in listeners:
             listener(base)
