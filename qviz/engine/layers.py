@@ -17,6 +17,8 @@ twin) comes from the scheme registry in quantizers.py; nothing here branches on 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -310,12 +312,15 @@ def mse_clip(x: torch.Tensor, spec: QuantSpec, candidates: int = 24) -> float:
     sample = _subsample(positive, 65536)
     quantiles = torch.quantile(sample, torch.linspace(0.5, 1.0, candidates))
     best, best_err = float(quantiles[-1]), float("inf")
-    for alpha in quantiles.tolist():
-        if alpha <= 0:
-            continue
-        err = float(((fake_quantize(sample, spec, alpha=torch.tensor(alpha)) - sample) ** 2).mean())
-        if err < best_err:
-            best, best_err = alpha, err
+    if not math.isfinite(best):
+        raise ValueError("x contains NaN or Inf; only finite values can be quantized")
+    with _checks.no_finite_checks():  # the sample is finite (its largest value is): no check per candidate
+        for alpha in quantiles.tolist():
+            if alpha <= 0:
+                continue
+            err = float(((fake_quantize(sample, spec, alpha=torch.tensor(alpha)) - sample) ** 2).mean())
+            if err < best_err:
+                best, best_err = alpha, err
     return max(best, 1e-3)
 
 

@@ -249,6 +249,16 @@ def test_decision_map_stages_checks_its_arguments_before_the_first_map(small_flo
         decision_map_stages("net")
 
 
+def test_a_model_with_non_finite_outputs_gets_a_clear_error_not_a_map(small_float):
+    # maps run without the per-activation finiteness checks (a third of their time); the answers are checked
+    model = post_training_quantize(small_float, QuantSpec("symmetric", bits=4), QuantSpec("relu", bits=4))
+    with torch.no_grad():
+        model.layers[-1].bias.fill_(float("nan"))
+    for make in (lambda: decision_map(model, resolution=8), lambda: list(decision_map_stages(model, resolution=8))):
+        with pytest.raises(ValueError, match="outputs hold NaN or Inf"):
+            make()
+
+
 def test_roughness_tells_noise_from_a_smooth_boundary():
     smooth = np.zeros((40, 40), dtype=int)
     smooth[:, 20:] = 1
