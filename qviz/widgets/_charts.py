@@ -62,7 +62,10 @@ class Figure:
 
     def spec(self, body: dict, title: str | None = None) -> dict:
         """The top-level spec: body + datasets + text params + configuration (+ an overall title)."""
-        spec = {"$schema": SCHEMA, **body, "datasets": self.datasets, "config": CONFIG}
+        # resize: later data and param updates (sent without a new spec) may widen axes and titles; without
+        # it the view keeps its first size and clips them
+        spec = {"$schema": SCHEMA, **body, "datasets": self.datasets, "config": CONFIG,
+                "autosize": {"type": "pad", "resize": True}}
         if self.texts:
             spec["params"] = [{"name": n, "value": v} for n, v in self.texts.items()]
         if title:

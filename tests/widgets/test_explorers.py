@@ -353,6 +353,8 @@ def test_every_figure_is_a_valid_vega_lite_spec(quantizer, bn_model, tmp_path):
         validate_jsonschema(e.spec, schema)
         validate_jsonschema(e.figure_spec(), schema)
         assert e.chart is not None  # and Altair can load it for composition
+        # data updates without a new spec may need a larger view (longer labels): Vega must resize for them
+        assert e.spec["autosize"] == {"type": "pad", "resize": True}
     for e in explorers[1:]:
         e.close()
 
