@@ -105,3 +105,30 @@ def test_observer_without_data():
         MinMaxObserver().qparams(8)
     with pytest.raises(ValueError, match="momentum=0"):
         MovingAverageMinMaxObserver(momentum=0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5000), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float64]))
+def test_the_partial_sort_quantiles_equal_torch_quantile(n, seed, dtype):
+    from qviz.engine.layers import _positive, _quantiles
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    x[::7] = 0.0  # ties and zeros
+    q = torch.linspace(0.5, 1.0, 24)
+    assert torch.equal(_quantiles(x, q), torch.quantile(x, q.to(dtype)))
+    assert torch.equal(_positive(x.reshape(-1, 1)), x[x > 0])
+
+
+def test_mse_clip_is_the_candidate_with_the_least_error():
+    from qviz.engine import QuantSpec, fake_quantize
+    from qviz.engine.layers import mse_clip
+
+    x = torch.relu(torch.randn(300, 40, generator=torch.Generator().manual_seed(3))) ** 2
+    spec = QuantSpec("pact", bits=2)
+    positive = x[x > 0]
+    errors = {float(a): float(((fake_quantize(positive, spec, alpha=a) - positive) ** 2).mean())
+              for a in torch.quantile(positive, torch.linspace(0.5, 1.0, 24))}
+    assert mse_clip(x, spec) == pytest.approx(min(errors, key=errors.get))
+    assert mse_clip(torch.full((5,), -1.0), spec) == 1e-3  # nothing positive: the smallest clip
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mse_clip(torch.tensor([1.0, float("inf")]), spec)
