@@ -52,7 +52,8 @@ class QuantizerExplorer(Explorer):
         self.bits = W.IntSlider(value=min(max(self._initial["bits"], lo), hi), min=lo, max=hi, description="bits",
                                 style=style, continuous_update=True)
         self.range = W.FloatRangeSlider(value=(-1.0, 1.0), min=X_RANGE[0], max=X_RANGE[1], step=0.05,
-                                        description="range", style=style, continuous_update=True)
+                                        description="range", style=style, continuous_update=True,
+                                        readout_format=".3g")  # "-1 – 1" fits the 320-pixel column
         self.alpha = W.FloatSlider(value=1.0, min=0.1, max=3.0, step=0.05, description="alpha", style=style)
         self.signed = W.Checkbox(value=True, description="signed", indent=False)
         self.narrow = W.Checkbox(value=False, description="narrow range", indent=False)

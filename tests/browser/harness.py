@@ -42,31 +42,35 @@ def write_notebook(path: Path, sources: list[str]) -> Path:
 
 
 class JupyterLab:
-    """A JupyterLab server in its own process, serving `root` on 127.0.0.1 with a token."""
+    """A JupyterLab server in its own process, serving `root` on 127.0.0.1 with a token (app="notebook":
+    Notebook 7, started as `python -m notebook`)."""
 
-    def __init__(self, root: Path, env: dict | None = None):
+    def __init__(self, root: Path, env: dict | None = None, app: str = "lab"):
         self.root, self.port, self.token = root, free_port(), secrets.token_hex(16)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
-        self.log = root / "jupyterlab.log"
+        self.app = app
+        self.log = root / f"{app}.log"
 
     def __enter__(self) -> JupyterLab:
-        args = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+        start = [sys.executable, "-m", "notebook"] if self.app == "notebook" else [sys.executable, "-m", "jupyter", "lab"]
+        args = [*start, "--no-browser", "--ServerApp.ip=127.0.0.1",
                 f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
-                "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}"]
+        if self.app == "lab":
+            args += ["--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.append("--allow-root")  # CI machines and containers run as root
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited early; see {self.log}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.app} exited early; see {self.log}:\n{self.log.read_text()[-3000:]}")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2)
                 return self
             time.sleep(0.3)
-        raise RuntimeError(f"JupyterLab did not start within 120 s; see {self.log}")
+        raise RuntimeError(f"{self.app} did not start within 120 s; see {self.log}")
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
