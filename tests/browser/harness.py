@@ -53,7 +53,7 @@ class JupyterLab:
         self.log = root / f"{app}.log"
 
     def __enter__(self) -> JupyterLab:
-        start = [sys.executable, "-m", "notebook"] if self.app == "notebook" else [sys.executable, "-m", "jupyter", "lab"]
+        start = [sys.executable, "-m", "notebook" if self.app == "notebook" else "jupyterlab"]
         args = [*start, "--no-browser", "--ServerApp.ip=127.0.0.1",
                 f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                 f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}"]
