@@ -14,12 +14,30 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("voila")
     write_notebook(root / "app.ipynb", ["import qviz\nq = qviz.QuantizerExplorer(scheme='affine', bits=2)\nq"])
+    write_notebook(root / "plain.ipynb", ["print('no widgets here')"])
     with JupyterLab(root, env={"QVIZ_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}) as lab:
         yield lab
 
 
+def _voila_errors(browser, server) -> set[str]:
+    """What Voila logs by itself on a page without widgets: with Notebook 7 installed beside it, Voila
+    also loads Notebook's federated extension and logs "The getter for the shared module is not a
+    function". Those are not qviz's."""
+    page = browser.new_page()
+    page.goto(f"{server.base}/voila/render/plain.ipynb?token={server.token}", timeout=240_000)
+    page.get_by_text("no widgets here").first.wait_for(timeout=120_000)
+    page.wait_for_timeout(2000)
+    page.close()
+    return {_first_line(e) for e in browser.console_errors}
+
+
+def _first_line(message: str) -> str:
+    return message.split("\n", 1)[0]
+
+
 def test_quantizer_explorer_runs_live_in_voila(server):
     with Browser() as browser:
+        its_own = _voila_errors(browser, server)
         page = browser.new_page()
         page.goto(f"{server.base}/voila/render/app.ipynb?token={server.token}", timeout=240_000)
         _wait(page, lambda: marks(page, "levels") == 4, "4 levels at 2 bits")
@@ -37,7 +55,8 @@ def test_quantizer_explorer_runs_live_in_voila(server):
     # works without them (as above). Nothing else may leave 127.0.0.1, and nothing else may log an error.
     theirs = re.compile(r"fontawesome|mathjax")
     assert [u for u in browser.blocked if not theirs.search(u)] == [], browser.blocked
-    assert [e for e in browser.console_errors if not _failed_load(e)] == [], browser.console_errors
+    assert [e for e in browser.console_errors if not _failed_load(e) and _first_line(e) not in its_own] == [], \
+        browser.console_errors
 
 
 def _failed_load(message: str) -> bool:
