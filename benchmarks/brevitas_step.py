@@ -22,8 +22,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved_medians, table
+from experiments import training_steps
 
-from qviz import _checks
 from qviz.engine import activation_spec, float_model, quantized_fcdnn, semicircles, weight_spec
 from qviz.engine.train import QAT_SCHEDULE
 
@@ -63,22 +63,7 @@ def main() -> None:
     models = {"float": copy.deepcopy(base),
               "qviz W2/A2": quantized_fcdnn(base, weight_spec(2), activation_spec(2)).calibrate(X[:4096]),
               "brevitas W2/A2": brevitas_twin(base)}
-    g = torch.Generator().manual_seed(0)
-    steps = {}
-    for name, model in models.items():
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
-
-        def step(model=model, opt=opt):
-            idx = torch.randint(0, len(X), (QAT_SCHEDULE.batch_size,), generator=g)
-            with _checks.no_finite_checks():
-                loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        steps[name] = step
-    t = interleaved_medians(steps, rounds=200, warmup=20)
+    t = interleaved_medians(training_steps(models, X, y), rounds=200, warmup=20)
     print(f"torch {torch.__version__}, brevitas {brevitas.__version__}, {torch.get_num_threads()} threads, "
           f"batch {QAT_SCHEDULE.batch_size}, medians of 200 interleaved steps\n")
     rows = [[name, f"{seconds * 1e3:.2f}", f"{seconds / t['float']:.2f}x"] for name, seconds in t.items()]

@@ -108,6 +108,12 @@ def step_cost(cache: Path) -> tuple[float, float]:
     X, y = semicircles(0)
     models = {"float": copy.deepcopy(base),
               "qat": quantized_fcdnn(base, weight_spec(2), activation_spec(2)).calibrate(X[:4096])}
+    t = interleaved_medians(training_steps(models, X, y), rounds=200, warmup=10)
+    return t["float"], t["qat"]
+
+
+def training_steps(models: dict, X: torch.Tensor, y: torch.Tensor) -> dict:
+    """One Adam step on a random batch of QAT_SCHEDULE's size, per model, as callables to time."""
     g = torch.Generator().manual_seed(0)
     steps = {}
     for name, model in models.items():
@@ -123,8 +129,7 @@ def step_cost(cache: Path) -> tuple[float, float]:
                 opt.step()
 
         steps[name] = step
-    t = interleaved_medians(steps, rounds=200, warmup=10)
-    return t["float"], t["qat"]
+    return steps
 
 
 def main() -> None:

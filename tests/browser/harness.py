@@ -130,9 +130,15 @@ def open_and_run(page, lab: JupyterLab, notebook: str, workspace: str, timeout_m
     page.wait_for_selector(".jp-Notebook", timeout=120_000)
     # the kernel, not just the page, must be ready: the status bar says "Python 3 (ipykernel) | Idle"
     page.get_by_text(re.compile(r"\| Idle$")).first.wait_for(timeout=120_000)
+    run_all_cells(page, timeout_ms)
+
+
+def run_all_cells(page, timeout_ms: int = 240_000) -> None:
+    """Run > Run All Cells from the menu bar (JupyterLab and Notebook 7 share it), and wait until every
+    cell has run."""
     started = ("() => [...document.querySelectorAll('.jp-InputArea-prompt')]"
                ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
-    for _ in range(3):  # a click that lands while JupyterLab is still settling is lost: try again
+    for _ in range(3):  # a click that lands while the page is still settling is lost: try again
         page.locator(".jp-NotebookPanel").first.click()
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
@@ -145,6 +151,19 @@ def open_and_run(page, lab: JupyterLab, notebook: str, workspace: str, timeout_m
         "() => [...document.querySelectorAll('.jp-InputArea-prompt')].every(p => !p.textContent.includes('*'))"
         " && [...document.querySelectorAll('.jp-InputArea-prompt')].some(p => /\\[\\d+\\]/.test(p.textContent))",
         timeout=timeout_ms)
+
+
+def wait_until(page, predicate, what: str, timeout: float = 120.0, state=None):
+    """Poll `predicate` every 100 ms until it returns something true (returned), else fail naming `what`
+    and, when given, what `state()` says the page shows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        page.wait_for_timeout(100)
+    seen = f"; the page shows {state()}" if state else ""
+    raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
 def marks(page, name: str, root: str = ".qviz-chart") -> int:

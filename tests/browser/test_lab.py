@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, image_href, marks, open_and_run, write_notebook
+from harness import ARTIFACTS, Browser, JupyterLab, image_href, marks, open_and_run, wait_until, write_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -102,14 +102,7 @@ def _settled_box(page, locator):
 
 
 def _wait_for(page, predicate, timeout=60.0, what="", state=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        page.wait_for_timeout(100)
-    seen = f"; the page shows {state()}" if state else ""
-    raise AssertionError(f"timed out waiting for {what}{seen}")
+    return wait_until(page, predicate, what, timeout, state)
 
 
 def _quantizer_state(page):

@@ -4,11 +4,10 @@ the charts redraw with no console error and no request leaving 127.0.0.1."""
 
 import json
 import re
-import time
 import urllib.request
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, marks, write_notebook
+from harness import ARTIFACTS, Browser, JupyterLab, marks, run_all_cells, wait_until, write_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -28,16 +27,6 @@ def server(tmp_path_factory):
         yield nb
 
 
-def _wait(page, predicate, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        page.wait_for_timeout(100)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _kernel_idle(server) -> bool:
     url = f"{server.base}/api/kernels?token={server.token}"
     kernels = json.loads(urllib.request.urlopen(url, timeout=10).read())
@@ -46,21 +35,8 @@ def _kernel_idle(server) -> bool:
 
 def _run_all(page, server) -> None:
     page.wait_for_selector(".jp-Notebook", timeout=120_000)
-    _wait(page, lambda: _kernel_idle(server), "an idle kernel")
-    started = ("() => [...document.querySelectorAll('.jp-InputArea-prompt')]"
-               ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
-    for _ in range(3):  # a click while the page still settles can be lost: try again
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-        try:
-            page.wait_for_function(started, timeout=15_000)
-            break
-        except Exception:
-            page.keyboard.press("Escape")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.jp-InputArea-prompt')].every(p => !p.textContent.includes('*'))"
-        " && [...document.querySelectorAll('.jp-InputArea-prompt')].some(p => /\\[\\d+\\]/.test(p.textContent))",
-        timeout=240_000)
+    wait_until(page, lambda: _kernel_idle(server), "an idle kernel")  # Notebook 7 has no "| Idle" status bar
+    run_all_cells(page)
 
 
 def _drag_to_end(page, slider) -> None:
@@ -90,15 +66,16 @@ def test_explorers_run_and_follow_the_mouse_in_notebook_7(server):
         page.goto(f"{server.base}/notebooks/explorers.ipynb?token={server.token}", timeout=120_000)
         _run_all(page, server)
         quantizer, sweep = page.locator(".qviz-explorer").nth(0), page.locator(".qviz-explorer").nth(1)
-        _wait(page, lambda: marks(page, "levels") == 4, "4 levels at 2 bits")
+        wait_until(page, lambda: marks(page, "levels") == 4, "4 levels at 2 bits")
         bits = quantizer.locator(".widget-slider", has=page.locator("label", has_text=re.compile("^bits$")))
         _drag_to_end(page, bits)
-        _wait(page, lambda: marks(page, "levels") == 256, "256 levels after dragging bits to 8")
+        wait_until(page, lambda: marks(page, "levels") == 256, "256 levels after dragging bits to 8")
         assert quantizer.locator(".widget-readout").first.inner_text().strip() == "8"
         # a click on a heat-map cell shows that run (the chart reports clicks back to the kernel)
-        _wait(page, lambda: marks(page, "cells") == 6, "2 x 3 heat-map cells")
+        wait_until(page, lambda: marks(page, "cells") == 6, "2 x 3 heat-map cells")
         sweep.locator(".qviz-chart svg g[class*='cells'] path").nth(3).click()  # width 128, 2-bit weights
-        _wait(page, lambda: sweep.get_by_text("width=128, w_bits=2").count() > 0, "the clicked run below the chart")
+        wait_until(page, lambda: sweep.get_by_text("width=128, w_bits=2").count() > 0,
+                   "the clicked run below the chart")
         shots = ARTIFACTS / "screenshots"
         shots.mkdir(parents=True, exist_ok=True)
         quantizer.screenshot(path=str(shots / "notebook7.png"))

@@ -2,10 +2,9 @@
 the Voila extension of the same Jupyter server, offline, in headless Chromium."""
 
 import re
-import time
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, marks, write_notebook
+from harness import ARTIFACTS, Browser, JupyterLab, marks, wait_until, write_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -40,13 +39,13 @@ def test_quantizer_explorer_runs_live_in_voila(server):
         its_own = _voila_errors(browser, server)
         page = browser.new_page()
         page.goto(f"{server.base}/voila/render/app.ipynb?token={server.token}", timeout=240_000)
-        _wait(page, lambda: marks(page, "levels") == 4, "4 levels at 2 bits")
+        wait_until(page, lambda: marks(page, "levels") == 4, "4 levels at 2 bits")
         assert page.locator("text=import qviz").count() == 0  # an app: outputs only, no code
         handle = page.locator(".qviz-explorer .widget-slider", has=page.locator(
             "label", has_text=re.compile("^bits$"))).locator(".noUi-handle").first
         handle.focus()
         handle.press("ArrowRight")  # the kernel behind the page answers: 3 bits
-        _wait(page, lambda: marks(page, "levels") == 8, "8 levels at 3 bits")
+        wait_until(page, lambda: marks(page, "levels") == 8, "8 levels at 3 bits")
         shots = ARTIFACTS / "screenshots"
         shots.mkdir(parents=True, exist_ok=True)
         page.locator(".qviz-explorer").first.screenshot(path=str(shots / "voila.png"))
@@ -61,12 +60,3 @@ def test_quantizer_explorer_runs_live_in_voila(server):
 
 def _failed_load(message: str) -> bool:
     return "net::ERR_FAILED" in message  # what an aborted (blocked) request logs; a local 404 still fails
-
-
-def _wait(page, predicate, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        page.wait_for_timeout(100)
-    raise AssertionError(f"timed out waiting for {what}")
