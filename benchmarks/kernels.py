@@ -24,6 +24,8 @@ Runs alternate qviz / torch / int8 in one process until a time budget is spent a
 (the run prints the roofs of every path regardless). On an AVX-512 machine, `--avx2-torch` restricts
 PyTorch's float32 GEMM to AVX2 as well (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY,
 set before torch loads), to approximate an AVX2-only CPU; fbgemm's int8 is not restricted by these.
+The header says where parallel regions run (`packed.threading()`): PyTorch's OpenMP team by default
+when qviz and PyTorch share one OpenMP runtime; QVIZ_THREADING=pool runs them on qviz's own pool.
 Run: .venv/bin/python benchmarks/kernels.py [--budget SECONDS] [--path avx2] [--avx2-torch] [--threads N]
 """
 
@@ -50,7 +52,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import table  # noqa: E402
 
-from qviz import packed  # noqa: E402
+from qviz import _dispatch, packed  # noqa: E402
 
 THREADS = ARGS.threads
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 2048, 2048), (1024, 1024, 1024)]
@@ -85,7 +87,8 @@ def main() -> None:
     print(f"CPU: {cpu_description()}; load average before the run {os.getloadavg()[0]:.2f}")
     print(f"torch {torch.__version__} (ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
           f"{', MKL/oneDNN limited to AVX2' if ARGS.avx2_torch else ''}); qviz path {path} of "
-          f"{packed.available_paths()}; thread pool {packed.pool_enabled()}, OpenMP {packed.openmp_enabled()}; "
+          f"{packed.available_paths()}; parallel regions on {packed.threading()} (OpenMP runtimes: "
+          f"{', '.join(Path(p).name for p in _dispatch.openmp_runtimes()) or 'none'}); "
           f"{THREADS} threads\n")
 
     # a roof is what the hardware can do: the best of five short runs (a busy neighbour only lowers it)

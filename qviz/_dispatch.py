@@ -11,7 +11,9 @@ every CPU; this module asks the CPU what it supports and uses the fastest path t
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +54,52 @@ def openmp_enabled() -> bool:
 def pool_enabled() -> bool:
     """Whether the panel kernels run on their thread pool (POSIX threads); otherwise on the caller alone."""
     return _kernels.pool_enabled()
+
+
+THREADINGS = ("pool", "openmp")
+
+
+def openmp_runtimes() -> tuple[str, ...]:
+    """The OpenMP runtime libraries mapped into this process (libgomp, libomp, libiomp; Linux only, else ())."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ()
+    return tuple(sorted({line.split()[-1] for line in maps.splitlines()
+                         if re.search(r"/lib[gi]?omp[^/]*\.so", line)}))
+
+
+def available_threadings() -> tuple[str, ...]:
+    """What `set_threading` accepts here: "pool", and "openmp" when the extension was built with OpenMP."""
+    return THREADINGS if openmp_enabled() else THREADINGS[:1]
+
+
+def threading() -> str:
+    """Where the panel kernels' parallel regions run: "openmp" (the OpenMP team, PyTorch's own when
+    both use one runtime) or "pool" (qviz's thread pool)."""
+    return "openmp" if _kernels.threading_openmp() else "pool"
+
+
+def set_threading(name: str) -> None:
+    """Run parallel regions on the OpenMP team ("openmp") or qviz's thread pool ("pool").
+
+    The default, chosen at import (QVIZ_THREADING forces one): "openmp" when the extension has OpenMP and
+    exactly one OpenMP runtime is mapped, so that qviz's regions run on PyTorch's workers, which spin
+    for a while after each PyTorch call and would otherwise hold the cores qviz's pool needs
+    (qviz/_packed_pool.h); "pool" otherwise. A forked child always uses the pool.
+    """
+    _checks.choice("name", name, available_threadings())
+    _kernels.set_threading(name == "openmp")
+
+
+def _choose_threading() -> None:
+    forced = os.environ.get("QVIZ_THREADING")
+    if forced:
+        if forced not in THREADINGS:
+            raise ValueError(f"QVIZ_THREADING={forced!r}; allowed: {THREADINGS}")
+        set_threading(forced)
+    elif openmp_enabled() and pool_enabled() and len(openmp_runtimes()) == 1:
+        set_threading("openmp")
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -144,3 +192,4 @@ def _choose_path() -> int:
 
 _path = 0
 _path = _choose_path()
+_choose_threading()

@@ -80,6 +80,8 @@ cdef extern from "_packed_kernels.h" nogil:
                               size_t K32, int64_t mul, int popcount_offset, int64_t offset, int32_t *out,
                               int threads)
     int QVIZ_ROOF_POP, QVIZ_ROOF_DOT, QVIZ_ROOF_FMA, QVIZ_HAVE_POOL
+    void qviz_set_threading(int openmp)
+    int qviz_threading()
     int64_t qviz_roof(int path, int kind, long iters, double *macs)
     int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
     int qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
@@ -346,6 +348,16 @@ def panel_lut(const float[:, ::1] x, const uint32_t[:, :, ::1] panels, Py_ssize_
 def pool_enabled():
     """Whether the panel kernels run on the thread pool (POSIX threads), otherwise on the caller alone."""
     return bool(QVIZ_HAVE_POOL)
+
+
+def set_threading(bint openmp):
+    """Run parallel regions on the OpenMP team (True) or on the thread pool (False)."""
+    qviz_set_threading(openmp)
+
+
+def threading_openmp():
+    """Whether parallel regions run on the OpenMP team (in this process: a forked child uses the pool)."""
+    return bool(qviz_threading())
 
 
 def roof(int path, int kind, long iters):

@@ -111,11 +111,64 @@ static long qviz_now_ns(void) {
     return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+/* PyTorch's team. PyTorch's OpenMP workers spin for a while after each of its parallel regions; a qviz
+ * call right after one (a model alternating PyTorch layers and qviz kernels) found the second core held
+ * by a spinning worker, its own worker late, and ran at one thread's speed or worse (256x2048x2048
+ * binary, 2 threads: 0.66 ms, against 0.50 ms on one). When qviz's OpenMP runtime is PyTorch's (one
+ * libgomp in the process: the loader reuses PyTorch's libgomp.so.1 for qviz), a parallel region hands
+ * the tasks to those very workers, awake already: 0.33-0.34 ms. qviz.packed turns this on at import
+ * after checking that only one OpenMP runtime is mapped (`qviz._dispatch.threading`). The stall guard
+ * of the pool applies: thread 0 notes when no task is left, and a closing barrier that then waits for
+ * a preempted worker longer than QVIZ_STALL_NS sends the next QVIZ_BACKOFF calls to the caller alone. */
+#if QVIZ_HAVE_OPENMP
+static int qviz_on_openmp; /* 1: parallel regions on the OpenMP team; 0: the pool */
+
+static void qviz_child_after_fork(void) { qviz_on_openmp = 0; } /* libgomp's team does not survive a fork */
+
+static void qviz_set_threading(int openmp) {
+    static int registered;
+    if (!registered && pthread_atfork(NULL, NULL, qviz_child_after_fork) == 0) registered = 1;
+    qviz_on_openmp = openmp && registered;
+}
+
+static void qviz_parallel_openmp(qviz_task_fn fn, void *ctx, long tasks, int threads) {
+    _Atomic long next = 0;
+    long drained = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        for (long t; (t = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < tasks;) fn(ctx, t);
+        if (omp_get_thread_num() == 0) drained = qviz_now_ns();
+    }
+    if (qviz_now_ns() - drained > QVIZ_STALL_NS)
+        atomic_store_explicit(&qviz_pool.backoff, QVIZ_BACKOFF, memory_order_relaxed);
+}
+#else
+static void qviz_set_threading(int openmp) { (void)openmp; }
+#endif
+
+static int qviz_threading(void) {
+#if QVIZ_HAVE_OPENMP
+    return qviz_on_openmp;
+#else
+    return 0;
+#endif
+}
+
 static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
     if (threads > QVIZ_POOL_MAX + 1) threads = QVIZ_POOL_MAX + 1;
     int backoff = atomic_load_explicit(&qviz_pool.backoff, memory_order_relaxed);
     if (backoff > 0) atomic_store_explicit(&qviz_pool.backoff, backoff - 1, memory_order_relaxed);
-    if (threads <= 1 || tasks <= 1 || backoff > 0 || pthread_mutex_trylock(&qviz_pool.busy) != 0) {
+    if (threads <= 1 || tasks <= 1 || backoff > 0) {
+        for (long t = 0; t < tasks; t++) fn(ctx, t);
+        return;
+    }
+#if QVIZ_HAVE_OPENMP
+    if (qviz_on_openmp) {
+        qviz_parallel_openmp(fn, ctx, tasks, threads);
+        return;
+    }
+#endif
+    if (pthread_mutex_trylock(&qviz_pool.busy) != 0) {
         for (long t = 0; t < tasks; t++) fn(ctx, t);
         return;
     }
@@ -164,6 +217,8 @@ static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
 
 #else
 #define QVIZ_HAVE_POOL 0
+static void qviz_set_threading(int openmp) { (void)openmp; }
+static int qviz_threading(void) { return 0; }
 static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
     (void)threads;
     for (long t = 0; t < tasks; t++) fn(ctx, t);

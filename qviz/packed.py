@@ -32,10 +32,13 @@ from qviz import _packed as _kernels
 from qviz._dispatch import (
     PATHS,
     available_paths,
+    available_threadings,
     kernel_path,
     openmp_enabled,
     pool_enabled,
     set_kernel_path,
+    set_threading,
+    threading,
 )
 from qviz._dispatch import current as _path
 from qviz.engine.metrics import compression_ratio
@@ -46,11 +49,12 @@ INT32_MAX = 2**31 - 1
 _MAX_SIDE = 2**40  # any real matrix is smaller; keeps every size product far from int64 overflow
 
 __all__ = [
-    "CODE_BITS", "PATHS", "PackedMatrix", "PreparedMatrix", "available_paths", "binary_matmul",
+    "CODE_BITS", "PATHS", "PackedMatrix", "PreparedMatrix", "available_paths", "available_threadings",
+    "binary_matmul",
     "codebook_from_affine", "dequantize_matmul", "hybrid_matmul", "kernel_path", "lowbit_matmul",
     "lut_conv2d", "lut_matmul", "measure_conv_latency", "measure_latency", "memory_report", "openmp_enabled",
     "pack", "pack_signs", "pack_uniform", "pool_enabled", "popcount_ceiling", "popcounts", "prepare",
-    "read_bandwidth", "roof", "set_kernel_path", "unpack", "words_per_row",
+    "read_bandwidth", "roof", "set_kernel_path", "set_threading", "threading", "unpack", "words_per_row",
 ]
 
 

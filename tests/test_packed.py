@@ -300,6 +300,74 @@ def test_measure_latency_reports_both_sides_within_the_budget(kind, bits):
     assert (r["bit_ops_per_s"] is None) == (kind == "lut")
 
 
+def test_threading_defaults_to_pytorchs_openmp_team_and_both_give_the_same_answers():
+    """One OpenMP runtime in the process (PyTorch's libgomp, reused by qviz): regions run on its team."""
+    from qviz import _dispatch
+
+    runtimes = _dispatch.openmp_runtimes()
+    default = "QVIZ_THREADING" not in os.environ
+    if default and sys.platform.startswith("linux") and packed.openmp_enabled() and packed.pool_enabled():
+        assert len(runtimes) == 1, runtimes  # the CPU wheel's libgomp.so.1 serves both
+        assert packed.threading() == "openmp"
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((64, 2048), dtype=np.float32)
+    w = packed.prepare(packed.pack_signs(rng.standard_normal((1024, 2048), dtype=np.float32)))
+    w2 = packed.prepare(packed.pack(rng.integers(0, 4, (1024, 2048), dtype=np.uint8), 2))
+    cb = np.linspace(-1, 1, 4, dtype=np.float32)
+    before = packed.threading()
+    answers = {}
+    try:
+        for name in packed.available_threadings():
+            packed.set_threading(name)
+            assert packed.threading() == name
+            answers[name] = (packed.binary_matmul(x, w, threads=2), packed.lowbit_matmul(x, w2, scale=0.1, threads=2),
+                             packed.lut_matmul(x, w2, cb, threads=2))
+    finally:
+        packed.set_threading(before)
+    want = (packed.binary_matmul(x, w, threads=1), packed.lowbit_matmul(x, w2, scale=0.1, threads=1),
+            packed.lut_matmul(x, w2, cb, threads=1))
+    for got in answers.values():
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match=r"name.*allowed.*pool.*openmp"):
+        packed.set_threading("threads")
+
+
+def test_a_forked_child_runs_the_kernels_on_the_pool():
+    """libgomp's team does not survive fork(): a child of a process that ran kernels on it uses the pool."""
+    script = """
+import os, sys
+import numpy as np
+from qviz import packed
+rng = np.random.default_rng(0)
+x = rng.standard_normal((64, 2048), dtype=np.float32)
+w = packed.prepare(packed.pack_signs(rng.standard_normal((1024, 2048), dtype=np.float32)))
+want = packed.binary_matmul(x, w, threads=2)
+parent = packed.threading()
+pid = os.fork()
+if pid == 0:
+    ok = packed.threading() == "pool" and np.array_equal(packed.binary_matmul(x, w, threads=2), want)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print(parent, os.waitstatus_to_exitcode(status))
+"""
+    if not hasattr(os, "fork"):
+        pytest.fail("this test needs os.fork (POSIX)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0", done.stdout
+
+
+def test_qviz_threading_forces_the_pool_and_refuses_unknown_values():
+    env = {**os.environ, "QVIZ_THREADING": "pool"}
+    code = "from qviz import packed; print(packed.threading())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.strip() == "pool", done.stderr
+    env["QVIZ_THREADING"] = "fibers"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0 and "QVIZ_THREADING='fibers'; allowed: ('pool', 'openmp')" in done.stderr
+
+
 def test_measure_latency_restores_torch_threads():
     before = torch.get_num_threads()
     packed.measure_latency("binary", 1, 128, 32, budget_s=0.01, threads=1)

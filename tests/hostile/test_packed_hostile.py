@@ -694,9 +694,17 @@ def test_codebook_from_affine_arguments(scale, zero, bits):
                           "codebook_from_affine")
 
 
-@pytest.mark.parametrize("call", ["available_paths", "kernel_path", "openmp_enabled", "pool_enabled"])
+@pytest.mark.parametrize("call", ["available_paths", "kernel_path", "openmp_enabled", "pool_enabled",
+                                  "available_threadings", "threading"])
 def test_path_queries(call):
     hostile.expect_answer(hostile.run(getattr(packed, call)), lambda v: v is not None, call)
+
+
+@pytest.mark.parametrize("name", [None, 1, True, "OPENMP", "openmp ", b"pool", ["pool"], np.str_("fibers")])
+def test_set_threading_refuses_anything_but_its_names(name):
+    before = packed.threading()
+    hostile.expect_clear_error(hostile.run(packed.set_threading, name), "name")
+    assert packed.threading() == before
 
 
 @pytest.mark.parametrize(("k", "bits"), [(1, 1), (64, 1), (65, 2), (0, 1), (-1, 2), (2**40, 8), (np.uint16(3), 1),
