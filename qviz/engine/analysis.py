@@ -42,6 +42,7 @@ from qviz.engine.quantize import (
     input_quantizers,
     quantizable_layers,
     quantize_model,
+    takes_input_quantizer,
     weight_names,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantizer_thresholds
@@ -92,6 +93,7 @@ class ModelAnalysis:
         if metric is not None and not callable(metric):
             raise TypeError(f"metric must be callable(outputs, y) or None, got {type(metric).__name__}")
         self.X, self.y = self._check_data(data)
+        self._check_labels(self.y, metric)
         self.metric_fn = metric
         self.batch_size = _checks.integer("batch_size", batch_size, 1)
         self.model = model.eval()
@@ -144,6 +146,16 @@ class ModelAnalysis:
                 raise ValueError(f"data X has {_count(X)} samples but y has {len(y)}; allowed: as many each")
         return X, y
 
+    @staticmethod
+    def _check_labels(y, metric) -> None:
+        """Without a metric the analysis scores accuracy: y must then hold one class index per sample."""
+        if y is None or metric is not None:
+            return
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+            raise ValueError(f"data y ({y.dtype}, shape {tuple(y.shape)}) is scored by accuracy when metric is None, "
+                             "which needs one integer class index per sample; allowed: y of shape (N,) with an "
+                             "integer dtype, or metric=callable(outputs, y) for other targets")
+
     def setting(self, name: str, w_bits, a_bits, scheme: str = "default") -> LayerSetting:
         """The specs for bit widths (None: float) with a weight scheme ("default": 004's symmetric per-channel)."""
         layer = self._modules[name]
@@ -155,7 +167,8 @@ class ModelAnalysis:
             _checks.choice("scheme", scheme, ["default", *self.weight_schemes()])
             kw = {"granularity": "channel", "axis": channel_axis(layer)} if scheme in ("symmetric", "affine") else {}
             weights = QuantSpec(scheme, bits=_checks.integer("w_bits", w_bits, 1, 16), **kw)
-        activations = None if a_bits is None else default_activation_spec(a_bits)
+        takes = takes_input_quantizer(layer)  # MultiheadAttention's output projection: weights only
+        activations = None if a_bits is None or not takes else default_activation_spec(a_bits)
         return LayerSetting(weights, activations)
 
     @staticmethod
@@ -271,6 +284,8 @@ class ModelAnalysis:
             self.float_pass()
             if setting.weights is None and setting.activations is None:
                 self._cache[key] = math.inf
+            elif name not in self._captured_float:  # never called as a module: no output of its own
+                self._cache[key] = math.nan
             else:
                 self._apply({name: setting})
                 args, kwargs, want = self._captured_float[name]
@@ -286,7 +301,8 @@ class ModelAnalysis:
             self.float_pass()
             self._apply(config)
             captured, _ = self._capture(self.qmodel, self._modules)
-            propagated = {name: sqnr_db(self._captured_float[name][2], captured[name][2]) for name in self.layers}
+            propagated = {name: sqnr_db(self._captured_float[name][2], captured[name][2])
+                          if name in captured and name in self._captured_float else math.nan for name in self.layers}
             self._cache[key] = {"metric": self._score(self._forward(self.qmodel)), "propagated": propagated}
         return self._cache[key]
 
@@ -360,6 +376,8 @@ class ModelAnalysis:
     def macs(self, name: str) -> int:
         """Multiply-accumulates of the layer per sample (from the float pass's output shapes)."""
         self.float_pass()
+        if name not in self._captured_float:
+            return 0  # never called as a module (MultiheadAttention's output projection): no shape to count
         out = self._captured_float[name][2]
         _, fan_in, kernel = self.layer_shape(name)
         samples = max(1, min(CAPTURE_SAMPLES, _count(self.X)))
@@ -420,13 +438,13 @@ class ModelAnalysis:
         spec = setting.weights or QuantSpec("affine", 8)  # a float layer: show 8-bit levels for scale
         out = {"weights": weight_report(flat, spec.replace(axis=0) if spec.granularity == "channel" else spec,
                                         bins=bins), "float_weights": setting.weights is None}
-        args = self._captured_float[name][0]
-        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if x is None:
-            x = next(v for v in self._captured_float[name][1].values() if isinstance(v, torch.Tensor))
-        edges, counts = histogram(x.float(), bins)
+        captured = self._captured_float.get(name)
+        x = None if captured is None else next((a for a in captured[0] if isinstance(a, torch.Tensor)), None)
+        if x is None and captured is not None:
+            x = next((v for v in captured[1].values() if isinstance(v, torch.Tensor)), None)
+        edges, counts = histogram(x.float(), bins) if x is not None and x.numel() else ([], [])
         q = getattr(layer, "input_quantizer", None)
-        out["activations"] = {"edges": edges, "counts": counts,
+        out["activations"] = {"edges": edges, "counts": counts, "seen": x is not None,
                               "range": None if q is None or q.spec is None else q.range(),
                               "bits": None if setting.activations is None else setting.activations.bits}
         out["staircase"] = self._staircase(flat, spec)

@@ -79,7 +79,8 @@ def training_spec(spec: QuantSpec | None, stochastic: bool) -> QuantSpec | None:
     twin = SCHEMES[spec.scheme].stochastic_twin
     if twin is None:
         with_twin = sorted(n for n, s in SCHEMES.items() if s.stochastic_twin)
-        raise ValueError(f"stochastic training is available for weight schemes {with_twin}, got scheme={spec.scheme!r}")
+        raise ValueError(f"stochastic=True needs a weight scheme with a stochastic twin; allowed schemes: {with_twin}, "
+                         f"got scheme={spec.scheme!r}")
     return spec.replace(scheme=twin)
 
 

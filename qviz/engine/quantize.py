@@ -121,10 +121,23 @@ def _our_quantizer(layer: nn.Module, name: str) -> WeightQuantizer | None:
 
 
 def float_weight(layer: nn.Module) -> torch.Tensor:
-    """A layer's float (shadow) weight, whatever quantizes it (MultiheadAttention: q, k, v stacked)."""
+    """A layer's float (shadow) weight, whatever quantizes it (MultiheadAttention: q, k, v stacked; with
+    kdim or vdim other than embed_dim the three have different widths and come as one row of all)."""
     names = weight_names(layer)
     tensors = [_original(layer, n) for n in names]
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+    if len(tensors) == 1:
+        return tensors[0]
+    if len({t.shape[1:] for t in tensors}) == 1:
+        return torch.cat(tensors, 0)
+    return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)
+
+
+def takes_input_quantizer(layer: nn.Module) -> bool:
+    """Whether a quantizer on the layer's input would ever run. MultiheadAttention's output projection
+    (class NonDynamicallyQuantizableLinear, used for nothing else) is never called as a module: PyTorch's
+    attention function reads its weight and bias, so a pre-hook never sees its input. Its weights are
+    quantized; its input (the attention output) stays float."""
+    return not isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 def channel_axis(layer: nn.Module) -> int:
@@ -132,11 +145,14 @@ def channel_axis(layer: nn.Module) -> int:
     return 1 if isinstance(layer, _TRANSPOSED) else 0
 
 
-def default_weight_spec(bits: int, layer: nn.Module | None = None) -> QuantSpec:
+def default_weight_spec(bits: int, layer: nn.Module | None = None, *, stochastic: bool = False) -> QuantSpec:
     """004's recommendation for weights: symmetric, narrow range, per output channel; 1 bit: sign times
-    the mean |w| of each channel (003 eq. 3-6)."""
+    the mean |w| of each channel (003 eq. 3-6). stochastic=True picks the schemes that have a stochastic
+    twin for QAT (004 §4): affine per output channel, and binary at 1 bit."""
     bits = _checks.integer("weights", bits, 1, 16)
     axis = 0 if layer is None else channel_axis(layer)
+    if stochastic:
+        return QuantSpec("binary", 1) if bits == 1 else QuantSpec("affine", bits, granularity="channel", axis=axis)
     if bits == 1:
         return QuantSpec("xnor", 1, granularity="channel", axis=axis)
     return QuantSpec("symmetric", bits, granularity="channel", axis=axis, narrow=True)
@@ -147,12 +163,12 @@ def default_activation_spec(bits: int) -> QuantSpec:
     return QuantSpec("affine", _checks.integer("activations", bits, 1, 16))
 
 
-def _weight_spec(value, layer: nn.Module, name: str) -> QuantSpec | None:
+def _weight_spec(value, layer: nn.Module, name: str, stochastic: bool = False) -> QuantSpec | None:
     if value is None or isinstance(value, QuantSpec):
         return value
     if isinstance(value, bool) or (not isinstance(value, int | type(None)) and not hasattr(value, "__index__")):
         raise TypeError(f"{name} must be a bit width (int), a QuantSpec or None (float), got {type(value).__name__}")
-    return default_weight_spec(_checks.integer(name, value, 1, 16), layer)
+    return default_weight_spec(_checks.integer(name, value, 1, 16), layer, stochastic=stochastic)
 
 
 def _activation_spec(value, name: str) -> QuantSpec | None:
@@ -211,16 +227,18 @@ class _Plan:
     activations: dict[str, QuantSpec | None]  # layer names (inputs) or ActivationPoint names
 
 
-def _plan(model: nn.Module, weights, activations, overrides) -> tuple[_Plan, list[tuple[str, nn.Module]], bool]:
+def _plan(model: nn.Module, weights, activations, overrides,
+          stochastic: bool = False) -> tuple[_Plan, list[tuple[str, nn.Module]], bool]:
     layers = quantizable_layers(model)
     points = [(n, m) for n, m in model.named_modules() if isinstance(m, ActivationPoint)]
     declared = bool(points)
     rules = _check_overrides(overrides)
-    w = {name: _weight_spec(weights, layer, "weights") for name, layer in layers}
+    w = {name: _weight_spec(weights, layer, "weights", stochastic) for name, layer in layers}
     if declared:
         a = {name: (_activation_spec(activations, "activations") if p.by_default else None) for name, p in points}
     else:
-        a = {name: _activation_spec(activations, "activations") for name, _ in layers}
+        a = {name: _activation_spec(activations, "activations") if takes_input_quantizer(layer) else None
+             for name, layer in layers}
     layer_of = dict(layers)
     for pattern, w_value, a_value in rules:
         hit_layers = [n for n in w if _matches(pattern, n)]
@@ -232,9 +250,10 @@ def _plan(model: nn.Module, weights, activations, overrides) -> tuple[_Plan, lis
                              f"allowed: fnmatch patterns of these names: {shown}")
         for n in hit_layers:
             if w_value is not _UNSET:
-                w[n] = _weight_spec(w_value, layer_of[n], f"overrides[{pattern!r}]")
+                w[n] = _weight_spec(w_value, layer_of[n], f"overrides[{pattern!r}]", stochastic)
             if a_value is not _UNSET and not declared:
-                a[n] = _activation_spec(a_value, f"overrides[{pattern!r}]")
+                spec = _activation_spec(a_value, f"overrides[{pattern!r}]")
+                a[n] = spec if takes_input_quantizer(layer_of[n]) else None
         for n in hit_points:
             if a_value is not _UNSET:
                 a[n] = _activation_spec(a_value, f"overrides[{pattern!r}]")
@@ -259,7 +278,8 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
     activations), a QuantSpec, or None (float). overrides: {fnmatch pattern of a module name: None (keep
     that layer float) | bits or QuantSpec (its weights) | {"weights": ..., "activations": ...}}; later
     entries win; a pattern that matches nothing is an error. stochastic: QAT uses each weight scheme's
-    stochastic twin (004 §4). fold_batchnorm: fold every batch norm that directly follows a convolution or
+    stochastic twin (004 §4); bit widths then pick schemes that have one (affine per channel; binary at
+    1 bit). fold_batchnorm: fold every batch norm that directly follows a convolution or
     linear layer into it first (004 eqs. 20-21: the inference graph); `example` (an input for the model)
     is run once to see which batch norms take a layer's output as theirs.
 
@@ -268,6 +288,9 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model is a TorchScript module (torch.jit.script / trace): its forward is compiled code "
+                        "that quantizers cannot join; pass the Python nn.Module it was made from")
     _checks.boolean("fold_batchnorm", fold_batchnorm)
     try:
         qmodel = copy.deepcopy(model)
@@ -288,7 +311,7 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
     """quantize_model without the copy: configures `model` itself (the paper networks' constructors use it;
     calling it again reconfigures the same quantizers)."""
     _checks.boolean("stochastic", stochastic)
-    plan, layers, declared = _plan(model, weights, activations, overrides)
+    plan, layers, declared = _plan(model, weights, activations, overrides, stochastic)
     for name, layer in layers:
         _quantize_weights(layer, plan.weights[name], stochastic)
         if not declared:
@@ -333,6 +356,8 @@ def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool
 
 
 def _quantize_inputs(layer: nn.Module, spec: QuantSpec | None) -> None:
+    if not takes_input_quantizer(layer):
+        return
     names = ["input_quantizer", "key_quantizer", "value_quantizer"] if isinstance(layer, nn.MultiheadAttention) \
         else ["input_quantizer"]
     if not hasattr(layer, names[0]):
@@ -583,15 +608,16 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     _checks.boolean("bake", bake)
     model = copy.deepcopy(qmodel)
+    restored: dict[int, list[nn.Parameter]] = {}  # a weight shared by layers (tied) stays shared
     for _, layer in quantizable_layers(model):
         if isinstance(getattr(layer, "wq", None), WeightQuantizer):
             if bake and layer.wq.spec is not None and not isinstance(layer, LinearBN):
                 with torch.no_grad():
                     layer.weight.copy_(layer.wq(layer.weight))
             layer.wq.configure(None)
-        for name in weight_names(layer):
-            if _our_quantizer(layer, name) is not None:
-                _remove_quantizer(layer, name, bake)
+        names = [name for name in weight_names(layer) if _our_quantizer(layer, name) is not None]
+        if names:
+            _remove_quantizers(layer, names, bake, restored)
         for name in ("input_quantizer", "key_quantizer", "value_quantizer"):
             if hasattr(layer, name):
                 delattr(layer, name)
@@ -613,43 +639,63 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
     return model
 
 
-def _remove_quantizer(layer: nn.Module, name: str, bake: bool) -> None:
-    """Take qviz's quantizer out of a weight's parametrizations. torch's remove_parametrizations deletes the
-    weight property from the layer's generated class, which a deep copy shares with the model it came from
-    (the quantized model would lose its weights): so the copy gets its plain class and tensor back here."""
-    chain = layer.parametrizations[name]
-    if len(chain) > 1:  # the user's own parametrizations (weight norm) stay; only ours goes
-        index = next(i for i, p in enumerate(chain) if isinstance(p, WeightQuantizer))
-        del chain[index]
-        if bake:
-            warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own: they stay, and the "
-                          "weights keep their float values (bake needs a plain weight)", UserWarning, stacklevel=3)
+def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored: dict) -> None:
+    """Take qviz's quantizers out of a layer's weight parametrizations. torch's remove_parametrizations
+    deletes the weight property from the layer's generated class, which a deep copy shares with the model
+    it came from (the quantized model would lose its weights): so the copy gets a class of its own here,
+    with properties only for what stays parametrized, and plain tensors back. `restored` maps a float
+    tensor to the Parameters made from it, so tied layers (one tensor under two quantizers) stay tied."""
+    plain = {}
+    for name in names:
+        chain = layer.parametrizations[name]
+        if len(chain) > 1:  # the user's own parametrizations (weight norm) stay; only ours goes
+            del chain[next(i for i, p in enumerate(chain) if isinstance(p, WeightQuantizer))]
+            if bake:
+                warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own: they stay, and "
+                              "the weights keep their float values (bake needs a plain weight)", UserWarning,
+                              stacklevel=3)
+            continue
+        with torch.no_grad():
+            value = getattr(layer, name).detach().clone() if bake else chain.original.detach().clone()
+        plain[name] = (chain.original, value)
+        del layer.parametrizations[name]
+    if not plain:
         return
-    with torch.no_grad():
-        value = getattr(layer, name).detach().clone() if bake else chain.original.detach().clone()
-    original_class = type(layer).__bases__[0]
-    del layer.parametrizations[name]
-    if not layer.parametrizations:
+    generated = type(layer)
+    original_class = generated.__bases__[0]
+    if layer.parametrizations:
+        layer.__class__ = type(generated.__name__, (original_class,),
+                               {n: generated.__dict__[n] for n in layer.parametrizations if n in generated.__dict__})
+    else:
         del layer._modules["parametrizations"]
         layer.__class__ = original_class
-    layer.register_parameter(name, nn.Parameter(value, requires_grad=chain.original.requires_grad))
+    for name, (original, value) in plain.items():
+        twins = restored.setdefault(id(original), [])
+        param = next((p for p in twins if torch.equal(p.data, value)), None)
+        if param is None:
+            param = nn.Parameter(value, requires_grad=original.requires_grad)
+            twins.append(param)
+        layer.register_parameter(name, param)
 
 
 # --------------------------------------------------------------------------------------------------
 # ONNX
 
 
-EXPORT_OPSET = 13
+EXPORT_OPSET = 17  # scaled dot-product attention (every recent transformer) needs 14 or more
 
 
 def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: int = EXPORT_OPSET) -> Path:
     """Write a quantized model as a QDQ ONNX graph (QuantizeLinear / DequantizeLinear pairs around each
     quantized weight and activation), which ONNX Runtime and TensorRT turn into integer kernels.
 
+    example: an input as `calibrate` takes batches: a tensor, a tuple of positional inputs, or a dict of
+    keyword inputs (Hugging Face models; the graph's inputs are then named after its keys).
     Only what QuantizeLinear can express is exportable: uniform schemes (affine, symmetric, relu, pact,
     dorefa_act) of up to 8 bits, with calibrated ranges; lower bit widths travel in 8-bit codes with
     their own scale and a clip to their code range. Binary, ternary, DoReFa weights, ceil and stochastic
-    schemes raise ValueError naming the layer. Needs the `onnx` package (pip install "qviz[onnx]").
+    schemes raise ValueError naming the layer. PyTorch's fused attention fast paths are off while
+    exporting (their fused op has no ONNX form). Needs the `onnx` package (pip install "qviz[onnx]").
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -658,25 +704,71 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as err:
         raise ImportError('export_onnx needs the onnx package: pip install "qviz[onnx]"') from err
+    args, kwargs = _example_inputs(example)
     _check_exportable(qmodel)
     path = Path(path)
-    args = example if isinstance(example, tuple) else (example,)
-    was_training = qmodel.training
+    was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
     qmodel.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            with _exporting("prepare"):
-                qmodel(*args)  # every quantizer fixes its QuantizeLinear parameters (constants of the graph)
+            _check_calibrated(qmodel, args, kwargs)
             # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
             # that those parameters are constants, which is what they are meant to be
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            names = list(kwargs) if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
             with _exporting("trace"):
-                torch.onnx.export(qmodel, args, str(path), opset_version=opset, dynamo=False,
-                                  do_constant_folding=False, input_names=["input"], output_names=["output"])
+                try:
+                    torch.onnx.export(qmodel, (*args, kwargs) if kwargs else args, str(path), opset_version=opset,
+                                      dynamo=False, do_constant_folding=False, input_names=names,
+                                      output_names=["output"])
+                except torch.onnx.errors.UnsupportedOperatorError as err:
+                    err.add_note(f"export_onnx wrote opset={opset}; an operator missing there may exist at a "
+                                 "higher opset= (up to 23)")
+                    raise
     finally:
         qmodel.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return path
+
+
+def _example_inputs(example) -> tuple[tuple, dict]:
+    """(positional, keyword) inputs from an example: a dict holds keyword inputs, a tuple positional ones."""
+    if example is None:
+        raise TypeError("example must be an input for the model (a tensor, a tuple of inputs or a dict of keyword "
+                        "inputs), got None")
+    if isinstance(example, dict):
+        if not example or not all(isinstance(k, str) for k in example):
+            raise ValueError("example as a dict must map input names (str) to values, as the model's keyword "
+                             f"inputs; got keys {list(example)[:5]}")
+        return (), dict(example)
+    return (example if isinstance(example, tuple) else (example,)), {}
+
+
+def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict) -> None:
+    """One forward in which every quantizer that runs fixes its QuantizeLinear parameters (constants of the
+    graph). A quantizer that runs without a range is an error naming it; one that never runs (the key and
+    value quantizers of self-attention, which share the query's tensor) is not in the graph and needs none."""
+    names = {id(m): n for n, m in qmodel.named_modules() if isinstance(m, ActivationQuantizer)}
+    missing: list[str] = []
+
+    def check(module, inputs):
+        if module.spec is not None and not module.calibrated and not missing:
+            missing.append(names[id(module)])
+
+    handles = [m.register_forward_pre_hook(check) for m in qmodel.modules() if isinstance(m, ActivationQuantizer)]
+    try:
+        with _exporting("prepare"):
+            qmodel(*args, **kwargs)
+    except Exception:
+        if not missing:
+            raise
+    finally:
+        for h in handles:
+            h.remove()
+    if missing:
+        raise ValueError(f"{missing[0]}: activation range not set; run calibrate(qmodel, batches) before export")
 
 
 def _check_exportable(qmodel: nn.Module) -> None:
@@ -686,8 +778,6 @@ def _check_exportable(qmodel: nn.Module) -> None:
             quantizers.append(("weights", m.spec))
         if isinstance(m, ActivationQuantizer) and m.spec is not None:
             quantizers.append(("activations", m.spec))
-            if not m.calibrated:
-                raise ValueError(f"{name}: activation range not set; run calibrate(qmodel, batches) before export")
         for what, spec in quantizers:
             scheme = SCHEMES[spec.scheme]
             if not scheme.onnx or spec.bits > 8:

@@ -274,7 +274,8 @@ class ModelExplorer(Explorer):
                                            f"{params['layer']}: weights, {label}")
         act = d["activations"]
         clip = list(act["range"]) if act["range"] is not None else []
-        act_title = ("input: float" if act["bits"] is None else f"input: {act['bits']}-bit clip range")
+        act_title = ("input: never seen (not called as a module)" if not act["seen"] else
+                     "input: float" if act["bits"] is None else f"input: {act['bits']}-bit clip range")
         acts = _charts.activation_histogram(fig, act["edges"], act["counts"], clip, act_title)
         st = d["staircase"]
         stair = _charts.layer_staircase(fig, st["x"], st["q"], st["levels"],

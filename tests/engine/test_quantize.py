@@ -478,3 +478,167 @@ def test_quantizers_added_to_a_model_in_eval_mode_are_in_eval_mode_and_keep_thei
     with torch.no_grad():
         qm(torch.randn(8, 1, 8, 8) * 10)
     assert qm.conv2.input_quantizer.range() == before
+
+
+# ------------------------------------------------------------------------------------------------ third-party
+# shapes an independent run found broken: attention, tied weights, keyword inputs, scripted models
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, kdim=None, vdim=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True, kdim=kdim, vdim=vdim)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, kv=None):
+        kv = x if kv is None else kv
+        return self.head(self.attn(x, kv, kv, need_weights=False)[0].mean(1))
+
+
+def test_attention_output_projection_is_weights_only_and_self_attention_exports(tmp_path):
+    """PyTorch's attention never calls out_proj as a module: an input quantizer there would never run (and
+    calibrate could never set it). Self-attention runs the query's quantizer alone; export needs no other."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = SelfAttention().eval()
+    x = torch.randn(8, 5, 16)
+    qm = calibrate(quantize_model(model, 8, 8), x)
+    rows = {r["name"]: r for r in quantized_layers(qm)}
+    assert rows["attn.out_proj"]["weights"] is not None and rows["attn.out_proj"]["activations"] is None
+    assert not hasattr(qm.attn.out_proj, "input_quantizer")
+    assert qm.attn.input_quantizer.calibrated
+    path = export_onnx(qm, x[:1], tmp_path / "attention.onnx")
+    with torch.no_grad():
+        ours = qm(x[:1]).numpy()
+    theirs = ort.InferenceSession(str(path)).run(None, {"input": x[:1].numpy()})[0]
+    assert sqnr_db(ours, theirs) > 60
+
+
+def test_model_analysis_covers_attention_whose_output_projection_is_never_called():
+    from qviz.engine.analysis import ModelAnalysis
+
+    torch.manual_seed(0)
+    model = SelfAttention().eval()
+    x, y = torch.randn(32, 5, 16), torch.randint(0, 3, (32,))
+    analysis = ModelAnalysis(model, (x, y))
+    assert "attn.out_proj" in analysis.layers
+    report = analysis.report(analysis.uniform_config(4, 8))
+    row = next(r for r in report["layers"] if r["name"] == "attn.out_proj")
+    assert row["a_bits"] is None and np.isfinite(row["weight_sqnr_db"])
+    assert np.isnan(row["output_sqnr_db"]) and np.isnan(row["propagated_sqnr_db"])  # no output of its own
+    assert np.isfinite(row["sensitivity"])  # the whole model's metric still measures it
+    drill = analysis.drilldown("attn.out_proj", analysis.setting("attn.out_proj", 4, 8))
+    assert drill["activations"]["seen"] is False and drill["activations"]["counts"] == []
+
+
+def test_attention_with_its_own_key_and_value_widths_is_inspected_and_dequantized():
+    torch.manual_seed(0)
+    model = SelfAttention(kdim=8, vdim=12).eval()
+    x, kv = torch.randn(4, 5, 16), torch.randn(4, 6, 8)
+    kv12 = torch.randn(4, 6, 12)
+
+    def run(m):
+        return m.head(m.attn(x, kv, kv12, need_weights=False)[0].mean(1))
+
+    qm = quantize_model(model, 4, None)
+    rows = {r["name"]: r for r in quantized_layers(qm)}
+    assert rows["attn"]["weight_shape"] == (1, 16 * (16 + 8 + 12))
+    assert float_weight(qm.attn).numel() == 16 * (16 + 8 + 12)
+    with torch.no_grad():
+        assert not torch.equal(run(qm), run(model))
+        back = dequantize_model(qm)
+        assert torch.equal(run(back), run(model))
+        baked = dequantize_model(qm, bake=True)
+        assert torch.equal(run(baked), run(qm))
+    assert not any(parametrize.is_parametrized(m) for m in back.modules())
+
+
+def test_dequantize_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False))
+    lm = model[2]
+    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    qm = quantize_model(tied, 4, None)
+    back = dequantize_model(qm)
+    assert back[0].weight is back[1].weight
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in tied.parameters())
+    assert lm.weight.shape == (20, 8)
+
+
+def test_export_takes_keyword_inputs_as_calibrate_does(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _hf_resnet()
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    qm = calibrate(quantize_model(model, 8, 8), [batch])
+    path = export_onnx(qm, batch, tmp_path / "resnet.onnx")
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    with torch.no_grad():
+        ours = _forward(qm, batch).numpy()
+    assert sqnr_db(ours, session.run(None, {"pixel_values": batch["pixel_values"].numpy()})[0]) > 60
+    with pytest.raises(TypeError, match="example"):
+        export_onnx(qm, None, tmp_path / "none.onnx")
+
+
+def test_export_turns_attention_fast_paths_off_and_back_even_when_pytorchs_exporter_fails(tmp_path, monkeypatch):
+    """Weights-only attention (no activation quantizer turns the fast path off) must not trace PyTorch's
+    fused encoder op, which has no ONNX form; the setting comes back whatever the exporter does."""
+    pytest.importorskip("onnx")
+    qm = quantize_model(_encoder(), 8, None)
+    seen = []
+
+    def export(model, args, *a, **kw):
+        seen.append(torch.backends.mha.get_fastpath_enabled())
+        raise RuntimeError("the exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    before = torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(RuntimeError, match="the exporter failed"):
+        export_onnx(qm, torch.randn(1, 7, 32), tmp_path / "encoder.onnx")
+    assert seen == [False] and torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_stochastic_training_with_bit_widths_picks_schemes_that_have_a_stochastic_twin():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    qm = quantize_model(model, 4, 8, stochastic=True)
+    assert {r["weights"].scheme for r in quantized_layers(qm)} == {"affine"}
+    assert quantize_model(model, 1, None, stochastic=True).conv1.parametrizations.weight[0].spec.scheme == "binary"
+    qm.train()
+    out = qm(torch.randn(2, 1, 8, 8))
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"stochastic=True.*allowed schemes"):
+        quantize_model(model, QuantSpec("symmetric", 4), None, stochastic=True)
+
+
+def test_a_scripted_model_is_refused_with_what_to_pass_instead():
+    with pytest.raises(TypeError, match=r"TorchScript.*Python nn.Module"):
+        quantize_model(torch.jit.script(SmallCNN()), 2, 2)
+
+
+def test_model_analysis_refuses_float_targets_without_a_metric():
+    from qviz.engine.analysis import ModelAnalysis
+
+    x = torch.randn(10, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"data y .*integer class index.*metric="):
+        ModelAnalysis(SmallCNN(), (x, torch.randn(10, 2)))
+    mse = lambda out, y: float(-(out - y).pow(2).mean())  # noqa: E731
+    analysis = ModelAnalysis(SmallCNN(), (x, torch.randn(10, 10)), metric=mse)
+    assert np.isfinite(analysis.float_metric)
+
+
+def test_a_bert_built_from_its_config_exports_at_the_default_opset_and_onnx_runtime_agrees(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    batch = {"input_ids": torch.randint(0, 50, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+    qm = calibrate(quantize_model(model, 8, 8), [batch])
+    path = export_onnx(qm, {k: v[:1] for k, v in batch.items()}, tmp_path / "bert.onnx")
+    session = ort.InferenceSession(str(path))
+    with torch.no_grad():
+        ours = _forward(qm, {k: v[:1] for k, v in batch.items()}).numpy()
+    theirs = session.run(None, {k: v[:1].numpy() for k, v in batch.items()})[0]
+    assert sqnr_db(ours, theirs) > 60

@@ -150,7 +150,7 @@ def test_batchnorm_folding_modes_train_and_freeze(bn_fold, data):
 
 
 def test_stochastic_training_needs_a_scheme_with_a_stochastic_twin(small_float, data):
-    with pytest.raises(ValueError, match="stochastic training is available for weight schemes"):
+    with pytest.raises(ValueError, match=r"stochastic=True needs a weight scheme with a stochastic twin"):
         retrain_quantized(small_float, QuantSpec("ternary", bits=2), None, X=data[0], y=data[1], schedule=TINY,
                           stochastic=True)
 
