@@ -55,7 +55,10 @@ def real(name: str, value: object, lo: float | None = None, hi: float | None = N
          lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except (OverflowError, ArithmeticError, ValueError, TypeError) as err:  # 10**400, or a __float__ that fails
+        raise ValueError(f"{name} must be a finite real number; {value!r:.60} is not one ({err})") from None
     if not math.isfinite(value):
         raise ValueError(f"{name}={value} must be finite")
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
@@ -83,7 +86,24 @@ def float_tensor(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must have a floating-point dtype (float16/32/64, bfloat16), got {x.dtype}")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device and holds no values; allowed: a tensor with data")
+    if x.numel() > _CHECK_SIZE_FROM:
+        fits_memory(name, x.numel(), 16)  # the result and a few float32 temporaries
     return x
+
+
+_CHECK_SIZE_FROM = 2**24  # below 16 M elements nothing is checked: the common case costs nothing
+
+
+def fits_memory(name: str, elements: int, bytes_per_element: int) -> None:
+    """Refuse work on `elements` values that would need more than qviz._timing.memory_limit() (a stride-0
+    view such as torch.ones(1).expand(10**6, 10**6) holds 10^12 of them in 4 bytes)."""
+    from qviz._timing import memory_limit
+
+    need, limit = elements * bytes_per_element, memory_limit()
+    if need > limit:
+        raise ValueError(f"{name} holds {elements:,} values; working on them would take about {need / 2**30:.1f} GiB, "
+                         f"beyond the memory limit of {limit / 2**30:.1f} GiB (2 GiB, or half the available memory "
+                         "if less); allowed: smaller inputs")
 
 
 def finite_values(name: str, *values: torch.Tensor) -> None:

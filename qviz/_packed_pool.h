@@ -1,6 +1,7 @@
-/* A small thread pool for the panel kernels, included by _packed_kernels.h.
+/* A small thread pool for the panel kernels, included by _packed_kernels.h, and the dispatch to
+ * PyTorch's OpenMP team that replaces it when both share one OpenMP runtime (qviz_parallel_openmp).
  *
- * Why not an OpenMP parallel-for: its closing barrier waits for every thread of the team, so when the
+ * Why a pool rather than an OpenMP parallel-for of its own: its closing barrier waits for every thread of the team, so when the
  * machine is shared and one worker is preempted before it starts (a 2-core box with another busy
  * process), the call waits out the scheduler's time slice: measured 8 ms instead of 0.6 ms. Here the
  * calling thread takes tasks too and returns as soon as every task is *done*; a worker that wakes late

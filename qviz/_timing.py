@@ -89,6 +89,13 @@ def _threads(threads) -> int:
     return torch.get_num_threads() if threads is None else _checks.integer("threads", threads, 1, 1024)
 
 
+def _loop_threads(threads) -> int:
+    """Threads for a loop that runs `seconds` on each of them: more than the CPUs would only queue (1024
+    threads on 2 cores ran 512 x seconds), so at most twice the CPUs."""
+    most = 2 * (os.cpu_count() or 1)
+    return min(torch.get_num_threads(), most) if threads is None else _checks.integer("threads", threads, 1, most)
+
+
 def _cycle(items: list):
     """A callable returning the items in turn (weight copies of a cold run)."""
     state = {"i": 0}
@@ -287,7 +294,7 @@ def roof(kind: str = "pop", *, path: str | None = None, threads: int | None = No
     """
     _checks.choice("kind", kind, ROOF_KINDS)
     index = _path_index(path)
-    threads = _threads(threads)
+    threads = _loop_threads(threads)
     seconds = _checks.real("seconds", seconds, 0.0, 60.0, lo_open=True)
     code = _kernels.ROOF_KINDS[kind]
     t0 = time.perf_counter()

@@ -130,6 +130,29 @@ def _empty_aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
 _F32, _U32, _U64, _I32 = np.dtype(np.float32), np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.int32)
 
 
+def _plain(a: np.ndarray) -> np.ndarray:
+    """The array itself as a plain ndarray: a subclass may override shape, dtype or flags in Python, but
+    the kernels see its buffer; checks and kernels must look at the same thing."""
+    return a if type(a) is np.ndarray else np.ndarray.view(a, np.ndarray)
+
+
+_LARGE_RESULT = 256 * 2**20
+
+
+def _result(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A new result array, refused (ValueError) beyond qviz._timing.memory_limit(): 100000 one-bit rows
+    by 100000 is 1.6 MB of input and 37 GiB of int32 output."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > _LARGE_RESULT:
+        from qviz._timing import memory_limit
+
+        if nbytes > memory_limit():
+            raise ValueError(f"the result would be {shape} {dtype.name}, {nbytes / 2**30:.2f} GiB, beyond the "
+                             f"memory limit of {memory_limit() / 2**30:.2f} GiB (2 GiB, or half the available "
+                             "memory if less); allowed: fewer rows of a or w, or an out= array of your own")
+    return np.empty(shape, dtype)
+
+
 def _matrix(name: str, a: object, dtype: type | None = None, ndim: int = 2) -> np.ndarray:
     # the common case first, with exact types (a few attribute reads); anything else takes the checks below
     if type(a) is np.ndarray and a.ndim == ndim and a.dtype == dtype and a.flags.c_contiguous and a.size:
@@ -137,6 +160,7 @@ def _matrix(name: str, a: object, dtype: type | None = None, ndim: int = 2) -> n
     if not isinstance(a, np.ndarray):
         hint = " (use .numpy() on a torch tensor)" if isinstance(a, torch.Tensor) else ""
         raise TypeError(f"{name} must be a numpy.ndarray{hint}, got {type(a).__name__}")
+    a = _plain(a)
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {a.ndim}-D with shape {a.shape}")
     if dtype is not None and a.dtype != dtype:
@@ -366,9 +390,10 @@ def _out(out: object, shape: tuple[int, ...], dtype: np.dtype, inputs: dict) -> 
     memory with any input (the kernels read the inputs while they write out). `inputs`: name -> array.
     """
     if out is None:
-        return np.empty(shape, dtype)
+        return _result(shape, dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray (or None), got {type(out).__name__}")
+    out = _plain(out)
     if out.dtype != dtype:
         raise TypeError(f"out must have dtype {dtype.name} (the result's), got {out.dtype}")
     if out.shape != shape:
@@ -388,7 +413,7 @@ def _panel_matmul(a: _Checked, w: _Checked, op: str, mul: int, offset: int, popc
                   threads: int | None, out: object) -> np.ndarray:
     panels = _panels_of(w)
     shape = (a.n, w.n)
-    out = np.empty(shape, _I32) if out is None else _out(out, shape, _I32, {"a.words": a.words, "w": panels})
+    out = _result(shape, _I32) if out is None else _out(out, shape, _I32, {"a.words": a.words, "w": panels})
     _kernels.panel_matmul(a.words, _words32(a.k, a.bits), panels, w.n, _kernels.OPS[op], mul, popcount_offset,
                           offset, out, _path(), _threads(threads))
     return out
@@ -409,7 +434,7 @@ def _fused_matmul(x: np.ndarray, w: _Checked, op: str, mul: int, offset: int, po
     their codes under (bits, 1 / scale, zero point)."""
     panels = _panels_of(w)
     shape = (x.shape[0], w.n)
-    out = np.empty(shape, _I32) if out is None else _out(out, shape, _I32, {"a": x, "w": panels})
+    out = _result(shape, _I32) if out is None else _out(out, shape, _I32, {"a": x, "w": panels})
     bits, inv_scale, zero_point = quantizer or (1, 1.0, 0)
     if _kernels.fused_matmul(x, quantizer is None, bits, inv_scale, float(zero_point), panels, w.n,
                              _kernels.OPS[op], mul, popcount_offset, offset, out, _path(), _threads(threads)):
@@ -594,6 +619,7 @@ def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
     cb = codebook.detach().cpu().numpy() if isinstance(codebook, torch.Tensor) else codebook
     if not isinstance(cb, np.ndarray):
         raise TypeError(f"codebook must be a numpy.ndarray or torch.Tensor, got {type(codebook).__name__}")
+    cb = _plain(cb)
     if cb.dtype == np.bool_ or not (np.issubdtype(cb.dtype, np.floating) or np.issubdtype(cb.dtype, np.integer)):
         raise TypeError(f"codebook must hold real numbers, got dtype {cb.dtype}")
     if cb.ndim not in (1, 2):
@@ -630,7 +656,7 @@ def lut_matmul(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     panel = _kernels.panel_lut_ok(_path(), x.shape[0], w.n, w.k, w.bits, stride)
     weights = _panels_of(w) if panel else _rows_of(w)
     shape = (x.shape[0], w.n)
-    out = np.empty(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": weights, "codebook": cb})
+    out = _result(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": weights, "codebook": cb})
     if panel:
         status = _kernels.panel_lut(x, weights, w.n, w.bits, cb.reshape(-1), stride, out, _path(), _threads(threads))
     else:
@@ -730,7 +756,7 @@ def lut_conv2d(x: np.ndarray, w: PackedMatrix | PreparedMatrix, codebook: np.nda
     cb = _codebook(codebook, w.bits, w.n)
     panels = _panels_of(w)
     shape = (b, w.n, ho, wo)
-    out = np.empty(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": panels, "codebook": cb})
+    out = _result(shape, _F32) if out is None else _out(out, shape, _F32, {"x": x, "w": panels, "codebook": cb})
     status = _kernels.lut_conv2d(x, panels, w.n, w.bits, cb, kh, kw, padding, out, _path(), _threads(threads))
     return _float_status(status, out)
 

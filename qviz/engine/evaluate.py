@@ -29,6 +29,11 @@ def predict_proba(model: torch.nn.Module, X: torch.Tensor, batch: int = 2048) ->
     Batches of 2,048 points keep a 256-wide layer's activations (2 MB) in cache: measured twice as fast
     as one batch of 40,000 for a 200x200 grid.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    batch = _checks.integer("batch", batch, 1)
+    if not isinstance(X, torch.Tensor) or X.dim() != 2 or len(X) == 0:
+        raise ValueError(f"X must be a non-empty [n, 2] tensor of points, got {getattr(X, 'shape', type(X).__name__)}")
     was_training = model.training
     model.eval()
     try:
@@ -53,7 +58,8 @@ def decision_map(model: torch.nn.Module, lo: float = 0.0, hi: float = 1.0, resol
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    points, labels = _grid(_checks.integer("resolution", resolution, 2, 4096), float(lo), float(hi))
+    lo, hi = _checks.real("lo", lo), _checks.real("hi", hi)
+    points, labels = _grid(_checks.integer("resolution", resolution, 2, 4096), lo, hi)
     return _map_of(predict_proba(model, points), labels, resolution, lo, hi)
 
 
@@ -70,8 +76,9 @@ def decision_map_stages(model: torch.nn.Module, lo: float = 0.0, hi: float = 1.0
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolution = _checks.integer("resolution", resolution, 2, 4096)
     stride = _checks.integer("preview_stride", preview_stride, 1, resolution)
-    _grid(resolution, float(lo), float(hi))  # checks lo and hi now, not at the first next()
-    return _stages(model, float(lo), float(hi), resolution, stride)
+    lo, hi = _checks.real("lo", lo), _checks.real("hi", hi)
+    _grid(resolution, lo, hi)  # checks lo and hi now, not at the first next()
+    return _stages(model, lo, hi, resolution, stride)
 
 
 def _stages(model: torch.nn.Module, lo: float, hi: float, resolution: int, stride: int) -> Iterator[dict]:
@@ -130,7 +137,15 @@ def roughness(predicted: np.ndarray) -> float:
 
 
 def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of X whose predicted class is y."""
+    """Fraction of X whose predicted class is y (one class index per sample of X)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(y, torch.Tensor) or not isinstance(X, torch.Tensor):
+        raise TypeError(f"X and y must be torch tensors, got {type(X).__name__} and {type(y).__name__}")
+    if y.dim() != 1 or len(y) != len(X) or y.is_floating_point() or y.is_complex():
+        # a [N, 1] or [1] y would broadcast against the N predictions and give a meaningless fraction
+        raise ValueError(f"y must hold one integer class index per sample of X: shape ({len(X)},), got "
+                         f"{tuple(y.shape)} {y.dtype}")
     was_training = model.training
     model.eval()
     try:

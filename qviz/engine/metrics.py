@@ -26,6 +26,8 @@ def _array(name: str, a: object) -> np.ndarray:
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.size > _checks._CHECK_SIZE_FROM:
+        _checks.fits_memory(name, a.size, 32)  # float64 copies of the inputs and their difference
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf; only finite values are allowed")
     return a.astype(np.float64, copy=False)

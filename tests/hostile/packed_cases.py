@@ -170,3 +170,40 @@ def out_call(fn: str, change: str, m: int, n: int, k: int, bits: int, seed: int)
     kwargs = {"scale_w": args["scale"]} if fn == "binary_scaled" else {}
     result = call(a, w, out=out, **kwargs)
     return result, result is out
+
+
+# ndarray subclasses whose Python-level shape lies about the buffer the kernels see
+
+
+class ClaimsTwoColumns(np.ndarray):
+    shape = property(lambda self: (1, 2))
+
+
+class ClaimsTwoByFour(np.ndarray):
+    shape = property(lambda self: (2, 4))
+
+
+class ClaimsManyRows(np.ndarray):
+    shape = property(lambda self: (100000, 1))
+
+
+def lying_words():
+    """binary_matmul with a.words of 4000 rows claiming 1: the kernel would write 4000 result rows into 1."""
+    a = packed.PackedMatrix(1, (1, 128), np.zeros((4000, 2), np.uint64).view(ClaimsTwoColumns))
+    return packed.binary_matmul(a, packed.prepare(packed.pack(np.zeros((16, 128), np.uint8), 1)))
+
+
+def lying_out():
+    a = packed.pack(np.zeros((2, 64), np.uint8), 1)
+    w = packed.prepare(packed.pack(np.zeros((4, 64), np.uint8), 1))
+    return packed.binary_matmul(a, w, out=np.zeros((1, 1), np.int32).view(ClaimsTwoByFour))
+
+
+def lying_rows():
+    return packed.unpack(packed.PackedMatrix(8, (100000, 8), np.zeros((1, 1), np.uint64).view(ClaimsManyRows)))
+
+
+def huge_result():
+    """1.6 MB of one-bit inputs whose int32 result would be 37 GiB."""
+    a = packed.pack_signs(np.ones((100000, 1), np.float32))
+    return packed.binary_matmul(a, packed.prepare(a))

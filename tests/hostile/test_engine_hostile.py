@@ -15,19 +15,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from torch import nn
 
 from qviz.engine import (
     FCDNN,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     QuantSpec,
+    accuracy,
     compression_ratio,
     correct_labels,
+    decision_map,
     evaluation_grid,
+    fake_quantize,
     fold_batchnorm,
     histogram,
     levels_used,
     minmax,
+    predict_proba,
     quant_params,
     quantization_error,
     quantize_gradient,
@@ -173,6 +178,19 @@ def test_histograms_of_any_finite_array_count_every_value_once(v, bins):
     (FCDNN, (8, 3, {"overrides": {0: {"weights": None}}}), ["overrides"]),
     (FCDNN, (8, 3, {"bn_fold": "half"}), ["bn_fold"]),
     (FCDNN, (8, 3, {"input_scale": 0.0}), ["input_scale"]),
+    (accuracy, (nn.Linear(2, 2), torch.randn(10, 2), torch.zeros(10, 1, dtype=torch.long)), ["y"]),
+    (accuracy, (nn.Linear(2, 2), torch.randn(10, 2), torch.zeros(1, dtype=torch.long)), ["y"]),
+    (accuracy, (nn.Linear(2, 2), torch.randn(10, 2), torch.zeros(10)), ["y"]),
+    (accuracy, ("model", torch.randn(10, 2), torch.zeros(10, dtype=torch.long)), ["model"]),
+    (fake_quantize, (torch.ones(1).expand(10**6, 10**6), QuantSpec("affine", 4)), ["x", "memory limit"]),
+    (sqnr_db, (np.broadcast_to(1.0, (10**6, 10**6)), np.broadcast_to(1.0, (10**6, 10**6))), ["w", "memory limit"]),
+    (histogram, (np.ones(3), 5, 0, 10**400), ["hi"]),
+    (QuantSpec, ("affine", 4, {"clip": 10**400}), ["clip"]),
+    (decision_map, (nn.Linear(2, 2), 10**400, 1.0, 8), ["lo"]),
+    (decision_map, (nn.Linear(2, 2), "a", 1.0, 8), ["lo"]),
+    (predict_proba, (nn.Linear(2, 2), torch.randn(4, 2), 0), ["batch"]),
+    (predict_proba, (nn.Linear(2, 2), torch.zeros(0, 2)), ["X"]),
+    (predict_proba, ("model", torch.randn(4, 2)), ["model"]),
 ])
 def test_bad_arguments_to_the_engine_are_refused_by_name(fn, args, names):
     kwargs = {}

@@ -751,3 +751,11 @@ def test_out_argument(guard, fn, change, m, n, k, bits, seed):
         hostile.expect_answer(out, right, f"{fn} out={change}")
     else:  # a wrong dtype, shape or layout, not an array, or a view of an input's memory
         hostile.expect_clear_error(out, "out")
+
+
+@pytest.mark.parametrize(("case", "names"), [("lying_words", ("a.words",)), ("lying_out", ("out",)),
+                                             ("lying_rows", ("packed.words",)), ("huge_result", ("result", "out="))])
+def test_arrays_that_lie_about_their_shape_and_results_beyond_memory_are_refused(guard, case, names):
+    """The checks look at the buffer the kernels get (an ndarray subclass's shape property is not it), and a
+    result beyond qviz._timing.memory_limit() is refused before it is allocated."""
+    hostile.expect_clear_error(guard.call(f"packed_cases:{case}"), *names)
