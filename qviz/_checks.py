@@ -35,7 +35,10 @@ def choice(name: str, value: object, allowed: Iterable[object]):
     # Only plain scalars are compared: an array or tensor has no single truth value, and True == 1
     # must not pass for bits=1.
     scalar = isinstance(value, str | numbers.Number) and not isinstance(value, bool)
-    if not scalar or value not in allowed:
+    # 4.0 == 4, but a float where an integer is expected reaches code that indexes or sizes with it
+    integral = isinstance(value, numbers.Integral)
+    if not scalar or not any(a == value and (integral or not isinstance(a, numbers.Integral)) for a in allowed
+                             if not isinstance(a, bool)):
         shown = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name}={value!r} is not allowed; allowed values: {shown}")
     return value.item() if isinstance(value, np.generic) else value  # np.int64(4) -> 4

@@ -84,7 +84,8 @@ def set_threading(name: str) -> None:
     """Run parallel regions on the OpenMP team ("openmp") or qviz's thread pool ("pool").
 
     The default, chosen at import (QVIZ_THREADING forces one): "openmp" when the extension has OpenMP and
-    exactly one OpenMP runtime is mapped, so that qviz's regions run on PyTorch's workers, which spin
+    its OpenMP calls reach PyTorch's own runtime (`shares_pytorchs_openmp`), so that qviz's regions run on
+    PyTorch's workers, which spin
     for a while after each PyTorch call and would otherwise hold the cores qviz's pool needs
     (qviz/_packed_pool.h); "pool" otherwise. A forked child always uses the pool.
     """
@@ -98,8 +99,19 @@ def _choose_threading() -> None:
         if forced not in THREADINGS:
             raise ValueError(f"QVIZ_THREADING={forced!r}; allowed: {THREADINGS}")
         set_threading(forced)
-    elif openmp_enabled() and pool_enabled() and len(openmp_runtimes()) == 1:
+    elif openmp_enabled() and pool_enabled() and shares_pytorchs_openmp():
         set_threading("openmp")
+
+
+def shares_pytorchs_openmp() -> bool:
+    """Whether qviz's OpenMP calls reach the runtime PyTorch ships (torch/lib), so that they run on
+    PyTorch's own workers. Other runtimes may be mapped as well (scikit-learn brings its own libgomp)."""
+    import torch
+
+    mine = _kernels.openmp_library()
+    if not mine:
+        return False
+    return Path(mine).resolve().parent == (Path(torch.__file__).parent / "lib").resolve()
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:

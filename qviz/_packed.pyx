@@ -49,6 +49,7 @@ cdef extern from "_packed_kernels.h" nogil:
     int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512
     int qviz_path_supported(int path)
     int qviz_openmp_enabled()
+    const char *qviz_openmp_library()
     int qviz_all_finite(const float *p, size_t n)
     void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, size_t M, const uint64_t *B, size_t N,
                                size_t W, int32_t *out, int threads)
@@ -101,6 +102,11 @@ def supported_paths():
 
 def openmp_enabled():
     return bool(qviz_openmp_enabled())
+
+
+def openmp_library():
+    """The file of the OpenMP runtime the kernels' OpenMP calls reach ("" if none or unknown)."""
+    return qviz_openmp_library().decode("utf-8", "replace")
 
 
 def bitserial_matmul(const uint64_t[:, ::1] a, const uint64_t[:, ::1] w, int bits, int32_t[:, ::1] out,

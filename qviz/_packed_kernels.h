@@ -17,6 +17,9 @@
 #ifndef QVIZ_PACKED_KERNELS_H
 #define QVIZ_PACKED_KERNELS_H
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* dladdr (qviz_openmp_library); Python.h defines it first in the extension */
+#endif
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +35,9 @@
 
 #if QVIZ_HAVE_OPENMP
 #include <omp.h>
+#endif
+#if QVIZ_HAVE_OPENMP && (defined(__unix__) || defined(__APPLE__))
+#include <dlfcn.h>
 #endif
 
 /* GCC 12's partial redundancy elimination makes some accumulator loops store every accumulator to the
@@ -70,6 +76,16 @@ static int qviz_path_supported(int path) {
 }
 
 static int qviz_openmp_enabled(void) { return QVIZ_HAVE_OPENMP; }
+
+/* The file of the OpenMP runtime qviz's OpenMP calls reach ("" if none or unknown): several can be mapped
+ * (scikit-learn brings its own libgomp), and only the one the loader bound to qviz matters. */
+static const char *qviz_openmp_library(void) {
+#if QVIZ_HAVE_OPENMP && (defined(__unix__) || defined(__APPLE__))
+    Dl_info info;
+    if (dladdr((void *)&omp_get_num_threads, &info) && info.dli_fname) return info.dli_fname;
+#endif
+    return "";
+}
 
 /* 1 if no float of p[0 .. n) is NaN or infinite (its exponent bits are not all ones). Branch-free, so
  * the compiler vectorises it; the kernels' wrappers run it on inputs and results. */

@@ -115,10 +115,10 @@ static long qviz_now_ns(void) {
 /* PyTorch's team. PyTorch's OpenMP workers spin for a while after each of its parallel regions; a qviz
  * call right after one (a model alternating PyTorch layers and qviz kernels) found the second core held
  * by a spinning worker, its own worker late, and ran at one thread's speed or worse (256x2048x2048
- * binary, 2 threads: 0.66 ms, against 0.50 ms on one). When qviz's OpenMP runtime is PyTorch's (one
- * libgomp in the process: the loader reuses PyTorch's libgomp.so.1 for qviz), a parallel region hands
+ * binary, 2 threads: 0.66 ms, against 0.50 ms on one). When qviz's OpenMP runtime is PyTorch's (the loader
+ * reuses PyTorch's libgomp.so.1 for qviz, whatever other runtimes are mapped), a parallel region hands
  * the tasks to those very workers, awake already: 0.33-0.34 ms. qviz.packed turns this on at import
- * after checking that only one OpenMP runtime is mapped (`qviz._dispatch.threading`). The stall guard
+ * after checking that qviz binds to PyTorch's runtime (`qviz._dispatch.shares_pytorchs_openmp`). The stall guard
  * of the pool applies: thread 0 notes when no task is left, and a closing barrier that then waits for
  * a preempted worker longer than QVIZ_STALL_NS sends the next QVIZ_BACKOFF calls to the caller alone. */
 #if QVIZ_HAVE_OPENMP

@@ -101,7 +101,8 @@ class PreparedMatrix:
 
 def words_per_row(k: int, bits: int) -> int:
     """ceil(K * bits / 64): the exact number of uint64 words a packed row of K codes holds."""
-    k, bits = _checks.integer("k", k), _checks.integer("bits", bits)  # numpy unsigned ints would wrap in -k
+    k = _checks.integer("k", k, 0, _MAX_SIDE)  # (a plain int: numpy unsigned ints would wrap in -k)
+    bits = _bits_field("bits", bits, CODE_BITS)
     return -(-k * bits // 64)
 
 
@@ -485,8 +486,19 @@ def binary_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix
     return out
 
 
+def _numpy(name: str, value):
+    """A torch tensor's values as numpy (numpy has no bfloat16: half precision goes through float32);
+    anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.device.type == "meta" or value.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor with values, got layout {value.layout} on {value.device}")
+    value = value.detach().cpu()
+    return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
+
+
 def _scales(name: str, value, rows: int) -> np.ndarray:
-    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    v = _numpy(name, value)
     if isinstance(v, bool) or not isinstance(v, numbers.Real | np.ndarray | list | tuple):
         raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}")
     v = np.asarray(v)
@@ -584,20 +596,31 @@ def dequantize_matmul(dot: np.ndarray, a: PackedMatrix, w_code_sums, *, scale_a:
         sw_sum = _code_sums(wc).astype(np.float64)
     else:
         sw_sum = _integers("w_code_sums", w_code_sums, n, 0, a.k * (2**a.bits - 1))
+    top = 2**a.bits - 1
+    if dot.size and (int(dot.min()) < 0 or int(dot.max()) > a.k * top * top):
+        raise ValueError(f"dot holds values outside 0..{a.k * top * top}, impossible for K={a.k} products of "
+                         f"{a.bits}-bit codes; dot must be lowbit_matmul(a, w)")
     scale_a = _checks.real("scale_a", scale_a, 0.0, lo_open=True)
-    zero_a = _checks.integer("zero_a", zero_a, 0, 2**a.bits - 1)
+    zero_a = _checks.integer("zero_a", zero_a, 0, top)
     s_w = _real_values("scale_w", scale_w, n)
     if not (s_w > 0).all():
         raise ValueError("scale_w must be > 0")
     z_w = _real_values("zero_w", zero_w, n)
+    if not ((z_w == np.round(z_w)) & (z_w >= 0) & (z_w <= top)).all():
+        raise ValueError(f"zero_w must hold integer codes in 0..{top} (the weights' zero points at {a.bits} bits)")
     sa_sum = _code_sums(a).astype(np.float64)[:, None]
     core = dot.astype(np.float64) - z_w.reshape(1, -1) * sa_sum - zero_a * sw_sum.reshape(1, -1) \
         + a.k * zero_a * z_w.reshape(1, -1)
-    return (scale_a * s_w.reshape(1, -1) * core).astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = (scale_a * s_w.reshape(1, -1) * core).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ValueError("the result overflows float32 with these scale_a and scale_w; allowed: scales whose "
+                         "products with the integer sums stay below 3.4e38")
+    return out
 
 
 def _integers(name: str, value, n: int, lo: int, hi: int) -> np.ndarray:
-    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    v = _numpy(name, value)
     if not isinstance(v, np.ndarray | list | tuple):
         raise TypeError(f"{name} must be an array of {n} integers, got {type(value).__name__}")
     v = np.asarray(v)
@@ -616,7 +639,7 @@ def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
     if type(codebook) is np.ndarray and codebook.dtype == _F32 and codebook.flags.c_contiguous and (
             codebook.shape == (entries,) or codebook.shape == (rows, entries)):  # the common case, without copies
         return codebook if codebook.ndim == 2 else codebook.reshape(1, entries)  # values: checked in the kernel
-    cb = codebook.detach().cpu().numpy() if isinstance(codebook, torch.Tensor) else codebook
+    cb = _numpy("codebook", codebook)
     if not isinstance(cb, np.ndarray):
         raise TypeError(f"codebook must be a numpy.ndarray or torch.Tensor, got {type(codebook).__name__}")
     cb = _plain(cb)
@@ -707,7 +730,7 @@ def codebook_from_affine(scale, zero_point, bits: int) -> np.ndarray:
 
 
 def _array_of_reals(name: str, value) -> np.ndarray:
-    v = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    v = _numpy(name, value)
     if isinstance(v, bool) or not isinstance(v, numbers.Real | np.ndarray | list | tuple):
         raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}")
     try:
@@ -828,6 +851,12 @@ def _module_report(module: torch.nn.Module, bits: int, codebook_bits: int, per_c
             shape = (layer.out_channels, layer.in_channels // layer.groups, tuple(layer.kernel_size))
         else:
             continue
+        if isinstance(getattr(layer, "weight", None), torch.nn.parameter.UninitializedParameter):
+            raise ValueError(f"module's layer {name!r} ({type(layer).__name__}) has no weights yet (a lazy layer); "
+                             "allowed: a module after one forward pass")
+        if shape[0] * shape[1] == 0:
+            raise ValueError(f"module's layer {name!r} has no weights ({shape[0]} outputs x {shape[1]} inputs); "
+                             "allowed: layers with at least one weight")
         layers.append({"name": name, **_layer_report(*shape, bits, codebook_bits, per_channel)})
     if not layers:
         raise ValueError("module has no Linear or Conv2d layers to report on")

@@ -47,6 +47,9 @@ def code_range(bits: int, *, symmetric: bool = False, signed: bool = True,
     unsigned (eq. 9): 0 .. 2^b - 1. `narrow` drops one code: the most negative one when signed (eq. 10),
     the top one otherwise (eq. 11).
     """
+    bits = _checks.integer("bits", bits, 1, 32)
+    symmetric, signed, narrow = (_checks.boolean(n, v) for n, v in
+                                 (("symmetric", symmetric), ("signed", signed), ("narrow", narrow)))
     if symmetric and signed:
         half = 2 ** (bits - 1)
         return (-half + 1 if narrow else -half), half - 1

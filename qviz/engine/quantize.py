@@ -827,13 +827,18 @@ class WeightLayer:
         return fold_batchnorm(self.weight, gamma, beta, bn.running_mean, bn.running_var, bn.eps)[0]
 
 
+ROOT_LAYER = "(model)"  # the name weight_layers gives a model that is itself one layer (nn.Linear(4, 4))
+
+
 def weight_layers(model: nn.Module) -> list[WeightLayer]:
     """Every layer with weights (Linear, Conv, ConvTranspose, MultiheadAttention, LinearBN) with the batch
     norm that follows it: its own (LinearBN), or the next module in registration order when that is a batch
     norm with as many features as the layer has outputs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = [(n, m) for n, m in model.named_modules() if n and not _inside_ours(n, model)]
+    # a model that is itself a layer (nn.Linear(4, 4)) is its one layer, named ROOT_LAYER
+    modules = [(n or ROOT_LAYER, m) for n, m in model.named_modules()
+               if (n or isinstance(m, LAYER_TYPES)) and not _inside_ours(n, model)]
     layers = []
     for i, (name, m) in enumerate(modules):
         if isinstance(m, LinearBN):

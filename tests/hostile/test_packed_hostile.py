@@ -708,13 +708,14 @@ def test_set_threading_refuses_anything_but_its_names(name):
 
 
 @pytest.mark.parametrize(("k", "bits"), [(1, 1), (64, 1), (65, 2), (0, 1), (-1, 2), (2**40, 8), (np.uint16(3), 1),
-                                         (np.uint8(200), np.uint8(8)), (1.5, 1), ("3", 1), (None, 2)])
+                                         (np.uint8(200), np.uint8(8)), (1.5, 1), ("3", 1), (None, 2), (-64, 1),
+                                         (10, 3), (10, 0), (10, -5)])
 def test_words_per_row(k, bits):
     out = hostile.run(packed.words_per_row, k, bits)
-    if all(isinstance(v, int | np.integer) for v in (k, bits)):
+    if all(isinstance(v, int | np.integer) for v in (k, bits)) and 0 <= int(k) <= 2**40 and int(bits) in (1, 2, 4, 8):
         hostile.expect_answer(out, lambda v: v == -(-int(k) * int(bits) // 64), "words_per_row")
     else:
-        hostile.expect_clear_error(out, "k ", "bits ")
+        hostile.expect_clear_error(out, "k ", "k=", "bits ", "bits=")
 
 
 # --------------------------------------------------------------------------------------------------
