@@ -642,3 +642,14 @@ def test_a_bert_built_from_its_config_exports_at_the_default_opset_and_onnx_runt
         ours = _forward(qm, {k: v[:1] for k, v in batch.items()}).numpy()
     theirs = session.run(None, {k: v[:1].numpy() for k, v in batch.items()})[0]
     assert sqnr_db(ours, theirs) > 60
+
+
+def test_a_model_that_is_itself_one_layer_is_explored():
+    from qviz.engine import weight_layers
+    from qviz.widgets import WeightExplorer
+
+    layer = nn.Linear(4, 3)
+    found = weight_layers(layer)
+    assert [(x.name, x.module) for x in found] == [("(model)", layer)]
+    explorer = WeightExplorer(layer, background=False)
+    assert explorer.layer.options[0][1] == "(model)"

@@ -23,6 +23,7 @@ from qviz.engine import (
     MovingAverageMinMaxObserver,
     QuantSpec,
     accuracy,
+    code_range,
     compression_ratio,
     correct_labels,
     decision_map,
@@ -191,6 +192,11 @@ def test_histograms_of_any_finite_array_count_every_value_once(v, bins):
     (predict_proba, (nn.Linear(2, 2), torch.randn(4, 2), 0), ["batch"]),
     (predict_proba, (nn.Linear(2, 2), torch.zeros(0, 2)), ["X"]),
     (predict_proba, ("model", torch.randn(4, 2)), ["model"]),
+    (code_range, (0,), ["bits"]),
+    (code_range, (2.5,), ["bits"]),
+    (code_range, (True,), ["bits"]),
+    (code_range, (10**12,), ["bits"]),
+    (code_range, (4, {"symmetric": "yes"}), ["symmetric"]),
 ])
 def test_bad_arguments_to_the_engine_are_refused_by_name(fn, args, names):
     kwargs = {}

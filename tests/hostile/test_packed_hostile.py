@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from torch import nn
 
 from qviz import _timing, packed
 
@@ -760,3 +761,33 @@ def test_arrays_that_lie_about_their_shape_and_results_beyond_memory_are_refused
     """The checks look at the buffer the kernels get (an ndarray subclass's shape property is not it), and a
     result beyond qviz._timing.memory_limit() is refused before it is allocated."""
     hostile.expect_clear_error(guard.call(f"packed_cases:{case}"), *names)
+
+
+def _dequantize_case(**change):
+    a = packed.pack(np.array([[1, 2, 3, 0]], np.uint8), 2)
+    w = packed.prepare(packed.pack(np.array([[3, 1, 0, 2], [1, 1, 1, 1]], np.uint8), 2))
+    args = {"dot": packed.lowbit_matmul(a, w), "scale_a": 0.1, "zero_a": 1, "scale_w": 0.2, "zero_w": 2, **change}
+    return hostile.run(lambda: packed.dequantize_matmul(args.pop("dot"), a, w, **args))
+
+
+@pytest.mark.parametrize(("change", "names"), [
+    ({"scale_a": 1e300, "scale_w": 1e10}, ("scale_a",)), ({"dot": np.array([[2**62, 0]], np.int64)}, ("dot",)),
+    ({"dot": np.array([[-1, 0]], np.int32)}, ("dot",)), ({"zero_w": [0, 99]}, ("zero_w",)),
+    ({"zero_w": 0.5}, ("zero_w",)), ({"scale_w": torch.tensor([0.2, 0.3], dtype=torch.bfloat16)}, None),
+    ({"scale_w": torch.empty(2, device="meta")}, ("scale_w",)),
+])
+def test_dequantize_matmul_refuses_what_no_affine_matmul_can_produce(change, names):
+    out = _dequantize_case(**change)
+    if names is None:  # a bfloat16 tensor is a fine array of scales
+        hostile.expect_answer(out, lambda v: v.shape == (1, 2) and np.isfinite(v).all(), "bfloat16 scale_w")
+    else:
+        hostile.expect_clear_error(out, *names)
+
+
+@pytest.mark.parametrize("module", [nn.Linear(0, 4), nn.Sequential(nn.Linear(4, 0)), nn.LazyLinear(4)])
+def test_memory_report_names_layers_without_weights(module):
+    hostile.expect_clear_error(hostile.run(packed.memory_report, module, codebook_bits=0), "module's layer")
+
+
+def test_a_float_where_a_bit_width_is_expected_is_refused():
+    hostile.expect_clear_error(hostile.run(packed.measure_conv_latency, bits=4.0), "bits")
