@@ -13,7 +13,7 @@
  * GIL is released there) runs its tasks alone. Without POSIX threads everything runs on the caller.
  *
  * A worker can still be preempted while it holds a task, and then the caller waits for it. When that
- * wait passes QVIZ_STALL_NS the next QVIZ_BACKOFF calls run on the caller alone: on a machine whose
+ * wait passes QVIZ_STALL_NS the calls of the next 50 ms (QVIZ_BACKOFF_NS) run on the caller alone: on a machine whose
  * other cores are busy, one thread at full speed beats two that wait out each other's time slices
  * (measured: a 4096 x 4096 codebook GEMV took 0.2 ms or 5 ms at random with two threads, 0.25 ms with one).
  */
@@ -32,7 +32,7 @@ typedef void (*qviz_task_fn)(void *ctx, long task);
 
 #define QVIZ_POOL_MAX 64 /* workers, at most */
 #define QVIZ_STALL_NS 300000L /* a wait for workers this long (0.3 ms) counts as a stall */
-#define QVIZ_BACKOFF 64 /* calls on the caller alone after a stall */
+#define QVIZ_BACKOFF_NS 50000000L /* after a stall, calls run on the caller alone for 50 ms */
 #define QVIZ_GEN_SHIFT 40 /* claim word: generation << 40 | next task (tasks < 2^40) */
 
 typedef struct {
@@ -49,7 +49,7 @@ typedef struct {
     int allowed;          /* workers 0 .. allowed - 1 may join the current job */
     _Atomic uint64_t claim;
     _Atomic long done;
-    _Atomic int backoff;  /* calls left to run on the caller alone after a worker stalled one */
+    _Atomic long backoff_until; /* until then (qviz_now_ns) calls run on the caller alone: a worker stalled */
 } qviz_pool_t;
 
 static qviz_pool_t qviz_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
@@ -112,6 +112,20 @@ static long qviz_now_ns(void) {
     return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+/* A stall: after the caller ran out of tasks it waited more than QVIZ_STALL_NS beyond two of its own
+ * tasks' average time for the last ones to finish. Waiting up to a task's length is normal (the other
+ * threads are finishing theirs; a codebook GEMM task takes milliseconds, and counting that as a stall
+ * sent every call to one thread); much longer means a worker lost its core. */
+static int qviz_stalled(long waited, long working, long ran) {
+    return waited > QVIZ_STALL_NS + (ran > 0 ? 2 * (working / ran) : 0);
+}
+
+/* A time, not a number of calls: 64 calls on one thread after one stall made a 4 ms matmul run at one
+ * thread's speed for a quarter of a second, and a benchmark's median with it. */
+static void qviz_back_off(void) {
+    atomic_store_explicit(&qviz_pool.backoff_until, qviz_now_ns() + QVIZ_BACKOFF_NS, memory_order_relaxed);
+}
+
 /* PyTorch's team. PyTorch's OpenMP workers spin for a while after each of its parallel regions; a qviz
  * call right after one (a model alternating PyTorch layers and qviz kernels) found the second core held
  * by a spinning worker, its own worker late, and ran at one thread's speed or worse (256x2048x2048
@@ -120,7 +134,7 @@ static long qviz_now_ns(void) {
  * the tasks to those very workers, awake already: 0.33-0.34 ms. qviz.packed turns this on at import
  * after checking that qviz binds to PyTorch's runtime (`qviz._dispatch.shares_pytorchs_openmp`). The stall guard
  * of the pool applies: thread 0 notes when no task is left, and a closing barrier that then waits for
- * a preempted worker longer than QVIZ_STALL_NS sends the next QVIZ_BACKOFF calls to the caller alone. */
+ * a preempted worker longer than QVIZ_STALL_NS sends the next 50 ms of calls to the caller alone. */
 #if QVIZ_HAVE_OPENMP
 static int qviz_on_openmp; /* 1: parallel regions on the OpenMP team; 0: the pool */
 
@@ -134,14 +148,16 @@ static void qviz_set_threading(int openmp) {
 
 static void qviz_parallel_openmp(qviz_task_fn fn, void *ctx, long tasks, int threads) {
     _Atomic long next = 0;
-    long drained = 0;
+    const long started = qviz_now_ns();
+    long drained = started, ran = 0;
 #pragma omp parallel num_threads(threads)
     {
-        for (long t; (t = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < tasks;) fn(ctx, t);
-        if (omp_get_thread_num() == 0) drained = qviz_now_ns();
+        long mine = 0;
+        for (long t; (t = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < tasks; mine++) fn(ctx, t);
+        if (omp_get_thread_num() == 0) drained = qviz_now_ns(), ran = mine;
     }
-    if (qviz_now_ns() - drained > QVIZ_STALL_NS)
-        atomic_store_explicit(&qviz_pool.backoff, QVIZ_BACKOFF, memory_order_relaxed);
+    if (qviz_stalled(qviz_now_ns() - drained, drained - started, ran))
+        qviz_back_off();
 }
 #else
 static void qviz_set_threading(int openmp) { (void)openmp; }
@@ -157,9 +173,8 @@ static int qviz_threading(void) {
 
 static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
     if (threads > QVIZ_POOL_MAX + 1) threads = QVIZ_POOL_MAX + 1;
-    int backoff = atomic_load_explicit(&qviz_pool.backoff, memory_order_relaxed);
-    if (backoff > 0) atomic_store_explicit(&qviz_pool.backoff, backoff - 1, memory_order_relaxed);
-    if (threads <= 1 || tasks <= 1 || backoff > 0) {
+    if (threads <= 1 || tasks <= 1 || qviz_now_ns() < atomic_load_explicit(&qviz_pool.backoff_until,
+                                                                            memory_order_relaxed)) {
         for (long t = 0; t < tasks; t++) fn(ctx, t);
         return;
     }
@@ -200,7 +215,9 @@ static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
     __atomic_store_n(&qviz_pool.gen, gen, __ATOMIC_RELEASE);
     if (qviz_pool.sleeping) pthread_cond_broadcast(&qviz_pool.wake);
     pthread_mutex_unlock(&qviz_pool.lock);
-    qviz_pool_drain(gen, fn, ctx, tasks);
+    const long started = qviz_now_ns();
+    const long ran = qviz_pool_drain(gen, fn, ctx, tasks);
+    const long drained = qviz_now_ns();
     /* the rest is in workers' hands: spin briefly, then yield the core (it may be the one they need) */
     long waited_from = 0;
     for (long spin = 0; atomic_load_explicit(&qviz_pool.done, memory_order_acquire) < tasks; spin++) {
@@ -211,8 +228,8 @@ static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
         if (!waited_from) waited_from = qviz_now_ns();
         sched_yield();
     }
-    if (waited_from && qviz_now_ns() - waited_from > QVIZ_STALL_NS)
-        atomic_store_explicit(&qviz_pool.backoff, QVIZ_BACKOFF, memory_order_relaxed);
+    if (waited_from && qviz_stalled(qviz_now_ns() - drained, drained - started, ran))
+        qviz_back_off();
     pthread_mutex_unlock(&qviz_pool.busy);
 }
 
