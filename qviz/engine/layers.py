@@ -248,6 +248,8 @@ class ActivationQuantizer(nn.Module):
             self.reset_range()
 
     def _collect(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # as moving_average refuses it: an empty batch would leave a range unset unnoticed
+            raise ValueError("x is empty; at least one value is needed to estimate a range")
         if self.calibrating == "minmax" and SCHEMES[self.spec.scheme].observed and self.alpha is None:
             lo, hi = x.amin().reshape(1), x.amax().reshape(1)
             obs = self.observer

@@ -167,7 +167,12 @@ def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:
 
     from qviz.engine.quantizers import fake_quantize, quantizer_levels
 
-    w = weight.detach().float() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight, dtype=torch.float32)
+    weight = np.asarray(weight) if isinstance(weight, list | tuple) else weight
+    w = torch.from_numpy(_array("weight", weight)).float()  # real, finite, dense: checked as every metric checks
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight holds values beyond float32's range (about 3.4e38); allowed: float32-sized weights")
+    if folded is not None:
+        _array("folded", folded)
     if w.dim() < 2:
         raise ValueError(f"weight must have at least 2 dims [out, in, ...], got shape {tuple(w.shape)}")
     q = fake_quantize(w, spec)

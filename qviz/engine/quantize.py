@@ -857,6 +857,8 @@ def weight_pairs(model: nn.Module, *, with_names: bool = False) -> list[tuple]:
     """(float weights, the weights the model computes with) of every quantizable layer, in eval mode and
     without gradients; LinearBN layers give their folded weights (004 eqs. 20-21). with_names prepends
     each layer's name."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pairs = []
     with torch.no_grad():
         for name, layer in quantizable_layers(model):

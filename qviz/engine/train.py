@@ -71,6 +71,7 @@ def cyclic_lr_factors() -> list[float]:
 def clr_factor(step: int, period: int) -> float:
     """The CLR factor at `step` for a cycle of `period` steps: the factor changes every period / 8 steps."""
     period = _checks.integer("period", period, 8)
+    step = _checks.integer("step", step, 0)
     return cyclic_lr_factors()[(step * 8 // period) % 8]
 
 

@@ -23,6 +23,7 @@ from qviz.engine import (
     MovingAverageMinMaxObserver,
     QuantSpec,
     accuracy,
+    clr_factor,
     code_range,
     compression_ratio,
     correct_labels,
@@ -37,8 +38,10 @@ from qviz.engine import (
     quant_params,
     quantization_error,
     quantize_gradient,
+    roughness,
     semicircles,
     sqnr_db,
+    weight_pairs,
     weight_power,
     weight_report,
 )
@@ -197,6 +200,16 @@ def test_histograms_of_any_finite_array_count_every_value_once(v, bins):
     (code_range, (True,), ["bits"]),
     (code_range, (10**12,), ["bits"]),
     (code_range, (4, {"symmetric": "yes"}), ["symmetric"]),
+    (quant_params, (0.0, 1.0, 4, {"symmetric": "yes"}), ["symmetric"]),
+    (roughness, (np.zeros(5),), ["predicted"]),
+    (roughness, (np.zeros((1, 1)),), ["predicted"]),
+    (clr_factor, ("a", 8), ["step"]),
+    (clr_factor, (1.5, 8), ["step"]),
+    (weight_pairs, ("m",), ["model"]),
+    (weight_report, ("abc", QuantSpec("affine", 2)), ["weight"]),
+    (weight_report, (np.array([[1 + 5j, 2j]]), QuantSpec("affine", 2)), ["weight"]),
+    (weight_report, (torch.tensor([[1e300, 1.0]], dtype=torch.float64), QuantSpec("affine", 2)), ["weight"]),
+    (weight_report, (torch.ones(2, 2), QuantSpec("affine", 2), {"folded": "x"}), ["folded"]),
 ])
 def test_bad_arguments_to_the_engine_are_refused_by_name(fn, args, names):
     kwargs = {}
@@ -240,3 +253,11 @@ def test_a_per_channel_observer_refuses_a_tensor_with_other_channels_and_keeps_i
     obs(torch.full((4, 3), 10.0))
     hostile.expect_answer(hostile.run(lambda: obs.max_val.reshape(-1).tolist()), lambda v: v == [10.0, 10.0, 10.0],
                           "observer range after a refused tensor")
+
+
+@pytest.mark.parametrize("method", ["moving_average", "minmax", "percentile", "mse"])
+def test_calibration_refuses_an_empty_batch_by_every_method(method):
+    from qviz.engine import calibrate, quantize_model
+
+    qm = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), 4, 4)
+    hostile.expect_clear_error(hostile.run(calibrate, qm, torch.randn(0, 4), method=method), "x is empty")
