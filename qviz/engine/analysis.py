@@ -250,8 +250,15 @@ class ModelAnalysis:
 
     def _score(self, outputs: torch.Tensor) -> float:
         if self.metric_fn is not None:
-            return float(self.metric_fn(outputs, self.y if self.y is not None else self._float_outputs))
+            value = float(self.metric_fn(outputs, self.y if self.y is not None else self._float_outputs))
+            if not math.isfinite(value):
+                raise ValueError(f"metric returned {value}; allowed: a finite number for every set of outputs")
+            return value
         if self.y is not None:
+            if int(self.y.max()) >= outputs.shape[-1] or int(self.y.min()) < 0:
+                raise ValueError(f"data y holds classes {int(self.y.min())}..{int(self.y.max())} but the model gives "
+                                 f"{outputs.shape[-1]} outputs per sample; allowed: class indices 0.."
+                                 f"{outputs.shape[-1] - 1}, or metric=callable(outputs, y)")
             return float((outputs.argmax(-1) == self.y).float().mean())
         return float(sqnr_db(self._float_outputs, outputs))
 

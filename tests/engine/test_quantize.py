@@ -653,3 +653,13 @@ def test_a_model_that_is_itself_one_layer_is_explored():
     assert [(x.name, x.module) for x in found] == [("(model)", layer)]
     explorer = WeightExplorer(layer, background=False)
     assert explorer.layer.options[0][1] == "(model)"
+
+
+def test_model_analysis_refuses_labels_beyond_the_outputs_and_a_metric_that_is_not_finite():
+    from qviz.engine.analysis import ModelAnalysis
+
+    x = torch.randn(10, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"classes 3\.\.12 but the model gives 10 outputs"):
+        _ = ModelAnalysis(SmallCNN(), (x, torch.arange(10) + 3)).float_metric
+    with pytest.raises(ValueError, match="metric returned nan"):
+        _ = ModelAnalysis(SmallCNN(), x, metric=lambda out, y: float("nan")).float_metric
