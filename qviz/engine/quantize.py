@@ -827,13 +827,21 @@ class WeightLayer:
         return fold_batchnorm(self.weight, gamma, beta, bn.running_mean, bn.running_var, bn.eps)[0]
 
 
+def _has_weights(layer: nn.Module) -> bool:
+    """Whether a layer holds weights to look at: not a lazy layer before its first forward, not 0 x N."""
+    tensors = [getattr(layer, n, None) for n in weight_names(layer)]
+    return all(isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedParameter)
+               and t.numel() > 0 for t in tensors)
+
+
 ROOT_LAYER = "(model)"  # the name weight_layers gives a model that is itself one layer (nn.Linear(4, 4))
 
 
 def weight_layers(model: nn.Module) -> list[WeightLayer]:
     """Every layer with weights (Linear, Conv, ConvTranspose, MultiheadAttention, LinearBN) with the batch
     norm that follows it: its own (LinearBN), or the next module in registration order when that is a batch
-    norm with as many features as the layer has outputs."""
+    norm with as many features as the layer has outputs. Layers without weights to show (lazy ones before
+    their first forward, 0 x N ones) are left out."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # a model that is itself a layer (nn.Linear(4, 4)) is its one layer, named ROOT_LAYER
@@ -843,8 +851,8 @@ def weight_layers(model: nn.Module) -> list[WeightLayer]:
     for i, (name, m) in enumerate(modules):
         if isinstance(m, LinearBN):
             layers.append(WeightLayer(name, m, m.bn))
-        elif isinstance(m, LAYER_TYPES) and not any(isinstance(p, LinearBN) and name.startswith(n + ".")
-                                                    for n, p in modules):
+        elif isinstance(m, LAYER_TYPES) and _has_weights(m) and not any(
+                isinstance(p, LinearBN) and name.startswith(n + ".") for n, p in modules):
             follower = modules[i + 1][1] if i + 1 < len(modules) else None
             out = float_weight(m).shape[channel_axis(m)] if not isinstance(m, nn.MultiheadAttention) else None
             is_bn = isinstance(follower, nn.modules.batchnorm._BatchNorm) and follower.num_features == out \

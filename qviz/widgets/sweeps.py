@@ -85,6 +85,9 @@ class SweepExplorer(Explorer):
         if not table.rows:
             where = ", ".join(f"{k}={v}" for k, v in params["fixed"].items())
             return f"No run matches {where}. Set a filter back to {AVERAGE} or pick another value."
+        if not failed:  # every run finished, but none recorded a number for any metric shown here
+            return (f"No run recorded a number for any of the metrics {', '.join(METRICS)}, so there is nothing to "
+                    "plot. Check what the sweep's runs return.")
         first = failed[0].get("error", "no error message recorded")
         return f"All {len(failed)} runs here failed, so there is nothing to plot. First error: {first}"
 

@@ -663,3 +663,16 @@ def test_model_analysis_refuses_labels_beyond_the_outputs_and_a_metric_that_is_n
         _ = ModelAnalysis(SmallCNN(), (x, torch.arange(10) + 3)).float_metric
     with pytest.raises(ValueError, match="metric returned nan"):
         _ = ModelAnalysis(SmallCNN(), x, metric=lambda out, y: float("nan")).float_metric
+
+
+def test_explorers_leave_out_layers_without_weights_to_show():
+    from qviz.engine import weight_layers
+    from qviz.widgets import KernelReadout
+
+    model = nn.Sequential(nn.Linear(0, 4), nn.LazyLinear(3), nn.Linear(3, 2))
+    assert [x.name for x in weight_layers(model)] == ["2"]
+    readout = KernelReadout(model, background=False)
+    try:
+        assert [v for _, v in readout.source.options] == ["", "2"]
+    finally:
+        readout.close()

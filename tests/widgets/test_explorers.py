@@ -460,3 +460,18 @@ def test_a_bits_change_reuses_the_float_model_and_its_map(cache, monkeypatch):
         assert len(loads) == 2 and len(float_maps) == 2 and e.float_model.depth == 4
     finally:
         e.close()
+
+
+def test_sweep_explorer_says_why_when_no_run_recorded_a_metric(tmp_path):
+    """Every run finished but none has a number to plot (a string, or no metric column at all)."""
+    from qviz.engine.sweep import SweepResult
+    from qviz.widgets import SweepExplorer
+
+    settings = [{"width": 64, "w_bits": 1}, {"width": 128, "w_bits": 2}]
+    for extra in ({"acc_quant": "high"}, {}):
+        e = SweepExplorer(SweepResult([{**s, **extra, "status": "ok"} for s in settings], settings), background=False)
+        try:
+            assert e.status.error.value == "" and e.data["kind"] == "message"
+            assert "No run recorded a number" in e.data["text"]
+        finally:
+            e.close()
