@@ -203,6 +203,7 @@ class StatusPanel(W.VBox):
                             f"padding:6px 8px;border-radius:4px'><b>{_escape(kind)}</b>: "
                             f"{_escape(where.split(': ', 1)[-1])}</div>")
         self.error.layout.display = "flex"
+        self.text.value = ""  # the summary described the last good result, not the settings that failed
         self.done()
 
     def clear_error(self) -> None:

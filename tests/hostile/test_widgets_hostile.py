@@ -9,6 +9,7 @@ import time
 import hostile
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from qviz import packed
@@ -203,3 +204,20 @@ def test_displaying_an_explorer_returns_while_its_model_trains_and_the_picture_f
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_an_error_replaces_the_summary_of_the_last_good_result_and_a_good_layer_brings_it_back():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    e = WeightExplorer(model, background=False)
+    try:
+        assert "overall SQNR" in e.status.text.value and e.status.error.value == ""
+        assert e.layer.value == "2"  # the explorer opens on the last layer
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        e.layer.value = "0"
+        assert "NaN" in e.status.error.value and e.status.text.value == ""
+        hostile.tally("clear_error")
+        e.layer.value = "2"
+        assert e.status.error.value == "" and "overall SQNR" in e.status.text.value
+    finally:
+        e.close()
