@@ -7,8 +7,9 @@
 
 What is quantized, and why:
 
-- Weights of every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and the input projection of every
-  MultiheadAttention (its output projection is a Linear): the matrices an integer kernel would hold.
+- Weights of every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Hugging Face Conv1D (GPT-2's linear layers,
+  weights [in, out]) and the input projection of every MultiheadAttention (its output projection is a
+  Linear, weights only): the matrices an integer kernel would hold.
   A `WeightQuantizer` becomes a parametrization of the weight (torch.nn.utils.parametrize), so each layer
   keeps its class and attributes (`conv.stride`, `linear.in_features`) and anything that reads
   `layer.weight` reads quantized weights, PyTorch's fused attention kernels included.
@@ -39,6 +40,7 @@ import dataclasses
 import fnmatch
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,6 +68,19 @@ _OURS = (WeightQuantizer, ActivationQuantizer, ActivationPoint)
 _FAST_PATHS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
+def _weight_input_major() -> tuple[type, ...]:
+    """Linear layers that store their weight [in, out] and compute x @ W + b: Hugging Face's Conv1D (GPT-2's
+    attention and MLP). Looked up only once transformers is loaded, so qviz never imports it."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) and issubclass(conv1d, nn.Module) else ()
+
+
+def is_layer(m: nn.Module) -> bool:
+    """Whether quantize_model quantizes `m`'s weights (LAYER_TYPES, or a weight-[in, out] linear layer)."""
+    return isinstance(m, LAYER_TYPES + _weight_input_major())
+
+
 class UnquantizedModuleWarning(UserWarning):
     """quantize_model left modules with parameters float because it cannot quantize them."""
 
@@ -77,7 +92,7 @@ class UnquantizedModuleWarning(UserWarning):
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer quantize_model quantizes, in registration (network) order."""
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LAYER_TYPES) and not _inside_ours(name, model)]
+            if is_layer(m) and not _inside_ours(name, model)]
 
 
 def _inside_ours(name: str, model: nn.Module) -> bool:
@@ -141,8 +156,9 @@ def takes_input_quantizer(layer: nn.Module) -> bool:
 
 
 def channel_axis(layer: nn.Module) -> int:
-    """The output-channel axis of a layer's weight: 1 for transposed convolutions ([in, out/groups, ...])."""
-    return 1 if isinstance(layer, _TRANSPOSED) else 0
+    """The output-channel axis of a layer's weight: 1 for transposed convolutions ([in, out/groups, ...]) and
+    for linear layers that store [in, out] (GPT-2's Conv1D)."""
+    return 1 if isinstance(layer, _TRANSPOSED + _weight_input_major()) else 0
 
 
 def default_weight_spec(bits: int, layer: nn.Module | None = None, *, stochastic: bool = False) -> QuantSpec:
@@ -399,7 +415,7 @@ def _quantized_inputs(layer: nn.Module, args: tuple, kwargs: dict):
 def _warn_unquantized(model: nn.Module) -> None:
     left = []
     for name, m in model.named_modules():
-        if not name or isinstance(m, LAYER_TYPES + _NORMS + _OURS) or _inside_ours(name, model):
+        if not name or is_layer(m) or isinstance(m, _NORMS + _OURS) or _inside_ours(name, model):
             continue
         if any(True for _ in m.parameters(recurse=False)):
             left.append(f"{name} ({type(m).__name__})")
@@ -643,8 +659,9 @@ def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored:
     """Take qviz's quantizers out of a layer's weight parametrizations. torch's remove_parametrizations
     deletes the weight property from the layer's generated class, which a deep copy shares with the model
     it came from (the quantized model would lose its weights): so the copy gets a class of its own here,
-    with properties only for what stays parametrized, and plain tensors back. `restored` maps a float
-    tensor to the Parameters made from it, so tied layers (one tensor under two quantizers) stay tied."""
+    with properties only for what stays parametrized, and its float Parameters back (the very objects, so
+    whatever shares one, a tied embedding included, still does). With bake, `restored` maps a float tensor
+    to the Parameters made from it, so tied layers with equal quantized values stay tied."""
     plain = {}
     for name in names:
         chain = layer.parametrizations[name]
@@ -656,7 +673,7 @@ def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored:
                               stacklevel=3)
             continue
         with torch.no_grad():
-            value = getattr(layer, name).detach().clone() if bake else chain.original.detach().clone()
+            value = getattr(layer, name).detach().clone() if bake else None
         plain[name] = (chain.original, value)
         del layer.parametrizations[name]
     if not plain:
@@ -670,6 +687,9 @@ def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored:
         del layer._modules["parametrizations"]
         layer.__class__ = original_class
     for name, (original, value) in plain.items():
+        if value is None:  # the copy's own float tensor: anything else that shares it (a tied embedding) still does
+            layer.register_parameter(name, original if isinstance(original, nn.Parameter) else nn.Parameter(original))
+            continue
         twins = restored.setdefault(id(original), [])
         param = next((p for p in twins if torch.equal(p.data, value)), None)
         if param is None:
@@ -846,12 +866,12 @@ def weight_layers(model: nn.Module) -> list[WeightLayer]:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # a model that is itself a layer (nn.Linear(4, 4)) is its one layer, named ROOT_LAYER
     modules = [(n or ROOT_LAYER, m) for n, m in model.named_modules()
-               if (n or isinstance(m, LAYER_TYPES)) and not _inside_ours(n, model)]
+               if (n or is_layer(m)) and not _inside_ours(n, model)]
     layers = []
     for i, (name, m) in enumerate(modules):
         if isinstance(m, LinearBN):
             layers.append(WeightLayer(name, m, m.bn))
-        elif isinstance(m, LAYER_TYPES) and _has_weights(m) and not any(
+        elif is_layer(m) and _has_weights(m) and not any(
                 isinstance(p, LinearBN) and name.startswith(n + ".") for n, p in modules):
             follower = modules[i + 1][1] if i + 1 < len(modules) else None
             out = float_weight(m).shape[channel_axis(m)] if not isinstance(m, nn.MultiheadAttention) else None

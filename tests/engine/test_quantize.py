@@ -676,3 +676,27 @@ def test_explorers_leave_out_layers_without_weights_to_show():
         assert [v for _, v in readout.source.options] == ["", "2"]
     finally:
         readout.close()
+
+
+def test_gpt2s_conv1d_layers_are_quantized_per_output_channel_and_dequantize_keeps_the_tied_head():
+    """GPT-2 stores its attention and MLP weights [in, out] in transformers' Conv1D (x @ W + b): they are its
+    matrices, quantized per output channel (axis 1); lm_head shares the token embedding's tensor."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = {"input_ids": torch.randint(0, 64, (4, 12))}
+    qm = calibrate(quantize_model(model, 8, 8), [ids])
+    rows = {r["name"]: r for r in quantized_layers(qm)}
+    assert rows["transformer.h.0.attn.c_attn"]["kind"] == "Conv1D"
+    assert rows["transformer.h.0.attn.c_attn"]["weights"].axis == 1
+    assert rows["transformer.h.1.mlp.c_proj"]["activations"] is not None
+    assert len(rows) == 9  # 4 Conv1D a block, and the head
+    with torch.no_grad():
+        want = _forward(model, ids)
+        w8 = sqnr_db(want, _forward(qm, ids))
+        w2 = sqnr_db(want, _forward(quantize_model(model, 2, None), ids))
+        assert w8 > 30 and w2 < w8
+        back = dequantize_model(qm)
+        assert torch.equal(_forward(back, ids), want)
+    assert back.lm_head.weight is back.transformer.wte.weight
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in model.parameters())
