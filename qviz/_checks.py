@@ -89,24 +89,36 @@ def float_tensor(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must have a floating-point dtype (float16/32/64, bfloat16), got {x.dtype}")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device and holds no values; allowed: a tensor with data")
-    if x.numel() > _CHECK_SIZE_FROM:
-        fits_memory(name, x.numel(), 16)  # the result and a few float32 temporaries
+    fits_memory(name, x.numel(), 16)  # the result and a few float32 temporaries
     return x
+
+
+def numpy_of(name: str, value: object) -> object:
+    """A torch tensor's values as numpy (detached, on the CPU; half precision through float32, as numpy has no
+    bfloat16); anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.layout != torch.strided or value.is_nested or value.device.type == "meta":
+        raise TypeError(f"{name} must be a dense tensor with values, got layout {value.layout} on {value.device}")
+    value = value.detach().cpu()
+    return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
 
 
 _CHECK_SIZE_FROM = 2**24  # below 16 M elements nothing is checked: the common case costs nothing
 
 
-def fits_memory(name: str, elements: int, bytes_per_element: int) -> None:
+def fits_memory(name: str, elements: int, bytes_per_element: int, allowed: str = "smaller inputs") -> None:
     """Refuse work on `elements` values that would need more than qviz._timing.memory_limit() (a stride-0
     view such as torch.ones(1).expand(10**6, 10**6) holds 10^12 of them in 4 bytes)."""
+    if elements <= _CHECK_SIZE_FROM:
+        return
     from qviz._timing import memory_limit
 
     need, limit = elements * bytes_per_element, memory_limit()
     if need > limit:
         raise ValueError(f"{name} holds {elements:,} values; working on them would take about {need / 2**30:.1f} GiB, "
                          f"beyond the memory limit of {limit / 2**30:.1f} GiB (2 GiB, or half the available memory "
-                         "if less); allowed: smaller inputs")
+                         f"if less); allowed: {allowed}")
 
 
 def finite_values(name: str, *values: torch.Tensor) -> None:

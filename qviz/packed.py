@@ -137,20 +137,11 @@ def _plain(a: np.ndarray) -> np.ndarray:
     return a if type(a) is np.ndarray else np.ndarray.view(a, np.ndarray)
 
 
-_LARGE_RESULT = 256 * 2**20
-
-
 def _result(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A new result array, refused (ValueError) beyond qviz._timing.memory_limit(): 100000 one-bit rows
     by 100000 is 1.6 MB of input and 37 GiB of int32 output."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > _LARGE_RESULT:
-        from qviz._timing import memory_limit
-
-        if nbytes > memory_limit():
-            raise ValueError(f"the result would be {shape} {dtype.name}, {nbytes / 2**30:.2f} GiB, beyond the "
-                             f"memory limit of {memory_limit() / 2**30:.2f} GiB (2 GiB, or half the available "
-                             "memory if less); allowed: fewer rows of a or w, or an out= array of your own")
+    _checks.fits_memory("the result", math.prod(shape), dtype.itemsize,
+                        "fewer rows of a or w, or an out= array of your own")
     return np.empty(shape, dtype)
 
 
@@ -486,19 +477,8 @@ def binary_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix
     return out
 
 
-def _numpy(name: str, value):
-    """A torch tensor's values as numpy (numpy has no bfloat16: half precision goes through float32);
-    anything else as it is."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.device.type == "meta" or value.layout != torch.strided:
-        raise ValueError(f"{name} must be a dense tensor with values, got layout {value.layout} on {value.device}")
-    value = value.detach().cpu()
-    return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
-
-
 def _scales(name: str, value, rows: int) -> np.ndarray:
-    v = _numpy(name, value)
+    v = _checks.numpy_of(name, value)
     if isinstance(v, bool) or not isinstance(v, numbers.Real | np.ndarray | list | tuple):
         raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}")
     v = np.asarray(v)
@@ -620,7 +600,7 @@ def dequantize_matmul(dot: np.ndarray, a: PackedMatrix, w_code_sums, *, scale_a:
 
 
 def _integers(name: str, value, n: int, lo: int, hi: int) -> np.ndarray:
-    v = _numpy(name, value)
+    v = _checks.numpy_of(name, value)
     if not isinstance(v, np.ndarray | list | tuple):
         raise TypeError(f"{name} must be an array of {n} integers, got {type(value).__name__}")
     v = np.asarray(v)
@@ -639,7 +619,7 @@ def _codebook(codebook: object, bits: int, rows: int) -> np.ndarray:
     if type(codebook) is np.ndarray and codebook.dtype == _F32 and codebook.flags.c_contiguous and (
             codebook.shape == (entries,) or codebook.shape == (rows, entries)):  # the common case, without copies
         return codebook if codebook.ndim == 2 else codebook.reshape(1, entries)  # values: checked in the kernel
-    cb = _numpy("codebook", codebook)
+    cb = _checks.numpy_of("codebook", codebook)
     if not isinstance(cb, np.ndarray):
         raise TypeError(f"codebook must be a numpy.ndarray or torch.Tensor, got {type(codebook).__name__}")
     cb = _plain(cb)
@@ -730,7 +710,7 @@ def codebook_from_affine(scale, zero_point, bits: int) -> np.ndarray:
 
 
 def _array_of_reals(name: str, value) -> np.ndarray:
-    v = _numpy(name, value)
+    v = _checks.numpy_of(name, value)
     if isinstance(v, bool) or not isinstance(v, numbers.Real | np.ndarray | list | tuple):
         raise TypeError(f"{name} must be a number or an array of numbers, got {type(value).__name__}")
     try:

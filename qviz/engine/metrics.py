@@ -15,19 +15,14 @@ from qviz import _checks
 
 
 def _array(name: str, a: object) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        if a.layout != torch.strided or a.is_nested or a.device.type == "meta":
-            raise TypeError(f"{name} must be a dense tensor with values, got layout {a.layout} on {a.device}")
-        a = a.detach().cpu()
-        a = (a.float() if a.dtype in (torch.float16, torch.bfloat16) else a).numpy()  # numpy has no bfloat16
+    a = _checks.numpy_of(name, a)
     if isinstance(a, np.generic):
         a = np.asarray(a)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-    if a.size > _checks._CHECK_SIZE_FROM:
-        _checks.fits_memory(name, a.size, 32)  # float64 copies of the inputs and their difference
+    _checks.fits_memory(name, a.size, 32)  # float64 copies of the inputs and their difference
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf; only finite values are allowed")
     return a.astype(np.float64, copy=False)
@@ -163,8 +158,6 @@ def weight_report(weight, spec, *, folded=None, bins: int = 60) -> dict:
     levels); the overall SQNR; per-kernel SQNR histograms for per-layer and per-channel quantization with
     the same scheme; and the weight power histograms before and after folding.
     """
-    import torch
-
     from qviz.engine.quantizers import fake_quantize, quantizer_levels
 
     weight = np.asarray(weight) if isinstance(weight, list | tuple) else weight
