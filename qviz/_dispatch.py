@@ -85,9 +85,8 @@ def set_threading(name: str) -> None:
 
     The default, chosen at import (QVIZ_THREADING forces one): "openmp" when the extension has OpenMP and
     its OpenMP calls reach PyTorch's own runtime (`shares_pytorchs_openmp`), so that qviz's regions run on
-    PyTorch's workers, which spin
-    for a while after each PyTorch call and would otherwise hold the cores qviz's pool needs
-    (qviz/_packed_pool.h); "pool" otherwise. A forked child always uses the pool.
+    PyTorch's workers, which spin for a while after each PyTorch call and would otherwise hold the cores
+    qviz's pool needs (qviz/_packed_pool.h); "pool" otherwise. A forked child always uses the pool.
     """
     _checks.choice("name", name, available_threadings())
     _kernels.set_threading(name == "openmp")

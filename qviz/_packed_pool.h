@@ -1,8 +1,8 @@
 /* A small thread pool for the panel kernels, included by _packed_kernels.h, and the dispatch to
  * PyTorch's OpenMP team that replaces it when both share one OpenMP runtime (qviz_parallel_openmp).
  *
- * Why a pool rather than an OpenMP parallel-for of its own: its closing barrier waits for every thread of the team, so when the
- * machine is shared and one worker is preempted before it starts (a 2-core box with another busy
+ * Why a pool rather than an OpenMP parallel-for of its own: its closing barrier waits for every thread
+ * of the team, so when the machine is shared and one worker is preempted before it starts (a 2-core box with another busy
  * process), the call waits out the scheduler's time slice: measured 8 ms instead of 0.6 ms. Here the
  * calling thread takes tasks too and returns as soon as every task is *done*; a worker that wakes late
  * finds nothing left and goes back to sleep. Tasks are claimed with a compare-and-swap on a word that
@@ -13,8 +13,8 @@
  * GIL is released there) runs its tasks alone. Without POSIX threads everything runs on the caller.
  *
  * A worker can still be preempted while it holds a task, and then the caller waits for it. When that
- * wait passes QVIZ_STALL_NS the calls of the next 50 ms (QVIZ_BACKOFF_NS) run on the caller alone: on a machine whose
- * other cores are busy, one thread at full speed beats two that wait out each other's time slices
+ * wait passes QVIZ_STALL_NS the calls of the next 50 ms (QVIZ_BACKOFF_NS) run on the caller alone: on
+ * a machine whose other cores are busy, one thread at full speed beats two that wait out each other's time slices
  * (measured: a 4096 x 4096 codebook GEMV took 0.2 ms or 5 ms at random with two threads, 0.25 ms with one).
  */
 #ifndef QVIZ_PACKED_POOL_H
@@ -132,8 +132,8 @@ static void qviz_back_off(void) {
  * binary, 2 threads: 0.66 ms, against 0.50 ms on one). When qviz's OpenMP runtime is PyTorch's (the loader
  * reuses PyTorch's libgomp.so.1 for qviz, whatever other runtimes are mapped), a parallel region hands
  * the tasks to those very workers, awake already: 0.33-0.34 ms. qviz.packed turns this on at import
- * after checking that qviz binds to PyTorch's runtime (`qviz._dispatch.shares_pytorchs_openmp`). The stall guard
- * of the pool applies: thread 0 notes when no task is left, and a closing barrier that then waits for
+ * after checking that qviz binds to PyTorch's runtime (`qviz._dispatch.shares_pytorchs_openmp`). The
+ * stall guard of the pool applies: thread 0 notes when no task is left, and a closing barrier that then waits for
  * a preempted worker longer than QVIZ_STALL_NS sends the next 50 ms of calls to the caller alone. */
 #if QVIZ_HAVE_OPENMP
 static int qviz_on_openmp; /* 1: parallel regions on the OpenMP team; 0: the pool */
