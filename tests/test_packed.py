@@ -136,18 +136,39 @@ def test_float_activations_are_packed_inside_the_matmuls(path, shape, seed, bits
     assert np.array_equal(packed.lowbit_matmul(x, wc, scale=scale, zero_point=zero), want)
 
 
-def test_float_activations_with_weights_beyond_l2():
+def test_float_activations_with_weights_beyond_l2(path):
     """Weights past the fused kernel's L2 budget are packed first and run in panel-block order: same answers."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((9, 4100), dtype=np.float32)
-    wf = rng.standard_normal((1030, 4100), dtype=np.float32)
+    wf = rng.standard_normal((4100, 4100), dtype=np.float32)
     w = packed.prepare(packed.pack_signs(wf))
     assert w.nbytes > 512 * 1024
-    assert np.array_equal(packed.binary_matmul(x, w), packed.binary_matmul(packed.pack_signs(x), w))
-    assert np.array_equal(packed.hybrid_matmul(x, w), packed.hybrid_matmul(packed.pack_uniform(x, 1, 1.0), w))
+    signs = np.where(x < 0, -1, 1) @ np.where(wf < 0, -1, 1).T
+    ones = _affine_codes(x, 1, 1.0, 0) @ np.where(wf < 0, -1, 1).T
+    # 257 panels in 65 blocks, enough work for several threads: tasks of several blocks, the last with fewer
+    for threads in (1, 2, 3):
+        out = np.full(signs.shape, -(2**31), np.int32)  # a column no task wrote keeps this
+        assert np.array_equal(packed.binary_matmul(x, w, threads=threads, out=out), signs)
+        assert np.array_equal(packed.binary_matmul(packed.pack_signs(x), w, threads=threads), signs)
+        assert np.array_equal(packed.hybrid_matmul(x, w, threads=threads), ones)
+        assert np.array_equal(packed.hybrid_matmul(packed.pack_uniform(x, 1, 1.0), w, threads=threads), ones)
     x[3, 7] = np.nan
     with pytest.raises(ValueError, match="a contains NaN"):
         packed.binary_matmul(x, w)
+
+
+def test_codebook_matmul_over_many_panel_blocks_on_several_threads(path):
+    """Few rows against weights of many panel blocks (the in-place codebook kernel, tasks of several
+    blocks each, a last task with fewer): every output column is computed once and right."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 1100), dtype=np.float32)
+    codes = rng.integers(0, 16, (1300, 1100), dtype=np.uint8)
+    cb = rng.standard_normal(16).astype(np.float32)
+    w = packed.prepare(packed.pack(codes, 4))
+    want = x.astype(np.float64) @ cb[codes].T.astype(np.float64)
+    for threads in (1, 2, 3):
+        out = np.full(want.shape, np.nan, np.float32)  # a column no task wrote stays NaN
+        np.testing.assert_allclose(packed.lut_matmul(x, w, cb, threads=threads, out=out), want, rtol=1e-4, atol=1e-3)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
