@@ -11,12 +11,12 @@ What it prints, in order:
   array of their own, reused), torch float32 (torch.matmul(x, W.T, out=...)), torch's dynamic int8 linear
   (fbgemm), the ratios, and how close qviz is to the hardware: "% roof" (compute: achieved ops/s over the
   path's roof for that kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over
-  the L3 bandwidth with warm weights: an untimed identical call right before each timed one; over the
-  DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them). Rows without "warm"/"cold"
-  start from whatever the previous call left in the caches (torch's float weights flush the L3 at the
-  larger shapes, and the first touches after PyTorch's GEMM were measured slower than after a plain
-  flush); the binary and hybrid kernels also get "warm" rows at M >= 16 (their weights and activations
-  in the caches, as in a loop over one layer), the compute-bound case their roof goal is about;
+  the L3 bandwidth with warm weights; over the DRAM bandwidth with cold weights: copies cycled through,
+  256 MiB of them). "warm": untimed identical calls for 1 ms right before each timed one (weights and
+  activations in the caches and the core as a run of qviz calls leaves it, as in a loop over one
+  layer: the case the roof goals are about). Rows without "warm" start right after torch's call, from
+  whatever it left: at the larger shapes its float weights flush the L3, and on some CPUs the core runs
+  slower for a while after its GEMM (the header measures this: "clock after torch");
 - 003 Chapter 5's layer: packed-index convolution against torch conv2d, and its memory.
 
 Runs alternate qviz / torch / int8 in one process until a time budget is spent and report medians
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def cpu_description() -> str:
             f"flags: {' '.join(shown)}")
 
 
+def clock_after_torch(rounds: int = 30) -> float:
+    """Speed of a scalar register loop (the portable roof, 0.1 ms) right after a torch float32 GEMM, over
+    its speed after the same loop: below 100% when the core slows down after PyTorch's heavy calls."""
+    x, w, out = torch.randn(16, 4096), torch.randn(4096, 4096), torch.empty(16, 4096)
+    def probe():
+        return packed.roof("pop", path="portable", threads=1, seconds=1e-4)
+    after, steady = [], []
+    for _ in range(rounds):
+        torch.matmul(x, w.T, out=out)
+        after.append(probe())
+        for _ in range(10):  # a few milliseconds of the loop itself
+            probe()
+        steady.append(probe())
+    return statistics.median(after) / statistics.median(steady)
+
+
 def main() -> None:
     if ARGS.path:
         packed.set_kernel_path(ARGS.path)
@@ -103,12 +120,15 @@ def main() -> None:
     print(f"\nRead bandwidth, {THREADS} threads: {l3 / 1e9:.0f} GB/s from an {L3_TEST >> 20} MiB buffer (in L3), "
           f"{dram / 1e9:.0f} GB/s from {DRAM_TEST >> 20} MiB (DRAM)\n")
 
+    print(f"Clock after torch: {clock_after_torch():.0%} of its usual speed for a scalar loop right after a torch "
+          "float32 GEMM (16x4096x4096); rows without \"warm\" start there\n")
+
     roof = roofs[path]
     rows = []
     shapes = SHAPES[:2] if ARGS.quick else SHAPES
     for kind, bits, label, roof_kind in KERNELS:
         for m, k, n in shapes:
-            caches = ("warm", "cold") if m == 1 else ("", "warm") if roof_kind == "pop" else ("",)
+            caches = ("warm", "cold") if m == 1 else ("", "warm")
             for cache in caches:
                 cold = cache == "cold"
                 r = packed.measure_latency(kind, m, k, n, bits=bits, budget_s=ARGS.budget, threads=THREADS,

@@ -25,6 +25,11 @@ LATENCY_KINDS = ("binary", "hybrid", "lowbit", "lut")
 ROOF_KINDS = ("pop", "dot", "fma")
 MEMORY_CAP = 2 * 2**30
 COLD_BYTES = 256 * 2**20  # weight copies cycled through in a cold run: several times any L3 cache
+# How long a warm run repeats the qviz call, untimed, before each timed one. Right after a torch
+# float32 GEMM a core can run slower for a while: on a 2-core AMD EPYC (Zen 5) a scalar loop ran at
+# ~60% of its speed for about 0.5 ms of work after one (a clock effect: idling did not end it,
+# working did), and a warm 16x4096x4096 binary call after one identical call took 0.10 ms, not 0.07.
+SETTLE_S = 1e-3
 
 
 def memory_limit() -> int:
@@ -122,10 +127,13 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     array of its own, reused every call (`out=`); the int8 reference (with_int8) allocates its result per
     call, as PyTorch's quantized linear has no out argument. Runs alternate until `budget_s`
     is spent (at least 3 each unless one run alone exceeds the budget), so a widget can call this live.
-    Interleaving means each call starts from the caches the previous one left (torch's 64 MiB of float
-    weights at 4096 x 4096 flush a 32 MiB L3). warm=True runs an untimed identical qviz call right before
-    each timed one (its weights then come from L2/L3); cold=True cycles through copies of the weights
-    (about 256 MiB of each side's) so that they come from DRAM.
+    Interleaving means each call starts from the caches and the clock the previous one left (torch's
+    64 MiB of float weights at 4096 x 4096 flush a 32 MiB L3; after its GEMM some CPUs run slower for
+    a while, see SETTLE_S). warm=True runs untimed identical qviz calls for SETTLE_S right before each
+    timed one (its weights then come from L2/L3, the core is as a run of qviz calls leaves it);
+    cold=True cycles through copies of the weights (about 256 MiB of each side's) so that they come from
+    DRAM (right after torch's call, as plain runs: a lead-in of register-only work made no difference
+    there that the run-to-run spread of DRAM reads did not swamp).
 
     Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), runs, threads,
     path, macs (M N K), weight_bytes (qviz's prepared weights), qviz_macs_per_s and bit_ops_per_s
@@ -160,7 +168,7 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     wts = [torch.from_numpy(w_float)] + [torch.from_numpy(w_float.copy()) for _ in range(torch_copies - 1)]
     next_wt = _cycle(wts)
     torch_out = torch.empty(m, n)  # both sides write into one result array of their own, reused every call
-    fns = {"qviz": (qviz_call, qviz_call) if warm else qviz_call,
+    fns = {"qviz": (_settle_with(qviz_call), qviz_call) if warm else qviz_call,
            "torch": lambda: torch.matmul(xt, next_wt().T, out=torch_out)}
     if with_int8:
         fns["int8"] = _int8_linear(wts[0], xt)
@@ -178,6 +186,17 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
         result["torch_int8_s"] = medians["int8"]
         result["ratio_int8"] = medians["int8"] / medians["qviz"]
     return result
+
+
+def _settle_with(work):
+    """A callable that repeats `work` for SETTLE_S seconds (at least once): the untimed lead-in of a
+    warm or cold run, so the timed call meets the core as a run of qviz calls leaves it."""
+    def settle():
+        end = time.perf_counter() + SETTLE_S
+        work()
+        while time.perf_counter() < end:
+            work()
+    return settle
 
 
 def _kernel_call(packed, kind: str, x: np.ndarray, w_float: np.ndarray, bits: int, threads: int, rng, copies: int):

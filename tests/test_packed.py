@@ -411,6 +411,26 @@ def test_cold_latency_cycles_weight_copies():
     assert r["cold"] and r["qviz_s"] > 0 and r["weight_bytes"] == 256 * 16 * 4
 
 
+def test_warm_latency_runs_the_call_for_the_settle_time_before_each_timed_one(monkeypatch):
+    """warm=True: untimed identical calls for SETTLE_S lead into each timed call (the core as a run of
+    qviz calls leaves it, not as torch's GEMM just before left it)."""
+    from qviz import _timing
+
+    calls = []
+    real = packed.binary_matmul
+    monkeypatch.setattr(packed, "binary_matmul", lambda *a, **k: calls.append(time.perf_counter()) or real(*a, **k))
+    monkeypatch.setattr(_timing, "SETTLE_S", 0.004)
+    r = packed.measure_latency("binary", 1, 256, 64, budget_s=0.02, threads=1, warm=True)
+    assert r["warm"] and r["runs"] >= 3
+    # per round: calls spread over at least SETTLE_S, then the timed one; so well over two calls a round
+    assert len(calls) >= 3 * (r["runs"] + 1)
+    settle = _timing._settle_with(lambda: calls.append(time.perf_counter()))
+    calls.clear()
+    start = time.perf_counter()
+    settle()
+    assert len(calls) >= 2 and time.perf_counter() - start >= 0.004  # repeated until SETTLE_S had passed
+
+
 def test_measurements_refuse_buffers_beyond_the_memory_limit():
     from qviz import _timing
 
