@@ -242,25 +242,6 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
 #define QVIZ_INLINE static inline __attribute__((always_inline))
 #define QVIZ_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt")))
 
-/* The epilogue out[i, j] = mul * C[i, j] + add[i] for j < cols, from a tile the kernel stored to C with
- * plain stores. It runs out of line: a masked store or a call inside the kernel function makes GCC 12
- * keep every accumulator in a stack slot during the hot loop (measured 1.8x slower). */
-static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_epilogue512(const int32_t *C, int mr, int np, int32_t *out,
-                                                                     size_t ldo, int cols, int32_t mul,
-                                                                     const int32_t *add) {
-    const __m512i m = _mm512_set1_epi32(mul);
-    for (int i = 0; i < mr; i++) {
-        const __m512i a = _mm512_set1_epi32(add[i]);
-        for (int q = 0; q < np; q++) {
-            const int n = cols - q * QVIZ_PANEL;
-            if (n <= 0) break;
-            const __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512((const void *)(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL)), m), a);
-            _mm512_mask_storeu_epi32((void *)(out + (size_t)i * ldo + (size_t)(q * QVIZ_PANEL)),
-                                     n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1), v);
-        }
-    }
-}
-
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int32_t mul, int32_t add) {
     if (n <= 0) return;
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -312,7 +293,6 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int3
 #define QVIZ_ROWS(X, ...) X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
     X(5, __VA_ARGS__)
 #define QVIZ_LOAD512(q) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + k * QVIZ_PANEL)) : _mm512_setzero_si512())
-#define QVIZ_STORE512(i, q, c) _mm512_storeu_si512((void *)(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL), c);
 
 #define QVIZ_XOR_UPD(c, a, v) _mm512_add_epi32(c, _mm512_popcnt_epi32(_mm512_xor_si512(a, v)))
 #define QVIZ_AND_UPD(c, a, v) _mm512_add_epi32(c, _mm512_popcnt_epi32(_mm512_and_si512(a, v)))
@@ -941,7 +921,8 @@ QVIZ_LUT_PORTABLE(4)
 #define QVIZ_LUT_LOAD(q, k) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + (k) * QVIZ_PANEL)) : _mm512_setzero_si512())
 #define QVIZ_FSTORE512(i, q, c) _mm512_storeu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL, c);
 
-/* out[i, j] = C[i, j] for j < cols (out of line, as qviz_epilogue512) */
+/* out[i, j] = C[i, j] for j < cols, out of line: a masked store or a call inside the kernel function
+ * makes GCC 12 keep every accumulator in a stack slot during the hot loop (measured 1.8x slower). */
 static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_lut_epilogue512(const float *C, int mr, int np, float *out,
                                                                          size_t ldo, int cols) {
     for (int i = 0; i < mr; i++)
