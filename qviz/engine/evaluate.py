@@ -131,7 +131,7 @@ def roughness(predicted: np.ndarray) -> float:
     A smooth but misplaced boundary (weight quantization, "lost capacity") scores low; salt-and-pepper
     noise (activation quantization) scores high (002 §3.2).
     """
-    p = predicted.detach().cpu().numpy() if isinstance(predicted, torch.Tensor) else np.asarray(predicted)
+    p = np.asarray(_checks.numpy_of("predicted", predicted))
     if p.ndim != 2 or min(p.shape) < 2:
         raise ValueError(f"predicted must be a 2-D map of at least 2 x 2 cells (a decision map's classes), got shape "
                          f"{p.shape}")

@@ -138,6 +138,8 @@ def _range_end(name: str, value: object) -> torch.Tensor:
     if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype.is_signed or
                                                        t.dtype == torch.uint8):
         raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if t.layout != torch.strided or t.device.type == "meta":
+        raise TypeError(f"{name} must be a dense tensor with values, got layout {t.layout} on {t.device}")
     return t
 
 

@@ -80,12 +80,15 @@ def lipschitz_penalty(model: torch.nn.Module) -> torch.Tensor:
 
     002 writes W_l as [in, out]; torch stores weight = W_lᵀ [out, in], so W_lᵀ W_l = weight @ weight.T.
     """
-    weights = [m.weight if isinstance(m, LinearBN) else float_weight(m)
-               for m in model.modules() if isinstance(m, torch.nn.Linear | LinearBN)]
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     total = torch.zeros(())
-    for w in weights:
-        gram = w @ w.T
-        total = total + ((gram - torch.eye(gram.shape[0])) ** 2).sum()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear | LinearBN):
+            w = _checks.float_tensor(f"the weight of {name or 'the model'}",
+                                     m.weight if isinstance(m, LinearBN) else float_weight(m))
+            gram = w @ w.T
+            total = total.to(gram.device) + ((gram - torch.eye(gram.shape[0], device=gram.device)) ** 2).sum()
     return 0.5 * total
 
 
