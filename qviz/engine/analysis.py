@@ -40,9 +40,11 @@ from qviz.engine.quantize import (
     default_weight_spec,
     float_weight,
     input_quantizers,
+    output_channel_rows,
     quantizable_layers,
     quantize_model,
     takes_input_quantizer,
+    weight_groups,
     weight_names,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantizer_thresholds
@@ -347,9 +349,13 @@ class ModelAnalysis:
 
     def layer_shape(self, name: str) -> tuple[int, int, tuple[int, int]]:
         """(out_features, in_features per group, kernel) of a layer's weight, as memory_report takes them."""
-        w = float_weight(self._modules[name])
-        axis = channel_axis(self._modules[name])
-        out, fan_in = w.shape[axis], w.shape[1 - axis] if w.dim() > 1 else 1
+        layer = self._modules[name]
+        w = float_weight(layer)
+        axis = channel_axis(layer)
+        # a grouped transposed convolution: out/groups slots of axis 1 and all `in` of axis 0 give the
+        # weight count; its output channels (one scale each) are out_channels
+        groups = weight_groups(layer)
+        out, fan_in = w.shape[axis] * groups, w.shape[1 - axis] // groups if w.dim() > 1 else 1
         k = tuple(int(v) for v in w.shape[2:])
         kernel = (1, 1) if not k else (1, k[0]) if len(k) == 1 else (math.prod(k[:-1]), k[-1])
         return int(out), int(fan_in), kernel
@@ -440,8 +446,7 @@ class ModelAnalysis:
         self.float_pass()
         self._apply({name: setting})
         layer = self._modules[name]
-        w = float_weight(layer).detach()
-        flat = w.movedim(channel_axis(layer), 0).reshape(w.shape[channel_axis(layer)], -1)
+        flat = output_channel_rows(layer, float_weight(layer).detach())
         spec = setting.weights or QuantSpec("affine", 8)  # a float layer: show 8-bit levels for scale
         out = {"weights": weight_report(flat, spec.replace(axis=0) if spec.granularity == "channel" else spec,
                                         bins=bins), "float_weights": setting.weights is None}

@@ -88,6 +88,20 @@ def training_spec(spec: QuantSpec | None, stochastic: bool) -> QuantSpec | None:
 # Weights
 
 
+def by_output_channel(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped transposed convolution's weights [in, out/groups, *k] as one row per output channel,
+    [out, in/groups, *k]: output channel g * out/groups + j reads w[g * in/groups : (g+1) * in/groups, j]."""
+    i, o = w.shape[:2]
+    k = w.shape[2:]
+    return w.reshape(groups, i // groups, o, *k).transpose(1, 2).reshape(groups * o, i // groups, *k)
+
+
+def from_output_channels(v: torch.Tensor, groups: int, shape: torch.Size) -> torch.Tensor:
+    """The inverse of by_output_channel: rows per output channel back to the layer's [in, out/groups, *k]."""
+    i, o = shape[:2]
+    return v.reshape(groups, o, i // groups, *shape[2:]).transpose(1, 2).reshape(shape)
+
+
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
 
@@ -97,6 +111,10 @@ class WeightQuantizer(nn.Module):
     small weights up twentyfold. With `stochastic=True` training uses the scheme's stochastic twin
     (affine -> stochastic, binary -> binary_stochastic) and evaluation the scheme itself, as 004 §4
     compares. `configure` changes the spec in place (the ModelExplorer's bit dials do).
+
+    `groups` > 1 marks the weights of a grouped transposed convolution, [in, out/groups, *k]: their
+    axis 1 holds each slot once per group, so per channel along it means per output channel only after
+    regrouping the weights one row per output channel (`by_output_channel`), which forward does.
     """
 
     def __init__(self, spec: QuantSpec | None = None, stochastic: bool = False):
@@ -105,6 +123,7 @@ class WeightQuantizer(nn.Module):
         self.alpha: nn.Parameter | None = None
         self._cached: tuple | None = None
         self.bypass = False  # float weights for a while (calibration observes the float network)
+        self.groups = 1
         self.configure(spec)
 
     def configure(self, spec: QuantSpec | None) -> None:
@@ -122,23 +141,35 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return "float" if self.spec is None else f"{self.spec.scheme}, {self.spec.bits} bits, {self.spec.granularity}"
 
+    def _regroups(self, w: torch.Tensor) -> bool:
+        return self.groups > 1 and self.spec.granularity == "channel" and w.dim() >= 2 and \
+            self.spec.axis in (1, 1 - w.dim())
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec is None or self.bypass:
             return w
+        if self._regroups(w):
+            rows = by_output_channel(w, self.groups)
+            return from_output_channels(self._quantized(rows, w, self.spec.replace(axis=0),
+                                                        self.train_spec.replace(axis=0)), self.groups, w.shape)
+        return self._quantized(w, w, self.spec, self.train_spec)
+
+    def _quantized(self, x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, train_spec: QuantSpec) -> torch.Tensor:
+        """x (the weights w, or w regrouped) quantized with spec; the inference cache keys on w itself."""
         if EXPORTING.get():
             if EXPORTING.get() == "prepare":
-                self._qdq = qdq_constants(w, self.spec, self.alpha)
-            return export_quantize(w, self._qdq, clip=False)
+                self._qdq = qdq_constants(x, spec, self.alpha)
+            return export_quantize(x, self._qdq, clip=False)
         if self.alpha is not None and float(self.alpha.detach()) <= 0:
             with torch.no_grad():
                 self.alpha.fill_(float(w.detach().abs().max()) or 1.0)
         if self.training or torch.is_grad_enabled() or not isinstance(w, nn.Parameter):
-            return fake_quantize(w, self.train_spec if self.training else self.spec, alpha=self.alpha)
+            return fake_quantize(x, train_spec if self.training else spec, alpha=self.alpha)
         # Inference quantizes the same weights for every batch: do it once until they (or the spec) change.
         # Computed weights (LinearBN's folded ones) are not parameters and are quantized afresh each time.
-        key = (id(w), w._version, self.spec, None if self.alpha is None else float(self.alpha.detach()))
+        key = (id(w), w._version, self.spec, self.groups, None if self.alpha is None else float(self.alpha.detach()))
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, fake_quantize(w, self.spec, alpha=self.alpha))
+            self._cached = (key, fake_quantize(x, spec, alpha=self.alpha))
         return self._cached[1]
 
 

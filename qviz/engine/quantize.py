@@ -9,7 +9,9 @@ What is quantized, and why:
 
 - Weights of every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Hugging Face Conv1D (GPT-2's linear layers,
   weights [in, out]) and the input projection of every MultiheadAttention (its output projection is a
-  Linear, weights only): the matrices an integer kernel would hold.
+  Linear, weights only): the matrices an integer kernel would hold. Per channel means per output
+  channel for every one of them, grouped transposed convolutions included (their weight axis 1 holds
+  each slot once per group; PyTorch's own per-channel observers refuse them).
   A `WeightQuantizer` becomes a parametrization of the weight (torch.nn.utils.parametrize), so each layer
   keeps its class and attributes (`conv.stride`, `linear.in_features`) and anything that reads
   `layer.weight` reads quantized weights, PyTorch's fused attention kernels included.
@@ -56,6 +58,7 @@ from qviz.engine.layers import (
     ActivationQuantizer,
     LinearBN,
     WeightQuantizer,
+    by_output_channel,
     fold_batchnorm,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec
@@ -157,8 +160,23 @@ def takes_input_quantizer(layer: nn.Module) -> bool:
 
 def channel_axis(layer: nn.Module) -> int:
     """The output-channel axis of a layer's weight: 1 for transposed convolutions ([in, out/groups, ...]) and
-    for linear layers that store [in, out] (GPT-2's Conv1D)."""
+    for linear layers that store [in, out] (GPT-2's Conv1D). With groups, a transposed convolution's axis 1
+    holds out/groups slots, each serving one output channel per group: per-channel quantization along it
+    quantizes each output channel on its own all the same (`weight_groups`, `output_channel_rows`)."""
     return 1 if isinstance(layer, _TRANSPOSED + _weight_input_major()) else 0
+
+
+def weight_groups(layer: nn.Module) -> int:
+    """Groups of a transposed convolution (whose output channels share slots of weight axis 1), else 1."""
+    return int(layer.groups) if isinstance(layer, _TRANSPOSED) else 1
+
+
+def output_channel_rows(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """The layer's weights w as one row per output channel, [out_channels, everything else]."""
+    if weight_groups(layer) > 1:
+        return by_output_channel(w, weight_groups(layer)).reshape(layer.out_channels, -1)
+    axis = channel_axis(layer)
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
 
 
 def default_weight_spec(bits: int, layer: nn.Module | None = None, *, stochastic: bool = False) -> QuantSpec:
@@ -368,7 +386,9 @@ def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool
         elif spec is not None:  # appended after any parametrization of the user's own (weight norm)
             # a new module starts in training mode; in a model in eval mode it must not (stochastic twins,
             # no inference cache)
-            parametrize.register_parametrization(layer, name, WeightQuantizer(spec, stochastic).train(layer.training))
+            quantizer = WeightQuantizer(spec, stochastic).train(layer.training)
+            quantizer.groups = weight_groups(layer)
+            parametrize.register_parametrization(layer, name, quantizer)
 
 
 def _quantize_inputs(layer: nn.Module, spec: QuantSpec | None) -> None:
@@ -837,14 +857,20 @@ class WeightLayer:
             return self.module.weight.detach()
         return float_weight(self.module).detach()
 
+    def rows(self) -> torch.Tensor:
+        """The float weights as one row per output channel, [out_channels, everything else] (a transposed
+        convolution or GPT-2's Conv1D hold output channels along axis 1)."""
+        return self.weight if isinstance(self.module, LinearBN) else output_channel_rows(self.module, self.weight)
+
     def folded_weight(self) -> torch.Tensor | None:
-        """γ W / σ with the batch norm's running statistics (004 eq. 20), or None without a batch norm."""
+        """γ W / σ with the batch norm's running statistics (004 eq. 20), one row per output channel as
+        `rows`, or None without a batch norm."""
         if self.bn is None:
             return None
         bn = self.bn
         gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_mean)
         beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
-        return fold_batchnorm(self.weight, gamma, beta, bn.running_mean, bn.running_var, bn.eps)[0]
+        return fold_batchnorm(self.rows(), gamma, beta, bn.running_mean, bn.running_var, bn.eps)[0]
 
 
 def _has_weights(layer: nn.Module) -> bool:
@@ -874,7 +900,7 @@ def weight_layers(model: nn.Module) -> list[WeightLayer]:
         elif is_layer(m) and _has_weights(m) and not any(
                 isinstance(p, LinearBN) and name.startswith(n + ".") for n, p in modules):
             follower = modules[i + 1][1] if i + 1 < len(modules) else None
-            out = float_weight(m).shape[channel_axis(m)] if not isinstance(m, nn.MultiheadAttention) else None
+            out = output_channel_rows(m, float_weight(m)).shape[0] if not isinstance(m, nn.MultiheadAttention) else None
             is_bn = isinstance(follower, nn.modules.batchnorm._BatchNorm) and follower.num_features == out \
                 and follower.running_mean is not None
             layers.append(WeightLayer(name, m, follower if is_bn else None))

@@ -135,10 +135,9 @@ class WeightExplorer(Explorer):
         params = {**params, "layer": params["layer"] or self.layer.value}
         layer = next((x for x in self._layers if x.name == params["layer"]), self._layers[0])
         spec = self.spec_for(params)
-        folded = layer.folded_weight()
-        weight = folded if params["fold"] and folded is not None else layer.weight
-        flat = weight.reshape(weight.shape[0], -1)
-        report = weight_report(flat, spec, folded=None if folded is None else folded.reshape(folded.shape[0], -1))
+        folded = layer.folded_weight()  # rows per output channel, as layer.rows()
+        flat = folded if params["fold"] and folded is not None else layer.rows()
+        report = weight_report(flat, spec, folded=folded)
         yield {"report": report, "spec": spec, "layer": layer.name, "has_bn": folded is not None,
                "folded": params["fold"] and folded is not None}
 

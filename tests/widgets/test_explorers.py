@@ -165,6 +165,25 @@ def packed_layers(model):
     return weight_layers(model)
 
 
+def test_weight_explorer_reads_transposed_convolutions_per_output_channel():
+    """A ConvTranspose2d holds output channels along weight axis 1 (with groups, one slot per group): its
+    per-channel report and its batch-norm folding are per output channel, 6 here, not per input channel."""
+    net = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 3, groups=2), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 4.0)
+    e = WeightExplorer(net, background=False)
+    try:
+        e.layer.value = "0"
+        assert not e.fold.disabled
+        e.granularity.value = "channel"
+        assert e.data["report"]["sqnr_per_channel"].shape == (6,)
+        e.fold.value = True
+        assert e.status.error.value == "" and e.data["folded"]
+        assert e.data["report"]["sqnr_per_channel"].shape == (6,)
+    finally:
+        e.close()
+
+
 def test_weight_explorer_takes_any_module():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 4 * 4, 5))
