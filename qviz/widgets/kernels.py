@@ -78,12 +78,13 @@ class KernelReadout(Explorer):
         for control in (self.out_features, self.in_features, self.kernel):
             control.disabled = not typed
         if layer is not None:
-            shape = tuple(layer.weight.shape)
-            kernel = kernel_of(shape)
+            kernel = kernel_of(tuple(layer.weight.shape))
             if kernel not in [v for _, v in self.kernel.options]:  # e.g. a 7x3 or 11x11 kernel: show it as it is
                 self.kernel.options = [*KERNELS, (f"{kernel[0]}x{kernel[1]} (this layer)", kernel)]
-            self.out_features.value = shape[0]
-            self.in_features.value = shape[1]
+            # rows per output channel: a transposed convolution or GPT-2's Conv1D hold outputs along axis 1
+            out, per_output = layer.rows().shape
+            self.out_features.value = out
+            self.in_features.value = per_output // (kernel[0] * kernel[1])
             self.kernel.value = kernel
 
     def _params(self) -> dict:

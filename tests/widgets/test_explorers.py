@@ -325,6 +325,21 @@ def test_kernel_readout_picks_shapes_from_a_model():
         e.close()
 
 
+def test_kernel_readout_reads_output_channels_of_transposed_convolutions():
+    """ConvTranspose2d(8, 6, 3, groups=2) holds [8, 3, 3, 3]: 6 output channels of 4 inputs x 3 x 3."""
+    net = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 6, 3, groups=2), torch.nn.Conv2d(6, 5, 3))
+    e = KernelReadout(net, background=False)
+    try:
+        e.budget.value = 0.05
+        e.source.value = "0"
+        assert (e.out_features.value, e.in_features.value, e.kernel.value) == (6, 4, (3, 3))
+        assert e.data["memory"]["weights"] == net[0].weight.numel()
+        e.source.value = "1"
+        assert (e.out_features.value, e.in_features.value) == (5, 6)
+    finally:
+        e.close()
+
+
 def test_dashboard_shares_bits_and_the_model(cache, monkeypatch):
     monkeypatch.setattr("qviz.widgets.decision.float_model",
                         lambda *a, **k: float_model(*a, schedule=Schedule(steps=30, batch_size=128), **k))
