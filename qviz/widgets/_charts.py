@@ -406,14 +406,21 @@ def pareto_chart(fig: Figure, uniform: Sequence[dict], greedy: Sequence[dict], c
                    label=[p["label"] for p in uniform])
     path = fig.data(bytes=[p["bytes"] for p in greedy], metric=[p["metric"] for p in greedy],
                     label=[p["label"] for p in greedy])
+    # neighbouring bit widths often sit a few pixels apart (W6 and W8 lose almost nothing): their labels
+    # alternate above and below the points so that no two neighbours overlap
+    by_bytes = sorted(uniform, key=lambda p: p["bytes"])
+    above, below = ({"bytes": [p["bytes"] for p in part], "metric": [p["metric"] for p in part],
+                     "label": [p["label"] for p in part]} for part in (by_bytes[0::2], by_bytes[1::2]))
     return layer(
         view(path, {"type": "line", "color": PURPLE, "point": {"size": 25}, "strokeWidth": 1.5},
              {"x": x, "y": y, "order": {"field": "bytes", "sort": "descending"},
               "tooltip": [{"field": "label"}, {"field": "metric", "format": ".4g"}, {"field": "bytes"}]}, "greedy"),
         view(uni, {"type": "line", "color": BLUE, "point": {"size": 40}, "strokeDash": [4, 3]},
              {"x": x, "y": y, "tooltip": [{"field": "label"}, {"field": "metric", "format": ".4g"}]}, "uniform"),
-        view(uni, {"type": "text", "dy": -10, "fontSize": 12, "color": BLUE},
+        view(fig.data(**above), {"type": "text", "dy": -10, "fontSize": 12, "color": BLUE},
              {"x": x, "y": y, "text": {"field": "label"}}, "uniform_labels"),
+        view(fig.data(**below), {"type": "text", "dy": 14, "fontSize": 12, "color": BLUE},
+             {"x": x, "y": y, "text": {"field": "label"}}, "uniform_labels_below"),
         view(fig.data(bytes=[floating["bytes"]], metric=[floating["metric"]]),
              {"type": "point", "shape": "diamond", "size": 120, "color": GREY, "filled": True}, {"x": x, "y": y},
              "float_point"),

@@ -188,3 +188,14 @@ def test_every_dataset_the_figure_sends_is_drawn(explorer):
     compiled = vl_convert.vegalite_to_vega(spec)
     names = {d["name"] for d in (json.loads(compiled) if isinstance(compiled, str) else compiled)["data"]}
     assert set(spec["datasets"]) <= names
+
+
+def test_pareto_labels_alternate_above_and_below_so_neighbours_do_not_overlap(explorer):
+    from test_explorers import _layer_values
+
+    spec = explorer.spec
+    above, below = _layer_values(spec, "uniform_labels"), _layer_values(spec, "uniform_labels_below")
+    uniform = sorted(explorer.data["pareto"]["uniform"], key=lambda p: p["bytes"])
+    assert len(uniform) >= 3
+    assert [r["label"] for r in above] == [p["label"] for p in uniform[0::2]]
+    assert [r["label"] for r in below] == [p["label"] for p in uniform[1::2]]
