@@ -141,8 +141,12 @@ def _our_quantizer(layer: nn.Module, name: str) -> WeightQuantizer | None:
 def float_weight(layer: nn.Module) -> torch.Tensor:
     """A layer's float (shadow) weight, whatever quantizes it (MultiheadAttention: q, k, v stacked; with
     kdim or vdim other than embed_dim the three have different widths and come as one row of all)."""
-    names = weight_names(layer)
-    tensors = [_original(layer, n) for n in names]
+    return _joined([_original(layer, n) for n in weight_names(layer)])
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A layer's weight tensors as one: stacked along dim 0 when their other dims agree (q, k, v of equal
+    widths), else flattened into one row."""
     if len(tensors) == 1:
         return tensors[0]
     if len({t.shape[1:] for t in tensors}) == 1:
@@ -746,6 +750,7 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
         raise ImportError('export_onnx needs the onnx package: pip install "qviz[onnx]"') from err
     args, kwargs = _example_inputs(example)
     _check_exportable(qmodel)
+    _check_float32(qmodel, args, kwargs)
     path = Path(path)
     was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
     qmodel.eval()
@@ -825,6 +830,18 @@ def _check_exportable(qmodel: nn.Module) -> None:
                 raise ValueError(f"{name} quantizes {what} with scheme {spec.scheme!r} at {spec.bits} bits, which "
                                  f"QuantizeLinear/DequantizeLinear cannot express; exportable: {exportable} up "
                                  "to 8 bits")
+
+
+def _check_float32(qmodel: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The graph quantizes float32 tensors: QuantizeLinear takes no float64 at any opset and no float16 or
+    bfloat16 before opset 19, so a model or input of another float dtype gave a graph ONNX Runtime refuses."""
+    tensors = [(f"parameter {n}", p) for n, p in qmodel.named_parameters()]
+    tensors += [(f"example input {i}", a) for i, a in enumerate(args)]
+    tensors += [(f"example[{k!r}]", v) for k, v in kwargs.items()]
+    for what, t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+            raise ValueError(f"export_onnx writes float32 QDQ graphs, but {what} is {t.dtype}; allowed: float32 "
+                             "(convert the model and inputs with .float() before quantizing)")
 
 
 @contextlib.contextmanager
@@ -923,8 +940,7 @@ def weight_pairs(model: nn.Module, *, with_names: bool = False) -> list[tuple]:
                 w = float_weight(layer)
                 was = layer.training
                 layer.eval()
-                names = weight_names(layer)
-                q = torch.cat([getattr(layer, n) for n in names], 0) if len(names) > 1 else getattr(layer, names[0])
+                q = _joined([getattr(layer, n) for n in weight_names(layer)])
                 layer.train(was)
             pair = (w.detach(), q.detach())
             pairs.append((name, *pair) if with_names else pair)

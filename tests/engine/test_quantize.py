@@ -27,6 +27,7 @@ from qviz.engine import (
     register_scheme,
     sqnr_db,
     unregister_scheme,
+    weight_pairs,
 )
 from qviz.engine.quantize import UnquantizedModuleWarning, float_weight
 from qviz.engine.quantizers import Scheme
@@ -347,6 +348,21 @@ def test_onnx_runtime_agrees_with_qviz(tmp_path, w_bits, a_bits, optimized_floor
     assert agreement[ort.GraphOptimizationLevel.ORT_ENABLE_ALL] > optimized_floor_db, agreement
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_export_refuses_other_float_dtypes_by_name(tmp_path, dtype):
+    """QuantizeLinear takes no float64 (nor float16/bfloat16 before opset 19): such a graph was written and
+    then refused by ONNX Runtime."""
+    pytest.importorskip("onnx")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(4, 8, dtype=dtype)
+    qm = calibrate(quantize_model(model), x)
+    with pytest.raises(ValueError, match=rf"export_onnx writes float32.*{dtype!s}.*allowed: float32"):
+        export_onnx(qm, x, tmp_path / "m.onnx")
+    float_model = calibrate(quantize_model(nn.Sequential(nn.Linear(8, 4))), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"example input 0 is torch.float64"):
+        export_onnx(float_model, torch.randn(1, 8, dtype=torch.float64), tmp_path / "x.onnx")
+
+
 def test_schemes_onnx_cannot_express_are_refused_by_layer(tmp_path):
     pytest.importorskip("onnx")
     model = SmallCNN().eval()
@@ -551,6 +567,10 @@ def test_attention_with_its_own_key_and_value_widths_is_inspected_and_dequantize
         baked = dequantize_model(qm, bake=True)
         assert torch.equal(run(baked), run(qm))
     assert not any(parametrize.is_parametrized(m) for m in back.modules())
+    pairs = dict((name, (w, q)) for name, w, q in weight_pairs(qm, with_names=True))
+    w, q = pairs["attn"]
+    assert w.shape == q.shape == (1, 16 * (16 + 8 + 12)) and not torch.equal(w, q)
+    assert sqnr_db(w, q) > 15  # 4-bit per channel
 
 
 def test_dequantize_keeps_tied_weights_tied():
