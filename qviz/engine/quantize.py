@@ -331,7 +331,8 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
                         "that quantizers cannot join; pass the Python nn.Module it was made from")
     _checks.boolean("fold_batchnorm", fold_batchnorm)
     try:
-        qmodel = copy.deepcopy(model)
+        with _hook_norm_weights_detached(model):
+            qmodel = copy.deepcopy(model)
     except Exception as err:  # third-party models may hold things that cannot be copied
         raise TypeError(f"model cannot be copied ({type(err).__name__}: {err}); quantize_model never changes "
                         "the model it is given, so it needs a copy") from err
@@ -377,12 +378,63 @@ def input_quantizers(layer: nn.Module) -> list[ActivationQuantizer]:
     return [getattr(layer, n) for n in names if isinstance(getattr(layer, n, None), ActivationQuantizer)]
 
 
+@contextlib.contextmanager
+def _hook_norm_weights_detached(model: nn.Module):
+    """The hook forms of weight and spectral norm leave the weights of the last forward as a plain
+    attribute, a non-leaf tensor after a forward with gradients, which deepcopy refuses. Their detached
+    values stand in while the model is copied (every forward recomputes them); the originals go back."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    saved = []
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            t = getattr(m, getattr(hook, "name", ""), None) if isinstance(hook, WeightNorm | SpectralNorm) else None
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.grad_fn is not None:
+                saved.append((m, hook.name, t))
+                setattr(m, hook.name, t.detach())
+    try:
+        yield
+    finally:
+        for m, name, t in saved:
+            setattr(m, name, t)
+
+
+def _hook_norm_as_parametrization(layer: nn.Module, name: str) -> None:
+    """The hook forms of weight and spectral norm (torch.nn.utils.weight_norm / spectral_norm) recompute
+    `name` in a forward pre-hook, so it is no parameter a quantizer could parametrize. Weight norm becomes
+    its parametrization form with the same g and v (the same weights, and QAT still trains g and v);
+    spectral norm is folded into the weights it gives in eval mode (exact there; QAT then trains the
+    weights without it, and a warning says so)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in list(layer._forward_pre_hooks.values()):
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            g, v = (getattr(layer, name + suffix).detach().clone() for suffix in ("_g", "_v"))
+            nn.utils.remove_weight_norm(layer, name)
+            nn.utils.parametrizations.weight_norm(layer, name, hook.dim)
+            with torch.no_grad():
+                layer.parametrizations[name].original0.copy_(g)
+                layer.parametrizations[name].original1.copy_(v)
+        elif isinstance(hook, SpectralNorm) and hook.name == name:
+            was = layer.training
+            layer.eval()  # the weights of eval mode: no power iteration
+            nn.utils.remove_spectral_norm(layer, name)
+            layer.train(was)
+            warnings.warn(f"{type(layer).__name__}.{name}: its spectral norm (torch.nn.utils.spectral_norm) was "
+                          "folded into the weights it gives in eval mode, which are quantized; QAT trains them "
+                          "without it", UserWarning, stacklevel=4)
+
+
 def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool) -> None:
     if isinstance(getattr(layer, "wq", None), WeightQuantizer):  # a layer that quantizes what it computes
         layer.wq.stochastic = stochastic
         layer.wq.configure(spec)
         return
     for name in weight_names(layer):
+        if spec is not None:
+            _hook_norm_as_parametrization(layer, name)
         quantizer = _our_quantizer(layer, name)
         if quantizer is not None:
             quantizer.stochastic = stochastic

@@ -720,3 +720,26 @@ def test_gpt2s_conv1d_layers_are_quantized_per_output_channel_and_dequantize_kee
         assert torch.equal(_forward(back, ids), want)
     assert back.lm_head.weight is back.transformer.wte.weight
     assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_hook_forms_of_weight_and_spectral_norm_are_quantized():
+    """torch.nn.utils.weight_norm / spectral_norm recompute `weight` in a pre-hook (no parameter to
+    parametrize, and after a forward with gradients a tensor deepcopy refuses). Weight norm becomes its
+    parametrization form with the same g and v; spectral norm is folded into its eval-mode weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.utils.spectral_norm(nn.Linear(16, 4)))
+    x = torch.randn(32, 8)
+    model(x)  # with gradients: the hooks leave non-leaf weights behind
+    weight_before = model[0].weight
+    with pytest.warns(UserWarning, match="spectral norm .* folded"):
+        qm = quantize_model(model, 8, None)
+    assert model[0].weight is weight_before and hasattr(model[0], "weight_g")  # the model is not changed
+    g = qm[0].parametrizations.weight.original0
+    assert torch.equal(g.detach(), model[0].weight_g.detach()) and g.requires_grad  # QAT still trains g and v
+    model.eval()
+    qm.eval()
+    with torch.no_grad():
+        assert sqnr_db(model(x), qm(x)) > 35
+        assert torch.allclose(dequantize_model(qm)(x), model(x), atol=1e-6)
+    rows = {r["name"]: r for r in quantized_layers(qm)}
+    assert rows["0"]["weights"] is not None and rows["2"]["weights"] is not None
