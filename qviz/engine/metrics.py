@@ -143,7 +143,8 @@ def histogram(values, bins: int = 50, lo: float | None = None,
         return edges, counts
     # near float64's end hi - lo overflows (numpy refuses the range): bin in halves instead
     t = np.linspace(0.0, 1.0, bins + 1)
-    edges = lo * (1 - t) + hi * t
+    # rounding can put neighbouring edges a unit apart the wrong way round when lo and hi are this close
+    edges = np.maximum.accumulate(np.clip(lo * (1 - t) + hi * t, lo, hi))
     index = np.floor((np.clip(v, lo, hi) / 2 - lo / 2) / (hi / 2 - lo / 2) * bins).astype(np.int64)
     return edges, np.bincount(np.clip(index, 0, bins - 1), minlength=bins)
 
