@@ -18,6 +18,7 @@ twin) comes from the scheme registry in quantizers.py; nothing here branches on 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qviz import _checks
-from qviz.engine.observers import MovingAverageMinMaxObserver
+from qviz.engine.observers import MovingAverageMinMaxObserver, minmax
 from qviz.engine.quantizers import EXPORTING, SCHEMES, QuantSpec, export_quantize, fake_quantize, qdq_constants
 
 
@@ -179,6 +180,33 @@ class WeightQuantizer(nn.Module):
 
 CALIBRATIONS = ("moving_average", "minmax", "mse", "percentile")
 
+# The forwards of quantized models in progress, innermost last, per thread: a pre-hook and a hook on each
+# model quantize_model returns push and pop them (`begin_forward`, `end_forward`), so that an activation
+# quantizer called several times in one forward (a shared layer: ALBERT's, a module applied twice) takes
+# one moving-average step for it, with the range of all its inputs. Each call its own step let the first
+# call set the range and clipped wider later ones: ALBERT at W8A8 calibrated to 21 dB, not 39.
+_FORWARDS = threading.local()
+_NEXT_FORWARD = iter(range(1, 2**62))
+
+
+def begin_forward(module: nn.Module, args) -> None:
+    stack = getattr(_FORWARDS, "stack", None)
+    if stack is None:
+        stack = _FORWARDS.stack = []
+    stack.append(next(_NEXT_FORWARD))
+
+
+def end_forward(module: nn.Module, args, output) -> None:
+    stack = getattr(_FORWARDS, "stack", None)
+    if stack:
+        stack.pop()
+
+
+def current_forward() -> int | None:
+    """The innermost forward of a quantized model in progress on this thread, or None."""
+    stack = getattr(_FORWARDS, "stack", None)
+    return stack[-1] if stack else None
+
 
 class ActivationQuantizer(nn.Module):
     """Fake-quantizes activations with a range from a moving average of batch min/max (004 §2.5).
@@ -193,6 +221,7 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec | None = None, momentum: float = 0.1):
         super().__init__()
         self.observer = MovingAverageMinMaxObserver(momentum)
+        self._step: tuple | None = None  # (forward, range before it, range of its inputs so far)
         self.calibrating: str | None = None
         self.alpha: nn.Parameter | None = None
         self._sample: list[torch.Tensor] = []
@@ -233,6 +262,7 @@ class ActivationQuantizer(nn.Module):
 
     def reset_range(self) -> None:
         self.observer.min_val, self.observer.max_val = torch.tensor([]), torch.tensor([])
+        self._step = None
 
     def range(self) -> tuple[float, float] | None:
         """The clip range in use (None before any data was seen or for schemes that observe nothing)."""
@@ -247,9 +277,22 @@ class ActivationQuantizer(nn.Module):
         if not SCHEMES[spec.scheme].observed or spec.clip is not None:
             return spec
         if self.training or self.calibrating == "moving_average" or not self.observer.initialized:
-            self.observer(x.detach())
+            self._observe(x.detach())
         lo, hi = float(self.observer.min_val.min()), float(self.observer.max_val.max())
         return spec_with_range(spec, lo, hi)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        """One moving-average step per forward of the model (see begin_forward); outside one, per call."""
+        forward, obs = current_forward(), self.observer
+        lo, hi = (t.reshape(-1) for t in minmax(x))  # checks x: a dense float tensor, finite, not empty
+        if forward is None or self._step is None or self._step[0] != forward:
+            before = (obs.min_val, obs.max_val)
+        else:  # called again in the same forward: redo its step from where it started, with every input so far
+            before, (lo0, hi0) = self._step[1], self._step[2]
+            lo, hi = torch.minimum(lo0, lo), torch.maximum(hi0, hi)
+        obs.min_val, obs.max_val = before
+        obs._update(lo, hi)
+        self._step = (forward, before, (lo, hi)) if forward is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec is None:

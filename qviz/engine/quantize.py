@@ -58,7 +58,9 @@ from qviz.engine.layers import (
     ActivationQuantizer,
     LinearBN,
     WeightQuantizer,
+    begin_forward,
     by_output_channel,
+    end_forward,
     fold_batchnorm,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec
@@ -361,7 +363,19 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
                 point.configure(plan.activations[name])
     _warn_unquantized(model)
     _fast_paths_off_when_needed(model)
+    _count_forwards(model)
     return model
+
+
+def _count_forwards(model: nn.Module) -> None:
+    """Mark the model's forwards (layers.begin_forward) for its activation quantizers, once however often
+    the model is configured. Not without them: any hook turns PyTorch's fused encoder fast path off, which
+    a weights-only model keeps."""
+    if not any(isinstance(m, ActivationQuantizer) for m in model.modules()):
+        return
+    if not any(h is begin_forward for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(begin_forward)
+        model.register_forward_hook(end_forward, always_call=True)
 
 
 def configure_layer(layer: nn.Module, weights: QuantSpec | None, activations: QuantSpec | None, *,
