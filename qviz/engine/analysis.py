@@ -21,6 +21,7 @@ cached per layer setting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -64,14 +65,36 @@ class LayerSetting:
 
 
 def _outputs(out) -> torch.Tensor:
-    """A model's output as one tensor: .logits of Hugging Face outputs, the first item of a tuple."""
-    if hasattr(out, "logits"):
+    """A model's output as one tensor: .logits of Hugging Face outputs, else their first field (a base
+    model's last_hidden_state; a ModelOutput is a dict of its fields that are set), the first value of a
+    dict or a dataclass, the first item of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
         return out.logits
+    if isinstance(out, dict):
+        out = list(out.values())
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     if isinstance(out, tuple | list):
-        return _outputs(out[0])
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model's output must be a tensor, a tuple or have .logits, got {type(out).__name__}")
-    return out
+        first = next((v for v in out if v is not None), None)
+        if first is not None:
+            return _outputs(first)
+    raise TypeError("the model's output must be a tensor, or a tuple, dict or dataclass whose first value is one "
+                    f"(or have .logits), got {type(out).__name__}")
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """The model in eval mode for a while; every module's own mode back afterwards (the caller's model
+    may be training)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _rows(x, start: int, stop: int):
@@ -98,7 +121,7 @@ class ModelAnalysis:
         self._check_labels(self.y, metric)
         self.metric_fn = metric
         self.batch_size = _checks.integer("batch_size", batch_size, 1)
-        self.model = model.eval()
+        self.model = model  # run in eval mode, its own mode kept (_evaluating)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnquantizedModuleWarning)
             self.qmodel = quantize_model(model, None, None).eval()
@@ -234,8 +257,9 @@ class ModelAnalysis:
 
             handles.append(m.register_forward_pre_hook(observe, with_kwargs=True))
         try:
-            captured, head = self._capture(self.model, self._float_modules)
-            rest = self._forward(self.model, start=CAPTURE_SAMPLES) if _count(self.X) > CAPTURE_SAMPLES else None
+            with _evaluating(self.model):
+                captured, head = self._capture(self.model, self._float_modules)
+                rest = self._forward(self.model, start=CAPTURE_SAMPLES) if _count(self.X) > CAPTURE_SAMPLES else None
         finally:
             for h in handles:
                 h.remove()

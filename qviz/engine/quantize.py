@@ -354,6 +354,13 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
     _checks.boolean("stochastic", stochastic)
     plan, layers, declared = _plan(model, weights, activations, overrides, stochastic)
     for name, layer in layers:
+        lazy = any(isinstance(getattr(layer, n, None), nn.parameter.UninitializedParameter)
+                   for n in weight_names(layer))
+        if lazy and plan.weights[name] is not None:
+            raise ValueError(f"layer {name or ROOT_LAYER!r} ({type(layer).__name__}) has lazy weights, not made "
+                             "yet; allowed: a model run once on an example input first (that makes them), or "
+                             f"overrides={{{name!r}: None}} to keep it float")
+    for name, layer in layers:
         _quantize_weights(layer, plan.weights[name], stochastic)
         if not declared:
             _quantize_inputs(layer, plan.activations[name])

@@ -6,6 +6,8 @@ in ONNX Runtime, and a scheme registered in this file alone."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import warnings
 
 import numpy as np
@@ -795,3 +797,45 @@ def test_an_activation_quantizer_outside_a_model_forward_steps_per_call():
     q(torch.tensor([-1.0, 1.0]))
     q(torch.tensor([-3.0, 3.0]))
     assert q.range() == pytest.approx((-2.0, 2.0))
+
+
+def test_lazy_layers_before_their_first_forward_are_refused_by_name():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyLinear\) has lazy weights.*overrides=\{'0': None\}"):
+        quantize_model(model)
+    assert quantize_model(model, overrides={"0": None})[2].parametrizations.weight is not None
+    model(torch.randn(2, 3))  # makes the weights
+    assert quantize_model(model)(torch.randn(2, 3)).shape == (2, 2)
+
+
+def test_model_analysis_takes_outputs_without_logits_and_leaves_the_models_mode():
+    """A base model's output (last_hidden_state), a dict, a dataclass: their first value is the output. The
+    caller's model keeps its training mode (ModelAnalysis runs it in eval mode and sets it back)."""
+    from qviz.engine.analysis import ModelAnalysis
+
+    class Out(nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.body, self.wrap = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)), wrap
+
+        def forward(self, x):
+            return self.wrap(self.body(x))
+
+    @dataclasses.dataclass
+    class Result:
+        loss: torch.Tensor | None
+        hidden: torch.Tensor
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    for wrap in (lambda h: {"hidden": h, "other": h * 2}, lambda h: Result(None, h), lambda h: (None, h)):
+        model = Out(wrap).train()
+        analysis = ModelAnalysis(model, x)
+        assert model.training and model.body[2].training
+        assert analysis.metric_of({n: analysis.setting(n, 8, 8) for n in analysis.layers}) > 25
+        assert model.training
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertModel(config).eval()
+    analysis = ModelAnalysis(bert, {"input_ids": torch.randint(3, 64, (4, 8))})
+    assert math.isfinite(analysis.metric_of({n: analysis.setting(n, 4, 8) for n in analysis.layers}))
