@@ -749,7 +749,23 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
             del model._forward_hooks[key]
             model._forward_hooks_always_called.pop(key, None)
     model.__dict__.pop("_qviz_fast_paths_hooked", None)
+    for hooks, ours in ((model._forward_pre_hooks, begin_forward), (model._forward_hooks, end_forward)):
+        for key in [k for k, hook in hooks.items() if hook is ours]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
     return model
+
+
+def _bake_through(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a weight that stays parametrized by the user's own parametrizations to `value`: assigning it
+    runs their right_inverse (weight norm: g and v of `value`, so the chain gives `value` back)."""
+    try:
+        with torch.no_grad():
+            setattr(layer, name, value)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as err:
+        warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own that cannot take given "
+                      f"weights ({type(err).__name__}): they stay, and the weights keep their float values",
+                      UserWarning, stacklevel=4)
 
 
 def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored: dict) -> None:
@@ -763,11 +779,11 @@ def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored:
     for name in names:
         chain = layer.parametrizations[name]
         if len(chain) > 1:  # the user's own parametrizations (weight norm) stay; only ours goes
+            with torch.no_grad():
+                value = getattr(layer, name).detach().clone() if bake else None
             del chain[next(i for i, p in enumerate(chain) if isinstance(p, WeightQuantizer))]
             if bake:
-                warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own: they stay, and "
-                              "the weights keep their float values (bake needs a plain weight)", UserWarning,
-                              stacklevel=3)
+                _bake_through(layer, name, value)
             continue
         with torch.no_grad():
             value = getattr(layer, name).detach().clone() if bake else None

@@ -290,6 +290,22 @@ def test_dequantize_gives_back_the_float_model():
     baked = dequantize_model(qm, bake=True)
     conv = baked.resnet.embedder.embedder.convolution
     assert torch.equal(conv.weight, qm.resnet.embedder.embedder.convolution.weight)  # the quantized values
+    # the forward markers of the activation quantizers go too: no hook is left on the plain model
+    assert qm._forward_pre_hooks and not baked._forward_pre_hooks and not back._forward_hooks
+
+
+def test_bake_goes_through_the_users_own_weight_norm():
+    """The user's weight norm stays on the baked model, set (through its right_inverse) so that it gives
+    the quantized weights: the baked model computes like the quantized one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(32, 8)
+    qm = calibrate(quantize_model(model.eval(), 4, None), x).eval()
+    baked = dequantize_model(qm, bake=True)
+    assert parametrize.is_parametrized(baked[0], "weight")  # still weight-normed
+    with torch.no_grad():
+        torch.testing.assert_close(baked[0].weight, qm[0].weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(baked(x), qm(x), atol=1e-5, rtol=0)
 
 
 def test_batch_norm_folding_finds_the_pairs_by_data_flow_and_keeps_the_output():
