@@ -172,6 +172,15 @@ class MinMaxObserver(nn.Module):
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The range has no size until data was seen, so a checkpoint of a calibrated model would not load
+        # into a fresh quantized copy ("size mismatch"): the buffers take the checkpoint's shapes first.
+        for name in ("min_val", "max_val"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = minmax(x, self.granularity, self.axis)
         if self.min_val.numel() and self.granularity == "channel" and lo.numel() != self.min_val.numel():

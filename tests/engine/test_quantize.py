@@ -855,3 +855,18 @@ def test_model_analysis_takes_outputs_without_logits_and_leaves_the_models_mode(
     bert = transformers.BertModel(config).eval()
     analysis = ModelAnalysis(bert, {"input_ids": torch.randint(3, 64, (4, 8))})
     assert math.isfinite(analysis.metric_of({n: analysis.setting(n, 4, 8) for n in analysis.layers}))
+
+
+def test_a_calibrated_checkpoint_loads_into_a_fresh_quantized_copy():
+    """Parametrized modules save only through state_dict; a fresh copy's activation ranges are empty until
+    data is seen, and the calibrated checkpoint used to fail to load into it (size mismatch)."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(8, 1, 8, 8)
+    qm = calibrate(quantize_model(model, 4, 8), x).eval()
+    fresh = quantize_model(model, 4, 8).eval()
+    assert not fresh.conv1.input_quantizer.calibrated
+    fresh.load_state_dict(qm.state_dict())
+    assert fresh.conv1.input_quantizer.range() == qm.conv1.input_quantizer.range()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), qm(x))
