@@ -1,6 +1,8 @@
 """The Cython kernels through their Python face: exact against numpy/torch, on every code path, never crashing."""
 
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import qviz._packed as compiled
-from qviz import packed
+from qviz import _dispatch, packed
 
 PATHS = packed.available_paths()
 ROOT = Path(__file__).resolve().parent.parent
@@ -584,3 +586,51 @@ def test_codebook_gemm_decodes_panel_blocks_once_for_many_rows(path, bits):
         cb = rng.standard_normal(2**bits).astype(np.float32)
         out = packed.lut_matmul(x, packed.prepare(packed.pack(codes, bits)), cb)
         np.testing.assert_allclose(out, x.astype(np.float64) @ cb[codes].T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
+# What one vector instruction of each roof loop counts, by path: (mnemonic, operations per instruction).
+ROOF_INSTRUCTIONS = {
+    "avx512vnni": {"pop": ("vpopcntd", 512), "dot": ("vpdpbusd", 64), "fma": ("vfmadd", 16)},
+    "avx512": {"pop": ("vpopcntd", 512), "dot": ("vpmaddubsw", 64), "fma": ("vfmadd", 16)},
+    "avx2": {"pop": ("vpshufb", 128), "dot": ("vpmaddubsw", 32), "fma": ("vfmadd", 8)},
+}
+ROOF_FUNCTIONS = {"avx512vnni": "qviz_roof_vnni", "avx512": "qviz_roof_avx512", "avx2": "qviz_roof_avx2"}
+
+
+def _loops_of(disassembly: str, function: str) -> list[list[str]]:
+    """Mnemonics of every loop (a conditional jump backwards) in the functions whose name starts with `function`."""
+    loops, body = [], None
+    for line in disassembly.splitlines():
+        header = re.match(r"^[0-9a-f]+ <([^>]+)>:$", line)
+        if header:
+            body = [] if header.group(1).split(".")[0] == function else None
+            continue
+        parts = re.match(r"\s*([0-9a-f]+):\s+(\S+)\s*([0-9a-f]*)", line)
+        if body is None or not parts:
+            continue
+        address, mnemonic, target = int(parts.group(1), 16), parts.group(2), parts.group(3)
+        body.append((address, mnemonic))
+        if mnemonic.startswith("j") and mnemonic != "jmp" and target and int(target, 16) < address:
+            loops.append([m for a, m in body if a >= int(target, 16)])
+    return loops
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the vector roof loops exist on x86-64 only")
+def test_each_roof_loop_runs_every_operation_it_counts():
+    # The roof divides by the operations it claims per iteration; if the compiler merges accumulators that
+    # start equal (it once kept one FMA chain of twelve), the roof is overstated and every "% roof" with it.
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", compiled.__file__], check=True,
+                                 capture_output=True, text=True).stdout
+    checked = 0
+    for path, function in ROOF_FUNCTIONS.items():
+        loops = _loops_of(disassembly, function)
+        assert loops, f"no roof loop found for {function}"
+        for kind, (mnemonic, per_instruction) in ROOF_INSTRUCTIONS[path].items():
+            ops_per_iteration = compiled.roof(_dispatch.PATHS.index(path), compiled.ROOF_KINDS[kind], 1)[1] \
+                if path in packed.available_paths() else None
+            counts = [sum(m.startswith(mnemonic) for m in loop) for loop in loops]
+            if ops_per_iteration is not None:
+                assert ops_per_iteration / per_instruction in counts, (path, kind, counts)
+            assert max(counts) >= 8, (path, kind, counts)
+            checked += 1
+    assert checked == 9
