@@ -9,10 +9,11 @@ What it prints, in order:
 - every kernel on four shapes: qviz time (float activations go in as they are and are packed inside the
   matmul; weights prepared beforehand, as a deployed layer holds them; both sides write into a result
   array of their own, reused), torch float32 (torch.matmul(x, W.T, out=...)), torch's dynamic int8 linear
-  (fbgemm), the ratios, and how close qviz is to the hardware: "% roof" (compute: achieved ops/s over the
-  path's roof for that kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over
-  the L3 bandwidth with warm weights; over the DRAM bandwidth with cold weights: copies cycled through,
-  256 MiB of them). "warm": untimed identical calls for 1 ms right before each timed one (weights and
+  (fbgemm: it quantizes the activations inside its time, as qviz does), torch._int_mm (oneDNN's int8 GEMM
+  on operands quantized beforehand; AMX tiles on CPUs that have them), the ratios, and how close qviz is
+  to the hardware: "% roof" (compute: achieved ops/s over the path's roof for that kind of instruction)
+  or, at M = 1, "% bw" (prepared weight bytes per second over the L3 bandwidth with warm weights; over
+  the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them). "warm": untimed identical calls for 1 ms right before each timed one (weights and
   activations in the caches and the core as a run of qviz calls leaves it, as in a loop over one
   layer: the case the roof goals are about). Rows without "warm" start right after torch's call, from
   whatever it left: at the larger shapes its float weights flush the L3, and on some CPUs the core runs
@@ -139,14 +140,15 @@ def main() -> None:
                 else:
                     ops = r["bit_ops_per_s"] if roof_kind == "pop" else r["qviz_macs_per_s"]
                     near = f"{ops / roof[roof_kind]:.0%} roof"
+                int_mm = (f"{r['int_mm_s'] * 1e3:.3f}", f"{r['ratio_int_mm']:.2f}") if r["int_mm_s"] else ("-", "-")
                 rows.append([label, f"{m}x{k}x{n} {cache}".strip(), f"{r['qviz_s'] * 1e3:.3f}",
-                             f"{r['torch_s'] * 1e3:.3f}", f"{r['torch_int8_s'] * 1e3:.3f}", f"{r['ratio']:.2f}",
-                             f"{r['ratio_int8']:.2f}", near, str(r["runs"])])
+                             f"{r['torch_s'] * 1e3:.3f}", f"{r['torch_int8_s'] * 1e3:.3f}", int_mm[0],
+                             f"{r['ratio']:.2f}", f"{r['ratio_int8']:.2f}", int_mm[1], near, str(r["runs"])])
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(f"Kernels on path {path}, {THREADS} threads (x f32 / x int8: torch time over qviz time, above 1 = qviz "
-          "faster):")
-    print(table(rows, ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "x f32", "x int8",
-                       "% roof / % bw", "runs"]))
+    print(f"Kernels on path {path}, {THREADS} threads (x f32 / x int8 / x int8 GEMM: torch time over qviz time, "
+          "above 1 = qviz faster; int8 GEMM = torch._int_mm on operands quantized beforehand):")
+    print(table(rows, ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "int8 GEMM ms", "x f32",
+                       "x int8", "x int8 GEMM", "% roof / % bw", "runs"]))
 
     print("\n003 Chapter 5 layer (3x16x16 input, 8 output channels, no padding), packed-index conv vs torch conv2d:")
     conv_rows = []

@@ -138,7 +138,10 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), runs, threads,
     path, macs (M N K), weight_bytes (qviz's prepared weights), qviz_macs_per_s and bit_ops_per_s
     (M N K b_a b_w / qviz_s; None for lut), and torch_int8_s / ratio_int8 (PyTorch's dynamic int8
-    linear) when with_int8. Refuses (ValueError) shapes whose buffers would pass `memory_limit()`.
+    linear) when with_int8, with int_mm_s / ratio_int_mm: `torch._int_mm` on int8 operands quantized
+    beforehand (oneDNN; AMX tiles where the CPU has them), the int8 GEMM alone, without the activation
+    quantization that qviz and the dynamic linear count (None where this PyTorch has no CPU `_int_mm`).
+    Refuses (ValueError) shapes whose buffers would pass `memory_limit()`.
     """
     _checks.choice("kind", kind, LATENCY_KINDS)
     m, k, n = (_checks.integer(name, v, 1, 1 << 20) for name, v in (("m", m), ("k", k), ("n", n)))
@@ -156,7 +159,7 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     copies = min(64, max(1, math.ceil(COLD_BYTES / weight_bytes))) if cold else 1
     torch_copies = min(64, max(1, math.ceil(COLD_BYTES / (4 * n * k)))) if cold else 1
     need = (4 * m * k * 3 + 4 * n * k * (1 + torch_copies) + 2 * weight_bytes * copies + 12 * m * n
-            + (n * k + 4 * m * k if with_int8 else 0))
+            + (2 * n * k + 5 * m * k + 4 * m * n if with_int8 else 0))
     _guard(f"measure_latency(kind={kind!r}, m={m}, k={k}, n={n}, bits={bits}, cold={cold})", need)
     from qviz import packed  # the kernel API imports this module; import it back only when timing
 
@@ -172,6 +175,9 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
            "torch": lambda: torch.matmul(xt, next_wt().T, out=torch_out)}
     if with_int8:
         fns["int8"] = _int8_linear(wts[0], xt)
+        int_mm = _int_mm(rng, m, k, n)
+        if int_mm is not None:
+            fns["int_mm"] = int_mm
     with _TorchThreads(threads):
         medians, runs = _median_interleaved(fns, budget_s)
     macs = m * n * k
@@ -185,6 +191,8 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     if with_int8:
         result["torch_int8_s"] = medians["int8"]
         result["ratio_int8"] = medians["int8"] / medians["qviz"]
+        result["int_mm_s"] = medians.get("int_mm")
+        result["ratio_int_mm"] = medians["int_mm"] / medians["qviz"] if "int_mm" in medians else None
     return result
 
 
@@ -224,6 +232,19 @@ def _kernel_call(packed, kind: str, x: np.ndarray, w_float: np.ndarray, bits: in
                                              out=out)), bits
     cb = rng.standard_normal(2**bits).astype(np.float32)
     return (lambda: packed.lut_matmul(x, nxt(), cb, threads=threads, out=out)), 32
+
+
+def _int_mm(rng, m: int, k: int, n: int):
+    """torch._int_mm on random int8 operands of the shape (weights as a transposed view of an N x K matrix,
+    the layout a linear layer keeps), writing into one result array of its own; None if it cannot run."""
+    a = torch.from_numpy(rng.integers(-128, 128, (m, k), dtype=np.int8))
+    b = torch.from_numpy(rng.integers(-128, 128, (n, k), dtype=np.int8)).T
+    out = torch.empty(m, n, dtype=torch.int32)
+    try:
+        torch._int_mm(a, b, out=out)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    return lambda: torch._int_mm(a, b, out=out)
 
 
 def _int8_linear(wt: torch.Tensor, xt: torch.Tensor):

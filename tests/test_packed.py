@@ -321,6 +321,20 @@ def test_measure_latency_reports_both_sides_within_the_budget(kind, bits):
     assert r["ratio"] == pytest.approx(r["torch_s"] / r["qviz_s"])
     assert r["runs"] >= 3 and r["threads"] == 1 and r["macs"] == 4 * 256 * 64
     assert (r["bit_ops_per_s"] is None) == (kind == "lut")
+    # the CPU build of PyTorch pinned for qviz has an int8 GEMM on CPU: the reference is there
+    assert r["int_mm_s"] > 0 and r["ratio_int_mm"] == pytest.approx(r["int_mm_s"] / r["qviz_s"])
+
+
+def test_the_int8_gemm_reference_multiplies_the_operands_it_times():
+    from qviz import _timing
+
+    rng = np.random.default_rng(3)
+    run = _timing._int_mm(rng, 5, 96, 40)
+    out = run()
+    cells = {name: cell.cell_contents for name, cell in zip(run.__code__.co_freevars, run.__closure__, strict=True)}
+    expected = cells["a"].to(torch.int64) @ cells["b"].to(torch.int64)
+    assert out.shape == (5, 40) and torch.equal(out.to(torch.int64), expected)
+    assert cells["b"].shape == (96, 40) and not cells["b"].is_contiguous()  # weights kept N x K, as a layer does
 
 
 def test_threading_defaults_to_pytorchs_openmp_team_and_both_give_the_same_answers():
