@@ -6,18 +6,17 @@ What it prints, in order:
   "pop" XOR + popcount + add in bit-MACs/s, "dot" byte dot products (vpdpbusd / vpmaddubsw) in MACs/s,
   "fma" float32 multiply-adds in MACs/s, all threads at once;
 - read bandwidth from a buffer that fits the L3 cache and from one far beyond it (DRAM);
-- every kernel on four shapes: qviz time (float activations go in as they are and are packed inside the
-  matmul; weights prepared beforehand, as a deployed layer holds them; both sides write into a result
-  array of their own, reused), torch float32 (torch.matmul(x, W.T, out=...)), torch's dynamic int8 linear
-  (fbgemm: it quantizes the activations inside its time, as qviz does), torch._int_mm (oneDNN's int8 GEMM
-  on operands quantized beforehand; AMX tiles on CPUs that have them), the ratios, and how close qviz is
-  to the hardware: "% roof" (compute: achieved ops/s over the path's roof for that kind of instruction)
-  or, at M = 1, "% bw" (prepared weight bytes per second over the L3 bandwidth with warm weights; over
-  the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them). "warm": untimed identical calls for 1 ms right before each timed one (weights and
-  activations in the caches and the core as a run of qviz calls leaves it, as in a loop over one
-  layer: the case the roof goals are about). Rows without "warm" start right after torch's call, from
-  whatever it left: at the larger shapes its float weights flush the L3, and on some CPUs the core runs
-  slower for a while after its GEMM (the header measures this: "clock after torch");
+- every kernel on four shapes: qviz time (float activations go in as they are and are packed inside the matmul;
+  weights prepared beforehand, as a deployed layer holds them; both sides write into a result array of their own,
+  reused), torch float32 (torch.matmul(x, W.T, out=...)), torch's dynamic int8 linear (fbgemm: it quantizes the
+  activations inside its time, as qviz does), torch._int_mm (oneDNN's int8 GEMM on operands quantized beforehand; AMX
+  tiles on CPUs that have them), the ratios, and how close qviz is to the hardware: "% roof" (compute: achieved ops/s
+  over the path's roof for that kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over the
+  L3 bandwidth with warm weights; over the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them).
+  "warm": untimed identical calls for 1 ms right before each timed one (weights and activations in the caches and the
+  core as a run of qviz calls leaves it, as in a loop over one layer: the case the roof goals are about). Rows without
+  "warm" start right after torch's call, from whatever it left: at the larger shapes its float weights flush the L3,
+  and on some CPUs the core runs slower for a while after its GEMM (the header measures this: "clock after torch");
 - 003 Chapter 5's layer: packed-index convolution against torch conv2d, and its memory.
 
 Runs alternate qviz / torch / int8 in one process until a time budget is spent and report medians
