@@ -1209,8 +1209,8 @@ static int qviz_lut_conv2d(int path, const float *x, size_t B, size_t C, size_t 
     const size_t KF = C * kh * kw, COp = (CO + 7) / 8 * 8, per = (size_t)(32 / bits);
     const uint32_t mask = (1u << bits) - 1;
     const int lanes = qviz_conv_pixel_lanes(path);
-    float stack[QVIZ_CONV_STACK];
-    float *wt = KF * COp <= QVIZ_CONV_STACK ? stack : (float *)malloc(KF * COp * sizeof(float));
+    _Alignas(64) float stack[QVIZ_CONV_STACK]; /* vector loads never span two cache lines */
+    float *wt = KF * COp <= QVIZ_CONV_STACK ? stack : (float *)aligned_alloc(64, (KF * COp * sizeof(float) + 63) / 64 * 64);
     if (!wt) return -1;
     /* pixels in lanes: wt[co][k]; channels in lanes: wt[k][co]; channels past CO are zero */
     const size_t sk = lanes ? 1 : COp, sc = lanes ? KF : 1;
