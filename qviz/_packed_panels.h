@@ -613,6 +613,12 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
  * caller then waits for the task it took. Units: word pairs of a popcount (~80 G/s on one AVX-512
  * core; byte dot products cost ~8x more per word pair), codes of a codebook GEMV (~70 G/s). */
 #define QVIZ_PARALLEL_MIN (1L << 22)
+/* A short GEMV still streams its weights: 1 MiB of them takes one core ~20 us from L3, and in a loop two
+ * threads each keep their half in L2 (4096 x 4096 binary, warm: 37 us on one thread, 15 us on two). */
+#define QVIZ_PARALLEL_BYTES (1L << 20)
+static int qviz_team(double work, double weight_bytes, int threads) {
+    return work < (double)QVIZ_PARALLEL_MIN && weight_bytes < (double)QVIZ_PARALLEL_BYTES ? 1 : threads;
+}
 
 /* Tasks for n blocks shared by `team` threads: four per thread, so that a thread slowed by a neighbour
  * leaves little for the others to wait on. */
@@ -694,7 +700,7 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     j.mul = mul, j.offset = offset, j.offset_m = offset_m, j.out = out;
     j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
-    const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    const int team = qviz_team(work, (double)j.P * (double)j.ldb * 4.0, threads);
     j.tasks = qviz_task_count(j.NB, team);
     qviz_parallel(qviz_panel_task, &j, (long)j.tasks, team);
 }
@@ -825,7 +831,7 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     atomic_init(&j.failed, 0);
     const size_t MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
-    const int team = work < (double)QVIZ_PARALLEL_MIN ? 1 : threads;
+    const int team = qviz_team(work, (double)j.P * (double)j.ldb * 4.0, threads);
     /* one row tile on one thread (a GEMV): the fused task too, it saves the scratch buffers of packing first */
     if ((MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) || (MB == 1 && team == 1)) {
         qviz_parallel(qviz_fused_task, &j, (long)MB, team);
