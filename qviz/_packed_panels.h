@@ -60,12 +60,30 @@ static void qviz_panels_to_rows(const uint32_t *src, size_t N, size_t K32, uint6
 }
 
 /* Set bits per row: popcount(a) of the hybrid epilogue, from the words themselves (never trusted input). */
-static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
+static void qviz_row_popcounts_portable(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
     for (size_t m = 0; m < M; m++) {
         int64_t s = 0;
         for (size_t w = 0; w < W64; w++) s += (int64_t)qviz_swar_popcount(A[m * W64 + w]);
         out[m] = s;
     }
+}
+#if QVIZ_X86 && defined(__GNUC__)
+static QVIZ_POPCNT_FN void qviz_row_popcounts_hw(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
+    for (size_t m = 0; m < M; m++) {
+        int64_t s = 0;
+        for (size_t w = 0; w < W64; w++) s += (int64_t)__builtin_popcountll(A[m * W64 + w]);
+        out[m] = s;
+    }
+}
+#endif
+static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
+#if QVIZ_X86 && defined(__GNUC__)
+    if (qviz_path_supported(QVIZ_POPCNT)) {
+        qviz_row_popcounts_hw(A, M, W64, out);
+        return;
+    }
+#endif
+    qviz_row_popcounts_portable(A, M, W64, out);
 }
 
 /* How an activation row is laid out for a path's kernel: S 32-bit slots per word k.
@@ -249,13 +267,18 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_store256(int32_t *o, int n, __m256i acc, int3
     _mm256_maskstore_epi32(o, keep, v);
 }
 
-/* The epilogue in registers: out[i, q * 16 + j] = mul * c_i_q + add[i], plain full-width stores. The
+/* The epilogue in registers: out[i, q * 16 + j] = mul * c_i_q + add[i], plain full-width stores; the
+ * kernels' usual factors (-2 binary, 2 hybrid, 1 dot products) as shifts, since vpmulld takes 2 uops on
+ * one port (24 of them were ~4% of a tile with K = 1024). The
  * tile functions are only handed whole tiles (the task gives a partial one a scratch tile and copies
  * what is valid), so neither a mask nor a call sits in the kernel function (either made GCC 12 keep the
  * accumulators on the stack, measured 1.8x slower), and nothing makes a round trip through memory. */
 #define QVIZ_OUT512(i, q, c)                                                                            \
     _mm512_storeu_si512((void *)(out + (size_t)(i) * ldo + (q) * QVIZ_PANEL),                            \
-                        _mm512_add_epi32(_mm512_mullo_epi32(c, mulv), addv##i));
+                        mul == -2 ? _mm512_sub_epi32(addv##i, _mm512_slli_epi32(c, 1))                   \
+                        : mul == 2 ? _mm512_add_epi32(_mm512_slli_epi32(c, 1), addv##i)                  \
+                        : mul == 1 ? _mm512_add_epi32(c, addv##i)                                        \
+                                   : _mm512_add_epi32(_mm512_mullo_epi32(c, mulv), addv##i));
 #define QVIZ_ADDV(i, unused) const __m512i addv##i = _mm512_set1_epi32(MR > i ? add[i] : 0);
 #define QVIZ_EPILOGUE512(STORE_ROW)                                                                     \
     {                                                                                                   \
