@@ -214,10 +214,10 @@ def _kernel_call(packed, kind: str, x: np.ndarray, w_float: np.ndarray, bits: in
     call would time the operating system's page faults (about 100 us for 4 MiB) rather than the kernel.
     """
     if kind in ("binary", "hybrid"):
-        w = packed.prepare(packed.pack_signs(w_float))
+        w = packed.pack_signs(w_float)
     else:
-        w = packed.prepare(packed.pack(rng.integers(0, 2**bits, w_float.shape, dtype=np.uint8), bits))
-    ws = [w] + [packed.PreparedMatrix(w.bits, w.shape, w.panels.copy()) for _ in range(copies - 1)]
+        w = packed.pack(rng.integers(0, 2**bits, w_float.shape, dtype=np.uint8), bits)
+    ws = [packed.prepare(w) for _ in range(copies)]  # each copy laid out as a deployed layer's (huge pages)
     nxt = _cycle(ws)
     out = np.empty((x.shape[0], w_float.shape[0]), np.float32 if kind == "lut" else np.int32)
     # float activations go in as they are: the matmuls pack (sign / quantize) them inside the call

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import numbers
 
 import numpy as np
@@ -271,13 +272,44 @@ def _rows_of(c: _Checked) -> np.ndarray:
     return rows
 
 
-def _panels_of(c: _Checked) -> np.ndarray:
-    """The panel layout of a checked matrix; a PackedMatrix is laid out now (the cost of not preparing)."""
+def _panels_of(c: _Checked, *, lasting: bool = False) -> np.ndarray:
+    """The panel layout of a checked matrix; a PackedMatrix is laid out now (the cost of not preparing).
+
+    lasting: the layout is kept (`prepare`), so a large one goes on huge pages (`_empty_huge`)."""
     if c.panels is not None:
         return c.panels
-    panels = _empty_aligned((-(-c.n // PANEL), _words32(c.k, c.bits), PANEL), np.uint32)
+    shape = (-(-c.n // PANEL), _words32(c.k, c.bits), PANEL)
+    panels = _empty_huge(shape, np.uint32) if lasting else None
+    if panels is None:
+        panels = _empty_aligned(shape, np.uint32)
     _kernels.make_panels(c.words, panels.shape[1], panels)
     return panels
+
+
+HUGE_PAGE = 2 << 20
+
+
+def _empty_huge(shape: tuple[int, ...], dtype) -> np.ndarray | None:
+    """An uninitialised array on transparent huge pages, or None (small, or not Linux).
+
+    A GEMV streams its weights once from DRAM; with 4 KiB pages the TLB misses every 4 KiB and the
+    hardware prefetcher stops at every page boundary. On 2 MiB pages a 4096 x 4096 codebook GEMV read
+    its weights at 23-29 GB/s instead of 20-24 (2 threads, Xeon). The mapping is anonymous memory that
+    the array keeps alive; untouched slack (up to one huge page) is never backed.
+    """
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        # private: a shared anonymous mapping is shmem, which gets no transparent huge pages by default
+        region = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
+                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        raw = np.frombuffer(region, np.uint8)
+        start = -raw.ctypes.data % HUGE_PAGE
+        region.madvise(mmap.MADV_HUGEPAGE, start, len(region) - start)
+    except (OSError, ValueError):
+        return None
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +343,7 @@ def prepare(w: PackedMatrix) -> PreparedMatrix:
     a PackedMatrix costs (a pass over the weights, as much as a whole GEMV).
     """
     c = _packed("w", w)
-    panels = _panels_of(c)
+    panels = _panels_of(c, lasting=True)
     panels.flags.writeable = False
     return PreparedMatrix(c.bits, (c.n, c.k), panels)
 

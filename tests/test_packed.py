@@ -648,3 +648,34 @@ def test_each_roof_loop_runs_every_operation_it_counts():
             assert max(counts) >= 8, (path, kind, counts)
             checked += 1
     assert checked == 9
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")
+def test_large_prepared_weights_live_on_huge_pages_and_compute_the_same():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 4, (2048, 4096), dtype=np.uint8)  # 2 MiB of panels at 2 bits
+    w = packed.pack(codes, 2)
+    prepared = packed.prepare(w)
+    assert prepared.panels.nbytes >= packed.HUGE_PAGE
+    assert prepared.panels.ctypes.data % packed.HUGE_PAGE == 0 and not prepared.panels.flags.writeable
+    fields = dict(line.split(":", 1) for line in _mapping_of(prepared.panels.ctypes.data).splitlines()[1:])
+    assert fields["THPeligible"].strip() == "1"  # a private mapping the kernel may back with 2 MiB pages
+    x = rng.standard_normal((3, 4096), dtype=np.float32)
+    cb = np.linspace(-1, 1, 4, dtype=np.float32)
+    np.testing.assert_array_equal(packed.lut_matmul(x, prepared, cb), packed.lut_matmul(x, w, cb))
+    small = packed.prepare(packed.pack(codes[:16], 2))
+    assert small.panels.nbytes < packed.HUGE_PAGE and small.panels.ctypes.data % 64 == 0
+    del w, small
+    copy = prepared.panels.copy()
+    panels = prepared.panels
+    del prepared
+    np.testing.assert_array_equal(panels, copy)  # the array keeps its mapping alive
+
+
+def _mapping_of(address: int) -> str:
+    """The /proc/self/smaps entry of the mapping that holds `address`."""
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        lo, hi = (int(v, 16) for v in block.split()[0].split("-"))
+        if lo <= address < hi:
+            return block
+    raise AssertionError(f"no mapping holds {address:#x}")
