@@ -12,7 +12,8 @@ What it prints, in order:
   activations inside its time, as qviz does), torch._int_mm (oneDNN's int8 GEMM on operands quantized beforehand; AMX
   tiles on CPUs that have them), the ratios, and how close qviz is to the hardware: "% roof" (compute: achieved ops/s
   over the path's roof for that kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over the
-  L3 bandwidth with warm weights; over the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them).
+  read bandwidth of a buffer as large as the weights with warm weights, i.e. of the cache level that holds them;
+  over the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them).
   "warm": untimed identical calls for 1 ms right before each timed one (weights and activations in the caches and the
   core as a run of qviz calls leaves it, as in a loop over one layer: the case the roof goals are about). Rows without
   "warm" start right after torch's call, from whatever it left: at the larger shapes its float weights flush the L3,
@@ -96,6 +97,18 @@ def clock_after_torch(rounds: int = 30) -> float:
     return statistics.median(after) / statistics.median(steady)
 
 
+BANDWIDTH_OF_SIZE: dict[int, float] = {}
+
+
+def warm_bandwidth(nbytes: int) -> float:
+    """Read bandwidth from a buffer as large as the weights, read again and again: the cache level that
+    holds warm weights of that size (L2 for 2 MiB split over 2 cores with 2 MiB each; L3 for more)."""
+    if nbytes not in BANDWIDTH_OF_SIZE:
+        BANDWIDTH_OF_SIZE[nbytes] = max(packed.read_bandwidth(nbytes, threads=THREADS, seconds=0.3)
+                                        for _ in range(3))
+    return BANDWIDTH_OF_SIZE[nbytes]
+
+
 def main() -> None:
     if ARGS.path:
         packed.set_kernel_path(ARGS.path)
@@ -135,7 +148,7 @@ def main() -> None:
                                            with_int8=True, cold=cold, warm=cache == "warm")
                 if m == 1:
                     bw = r["weight_bytes"] / r["qviz_s"]
-                    near = f"{bw / (dram if cold else l3):.0%} bw ({bw / 1e9:.0f} GB/s)"
+                    near = f"{bw / (dram if cold else warm_bandwidth(r['weight_bytes'])):.0%} bw ({bw / 1e9:.0f} GB/s)"
                 else:
                     ops = r["bit_ops_per_s"] if roof_kind == "pop" else r["qviz_macs_per_s"]
                     near = f"{ops / roof[roof_kind]:.0%} roof"

@@ -84,7 +84,7 @@ cdef extern from "_packed_kernels.h" nogil:
     void qviz_set_threading(int openmp)
     int qviz_threading()
     int64_t qviz_roof(int path, int kind, long iters, double *macs)
-    int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads)
+    int64_t qviz_read_words(const uint64_t *buf, size_t words, int threads, long passes)
     int qviz_panel_lut(int path, const float *X, size_t M, size_t K, const uint32_t *Bp, size_t N, size_t K32,
                        int bits, const float *codebook, size_t cb_stride, float *out, int threads)
     int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride)
@@ -375,11 +375,11 @@ def roof(int path, int kind, long iters):
     return check, macs
 
 
-def read_words(const uint64_t[::1] buf, int threads):
-    """Sum of the words of buf, read on up to `threads` threads (a bandwidth probe)."""
+def read_words(const uint64_t[::1] buf, int threads, long passes=1):
+    """Sum of the words of buf, `passes` times over, read on up to `threads` threads (a bandwidth probe)."""
     cdef int64_t s
     with nogil:
-        s = qviz_read_words(&buf[0], buf.shape[0], threads)
+        s = qviz_read_words(&buf[0], buf.shape[0], threads, passes)
     return s
 
 

@@ -679,3 +679,11 @@ def _mapping_of(address: int) -> str:
         if lo <= address < hi:
             return block
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("words", [1, 63, 64, 65, 8192 + 7, 3 * 8192])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bandwidth_probe_reads_every_word_on_every_pass(words, threads):
+    buf = np.arange(1, words + 1, dtype=np.uint64)
+    assert compiled.read_words(buf, threads, 3) == 3 * int(buf.sum())
+    assert compiled.read_words(buf, threads) == int(buf.sum())
