@@ -1032,6 +1032,9 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const in
     for (size_t k = 0; k < K32; k++) {
         const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
         const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
+        /* a GEMV streams its weights once and slowly (two permutes per 8 codes on one port): on a Xeon
+         * the hardware prefetcher left it waiting on every line from DRAM (1.3 GB/s) without this */
+        if (MR == 1) _mm_prefetch((const char *)(B + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
         if (k < full)
             qviz_lut256_word(BITS, MR, PER, X + k * (size_t)PER, ldx, b0, b1, tlo, thi, acc);
         else
