@@ -20,6 +20,7 @@ popcnt, avx2, avx512, avx512vnni) is chosen at import: see `qviz._dispatch`. Tim
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import mmap
@@ -98,6 +99,31 @@ class PreparedMatrix:
     @property
     def nbytes(self) -> int:
         return int(self.panels.nbytes)
+
+    # pickle and deepcopy give numpy's copy of the panels: writeable, and only 16-byte aligned, so that
+    # every vector load would span two cache lines. They come back laid out as `prepare` lays them out.
+    def __reduce__(self):
+        return _prepared_again, (self.bits, self.shape, self.panels, self._read_only())
+
+    def __deepcopy__(self, memo):
+        return _prepared_again(copy.deepcopy(self.bits, memo), copy.deepcopy(self.shape, memo),
+                               copy.deepcopy(self.panels, memo), self._read_only())
+
+    def _read_only(self) -> bool:
+        return isinstance(self.panels, np.ndarray) and not self.panels.flags.writeable
+
+
+def _prepared_again(bits, shape, panels, read_only: bool) -> PreparedMatrix:
+    """A PreparedMatrix rebuilt from pickle or deepcopy (`panels` a fresh copy): aligned, on huge pages when
+    large, read-only if it was. Panels that are not a uint32 array stay as they are: the kernels refuse them."""
+    if type(panels) is not np.ndarray or panels.dtype != np.uint32:
+        return PreparedMatrix(bits, shape, panels)
+    laid = _empty_huge(panels.shape, panels.dtype)
+    if laid is None:
+        laid = _empty_aligned(panels.shape, panels.dtype)
+    laid[...] = panels
+    laid.flags.writeable = not read_only
+    return PreparedMatrix(bits, shape, laid)
 
 
 def words_per_row(k: int, bits: int) -> int:

@@ -687,3 +687,24 @@ def test_the_bandwidth_probe_reads_every_word_on_every_pass(words, threads):
     buf = np.arange(1, words + 1, dtype=np.uint64)
     assert compiled.read_words(buf, threads, 3) == 3 * int(buf.sum())
     assert compiled.read_words(buf, threads) == int(buf.sum())
+
+
+@pytest.mark.parametrize("rows", [2048, 40])  # 2 MiB of panels (huge pages) and a small layer
+def test_pickled_and_copied_prepared_weights_stay_read_only_aligned_and_equal(rows):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(9)
+    codes = rng.integers(0, 4, (rows, 4096), dtype=np.uint8)
+    prepared = packed.prepare(packed.pack(codes, 2))
+    x = rng.standard_normal((2, 4096), dtype=np.float32)
+    cb = np.linspace(-1, 1, 4, dtype=np.float32)
+    for again in (pickle.loads(pickle.dumps(prepared)), copy.deepcopy(prepared), copy.copy(prepared)):
+        assert isinstance(again, packed.PreparedMatrix) and again.panels is not prepared.panels
+        assert not again.panels.flags.writeable  # numpy's own copy would be writeable
+        assert again.panels.ctypes.data % 64 == 0  # and 16-byte aligned: every load split over two lines
+        assert (again.panels.ctypes.data % packed.HUGE_PAGE == 0) == (again.nbytes >= packed.HUGE_PAGE)
+        np.testing.assert_array_equal(again.panels, prepared.panels)
+        np.testing.assert_array_equal(packed.lut_matmul(x, again, cb), packed.lut_matmul(x, prepared, cb))
+    odd = packed.PreparedMatrix(2, (3, 8), [[1, 2]])  # not ours to lay out: it round-trips as it is
+    assert pickle.loads(pickle.dumps(odd)).panels == [[1, 2]] and copy.deepcopy(odd).panels == [[1, 2]]
