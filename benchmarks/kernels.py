@@ -33,6 +33,7 @@ Run: .venv/bin/python benchmarks/kernels.py [--budget SECONDS] [--path avx2] [--
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -62,6 +63,8 @@ KERNELS = [("binary", 1, "binary XOR-popcount", "pop"), ("hybrid", 1, "hybrid AN
            ("lowbit", 2, "2-bit x 2-bit", "dot"), ("lowbit", 4, "4-bit x 4-bit", "dot"),
            ("lut", 4, "4-bit codebook W x float A", "fma"), ("lut", 2, "2-bit codebook W x float A", "fma")]
 L3_TEST, DRAM_TEST = 8 * 2**20, 256 * 2**20
+KERNEL_COLUMNS = ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "int8 GEMM ms", "x f32", "x int8",
+                  "x int8 GEMM", "% roof / % bw", "runs"]
 
 
 def cpu_description() -> str:
@@ -97,16 +100,11 @@ def clock_after_torch(rounds: int = 30) -> float:
     return statistics.median(after) / statistics.median(steady)
 
 
-BANDWIDTH_OF_SIZE: dict[int, float] = {}
-
-
+@functools.cache
 def warm_bandwidth(nbytes: int) -> float:
     """Read bandwidth from a buffer as large as the weights, read again and again: the cache level that
     holds warm weights of that size (L2 for 2 MiB split over 2 cores with 2 MiB each; L3 for more)."""
-    if nbytes not in BANDWIDTH_OF_SIZE:
-        BANDWIDTH_OF_SIZE[nbytes] = max(packed.read_bandwidth(nbytes, threads=THREADS, seconds=0.3)
-                                        for _ in range(3))
-    return BANDWIDTH_OF_SIZE[nbytes]
+    return max(packed.read_bandwidth(nbytes, threads=THREADS, seconds=0.3) for _ in range(3))
 
 
 def main() -> None:
@@ -137,7 +135,7 @@ def main() -> None:
           "float32 GEMM (16x4096x4096); rows without \"warm\" start there\n")
 
     roof = dict(roofs[path])
-    rows = []
+    rows, against_roof = [], []  # against_roof: (row, ops/s, roof kind), filled in once the roof is final
     shapes = SHAPES[:2] if ARGS.quick else SHAPES
     for kind, bits, label, roof_kind in KERNELS:
         for m, k, n in shapes:
@@ -149,27 +147,28 @@ def main() -> None:
                 if m == 1:
                     bw = r["weight_bytes"] / r["qviz_s"]
                     near = f"{bw / (dram if cold else warm_bandwidth(r['weight_bytes'])):.0%} bw ({bw / 1e9:.0f} GB/s)"
-                else:  # filled in below, against the roof measured again after the runs
-                    near = (r["bit_ops_per_s"] if roof_kind == "pop" else r["qviz_macs_per_s"], roof_kind)
+                else:
+                    near = "% roof"
                 int_mm = (f"{r['int_mm_s'] * 1e3:.3f}", f"{r['ratio_int_mm']:.2f}") if r["int_mm_s"] else ("-", "-")
                 rows.append([label, f"{m}x{k}x{n} {cache}".strip(), f"{r['qviz_s'] * 1e3:.3f}",
                              f"{r['torch_s'] * 1e3:.3f}", f"{r['torch_int8_s'] * 1e3:.3f}", int_mm[0],
                              f"{r['ratio']:.2f}", f"{r['ratio_int8']:.2f}", int_mm[1], near, str(r["runs"])])
-                print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+                if m != 1:
+                    against_roof.append((rows[-1], r["bit_ops_per_s"] if roof_kind == "pop" else r["qviz_macs_per_s"],
+                                         roof_kind))
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     # A roof is a maximum: a neighbour busy during the first measurement lowers it (one run read 2.55
     # Tbit-MAC/s for the same loop that gave 2.74 on another path), and every % roof would rise with it.
     for kind in roof:
         roof[kind] = max(roof[kind], *(packed.roof(kind, path=path, threads=THREADS, seconds=0.15) for _ in range(5)))
-    for row in rows:
-        if isinstance(row[9], tuple):
-            row[9] = f"{row[9][0] / roof[row[9][1]]:.0%} roof"
+    for row, ops, kind in against_roof:
+        row[KERNEL_COLUMNS.index("% roof / % bw")] = f"{ops / roof[kind]:.0%} roof"
     print(f"Roof of path {path} used for % roof (the larger of the measurements before and after the kernels): "
           f"pop {roof['pop'] / 1e12:.2f} Tbit-MAC/s, dot {roof['dot'] / 1e9:.0f} GMAC/s, fma {roof['fma'] / 1e9:.0f} "
           "GMAC/s\n")
     print(f"Kernels on path {path}, {THREADS} threads (x f32 / x int8 / x int8 GEMM: torch time over qviz time, "
           "above 1 = qviz faster; int8 GEMM = torch._int_mm on operands quantized beforehand):")
-    print(table(rows, ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "int8 GEMM ms", "x f32",
-                       "x int8", "x int8 GEMM", "% roof / % bw", "runs"]))
+    print(table(rows, KERNEL_COLUMNS))
 
     print("\n003 Chapter 5 layer (3x16x16 input, 8 output channels, no padding), packed-index conv vs torch conv2d:")
     conv_rows = []

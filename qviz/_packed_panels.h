@@ -60,21 +60,17 @@ static void qviz_panels_to_rows(const uint32_t *src, size_t N, size_t K32, uint6
 }
 
 /* Set bits per row: popcount(a) of the hybrid epilogue, from the words themselves (never trusted input). */
-static void qviz_row_popcounts_portable(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
-    for (size_t m = 0; m < M; m++) {
-        int64_t s = 0;
-        for (size_t w = 0; w < W64; w++) s += (int64_t)qviz_swar_popcount(A[m * W64 + w]);
-        out[m] = s;
+#define QVIZ_DEFINE_ROW_POPCOUNTS(NAME, ATTR, POP)                                                      \
+    static ATTR void NAME(const uint64_t *A, size_t M, size_t W64, int64_t *out) {                      \
+        for (size_t m = 0; m < M; m++) {                                                                \
+            int64_t s = 0;                                                                              \
+            for (size_t w = 0; w < W64; w++) s += (int64_t)POP(A[m * W64 + w]);                         \
+            out[m] = s;                                                                                 \
+        }                                                                                               \
     }
-}
+QVIZ_DEFINE_ROW_POPCOUNTS(qviz_row_popcounts_portable, , qviz_swar_popcount)
 #if QVIZ_X86 && defined(__GNUC__)
-static QVIZ_POPCNT_FN void qviz_row_popcounts_hw(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
-    for (size_t m = 0; m < M; m++) {
-        int64_t s = 0;
-        for (size_t w = 0; w < W64; w++) s += (int64_t)__builtin_popcountll(A[m * W64 + w]);
-        out[m] = s;
-    }
-}
+QVIZ_DEFINE_ROW_POPCOUNTS(qviz_row_popcounts_hw, QVIZ_POPCNT_FN, __builtin_popcountll)
 #endif
 static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t *out) {
 #if QVIZ_X86 && defined(__GNUC__)

@@ -76,9 +76,12 @@ static inline void qviz_relax(void) {
 #endif
 }
 
+/* The bits of a job's generation that its claim words carry. */
+static inline uint64_t qviz_gen_tag(uint64_t gen) { return gen & ((1ULL << (64 - QVIZ_GEN_SHIFT)) - 1); }
+
 /* Run tasks of job `gen` until none is left, thread `me`'s home range first; returns how many it ran. */
 static long qviz_pool_drain(int me, uint64_t gen, qviz_task_fn fn, void *ctx, long tasks, int team) {
-    const uint64_t tag = gen & ((1ULL << (64 - QVIZ_GEN_SHIFT)) - 1);
+    const uint64_t tag = qviz_gen_tag(gen);
     long ran = 0;
     for (int s = 0; s < team; s++) {
         const int r = (me + s) % team;
@@ -243,8 +246,7 @@ static void qviz_parallel(qviz_task_fn fn, void *ctx, long tasks, int threads) {
     atomic_store_explicit(&qviz_pool.done, 0, memory_order_relaxed);
     for (int r = 0; r < threads; r++)
         atomic_store_explicit(&qviz_pool_claims[r].word,
-                              (gen & ((1ULL << (64 - QVIZ_GEN_SHIFT)) - 1)) << QVIZ_GEN_SHIFT |
-                                  (uint64_t)qviz_range_start(r, tasks, threads),
+                              qviz_gen_tag(gen) << QVIZ_GEN_SHIFT | (uint64_t)qviz_range_start(r, tasks, threads),
                               memory_order_release);
     __atomic_store_n(&qviz_pool.gen, gen, __ATOMIC_RELEASE);
     if (qviz_pool.sleeping) pthread_cond_broadcast(&qviz_pool.wake);

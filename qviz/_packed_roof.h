@@ -222,9 +222,7 @@ static QVIZ_AVX2_FN int64_t qviz_read_avx2(const uint64_t *buf, size_t words) {
     for (; w < words; w++) s += (int64_t)buf[w];
     return s;
 }
-#endif
 
-#if QVIZ_X86 && defined(__GNUC__)
 /* 512 bytes a step in 8 loads: at L2 speed a 256-bit loop with 4 sums read 10 bytes a cycle, half of
  * what a GEMV of warm weights reads there, so it was no roof for one. */
 static QVIZ_AVX512_FN int64_t qviz_read_avx512(const uint64_t *buf, size_t words) {

@@ -118,9 +118,7 @@ def _prepared_again(bits, shape, panels, read_only: bool) -> PreparedMatrix:
     large, read-only if it was. Panels that are not a uint32 array stay as they are: the kernels refuse them."""
     if type(panels) is not np.ndarray or panels.dtype != np.uint32:
         return PreparedMatrix(bits, shape, panels)
-    laid = _empty_huge(panels.shape, panels.dtype)
-    if laid is None:
-        laid = _empty_aligned(panels.shape, panels.dtype)
+    laid = _empty_lasting(panels.shape, panels.dtype)
     laid[...] = panels
     laid.flags.writeable = not read_only
     return PreparedMatrix(bits, shape, laid)
@@ -301,18 +299,23 @@ def _rows_of(c: _Checked) -> np.ndarray:
 def _panels_of(c: _Checked, *, lasting: bool = False) -> np.ndarray:
     """The panel layout of a checked matrix; a PackedMatrix is laid out now (the cost of not preparing).
 
-    lasting: the layout is kept (`prepare`), so a large one goes on huge pages (`_empty_huge`)."""
+    lasting: the layout is kept (`prepare`), so a large one goes on huge pages (`_empty_lasting`)."""
     if c.panels is not None:
         return c.panels
     shape = (-(-c.n // PANEL), _words32(c.k, c.bits), PANEL)
-    panels = _empty_huge(shape, np.uint32) if lasting else None
-    if panels is None:
-        panels = _empty_aligned(shape, np.uint32)
+    panels = _empty_lasting(shape, np.uint32) if lasting else _empty_aligned(shape, np.uint32)
     _kernels.make_panels(c.words, panels.shape[1], panels)
     return panels
 
 
 HUGE_PAGE = 2 << 20
+
+
+def _empty_lasting(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array for weights that are kept: on huge pages when large (`_empty_huge`), else
+    64-byte aligned."""
+    huge = _empty_huge(shape, dtype)
+    return _empty_aligned(shape, dtype) if huge is None else huge
 
 
 def _empty_huge(shape: tuple[int, ...], dtype) -> np.ndarray | None:
