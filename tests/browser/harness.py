@@ -7,6 +7,7 @@ Shared by tests/browser and benchmarks/browser.py. Every request the page makes 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
@@ -86,6 +88,26 @@ class JupyterLab:
 
     def url(self, notebook: str, workspace: str) -> str:
         return f"{self.base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={self.token}"
+
+    def kernels(self, attempts: int = 50) -> list[dict]:
+        """The running kernels (`/api/kernels`). jupyter_server lists a kernel a moment before it gives the
+        kernel its `last_activity`, and answers 500 to a listing in that window; ask again."""
+        for attempt in range(attempts):
+            try:
+                return json.loads(urllib.request.urlopen(f"{self.base}/api/kernels?token={self.token}",
+                                                         timeout=10).read())
+            except urllib.error.HTTPError as error:
+                if error.code < 500 or attempt == attempts - 1:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
+
+    def shut_down_kernels(self) -> None:
+        for kernel in self.kernels():
+            request = urllib.request.Request(f"{self.base}/api/kernels/{kernel['id']}?token={self.token}",
+                                             method="DELETE")
+            with contextlib.suppress(urllib.error.HTTPError):  # it may have gone by itself meanwhile
+                urllib.request.urlopen(request, timeout=30)
 
 
 class Browser:

@@ -224,17 +224,7 @@ def test_the_cell_after_an_explorer_runs_while_its_float_model_trains(lab, brows
     _wait_for(page, lambda: page.locator(".qviz-explorer", has_text="training float 256-6").count() == 1,
               timeout=30, what="the explorer's training progress")
     page.close()
-    _shut_down_kernels(lab)  # the 256-6 training would slow every later test
-
-
-def _shut_down_kernels(lab):
-    import json
-    import urllib.request
-
-    url = f"{lab.base}/api/kernels?token={lab.token}"
-    for kernel in json.loads(urllib.request.urlopen(url, timeout=10).read()):
-        request = urllib.request.Request(f"{lab.base}/api/kernels/{kernel['id']}?token={lab.token}", method="DELETE")
-        urllib.request.urlopen(request, timeout=30)
+    lab.shut_down_kernels()  # the 256-6 training would slow every later test
 
 
 def _box(page, name, index):

@@ -2,9 +2,7 @@
 from its menu, drag a slider with the mouse (arrow keys do not move sliders there), click a chart, and
 the charts redraw with no console error and no request leaving 127.0.0.1."""
 
-import json
 import re
-import urllib.request
 
 import pytest
 from harness import ARTIFACTS, Browser, JupyterLab, marks, run_all_cells, wait_until, write_notebook
@@ -28,8 +26,7 @@ def server(tmp_path_factory):
 
 
 def _kernel_idle(server) -> bool:
-    url = f"{server.base}/api/kernels?token={server.token}"
-    kernels = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    kernels = server.kernels()
     return bool(kernels) and all(k["execution_state"] == "idle" for k in kernels)
 
 
