@@ -20,6 +20,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* dladdr (qviz_openmp_library); Python.h defines it first in the extension */
 #endif
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -411,69 +412,94 @@ static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, si
 /* ------------------------------------------------------------------------------------------------ */
 /* Packing activations. Both return 1 if x held NaN (the words are then not meaningful).            */
 
-/* Bit j of row r is 1 where x[r, j] < 0 (sign -1), 0 otherwise (+1, zero included). */
-static int qviz_pack_signs(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
-    int nan_seen = 0;
-    for (size_t r = 0; r < M; r++) {
-        const float *row = x + r * K;
-        for (size_t w = 0; w < W; w++) {
-            uint64_t word = 0;
-            size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
-            for (size_t k = k0; k < k1; k++) {
-                nan_seen |= row[k] != row[k];
-                word |= (uint64_t)(row[k] < 0.0f) << (k - k0);
-            }
-            out[r * W + w] = word;
-        }
+/* Packers of one comparison: bit j of row r is CMP(x[r, j], t); NaN is reported, not packed. "below"
+ * (x < t) with t = 0 packs signs (bit 1 = -1, zero included in +1); "at_least" (x >= t) packs 1-bit
+ * uniform codes once their threshold is moved onto x (qviz_exact_threshold). One instantiation per
+ * comparison keeps the predicate an immediate. AVX-512: one compare into a mask register per 16 floats,
+ * four masks make a word; the last word of a row loads only the lanes that exist (masked lanes read
+ * nothing and compare false). */
+#define QVIZ_BELOW(v, t) ((v) < (t))
+#define QVIZ_AT_LEAST(v, t) ((v) >= (t))
+#define QVIZ_DEFINE_PACK_SCALAR(NAME, CMP)                                                             \
+    static int qviz_pack_##NAME(const float *x, size_t M, size_t K, float t, uint64_t *out, size_t W) { \
+        int nan_seen = 0;                                                                              \
+        for (size_t r = 0; r < M; r++) {                                                               \
+            const float *row = x + r * K;                                                              \
+            for (size_t w = 0; w < W; w++) {                                                           \
+                uint64_t word = 0;                                                                     \
+                size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;                                    \
+                for (size_t k = k0; k < k1; k++) {                                                     \
+                    nan_seen |= row[k] != row[k];                                                      \
+                    word |= (uint64_t)CMP(row[k], t) << (k - k0);                                      \
+                }                                                                                      \
+                out[r * W + w] = word;                                                                 \
+            }                                                                                          \
+        }                                                                                              \
+        return nan_seen;                                                                               \
     }
-    return nan_seen;
-}
+QVIZ_DEFINE_PACK_SCALAR(below, QVIZ_BELOW)
+QVIZ_DEFINE_PACK_SCALAR(at_least, QVIZ_AT_LEAST)
 
 #if QVIZ_X86 && defined(__GNUC__)
-static QVIZ_AVX2_FN int qviz_pack_signs_avx2(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
-    const __m256 zero = _mm256_setzero_ps();
-    int nan_seen = 0;
-    for (size_t r = 0; r < M; r++) {
-        const float *row = x + r * K;
-        for (size_t w = 0; w < W; w++) {
-            uint64_t word = 0;
-            size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K, k = k0;
-            for (; k + 8 <= k1; k += 8) {
-                __m256 v = _mm256_loadu_ps(row + k);
-                word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)) << (k - k0);
-                nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            }
-            for (; k < k1; k++) {
-                nan_seen |= row[k] != row[k];
-                word |= (uint64_t)(row[k] < 0.0f) << (k - k0);
-            }
-            out[r * W + w] = word;
-        }
+#define QVIZ_DEFINE_PACK_SIMD(NAME, CMP, IMM)                                                          \
+    static QVIZ_AVX2_FN int qviz_pack_##NAME##_avx2(const float *x, size_t M, size_t K, float t, uint64_t *out, \
+                                                    size_t W) {                                         \
+        const __m256 vt = _mm256_set1_ps(t);                                                           \
+        int nan_seen = 0;                                                                              \
+        for (size_t r = 0; r < M; r++) {                                                               \
+            const float *row = x + r * K;                                                              \
+            for (size_t w = 0; w < W; w++) {                                                           \
+                uint64_t word = 0;                                                                     \
+                size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K, k = k0;                            \
+                for (; k + 8 <= k1; k += 8) {                                                          \
+                    __m256 v = _mm256_loadu_ps(row + k);                                               \
+                    word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, vt, IMM)) << (k - k0);       \
+                    nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));                 \
+                }                                                                                      \
+                for (; k < k1; k++) {                                                                  \
+                    nan_seen |= row[k] != row[k];                                                      \
+                    word |= (uint64_t)CMP(row[k], t) << (k - k0);                                     \
+                }                                                                                      \
+                out[r * W + w] = word;                                                                 \
+            }                                                                                          \
+        }                                                                                              \
+        return nan_seen != 0;                                                                          \
+    }                                                                                                  \
+    static QVIZ_AVX512_FN int qviz_pack_##NAME##_avx512(const float *x, size_t M, size_t K, float t,   \
+                                                        uint64_t *out, size_t W) {                      \
+        const __m512 vt = _mm512_set1_ps(t);                                                           \
+        __mmask16 nan = 0;                                                                             \
+        for (size_t r = 0; r < M; r++) {                                                               \
+            const float *row = x + r * K;                                                              \
+            for (size_t w = 0; w < W; w++) {                                                           \
+                const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;                               \
+                uint64_t word = 0;                                                                     \
+                for (size_t g = 0; g < 4 && 16 * g < n; g++) {                                         \
+                    const size_t left = n - 16 * g;                                                    \
+                    const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); \
+                    const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k0 + 16 * g);                  \
+                    word |= (uint64_t)_mm512_mask_cmp_ps_mask(lanes, v, vt, IMM) << (16 * g);          \
+                    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);                                     \
+                }                                                                                      \
+                out[r * W + w] = word;                                                                 \
+            }                                                                                          \
+        }                                                                                              \
+        return nan != 0;                                                                               \
     }
-    return nan_seen != 0;
-}
+QVIZ_DEFINE_PACK_SIMD(below, QVIZ_BELOW, _CMP_LT_OQ)
+QVIZ_DEFINE_PACK_SIMD(at_least, QVIZ_AT_LEAST, _CMP_GE_OQ)
+#endif
 
-/* AVX-512: one compare into a mask register per 16 floats, four masks make a word; the last word of a
- * row loads only the lanes that exist (masked lanes read nothing and compare false). */
+/* Bit j of row r is 1 where x[r, j] < 0 (sign -1), 0 otherwise (+1, zero included). */
+static int qviz_pack_signs(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+    return qviz_pack_below(x, M, K, 0.0f, out, W);
+}
+#if QVIZ_X86 && defined(__GNUC__)
+static QVIZ_AVX2_FN int qviz_pack_signs_avx2(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
+    return qviz_pack_below_avx2(x, M, K, 0.0f, out, W);
+}
 static QVIZ_AVX512_FN int qviz_pack_signs_avx512(const float *x, size_t M, size_t K, uint64_t *out, size_t W) {
-    const __m512 zero = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (size_t r = 0; r < M; r++) {
-        const float *row = x + r * K;
-        for (size_t w = 0; w < W; w++) {
-            const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;
-            uint64_t word = 0;
-            for (size_t g = 0; g < 4 && 16 * g < n; g++) {
-                const size_t left = n - 16 * g;
-                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-                const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k0 + 16 * g);
-                word |= (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ) << (16 * g);
-                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            }
-            out[r * W + w] = word;
-        }
-    }
-    return nan != 0;
+    return qviz_pack_below_avx512(x, M, K, 0.0f, out, W);
 }
 #endif
 
@@ -550,6 +576,33 @@ static QVIZ_AVX512_FN int qviz_pack_thresh_avx512(const float *x, size_t M, size
 }
 #endif
 
+/* The threshold of a 1-bit code moved onto x: t such that x >= t exactly where x * inv (float32) > thr
+ * (>= thr when ge), so the packer compares x and skips the multiply. x * inv rounds monotonically for
+ * inv > 0, so the codes form one half-line and its first float is found by stepping from thr / inv.
+ * 0 (keep multiplying) unless inv and t are normal floats: a flush-to-zero mode would treat subnormal x
+ * alike in x * inv, not in x >= t. */
+static int qviz_exact_threshold(float inv, float thr, int ge, float *t) {
+    if (!(inv >= FLT_MIN && inv <= FLT_MAX)) return 0;
+#define QVIZ_CODE_IS_1(v) (ge ? (v) * inv >= thr : (v) * inv > thr)
+    float c = thr / inv;
+    for (int step = 0; step < 64 && isfinite(c); step++) {
+        if (!QVIZ_CODE_IS_1(c)) {
+            c = nextafterf(c, INFINITY);
+            continue;
+        }
+        const float below = nextafterf(c, -INFINITY);
+        if (QVIZ_CODE_IS_1(below)) {
+            c = below;
+            continue;
+        }
+        if (!(fabsf(c) >= FLT_MIN && fabsf(c) <= FLT_MAX)) return 0;
+        *t = c;
+        return 1;
+    }
+#undef QVIZ_CODE_IS_1
+    return 0;
+}
+
 /* Activations as the fused matmuls receive them: float rows to sign-binarize (SIGNS) or to quantize to
  * b-bit codes (UNIFORM, the affine quantizer of qviz_pack_uniform). */
 enum { QVIZ_ACT_SIGNS = 0, QVIZ_ACT_UNIFORM = 1 };
@@ -570,6 +623,14 @@ static int qviz_pack_act(int path, const qviz_act *a, size_t r0, size_t rows, ui
     if (a->mode == QVIZ_ACT_UNIFORM && a->bits == 1) {
         const float thr = a->zero_point >= 1.0f ? -0.5f : 0.5f;
         const int ge = a->zero_point >= 1.0f;
+        float t;
+        if (qviz_exact_threshold(a->inv_scale, thr, ge, &t)) {
+#if QVIZ_X86 && defined(__GNUC__)
+            if (path >= QVIZ_AVX512) return qviz_pack_at_least_avx512(x, rows, a->K, t, dst, a->W64);
+            if (path >= QVIZ_AVX2) return qviz_pack_at_least_avx2(x, rows, a->K, t, dst, a->W64);
+#endif
+            return qviz_pack_at_least(x, rows, a->K, t, dst, a->W64);
+        }
 #if QVIZ_X86 && defined(__GNUC__)
         if (path >= QVIZ_AVX512) return qviz_pack_thresh_avx512(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
         if (path >= QVIZ_AVX2) return qviz_pack_thresh_avx2(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);

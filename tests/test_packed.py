@@ -245,6 +245,39 @@ def test_pack_uniform_quantizes_like_the_affine_scheme(path, shape, bits, seed, 
     assert np.array_equal(p.code_sums, expected.sum(axis=1))
 
 
+def _around(values: np.ndarray, ulps: int) -> np.ndarray:
+    """Every float32 within `ulps` steps of each value."""
+    out = [values]
+    up = down = values
+    for _ in range(ulps):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        out += [up, down]
+    return np.concatenate(out).astype(np.float32)
+
+
+ODD_SCALES = [1.0, 0.1, 3.0, 2.0**-125, 2.0**124, 1 / 3, 1e-38, 1e38]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scale=st.one_of(st.floats(1e-30, 1e30), st.sampled_from(ODD_SCALES)), zero=st.integers(0, 1), seed=seeds)
+def test_one_bit_codes_match_the_affine_scheme_at_the_rounding_boundary(path, scale, zero, seed):
+    # 1-bit packers compare x with a threshold moved onto x instead of multiplying by 1/scale: the floats
+    # next to scale * (+-0.5), where rounding decides the code, must come out as the multiply gives them
+    # (1e38 and 1e-38 make 1/scale or the threshold subnormal: the packers multiply again there)
+    inv = np.float32(1) / np.float32(scale)
+    with np.errstate(over="ignore", under="ignore"):
+        edges = np.array([0.5, -0.5], np.float32) / inv
+        x = _around(np.concatenate([edges, np.array([0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 3e38], np.float32)]), 6)
+    x = np.random.default_rng(seed).permutation(x)[None, :].repeat(7, axis=0)  # 7 rows: one 6-row tile and one more
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.clip(np.round(x * inv) + zero, 0, 1).astype(np.uint8)
+    a = packed.pack_uniform(x, 1, scale, zero)
+    assert np.array_equal(packed.unpack(a), expected)
+    w = packed.pack_signs(np.random.default_rng(seed + 1).standard_normal((20, x.shape[1]), dtype=np.float32))
+    fused = packed.hybrid_matmul(x, packed.prepare(w), scale=scale, zero_point=zero)
+    assert np.array_equal(fused, packed.hybrid_matmul(packed.pack(expected, 1), w))
+
+
 def test_affine_lowbit_matmul_dequantizes_to_the_float_product_of_quantized_values():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 200), dtype=np.float32)
