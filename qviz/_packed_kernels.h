@@ -416,8 +416,10 @@ static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, si
  * (x < t) with t = 0 packs signs (bit 1 = -1, zero included in +1); "at_least" (x >= t) packs 1-bit
  * uniform codes once their threshold is moved onto x (qviz_exact_threshold). One instantiation per
  * comparison keeps the predicate an immediate. AVX-512: one compare into a mask register per 16 floats,
- * four masks make a word; the last word of a row loads only the lanes that exist (masked lanes read
- * nothing and compare false). */
+ * four masks make a word, and one unordered compare of two vectors finds NaN in either (compares into
+ * masks issue on one port, which the matmul kernels need too: the packers run inside them); whole words
+ * first, with no branch, then the last word of a row, which loads only the lanes that exist (masked lanes
+ * read nothing and compare false). */
 #define QVIZ_BELOW(v, t) ((v) < (t))
 #define QVIZ_AT_LEAST(v, t) ((v) >= (t))
 #define QVIZ_DEFINE_PACK_SCALAR(NAME, CMP)                                                             \
@@ -471,7 +473,20 @@ QVIZ_DEFINE_PACK_SCALAR(at_least, QVIZ_AT_LEAST)
         __mmask16 nan = 0;                                                                             \
         for (size_t r = 0; r < M; r++) {                                                               \
             const float *row = x + r * K;                                                              \
-            for (size_t w = 0; w < W; w++) {                                                           \
+            size_t w = 0;                                                                              \
+            for (; (w + 1) * 64 <= K; w++) {                                                           \
+                const float *v = row + w * 64;                                                         \
+                const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16),                     \
+                             v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);                \
+                const uint64_t m0 = _cvtmask16_u32(_mm512_cmp_ps_mask(v0, vt, IMM)),                   \
+                               m1 = _cvtmask16_u32(_mm512_cmp_ps_mask(v1, vt, IMM)),                   \
+                               m2 = _cvtmask16_u32(_mm512_cmp_ps_mask(v2, vt, IMM)),                   \
+                               m3 = _cvtmask16_u32(_mm512_cmp_ps_mask(v3, vt, IMM));                   \
+                out[r * W + w] = (m0 | m1 << 16) | (m2 << 32 | m3 << 48);                              \
+                nan = _kor_mask16(nan, _kor_mask16(_mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q),            \
+                                                   _mm512_cmp_ps_mask(v2, v3, _CMP_UNORD_Q)));          \
+            }                                                                                          \
+            for (; w < W; w++) {                                                                       \
                 const size_t k0 = w * 64, n = K - k0 < 64 ? K - k0 : 64;                               \
                 uint64_t word = 0;                                                                     \
                 for (size_t g = 0; g < 4 && 16 * g < n; g++) {                                         \

@@ -308,6 +308,23 @@ def test_pack_signs_refuses_nan_and_pack_uniform_too():
         packed.pack_uniform(x, 2, 1.0)
 
 
+
+def test_nan_anywhere_in_a_row_is_refused_by_every_packer(path):
+    # whole 64-float words find NaN with one unordered compare of two vectors: every lane of each of the
+    # four vectors, and the partial last word, must still report it
+    w = packed.prepare(packed.pack_signs(np.ones((5, 130), np.float32)))
+    calls = {"pack_signs": lambda x: packed.pack_signs(x),
+             "pack_uniform 1-bit": lambda x: packed.pack_uniform(x, 1, 0.5),
+             "binary_matmul": lambda x: packed.binary_matmul(x, w),
+             "hybrid_matmul": lambda x: packed.hybrid_matmul(x, w)}
+    for k in range(130):
+        x = np.ones((3, 130), np.float32)
+        x[2, k] = np.nan
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match="NaN"):
+                call(x)
+                pytest.fail(f"{name} took NaN at column {k}")
+
 # ---------------------------------------------------------------- readouts
 
 
