@@ -52,15 +52,17 @@ def _guard(call: str, nbytes: int) -> None:
                          f"{limit / 2**30:.2f} GiB (2 GiB, or half the available memory if less)")
 
 
-def _median_interleaved(fns: dict, budget_s: float, min_runs: int = 3) -> tuple[dict, int]:
+def _median_interleaved(fns: dict, budget_s: float, min_runs: int = 3, times: dict | None = None) -> tuple[dict, int]:
     """Run the callables in turn until the budget is spent; median seconds of each.
 
-    A value may be a pair (prepare, fn): prepare runs untimed right before each timed fn.
+    A value may be a pair (prepare, fn): prepare runs untimed right before each timed fn. `times`, if
+    given, receives each callable's seconds, round by round.
     """
     fns = {name: fn if isinstance(fn, tuple) else (None, fn) for name, fn in fns.items()}
     for _, fn in fns.values():
         fn()  # warm-up: first-touch allocation, thread pools, caches
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = {} if times is None else times
+    times.update({name: [] for name in fns})
     start = time.perf_counter()
     while True:
         for name, (prepare, fn) in fns.items():
@@ -135,7 +137,8 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
     DRAM (right after torch's call, as plain runs: a lead-in of register-only work made no difference
     there that the run-to-run spread of DRAM reads did not swamp).
 
-    Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), runs, threads,
+    Returns qviz_s, torch_s, ratio (torch_s / qviz_s: above 1 means qviz is faster), ratio_low and
+    ratio_high (the quartiles of the per-round ratios: how much the runs agree), runs, threads,
     path, macs (M N K), weight_bytes (qviz's prepared weights), qviz_macs_per_s and bit_ops_per_s
     (M N K b_a b_w / qviz_s; None for lut), and torch_int8_s / ratio_int8 (PyTorch's dynamic int8
     linear) when with_int8, with int_mm_s / ratio_int_mm: `torch._int_mm` on int8 operands quantized
@@ -178,13 +181,16 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
         int_mm = _int_mm(rng, m, k, n)
         if int_mm is not None:
             fns["int_mm"] = int_mm
+    rounds: dict[str, list[float]] = {}
     with _TorchThreads(threads):
-        medians, runs = _median_interleaved(fns, budget_s)
+        medians, runs = _median_interleaved(fns, budget_s, times=rounds)
+    ratio_low, ratio_high = _ratio_spread(rounds["torch"], rounds["qviz"])
     macs = m * n * k
     result = {
         "kind": kind, "m": m, "k": k, "n": n, "bits": bits, "threads": threads, "path": _dispatch.kernel_path(),
         "qviz_s": medians["qviz"], "torch_s": medians["torch"], "ratio": medians["torch"] / medians["qviz"],
-        "runs": runs, "macs": macs, "weight_bytes": weight_bytes, "cold": cold, "warm": warm,
+        "ratio_low": ratio_low, "ratio_high": ratio_high, "runs": runs, "macs": macs, "weight_bytes": weight_bytes,
+        "cold": cold, "warm": warm,
         "qviz_macs_per_s": macs / medians["qviz"],
         "bit_ops_per_s": None if kind == "lut" else macs * a_bits * bits / medians["qviz"],
     }
@@ -194,6 +200,17 @@ def measure_latency(kind: str = "binary", m: int = 1, k: int = 4096, n: int = 40
         result["int_mm_s"] = medians.get("int_mm")
         result["ratio_int_mm"] = medians["int_mm"] / medians["qviz"] if "int_mm" in medians else None
     return result
+
+
+def _ratio_spread(reference: list[float], candidate: list[float]) -> tuple[float, float]:
+    """Quartiles of reference / candidate over the rounds, each round's pair timed back to back: the
+    spread of the ratio itself. A busy neighbour or a scheduler stall hits one call of a round, so the
+    quartiles are far apart when the runs disagree, while slow drift cancels within a round."""
+    ratios = sorted(r / max(c, 1e-12) for r, c in zip(reference, candidate, strict=True))
+    if len(ratios) < 4:
+        return ratios[0], ratios[-1]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
 
 
 def _settle_with(work):

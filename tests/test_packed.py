@@ -369,11 +369,26 @@ def test_measure_latency_reports_both_sides_within_the_budget(kind, bits):
     assert time.perf_counter() - start < 2.0
     assert r["qviz_s"] > 0 and r["torch_s"] > 0 and r["torch_int8_s"] > 0
     assert r["ratio"] == pytest.approx(r["torch_s"] / r["qviz_s"])
+    assert 0 < r["ratio_low"] <= r["ratio_high"]
     assert r["runs"] >= 3 and r["threads"] == 1 and r["macs"] == 4 * 256 * 64
     assert (r["bit_ops_per_s"] is None) == (kind == "lut")
     # the CPU build of PyTorch pinned for qviz has an int8 GEMM on CPU: the reference is there
     assert r["int_mm_s"] > 0 and r["ratio_int_mm"] == pytest.approx(r["int_mm_s"] / r["qviz_s"])
 
+
+
+def test_the_ratio_spread_is_the_middle_half_of_paired_rounds():
+    from qviz import _timing
+
+    steady = _timing._ratio_spread([2.0] * 8, [1.0] * 8)
+    assert steady == pytest.approx((2.0, 2.0))
+    # a stall in some qviz calls (10x) and in some torch calls (10x): the quartiles show both
+    stalled = _timing._ratio_spread([2.0] * 6 + [20.0] * 3, [1.0] * 6 + [1.0] * 3)
+    assert stalled[0] == pytest.approx(2.0) and stalled[1] > 10
+    # drift that slows both sides of a round alike leaves the ratio alone
+    drift = _timing._ratio_spread([2.0 * f for f in (1, 2, 3, 4, 5)], [1.0 * f for f in (1, 2, 3, 4, 5)])
+    assert drift == pytest.approx((2.0, 2.0))
+    assert _timing._ratio_spread([3.0, 1.0], [1.0, 1.0]) == (1.0, 3.0)  # too few rounds for quartiles
 
 def test_the_int8_gemm_reference_multiplies_the_operands_it_times():
     from qviz import _timing

@@ -29,6 +29,14 @@ def kernel_of(weight_shape: tuple[int, ...]) -> tuple[int, int]:
     return (math.prod(k[:-1]), k[-1])
 
 
+def runs_disagree(latency: dict) -> bool:
+    """Whether the middle half of the timed runs leaves the verdict open: qviz faster in some and slower in
+    others, or the ratio spread over more than 1.5x (a scheduler stall or a busy neighbour hit some calls;
+    on a shared 2-core machine one such reading said 99x faster and another 12x slower for one shape)."""
+    low, high = latency["ratio_low"], latency["ratio_high"]
+    return (low < 1 < high) or high > 1.5 * low
+
+
 class KernelReadout(Explorer):
     """A layer shape (typed, or picked from a model) and bits -> bytes of the packed weights against
     float32 (with the ratio of 003 eq. 2-17 beside the achieved one) and the latency of the qviz kernel
@@ -123,7 +131,8 @@ class KernelReadout(Explorer):
             title_lat = f"latency: timing within {params['budget']:.2f} s"
         else:
             faster = f"{lat['ratio']:.2f}x faster" if lat["ratio"] >= 1 else f"{1 / lat['ratio']:.2f}x slower"
-            title_lat = f"latency: qviz {faster} ({lat['path']}, {lat['threads']} threads)"
+            unsure = "runs disagree: " if runs_disagree(lat) else ""
+            title_lat = f"latency: {unsure}qviz {faster} ({lat['path']}, {lat['threads']} threads)"
         return _charts.kernel_bars(fig, bars, timing, title_mem, title_lat)
 
     def _summary(self, result, params) -> str:
@@ -131,7 +140,12 @@ class KernelReadout(Explorer):
         text = (f"packed {mem['packed_bytes']:,} B + codebook {mem['codebook_bytes']:,} B vs float32 "
                 f"{mem['float32_bytes']:,} B")
         if lat is not None:
-            text += f"; qviz {lat['qviz_s'] * 1e3:.3f} ms vs torch {lat['torch_s'] * 1e3:.3f} ms ({lat['runs']} runs)"
+            text += (f"; qviz {lat['qviz_s'] * 1e3:.3f} ms vs torch {lat['torch_s'] * 1e3:.3f} ms (medians of "
+                     f"{lat['runs']} runs; in the middle half of them qviz ran at {lat['ratio_low']:.2f}x to "
+                     f"{lat['ratio_high']:.2f}x torch's speed)")
+            if runs_disagree(lat):
+                text += (". The runs disagree, so the ratio above is not a measurement to quote: the machine is "
+                         "busy or the budget too short for this shape; time again or raise the budget")
         elif result.get("not_timed"):
             text += f"; latency not timed: {result['not_timed']}"
         return text

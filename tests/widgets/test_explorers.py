@@ -1,5 +1,6 @@
 """Every explorer, driven by setting traits (no browser): the chart data changes as the engine says."""
 
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from qviz.widgets import (
     KernelReadout,
     QuantizerExplorer,
     WeightExplorer,
+    _charts,
 )
 from qviz.widgets._image import POINT_COLORS
 from qviz.widgets.decision import BITS
@@ -309,6 +311,30 @@ def test_kernel_readout_bytes_follow_bits_and_latency_is_measured():
         assert {r["v"] for r in rows} >= {256 * 512 * 4, e.data["memory"]["packed_bytes"]}
         e.kind.value = "binary"
         assert e.bits.value == 1 and e.data["latency"]["kind"] == "binary"
+        assert "middle half of them" in e.status.text.value
+    finally:
+        e.close()
+
+
+def test_kernel_readout_says_when_its_runs_disagree():
+    """A reading whose runs disagree (a busy machine) is flagged in the chart's title and the text below,
+    not shown as a clean speed-up."""
+    from qviz.widgets.kernels import runs_disagree
+
+    e = KernelReadout(background=False)
+    try:
+        e.out_features.value, e.in_features.value, e.budget.value = 64, 128, 0.05
+        lat = dict(e.data["latency"])
+        steady = {**lat, "ratio": 4.0, "ratio_low": 3.8, "ratio_high": 4.2}
+        torn = {**lat, "ratio": 4.0, "ratio_low": 0.8, "ratio_high": 6.0}
+        assert not runs_disagree(steady) and runs_disagree(torn)
+        assert runs_disagree({**lat, "ratio_low": 0.95, "ratio_high": 1.1})  # faster in some, slower in others
+        for result, flagged in ((steady, False), (torn, True)):
+            data = {**e.data, "latency": result}
+            assert ("disagree" in e._summary(data, e.params)) is flagged
+            fig = _charts.Figure()
+            title = json.dumps([e._figure(fig, data, e.params), fig.texts])
+            assert ("runs disagree" in title) is flagged and "4.00x faster" in title
     finally:
         e.close()
 
