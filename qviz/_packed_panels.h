@@ -368,6 +368,43 @@ QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const
     QVIZ_EPILOGUE512(QVIZ_ROW_STORE)
 }
 
+/* The same from weights split beforehand (qviz_split_block512): field group g of word k of panel q is
+ * the vector at B + q * ldb + (k G + g) * 16, so the loop is loads and dot products only. A block of
+ * weights is split once and then serves every row tile (the split was 17% of the VNNI loop). */
+QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni_split(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
+    const int G = 8 / BITS;
+    QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
+    for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
+        for (int g = 0; g < G; g++) {
+            const size_t at = (k * (size_t)G + (size_t)g) * QVIZ_PANEL;
+#define QVIZ_LOAD_SPLIT(q) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + at)) : _mm512_setzero_si512())
+            const __m512i v0 = QVIZ_LOAD_SPLIT(0), v1 = QVIZ_LOAD_SPLIT(1), v2 = QVIZ_LOAD_SPLIT(2),
+                          v3 = QVIZ_LOAD_SPLIT(3);
+#undef QVIZ_LOAD_SPLIT
+            QVIZ_ROWS(QVIZ_DOT_ROW, QVIZ_VNNI_UPD)
+        }
+    }
+    QVIZ_EPILOGUE512(QVIZ_ROW_STORE)
+}
+
+/* np panels of K32 words at B (panel q at B + q * ldb) into their field groups at dst, as
+ * qviz_p512_vnni_split reads them: dst + q * K32 * G * 16 + (k G + g) * 16. */
+static QVIZ_AVX512_FN void qviz_split_block512(const uint32_t *B, size_t ldb, size_t K32, int np, int bits,
+                                               uint32_t *dst) {
+    const int G = 8 / bits;
+    const __m512i mask = _mm512_set1_epi8(bits == 4 ? 0x0F : 0x03);
+    for (int q = 0; q < np; q++)
+        for (size_t k = 0; k < K32; k++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(B + (size_t)q * ldb + k * QVIZ_PANEL));
+            uint32_t *o = dst + ((size_t)q * K32 + k) * (size_t)G * QVIZ_PANEL;
+            for (int g = 0; g < G; g++)
+                _mm512_storeu_si512((void *)(o + (size_t)g * QVIZ_PANEL),
+                                    _mm512_and_si512(_mm512_srli_epi32(w, (unsigned)(g * bits)), mask));
+        }
+}
+
 /* Without VNNI: vpmaddubsw sums byte pairs into 16-bit lanes (at most 2 x 15 x 15 = 450 per group);
  * 16-bit sums are widened every 32 words, before they could pass 32767 (32 x 2 x 450 = 28800). */
 #define QVIZ_WIDEN_ROW(i, unused)                                                                       \
@@ -416,6 +453,8 @@ QVIZ_PANEL_FN4(qviz_panel_avx512_dot2, QVIZ_AVX512_FN, qviz_p512_dot, 2)
 QVIZ_PANEL_FN4(qviz_panel_avx512_dot4, QVIZ_AVX512_FN, qviz_p512_dot, 4)
 QVIZ_PANEL_FN6(qviz_panel_vnni_dot2, QVIZ_VNNI_FN, qviz_p512_vnni, 2)
 QVIZ_PANEL_FN6(qviz_panel_vnni_dot4, QVIZ_VNNI_FN, qviz_p512_vnni, 4)
+QVIZ_PANEL_FN6(qviz_panel_vnni_split_dot2, QVIZ_VNNI_FN, qviz_p512_vnni_split, 2)
+QVIZ_PANEL_FN6(qviz_panel_vnni_split_dot4, QVIZ_VNNI_FN, qviz_p512_vnni_split, 4)
 
 /* ------------------------------------------------------------------------------------------------ */
 /* AVX2: no vector popcount. Per-byte counts come from a 16-entry nibble table (vpshufb); A arrives    */
@@ -627,6 +666,20 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     return portable[op];
 }
 
+/* The VNNI dot products from weights split beforehand, block by block, when at least QVIZ_SPLIT_MIN_MB
+ * row tiles share each block (at 16 rows, 3 tiles, splitting was slower than the shifts it saved). */
+#define QVIZ_SPLIT_MIN_MB 8
+static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB) {
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path == QVIZ_AVX512VNNI && MB >= QVIZ_SPLIT_MIN_MB) {
+        if (op == QVIZ_P_DOT2) return qviz_panel_vnni_split_dot2;
+        if (op == QVIZ_P_DOT4) return qviz_panel_vnni_split_dot4;
+    }
+#endif
+    (void)path, (void)op, (void)MB;
+    return NULL;
+}
+
 /* Below about 50 us of work one thread is faster than waking another: a sleeping worker took ~100 us
  * to join on the shared 2-core machine (a futex wake-up across virtual CPUs, a busy neighbour), and the
  * caller then waits for the task it took. Units: word pairs of a popcount (~80 G/s on one AVX-512
@@ -654,7 +707,8 @@ static void qviz_task_range(size_t n, size_t tasks, long t, size_t *first, size_
 
 typedef struct {
     qviz_panel_fn fn;
-    int MR, NP;
+    qviz_panel_fn split_fn; /* non-NULL: each block of weights is split into field groups first (bits) */
+    int MR, NP, bits;
     const uint32_t *A, *Bp;
     size_t M, N, K32, lda, ldb, P, MB, NB, tasks;
     int64_t mul, offset;
@@ -664,7 +718,7 @@ typedef struct {
 
 /* The tile of panel block nb and row block r. With `fetch`, row block r fetches its share of the next
  * panel block, whole steps of K32 lines (a GEMV's single row tile prefetches within its own block). */
-static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fetch) {
+static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fetch, const uint32_t *split) {
     int32_t add[QVIZ_TILE_MR];
     const size_t m = r * (size_t)j->MR, p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
     const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
@@ -686,8 +740,12 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
     int32_t scratch[QVIZ_TILE_MR * QVIZ_TILE_LD];
     const int whole = cols == np * QVIZ_PANEL;
     int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
-    j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD,
-          np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
+    if (split)
+        j->split_fn(j->A + m * j->lda, j->lda, split, j->K32 * (size_t)(8 / j->bits) * QVIZ_PANEL, j->K32, mr, np, o,
+                    whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
+    else
+        j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD,
+              np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
     if (!whole)
         for (int i = 0; i < mr; i++)
             memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
@@ -701,8 +759,21 @@ static void qviz_panel_task(void *arg, long t) {
     const qviz_panel_job *j = (const qviz_panel_job *)arg;
     size_t first, last;
     qviz_task_range(j->NB, j->tasks, t, &first, &last);
-    for (size_t nb = first; nb < last; nb++)
-        for (size_t r = 0; r < j->MB; r++) qviz_panel_tile(j, nb, r, nb + 1 < last);
+    /* one block's field groups: NP panels x K32 words x G vectors of 64 bytes (no memory: split nothing) */
+    uint32_t *split = j->split_fn ? (uint32_t *)aligned_alloc(64, (size_t)j->NP * j->K32 * (size_t)(8 / j->bits) *
+                                                                   QVIZ_PANEL * sizeof(uint32_t))
+                                  : NULL;
+    for (size_t nb = first; nb < last; nb++) {
+#if QVIZ_X86 && defined(__GNUC__)
+        if (split) {
+            const size_t p0 = nb * (size_t)j->NP;
+            const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
+            qviz_split_block512(j->Bp + p0 * j->ldb, j->ldb, j->K32, np, j->bits, split);
+        }
+#endif
+        for (size_t r = 0; r < j->MB; r++) qviz_panel_tile(j, nb, r, nb + 1 < last, split);
+    }
+    free(split);
 }
 
 /* out[m, n] = mul * S[m, n] + offset + offset_m[m] (offset_m may be NULL), S from `op` over the panels.
@@ -716,6 +787,8 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     j.A = A, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.lda = lda, j.ldb = K32 * QVIZ_PANEL;
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
+    j.bits = op == QVIZ_P_DOT2 ? 2 : 4;
+    j.split_fn = qviz_split_panel_for(path, op, j.MB);
     j.mul = mul, j.offset = offset, j.offset_m = offset_m, j.out = out;
     j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
@@ -773,6 +846,7 @@ typedef struct {
     int path, op, MR, NP, slots, popcount_offset;
     qviz_act act;
     const uint32_t *Bp;
+    const uint32_t *split; /* non-NULL: every panel split into field groups, read by j->fn (ldb to match) */
     size_t M, N, K32, ldb, P, NB;
     int64_t mul, offset;
     int32_t *out;
@@ -823,8 +897,8 @@ static void qviz_fused_task(void *arg, long t) {
         const size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
         const int whole = cols == np * QVIZ_PANEL;
         int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
-        j->fn(A, ld, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL,
-              (int32_t)j->mul, add, pf, pfn);
+        j->fn(A, ld, (j->split ? j->split : j->Bp) + p0 * j->ldb, j->ldb, j->K32, mr, np, o,
+              whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
         if (!whole)
             for (int i = 0; i < mr; i++)
                 memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
@@ -853,7 +927,19 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     const int team = qviz_team(work, (double)j.P * (double)j.ldb * 4.0, threads);
     /* one row tile on one thread (a GEMV): the fused task too, it saves the scratch buffers of packing first */
     if ((MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) || (MB == 1 && team == 1)) {
+        /* every tile passes over all the weights here: split them all once (at most 2 MiB from 512 KiB) */
+        const qviz_panel_fn split_fn = qviz_split_panel_for(path, op, MB);
+        const int G = op == QVIZ_P_DOT2 ? 4 : 2;
+        uint32_t *split = split_fn ? (uint32_t *)aligned_alloc(64, j.P * K32 * (size_t)G * QVIZ_PANEL * 4) : NULL;
+        j.split = split;
+#if QVIZ_X86 && defined(__GNUC__)
+        if (split) {
+            qviz_split_block512(Bp, j.ldb, K32, (int)j.P, 8 / G, split);
+            j.fn = split_fn, j.ldb = K32 * (size_t)G * QVIZ_PANEL;
+        }
+#endif
         qviz_parallel(qviz_fused_task, &j, (long)MB, team);
+        free(split);
         return atomic_load(&j.failed) ? -1 : atomic_load(&j.nan_seen);
     }
     /* panel-block order: pack every row first (rows in parallel), then the matmul */

@@ -184,6 +184,21 @@ def test_lowbit_matmul_is_the_integer_dot_product_of_codes(path, shape, bits, se
     assert np.array_equal(packed.lowbit_matmul(packed.pack(ca, bits), packed.prepare(packed.pack(cw, bits))), out)
 
 
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("m", "k", "n"), [(50, 300, 70), (48, 2050, 1030), (43, 16, 17)])
+def test_lowbit_matmul_with_many_row_tiles_is_exact(path, bits, m, k, n):
+    # from 8 row tiles on, the VNNI path splits each block of weights into byte fields once and reads the
+    # split copy (per block from packed rows or large weights, all weights at once when floats are
+    # packed inside the call): partial blocks, partial panels and a K that ends inside a word
+    rng = np.random.default_rng(m + k + n + bits)
+    ca, cw = _codes(rng, (m, k), bits), _codes(rng, (n, k), bits)
+    w = packed.prepare(packed.pack(cw, bits))
+    want = ca.astype(np.int64) @ cw.T.astype(np.int64)
+    assert np.array_equal(packed.lowbit_matmul(packed.pack(ca, bits), w), want)
+    x = ca.astype(np.float32) - 2 ** (bits - 1)  # floats whose codes under (scale 1, zero point 2^(b-1)) are ca
+    assert np.array_equal(packed.lowbit_matmul(x, w, scale=1.0, zero_point=2 ** (bits - 1)), want)
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes, bits=st.sampled_from([1, 2, 4, 8]), seed=seeds, per_channel=st.booleans())
 def test_lut_matmul_equals_x_times_the_decoded_weights(path, shape, bits, seed, per_channel):
