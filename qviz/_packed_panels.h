@@ -907,6 +907,27 @@ static void qviz_fused_task(void *arg, long t) {
     if (rows != rows_stack) free(rows);
 }
 
+/* All P panels split into field groups, a share of the panels per task (qviz_split_block512). */
+typedef struct {
+    const uint32_t *Bp;
+    size_t ldb, K32, P, tasks;
+    int bits;
+    uint32_t *dst;
+} qviz_split_job;
+
+static void qviz_split_task(void *arg, long t) {
+    const qviz_split_job *j = (const qviz_split_job *)arg;
+    size_t first, last;
+    qviz_task_range(j->P, j->tasks, t, &first, &last);
+#if QVIZ_X86 && defined(__GNUC__)
+    const size_t per = j->K32 * (size_t)(8 / j->bits) * QVIZ_PANEL;
+    if (last > first) qviz_split_block512(j->Bp + first * j->ldb, j->ldb, j->K32, (int)(last - first), j->bits,
+                                          j->dst + first * per);
+#else
+    (void)j, (void)first, (void)last;
+#endif
+}
+
 /* out = mul * S + offset (+ popcount of each packed row when popcount_offset), S from `op` between the
  * activations `act` (packed here) and the panels. Returns 0, 1 if the activations held NaN (out is then
  * not meaningful), or -1 if there was no memory. */
@@ -932,12 +953,11 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
         const int G = op == QVIZ_P_DOT2 ? 4 : 2;
         uint32_t *split = split_fn ? (uint32_t *)aligned_alloc(64, j.P * K32 * (size_t)G * QVIZ_PANEL * 4) : NULL;
         j.split = split;
-#if QVIZ_X86 && defined(__GNUC__)
         if (split) {
-            qviz_split_block512(Bp, j.ldb, K32, (int)j.P, 8 / G, split);
+            qviz_split_job sj = {Bp, j.ldb, K32, j.P, (size_t)team, 8 / G, split};
+            qviz_parallel(qviz_split_task, &sj, team, team);
             j.fn = split_fn, j.ldb = K32 * (size_t)G * QVIZ_PANEL;
         }
-#endif
         qviz_parallel(qviz_fused_task, &j, (long)MB, team);
         free(split);
         return atomic_load(&j.failed) ? -1 : atomic_load(&j.nan_seen);

@@ -186,7 +186,7 @@ def test_lowbit_matmul_is_the_integer_dot_product_of_codes(path, shape, bits, se
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize(("m", "k", "n"), [(50, 300, 70), (48, 2050, 1030), (43, 16, 17)])
+@pytest.mark.parametrize(("m", "k", "n"), [(50, 300, 70), (48, 2050, 1030), (43, 16, 17), (64, 1024, 520)])
 def test_lowbit_matmul_with_many_row_tiles_is_exact(path, bits, m, k, n):
     # from 8 row tiles on, the VNNI path splits each block of weights into byte fields once and reads the
     # split copy (per block from packed rows or large weights, all weights at once when floats are
