@@ -839,6 +839,58 @@ static int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t 
 /* popcounts instead of preceding them (a separate pass over 4 MiB of x cost as much as 15% of a      */
 /* 1024^3 binary matmul). Larger weights keep the panel-block order: x is packed first, on the pool.   */
 
+#if QVIZ_X86 && defined(__GNUC__)
+/* Float rows quantized straight into the split layout of the byte dot products (qviz_split_rows of the
+ * packed words, without packing first): 16 codes at a time as qviz_pack_uniform computes them (scale,
+ * round half to even, zero point, clamp; NaN flagged, and sent to 0 by vmaxps as there), narrowed to
+ * bytes and shuffled so that group g of word k holds codes t G + g, t = 0..3. Codes past K are 0, as
+ * the padding bits of packed rows. Returns 1 if the rows held NaN. */
+static QVIZ_AVX512_FN int qviz_quantize_split512(const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                                 float zero_point, size_t K32, uint32_t *dst) {
+    const int G = 8 / bits, per_word = 32 / bits;
+    const __m512 inv = _mm512_set1_ps(inv_scale), zp = _mm512_set1_ps(zero_point);
+    const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps((float)((1 << bits) - 1));
+    const __m128i order = bits == 2 ? _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+                                    : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    __mmask16 nan = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        uint32_t *out = dst + r * K32 * (size_t)G;
+        for (size_t k = 0, word = 0; word < K32; k += 16, word += (size_t)(16 / per_word)) {
+            const size_t left = K > k ? K - k : 0;
+            const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), inv);
+            nan |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
+            const __m512 c = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+            const __m512i codes = _mm512_maskz_cvttps_epi32(lanes, _mm512_min_ps(_mm512_max_ps(c, lo), hi));
+            const __m128i bytes = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(codes), order);
+            if (word + 1 < K32 || per_word == 16) /* a whole 16 bytes: one word of 2-bit codes or two of 4-bit */
+                _mm_storeu_si128((__m128i *)(out + word * (size_t)G), bytes);
+            else /* the last 4-bit word of a row with an odd word count */
+                _mm_storel_epi64((__m128i *)(out + word * (size_t)G), bytes);
+        }
+    }
+    return nan != 0;
+}
+
+typedef struct {
+    const qviz_act *act;
+    size_t K32, lda, M;
+    uint32_t *rows;
+    _Atomic int nan_seen;
+} qviz_quantize_split_job;
+
+/* Rows [t QVIZ_PACK_ROWS, ...) of the activations into split rows (qviz_quantize_split512). */
+static void qviz_quantize_split_task(void *arg, long t) {
+    qviz_quantize_split_job *j = (qviz_quantize_split_job *)arg;
+    const size_t r0 = (size_t)t * QVIZ_PACK_ROWS, rows = j->M - r0 < QVIZ_PACK_ROWS ? j->M - r0 : QVIZ_PACK_ROWS;
+    const qviz_act *a = j->act;
+    if (qviz_quantize_split512(a->x + r0 * a->K, rows, a->K, a->bits, a->inv_scale, a->zero_point, j->K32,
+                               j->rows + r0 * j->lda))
+        atomic_store(&j->nan_seen, 1);
+}
+#endif
+
 #define QVIZ_FUSED_L2 (512u * 1024u) /* weights up to this size stay in L2 while row tiles pass over them */
 
 typedef struct {
@@ -873,10 +925,19 @@ static void qviz_fused_task(void *arg, long t) {
         if (rows != rows_stack) free(rows);
         return;
     }
-    if (qviz_pack_act(j->path, &j->act, m, (size_t)mr, words, sums)) atomic_store(&j->nan_seen, 1);
     const uint32_t *A = in_place ? (const uint32_t *)words : rows;
     const size_t ld = in_place ? 2 * W64 : lda;
-    if (!in_place) qviz_split_rows(words, (size_t)mr, W64, j->K32, j->slots, rows);
+#if QVIZ_X86 && defined(__GNUC__)
+    if (j->path >= QVIZ_AVX512 && j->act.mode == QVIZ_ACT_UNIFORM && (j->op == QVIZ_P_DOT2 || j->op == QVIZ_P_DOT4)) {
+        if (qviz_quantize_split512(j->act.x + m * j->act.K, (size_t)mr, j->act.K, j->act.bits, j->act.inv_scale,
+                                   j->act.zero_point, j->K32, rows))
+            atomic_store(&j->nan_seen, 1);
+    } else
+#endif
+    {
+        if (qviz_pack_act(j->path, &j->act, m, (size_t)mr, words, sums)) atomic_store(&j->nan_seen, 1);
+        if (!in_place) qviz_split_rows(words, (size_t)mr, W64, j->K32, j->slots, rows);
+    }
     int32_t add[QVIZ_TILE_MR];
     for (int i = 0; i < mr; i++) {
         int64_t ones = 0;
@@ -963,6 +1024,21 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
         return atomic_load(&j.failed) ? -1 : atomic_load(&j.nan_seen);
     }
     /* panel-block order: pack every row first (rows in parallel), then the matmul */
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512 && act->mode == QVIZ_ACT_UNIFORM && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
+        /* straight into the dot products' split rows, as the fused tiles do */
+        const size_t lda = K32 * (size_t)j.slots;
+        uint32_t *rows = (uint32_t *)malloc(M * lda * sizeof(uint32_t) + 16);
+        if (!rows) return -1;
+        qviz_quantize_split_job q = {act, K32, lda, M, rows};
+        atomic_init(&q.nan_seen, 0);
+        const long tasks = (long)((M + QVIZ_PACK_ROWS - 1) / QVIZ_PACK_ROWS);
+        qviz_parallel(qviz_quantize_split_task, &q, tasks, (double)M * (double)act->K < 262144.0 ? 1 : threads);
+        qviz_panel_matmul(path, op, rows, M, lda, Bp, N, K32, mul, NULL, offset, out, threads);
+        free(rows);
+        return atomic_load(&q.nan_seen);
+    }
+#endif
     uint64_t *words = (uint64_t *)malloc(M * act->W64 * sizeof(uint64_t) + 8);
     if (!words) return -1;
     int nan_seen = 0;

@@ -186,15 +186,18 @@ def test_lowbit_matmul_is_the_integer_dot_product_of_codes(path, shape, bits, se
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize(("m", "k", "n"), [(50, 300, 70), (48, 2050, 1030), (43, 16, 17), (64, 1024, 520)])
+@pytest.mark.parametrize(("m", "k", "n"),
+                         [(50, 300, 70), (48, 2050, 1030), (43, 16, 17), (64, 1024, 520), (50, 20, 30),
+                          (160, 2048, 1040)])
 def test_lowbit_matmul_with_many_row_tiles_is_exact(path, bits, m, k, n):
     # from 8 row tiles on, the VNNI path splits each block of weights into byte fields once and reads the
     # split copy (per block from packed rows or large weights, all weights at once when floats are
-    # packed inside the call): partial blocks, partial panels and a K that ends inside a word
+    # packed inside the call), and AVX-512 quantizes float rows straight into split bytes (tile by tile,
+    # or all rows on the team before a large matmul): partial blocks, panels and words
     rng = np.random.default_rng(m + k + n + bits)
     ca, cw = _codes(rng, (m, k), bits), _codes(rng, (n, k), bits)
     w = packed.prepare(packed.pack(cw, bits))
-    want = ca.astype(np.int64) @ cw.T.astype(np.int64)
+    want = ca.astype(np.float64) @ cw.T.astype(np.float64)  # exact: every sum stays far below 2^53
     assert np.array_equal(packed.lowbit_matmul(packed.pack(ca, bits), w), want)
     x = ca.astype(np.float32) - 2 ** (bits - 1)  # floats whose codes under (scale 1, zero point 2^(b-1)) are ca
     assert np.array_equal(packed.lowbit_matmul(x, w, scale=1.0, zero_point=2 ** (bits - 1)), want)
@@ -325,13 +328,16 @@ def test_pack_signs_refuses_nan_and_pack_uniform_too():
 
 
 def test_nan_anywhere_in_a_row_is_refused_by_every_packer(path):
-    # whole 64-float words find NaN with one unordered compare of two vectors: every lane of each of the
-    # four vectors, and the partial last word, must still report it
+    # whole 64-float words find NaN with one unordered compare of two vectors, the byte dot products'
+    # quantizer 16 floats at a time: every lane, and the partial last word, must still report it
     w = packed.prepare(packed.pack_signs(np.ones((5, 130), np.float32)))
+    w2, w4 = (packed.prepare(packed.pack(np.ones((5, 130), np.uint8), bits)) for bits in (2, 4))
     calls = {"pack_signs": lambda x: packed.pack_signs(x),
              "pack_uniform 1-bit": lambda x: packed.pack_uniform(x, 1, 0.5),
              "binary_matmul": lambda x: packed.binary_matmul(x, w),
-             "hybrid_matmul": lambda x: packed.hybrid_matmul(x, w)}
+             "hybrid_matmul": lambda x: packed.hybrid_matmul(x, w),
+             "lowbit_matmul 2-bit": lambda x: packed.lowbit_matmul(x, w2, scale=0.5, zero_point=1),
+             "lowbit_matmul 4-bit": lambda x: packed.lowbit_matmul(x, w4, scale=0.5, zero_point=1)}
     for k in range(130):
         x = np.ones((3, 130), np.float32)
         x[2, k] = np.nan
