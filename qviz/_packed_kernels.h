@@ -422,6 +422,12 @@ static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, si
  * read nothing and compare false). */
 #define QVIZ_BELOW(v, t) ((v) < (t))
 #define QVIZ_AT_LEAST(v, t) ((v) >= (t))
+/* bits [from, k1) of the word that starts at k0, one float at a time (the scalar packers, the tails) */
+#define QVIZ_PACK_ONE_BY_ONE(CMP, from)                                                                \
+    for (size_t kk = (from); kk < k1; kk++) {                                                          \
+        nan_seen |= row[kk] != row[kk];                                                                \
+        word |= (uint64_t)CMP(row[kk], t) << (kk - k0);                                                \
+    }
 #define QVIZ_DEFINE_PACK_SCALAR(NAME, CMP)                                                             \
     static int qviz_pack_##NAME(const float *x, size_t M, size_t K, float t, uint64_t *out, size_t W) { \
         int nan_seen = 0;                                                                              \
@@ -430,10 +436,7 @@ static void qviz_bitserial_matmul(int path, int bits, const uint64_t *planes, si
             for (size_t w = 0; w < W; w++) {                                                           \
                 uint64_t word = 0;                                                                     \
                 size_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;                                    \
-                for (size_t k = k0; k < k1; k++) {                                                     \
-                    nan_seen |= row[k] != row[k];                                                      \
-                    word |= (uint64_t)CMP(row[k], t) << (k - k0);                                      \
-                }                                                                                      \
+                QVIZ_PACK_ONE_BY_ONE(CMP, k0)                                                          \
                 out[r * W + w] = word;                                                                 \
             }                                                                                          \
         }                                                                                              \
@@ -458,10 +461,7 @@ QVIZ_DEFINE_PACK_SCALAR(at_least, QVIZ_AT_LEAST)
                     word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, vt, IMM)) << (k - k0);       \
                     nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));                 \
                 }                                                                                      \
-                for (; k < k1; k++) {                                                                  \
-                    nan_seen |= row[k] != row[k];                                                      \
-                    word |= (uint64_t)CMP(row[k], t) << (k - k0);                                     \
-                }                                                                                      \
+                QVIZ_PACK_ONE_BY_ONE(CMP, k)                                                           \
                 out[r * W + w] = word;                                                                 \
             }                                                                                          \
         }                                                                                              \
