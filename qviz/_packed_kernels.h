@@ -474,7 +474,7 @@ QVIZ_DEFINE_PACK_SCALAR(at_least, QVIZ_AT_LEAST)
         for (size_t r = 0; r < M; r++) {                                                               \
             const float *row = x + r * K;                                                              \
             size_t w = 0;                                                                              \
-            for (; (w + 1) * 64 <= K; w++) {                                                           \
+            for (; w < W && (w + 1) * 64 <= K; w++) {                                                  \
                 const float *v = row + w * 64;                                                         \
                 const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16),                     \
                              v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);                \
@@ -596,9 +596,15 @@ static QVIZ_AVX512_FN int qviz_pack_thresh_avx512(const float *x, size_t M, size
  * inv > 0, so the codes form one half-line and its first float is found by stepping from thr / inv.
  * 0 (keep multiplying) unless inv and t are normal floats: a flush-to-zero mode would treat subnormal x
  * alike in x * inv, not in x >= t. */
+static int qviz_code_is_1(float v, float inv, float thr, int ge) {
+    volatile float c = v * inv; /* rounded to float as the packers' product is, even where floats have excess
+                                   precision (x87) */
+    return ge ? c >= thr : c > thr;
+}
+
 static int qviz_exact_threshold(float inv, float thr, int ge, float *t) {
     if (!(inv >= FLT_MIN && inv <= FLT_MAX)) return 0;
-#define QVIZ_CODE_IS_1(v) (ge ? (v) * inv >= thr : (v) * inv > thr)
+#define QVIZ_CODE_IS_1(v) qviz_code_is_1(v, inv, thr, ge)
     float c = thr / inv;
     for (int step = 0; step < 64 && isfinite(c); step++) {
         if (!QVIZ_CODE_IS_1(c)) {

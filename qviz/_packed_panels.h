@@ -669,14 +669,18 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
 /* The VNNI dot products from weights split beforehand, block by block, when at least QVIZ_SPLIT_MIN_MB
  * row tiles share each block (at 16 rows, 3 tiles, splitting was slower than the shifts it saved). */
 #define QVIZ_SPLIT_MIN_MB 8
-static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB) {
+#define QVIZ_SPLIT_MAX (2u << 20)
+static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB, size_t K32) {
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path == QVIZ_AVX512VNNI && MB >= QVIZ_SPLIT_MIN_MB) {
+    /* a block's split copy (4 panels x K32 words x G vectors of 64 bytes) is worth making while it stays
+     * in L2: up to 2 MiB, K up to 32768 codes */
+    const size_t G = op == QVIZ_P_DOT2 ? 4 : 2;
+    if (path == QVIZ_AVX512VNNI && MB >= QVIZ_SPLIT_MIN_MB && QVIZ_TILE_NP * K32 * G * 64 <= QVIZ_SPLIT_MAX) {
         if (op == QVIZ_P_DOT2) return qviz_panel_vnni_split_dot2;
         if (op == QVIZ_P_DOT4) return qviz_panel_vnni_split_dot4;
     }
 #endif
-    (void)path, (void)op, (void)MB;
+    (void)path, (void)op, (void)MB, (void)K32;
     return NULL;
 }
 
@@ -788,7 +792,7 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     j.bits = op == QVIZ_P_DOT2 ? 2 : 4;
-    j.split_fn = qviz_split_panel_for(path, op, j.MB);
+    j.split_fn = qviz_split_panel_for(path, op, j.MB, K32);
     j.mul = mul, j.offset = offset, j.offset_m = offset_m, j.out = out;
     j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     const double work = (double)M * (double)N * (double)K32 * (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4 ? 8 : 1);
@@ -917,9 +921,16 @@ static void qviz_fused_task(void *arg, long t) {
 #else
     const int in_place = 0;
 #endif
-    uint64_t *words = W64 <= 256 ? words_stack : (uint64_t *)malloc((size_t)mr * W64 * sizeof(uint64_t));
+#if QVIZ_X86 && defined(__GNUC__)
+    /* AVX-512 quantizes b-bit codes straight into the dot products' rows: no packed words */
+    const int direct = j->path >= QVIZ_AVX512 && j->act.mode == QVIZ_ACT_UNIFORM &&
+                       (j->op == QVIZ_P_DOT2 || j->op == QVIZ_P_DOT4);
+#else
+    const int direct = 0;
+#endif
+    uint64_t *words = direct ? NULL : W64 <= 256 ? words_stack : (uint64_t *)malloc((size_t)mr * W64 * sizeof(uint64_t));
     uint32_t *rows = in_place ? NULL : lda <= 1024 ? rows_stack : (uint32_t *)malloc((size_t)mr * lda * sizeof(uint32_t) + 4);
-    if (!words || (!in_place && !rows)) {
+    if ((!direct && !words) || (!in_place && !rows)) {
         atomic_store(&j->failed, 1);
         if (words != words_stack) free(words);
         if (rows != rows_stack) free(rows);
@@ -928,7 +939,7 @@ static void qviz_fused_task(void *arg, long t) {
     const uint32_t *A = in_place ? (const uint32_t *)words : rows;
     const size_t ld = in_place ? 2 * W64 : lda;
 #if QVIZ_X86 && defined(__GNUC__)
-    if (j->path >= QVIZ_AVX512 && j->act.mode == QVIZ_ACT_UNIFORM && (j->op == QVIZ_P_DOT2 || j->op == QVIZ_P_DOT4)) {
+    if (direct) {
         if (qviz_quantize_split512(j->act.x + m * j->act.K, (size_t)mr, j->act.K, j->act.bits, j->act.inv_scale,
                                    j->act.zero_point, j->K32, rows))
             atomic_store(&j->nan_seen, 1);
@@ -1010,7 +1021,7 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     /* one row tile on one thread (a GEMV): the fused task too, it saves the scratch buffers of packing first */
     if ((MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) || (MB == 1 && team == 1)) {
         /* every tile passes over all the weights here: split them all once (at most 2 MiB from 512 KiB) */
-        const qviz_panel_fn split_fn = qviz_split_panel_for(path, op, MB);
+        const qviz_panel_fn split_fn = qviz_split_panel_for(path, op, MB, K32);
         const int G = op == QVIZ_P_DOT2 ? 4 : 2;
         uint32_t *split = split_fn ? (uint32_t *)aligned_alloc(64, j.P * K32 * (size_t)G * QVIZ_PANEL * 4) : NULL;
         j.split = split;
