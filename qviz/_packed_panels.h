@@ -877,20 +877,65 @@ static QVIZ_AVX512_FN int qviz_quantize_split512(const float *x, size_t M, size_
     return nan != 0;
 }
 
+/* The AVX2 twin of qviz_quantize_split512: 8 codes a vector, two vectors narrowed to 16 bytes (packs
+ * and packus work within 128-bit lanes, so codes come out as 0-3, 8-11, 4-7, 12-15 and the one shuffle
+ * into field groups takes that order into account). */
+static QVIZ_AVX2_FN int qviz_quantize_split256(const float *x, size_t M, size_t K, int bits, float inv_scale,
+                                               float zero_point, size_t K32, uint32_t *dst) {
+    const int G = 8 / bits, per_word = 32 / bits;
+    const __m256 inv = _mm256_set1_ps(inv_scale), zp = _mm256_set1_ps(zero_point);
+    const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps((float)((1 << bits) - 1));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i order = bits == 2 ? _mm_setr_epi8(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15)
+                                    : _mm_setr_epi8(0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15);
+    int nan = 0;
+    for (size_t r = 0; r < M; r++) {
+        const float *row = x + r * K;
+        uint32_t *out = dst + r * K32 * (size_t)G;
+        for (size_t k = 0, word = 0; word < K32; k += 16, word += (size_t)(16 / per_word)) {
+            __m256i half[2];
+            for (int h = 0; h < 2; h++) {
+                const size_t at = k + 8 * (size_t)h, left = K > at ? K - at : 0;
+                const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(left >= 8 ? 8 : (int)left), lane);
+                const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(row + (left ? at : 0), valid), inv);
+                nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_castsi256_ps(valid)));
+                const __m256 c = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+                half[h] = _mm256_and_si256(_mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(c, lo), hi)), valid);
+            }
+            const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(half[0], half[1]), _mm256_setzero_si256());
+            const __m128i bytes = _mm_shuffle_epi8(
+                _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)), order);
+            if (word + 1 < K32 || per_word == 16)
+                _mm_storeu_si128((__m128i *)(out + word * (size_t)G), bytes);
+            else
+                _mm_storel_epi64((__m128i *)(out + word * (size_t)G), bytes);
+        }
+    }
+    return nan != 0;
+}
+
+/* Float rows into split rows on the best path that has a direct route (AVX2 or AVX-512). */
+static int qviz_quantize_split(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
+                               float zero_point, size_t K32, uint32_t *dst) {
+    if (path >= QVIZ_AVX512) return qviz_quantize_split512(x, M, K, bits, inv_scale, zero_point, K32, dst);
+    return qviz_quantize_split256(x, M, K, bits, inv_scale, zero_point, K32, dst);
+}
+
 typedef struct {
+    int path;
     const qviz_act *act;
     size_t K32, lda, M;
     uint32_t *rows;
     _Atomic int nan_seen;
 } qviz_quantize_split_job;
 
-/* Rows [t QVIZ_PACK_ROWS, ...) of the activations into split rows (qviz_quantize_split512). */
+/* Rows [t QVIZ_PACK_ROWS, ...) of the activations into split rows (qviz_quantize_split). */
 static void qviz_quantize_split_task(void *arg, long t) {
     qviz_quantize_split_job *j = (qviz_quantize_split_job *)arg;
     const size_t r0 = (size_t)t * QVIZ_PACK_ROWS, rows = j->M - r0 < QVIZ_PACK_ROWS ? j->M - r0 : QVIZ_PACK_ROWS;
     const qviz_act *a = j->act;
-    if (qviz_quantize_split512(a->x + r0 * a->K, rows, a->K, a->bits, a->inv_scale, a->zero_point, j->K32,
-                               j->rows + r0 * j->lda))
+    if (qviz_quantize_split(j->path, a->x + r0 * a->K, rows, a->K, a->bits, a->inv_scale, a->zero_point, j->K32,
+                            j->rows + r0 * j->lda))
         atomic_store(&j->nan_seen, 1);
 }
 #endif
@@ -922,8 +967,8 @@ static void qviz_fused_task(void *arg, long t) {
     const int in_place = 0;
 #endif
 #if QVIZ_X86 && defined(__GNUC__)
-    /* AVX-512 quantizes b-bit codes straight into the dot products' rows: no packed words */
-    const int direct = j->path >= QVIZ_AVX512 && j->act.mode == QVIZ_ACT_UNIFORM &&
+    /* AVX2 and AVX-512 quantize b-bit codes straight into the dot products' rows: no packed words */
+    const int direct = j->path >= QVIZ_AVX2 && j->act.mode == QVIZ_ACT_UNIFORM &&
                        (j->op == QVIZ_P_DOT2 || j->op == QVIZ_P_DOT4);
 #else
     const int direct = 0;
@@ -940,8 +985,8 @@ static void qviz_fused_task(void *arg, long t) {
     const size_t ld = in_place ? 2 * W64 : lda;
 #if QVIZ_X86 && defined(__GNUC__)
     if (direct) {
-        if (qviz_quantize_split512(j->act.x + m * j->act.K, (size_t)mr, j->act.K, j->act.bits, j->act.inv_scale,
-                                   j->act.zero_point, j->K32, rows))
+        if (qviz_quantize_split(j->path, j->act.x + m * j->act.K, (size_t)mr, j->act.K, j->act.bits,
+                                j->act.inv_scale, j->act.zero_point, j->K32, rows))
             atomic_store(&j->nan_seen, 1);
     } else
 #endif
@@ -1036,12 +1081,12 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     }
     /* panel-block order: pack every row first (rows in parallel), then the matmul */
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX512 && act->mode == QVIZ_ACT_UNIFORM && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
+    if (path >= QVIZ_AVX2 && act->mode == QVIZ_ACT_UNIFORM && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
         /* straight into the dot products' split rows, as the fused tiles do */
         const size_t lda = K32 * (size_t)j.slots;
         uint32_t *rows = (uint32_t *)malloc(M * lda * sizeof(uint32_t) + 16);
         if (!rows) return -1;
-        qviz_quantize_split_job q = {act, K32, lda, M, rows};
+        qviz_quantize_split_job q = {path, act, K32, lda, M, rows};
         atomic_init(&q.nan_seen, 0);
         const long tasks = (long)((M + QVIZ_PACK_ROWS - 1) / QVIZ_PACK_ROWS);
         qviz_parallel(qviz_quantize_split_task, &q, tasks, (double)M * (double)act->K < 262144.0 ? 1 : threads);
