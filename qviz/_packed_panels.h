@@ -844,6 +844,15 @@ static int qviz_panel_matmul_rows(int path, int op, const uint64_t *A64, size_t 
 /* 1024^3 binary matmul). Larger weights keep the panel-block order: x is packed first, on the pool.   */
 
 #if QVIZ_X86 && defined(__GNUC__)
+/* 16 bytes of split codes: one word of 2-bit codes or two of 4-bit; only the first 8 (one 4-bit word)
+ * when the row's word count is odd and this is its last word. */
+static inline void qviz_store_split_bytes(uint32_t *out, __m128i bytes, int whole) {
+    if (whole)
+        _mm_storeu_si128((__m128i *)out, bytes);
+    else
+        _mm_storel_epi64((__m128i *)out, bytes);
+}
+
 /* Float rows quantized straight into the split layout of the byte dot products (qviz_split_rows of the
  * packed words, without packing first): 16 codes at a time as qviz_pack_uniform computes them (scale,
  * round half to even, zero point, clamp; NaN flagged, and sent to 0 by vmaxps as there), narrowed to
@@ -868,10 +877,7 @@ static QVIZ_AVX512_FN int qviz_quantize_split512(const float *x, size_t M, size_
             const __m512 c = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
             const __m512i codes = _mm512_maskz_cvttps_epi32(lanes, _mm512_min_ps(_mm512_max_ps(c, lo), hi));
             const __m128i bytes = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(codes), order);
-            if (word + 1 < K32 || per_word == 16) /* a whole 16 bytes: one word of 2-bit codes or two of 4-bit */
-                _mm_storeu_si128((__m128i *)(out + word * (size_t)G), bytes);
-            else /* the last 4-bit word of a row with an odd word count */
-                _mm_storel_epi64((__m128i *)(out + word * (size_t)G), bytes);
+            qviz_store_split_bytes(out + word * (size_t)G, bytes, word + 1 < K32 || per_word == 16);
         }
     }
     return nan != 0;
@@ -905,10 +911,7 @@ static QVIZ_AVX2_FN int qviz_quantize_split256(const float *x, size_t M, size_t 
             const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(half[0], half[1]), _mm256_setzero_si256());
             const __m128i bytes = _mm_shuffle_epi8(
                 _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)), order);
-            if (word + 1 < K32 || per_word == 16)
-                _mm_storeu_si128((__m128i *)(out + word * (size_t)G), bytes);
-            else
-                _mm_storel_epi64((__m128i *)(out + word * (size_t)G), bytes);
+            qviz_store_split_bytes(out + word * (size_t)G, bytes, word + 1 < K32 || per_word == 16);
         }
     }
     return nan != 0;
