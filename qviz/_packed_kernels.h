@@ -632,7 +632,15 @@ typedef struct {
     const float *x;
     size_t K, W64;
     float inv_scale, zero_point;
+    float t;   /* 1-bit codes with exact = 1: x >= t (qviz_act_find_threshold, once per call) */
+    int exact; /* 0: 1-bit codes multiply by 1 / scale and compare */
 } qviz_act;
+
+static void qviz_act_find_threshold(qviz_act *a) {
+    const int ge = a->zero_point >= 1.0f;
+    a->exact = a->mode == QVIZ_ACT_UNIFORM && a->bits == 1 &&
+               qviz_exact_threshold(a->inv_scale, ge ? -0.5f : 0.5f, ge, &a->t);
+}
 
 static int qviz_pack_uniform_rows(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
                                   float zero_point, uint64_t *out, size_t W, int64_t *row_sums);
@@ -642,16 +650,15 @@ static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t 
 static int qviz_pack_act(int path, const qviz_act *a, size_t r0, size_t rows, uint64_t *dst, int64_t *sums) {
     const float *x = a->x + r0 * a->K;
     if (a->mode == QVIZ_ACT_UNIFORM && a->bits == 1) {
+        if (a->exact) {
+#if QVIZ_X86 && defined(__GNUC__)
+            if (path >= QVIZ_AVX512) return qviz_pack_at_least_avx512(x, rows, a->K, a->t, dst, a->W64);
+            if (path >= QVIZ_AVX2) return qviz_pack_at_least_avx2(x, rows, a->K, a->t, dst, a->W64);
+#endif
+            return qviz_pack_at_least(x, rows, a->K, a->t, dst, a->W64);
+        }
         const float thr = a->zero_point >= 1.0f ? -0.5f : 0.5f;
         const int ge = a->zero_point >= 1.0f;
-        float t;
-        if (qviz_exact_threshold(a->inv_scale, thr, ge, &t)) {
-#if QVIZ_X86 && defined(__GNUC__)
-            if (path >= QVIZ_AVX512) return qviz_pack_at_least_avx512(x, rows, a->K, t, dst, a->W64);
-            if (path >= QVIZ_AVX2) return qviz_pack_at_least_avx2(x, rows, a->K, t, dst, a->W64);
-#endif
-            return qviz_pack_at_least(x, rows, a->K, t, dst, a->W64);
-        }
 #if QVIZ_X86 && defined(__GNUC__)
         if (path >= QVIZ_AVX512) return qviz_pack_thresh_avx512(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
         if (path >= QVIZ_AVX2) return qviz_pack_thresh_avx2(x, rows, a->K, a->inv_scale, thr, ge, dst, a->W64);
@@ -816,7 +823,8 @@ typedef struct {
 static int qviz_pack_uniform_rows(int path, const float *x, size_t M, size_t K, int bits, float inv_scale,
                                   float zero_point, uint64_t *out, size_t W, int64_t *row_sums) {
     if (bits == 1) {
-        const qviz_act a = {QVIZ_ACT_UNIFORM, 1, x, K, W, inv_scale, zero_point};
+        qviz_act a = {QVIZ_ACT_UNIFORM, 1, x, K, W, inv_scale, zero_point, 0.0f, 0};
+        qviz_act_find_threshold(&a);
         const int nan_seen = qviz_pack_act(path, &a, 0, M, out, NULL);
         if (row_sums) qviz_row_popcounts(out, M, W, row_sums);
         return nan_seen;

@@ -670,12 +670,14 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
  * row tiles share each block (at 16 rows, 3 tiles, splitting was slower than the shifts it saved). */
 #define QVIZ_SPLIT_MIN_MB 8
 #define QVIZ_SPLIT_MAX (2u << 20)
+static int qviz_dot_bits(int op) { return op == QVIZ_P_DOT2 ? 2 : 4; }
+/* uint32 words of one panel's split copy: K32 words x 8 / bits field groups x 16 lanes */
+static size_t qviz_split_ldb(size_t K32, int bits) { return K32 * (size_t)(8 / bits) * QVIZ_PANEL; }
 static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB, size_t K32) {
 #if QVIZ_X86 && defined(__GNUC__)
-    /* a block's split copy (4 panels x K32 words x G vectors of 64 bytes) is worth making while it stays
-     * in L2: up to 2 MiB, K up to 32768 codes */
-    const size_t G = op == QVIZ_P_DOT2 ? 4 : 2;
-    if (path == QVIZ_AVX512VNNI && MB >= QVIZ_SPLIT_MIN_MB && QVIZ_TILE_NP * K32 * G * 64 <= QVIZ_SPLIT_MAX) {
+    /* a block's split copy is worth making while it stays in L2: up to 2 MiB, K up to 32768 codes */
+    if (path == QVIZ_AVX512VNNI && MB >= QVIZ_SPLIT_MIN_MB &&
+        QVIZ_TILE_NP * qviz_split_ldb(K32, qviz_dot_bits(op)) * sizeof(uint32_t) <= QVIZ_SPLIT_MAX) {
         if (op == QVIZ_P_DOT2) return qviz_panel_vnni_split_dot2;
         if (op == QVIZ_P_DOT4) return qviz_panel_vnni_split_dot4;
     }
@@ -744,12 +746,10 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
     int32_t scratch[QVIZ_TILE_MR * QVIZ_TILE_LD];
     const int whole = cols == np * QVIZ_PANEL;
     int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
-    if (split)
-        j->split_fn(j->A + m * j->lda, j->lda, split, j->K32 * (size_t)(8 / j->bits) * QVIZ_PANEL, j->K32, mr, np, o,
-                    whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
-    else
-        j->fn(j->A + m * j->lda, j->lda, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD,
-              np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
+    const qviz_panel_fn fn = split ? j->split_fn : j->fn;
+    fn(j->A + m * j->lda, j->lda, split ? split : j->Bp + p0 * j->ldb,
+       split ? qviz_split_ldb(j->K32, j->bits) : j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD,
+       np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
     if (!whole)
         for (int i = 0; i < mr; i++)
             memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
@@ -764,8 +764,8 @@ static void qviz_panel_task(void *arg, long t) {
     size_t first, last;
     qviz_task_range(j->NB, j->tasks, t, &first, &last);
     /* one block's field groups: NP panels x K32 words x G vectors of 64 bytes (no memory: split nothing) */
-    uint32_t *split = j->split_fn ? (uint32_t *)aligned_alloc(64, (size_t)j->NP * j->K32 * (size_t)(8 / j->bits) *
-                                                                   QVIZ_PANEL * sizeof(uint32_t))
+    uint32_t *split = j->split_fn ? (uint32_t *)aligned_alloc(64, (size_t)j->NP * qviz_split_ldb(j->K32, j->bits) *
+                                                                   sizeof(uint32_t))
                                   : NULL;
     for (size_t nb = first; nb < last; nb++) {
 #if QVIZ_X86 && defined(__GNUC__)
@@ -791,7 +791,7 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
     j.A = A, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.lda = lda, j.ldb = K32 * QVIZ_PANEL;
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
-    j.bits = op == QVIZ_P_DOT2 ? 2 : 4;
+    j.bits = qviz_dot_bits(op);
     j.split_fn = qviz_split_panel_for(path, op, j.MB, K32);
     j.mul = mul, j.offset = offset, j.offset_m = offset_m, j.out = out;
     j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
@@ -943,14 +943,24 @@ static void qviz_quantize_split_task(void *arg, long t) {
 }
 #endif
 
+/* Whether b-bit codes of these activations go straight into the byte dot products' split rows
+ * (qviz_quantize_split: AVX2 and AVX-512) instead of being packed into words and split again. */
+static int qviz_quantizes_into_split(int path, int op, const qviz_act *act) {
+#if QVIZ_X86 && defined(__GNUC__)
+    return path >= QVIZ_AVX2 && act->mode == QVIZ_ACT_UNIFORM && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4);
+#else
+    (void)path, (void)op, (void)act;
+    return 0;
+#endif
+}
+
 #define QVIZ_FUSED_L2 (512u * 1024u) /* weights up to this size stay in L2 while row tiles pass over them */
 
 typedef struct {
     qviz_panel_fn fn;
     int path, op, MR, NP, slots, popcount_offset;
     qviz_act act;
-    const uint32_t *Bp;
-    const uint32_t *split; /* non-NULL: every panel split into field groups, read by j->fn (ldb to match) */
+    const uint32_t *Bp; /* the panels, or their split copy (fn and ldb to match) */
     size_t M, N, K32, ldb, P, NB;
     int64_t mul, offset;
     int32_t *out;
@@ -969,13 +979,7 @@ static void qviz_fused_task(void *arg, long t) {
 #else
     const int in_place = 0;
 #endif
-#if QVIZ_X86 && defined(__GNUC__)
-    /* AVX2 and AVX-512 quantize b-bit codes straight into the dot products' rows: no packed words */
-    const int direct = j->path >= QVIZ_AVX2 && j->act.mode == QVIZ_ACT_UNIFORM &&
-                       (j->op == QVIZ_P_DOT2 || j->op == QVIZ_P_DOT4);
-#else
-    const int direct = 0;
-#endif
+    const int direct = qviz_quantizes_into_split(j->path, j->op, &j->act); /* no packed words then */
     uint64_t *words = direct ? NULL : W64 <= 256 ? words_stack : (uint64_t *)malloc((size_t)mr * W64 * sizeof(uint64_t));
     uint32_t *rows = in_place ? NULL : lda <= 1024 ? rows_stack : (uint32_t *)malloc((size_t)mr * lda * sizeof(uint32_t) + 4);
     if ((!direct && !words) || (!in_place && !rows)) {
@@ -1017,8 +1021,8 @@ static void qviz_fused_task(void *arg, long t) {
         const size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
         const int whole = cols == np * QVIZ_PANEL;
         int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
-        j->fn(A, ld, (j->split ? j->split : j->Bp) + p0 * j->ldb, j->ldb, j->K32, mr, np, o,
-              whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL, (int32_t)j->mul, add, pf, pfn);
+        j->fn(A, ld, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL,
+              (int32_t)j->mul, add, pf, pfn);
         if (!whole)
             for (int i = 0; i < mr; i++)
                 memcpy(j->out + (m + (size_t)i) * j->N + n0, scratch + i * QVIZ_TILE_LD, (size_t)cols * sizeof(int32_t));
@@ -1040,9 +1044,8 @@ static void qviz_split_task(void *arg, long t) {
     size_t first, last;
     qviz_task_range(j->P, j->tasks, t, &first, &last);
 #if QVIZ_X86 && defined(__GNUC__)
-    const size_t per = j->K32 * (size_t)(8 / j->bits) * QVIZ_PANEL;
     if (last > first) qviz_split_block512(j->Bp + first * j->ldb, j->ldb, j->K32, (int)(last - first), j->bits,
-                                          j->dst + first * per);
+                                          j->dst + first * qviz_split_ldb(j->K32, j->bits));
 #else
     (void)j, (void)first, (void)last;
 #endif
@@ -1057,7 +1060,9 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     qviz_fused_job j;
     j.fn = qviz_panel_for(path, op, &j.MR, &j.NP);
     j.path = path, j.op = op, j.slots = qviz_panel_slots(path, op), j.popcount_offset = popcount_offset;
-    j.act = *act, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
+    j.act = *act;
+    qviz_act_find_threshold(&j.act); /* once here, not in every row tile */
+    j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.ldb = K32 * QVIZ_PANEL;
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.NB = (j.P + (size_t)j.NP - 1) / (size_t)j.NP;
     j.mul = mul, j.offset = offset, j.out = out;
@@ -1070,13 +1075,13 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     if ((MB > 1 && j.P * j.ldb * 4 <= QVIZ_FUSED_L2) || (MB == 1 && team == 1)) {
         /* every tile passes over all the weights here: split them all once (at most 2 MiB from 512 KiB) */
         const qviz_panel_fn split_fn = qviz_split_panel_for(path, op, MB, K32);
-        const int G = op == QVIZ_P_DOT2 ? 4 : 2;
-        uint32_t *split = split_fn ? (uint32_t *)aligned_alloc(64, j.P * K32 * (size_t)G * QVIZ_PANEL * 4) : NULL;
-        j.split = split;
+        const int bits = qviz_dot_bits(op);
+        uint32_t *split = split_fn ? (uint32_t *)aligned_alloc(64, j.P * qviz_split_ldb(K32, bits) * sizeof(uint32_t))
+                                   : NULL;
         if (split) {
-            qviz_split_job sj = {Bp, j.ldb, K32, j.P, (size_t)team, 8 / G, split};
+            qviz_split_job sj = {Bp, j.ldb, K32, j.P, (size_t)team, bits, split};
             qviz_parallel(qviz_split_task, &sj, team, team);
-            j.fn = split_fn, j.ldb = K32 * (size_t)G * QVIZ_PANEL;
+            j.fn = split_fn, j.Bp = split, j.ldb = qviz_split_ldb(K32, bits);
         }
         qviz_parallel(qviz_fused_task, &j, (long)MB, team);
         free(split);
@@ -1084,8 +1089,7 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
     }
     /* panel-block order: pack every row first (rows in parallel), then the matmul */
 #if QVIZ_X86 && defined(__GNUC__)
-    if (path >= QVIZ_AVX2 && act->mode == QVIZ_ACT_UNIFORM && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
-        /* straight into the dot products' split rows, as the fused tiles do */
+    if (qviz_quantizes_into_split(path, op, act)) { /* as the fused tiles do */
         const size_t lda = K32 * (size_t)j.slots;
         uint32_t *rows = (uint32_t *)malloc(M * lda * sizeof(uint32_t) + 16);
         if (!rows) return -1;
