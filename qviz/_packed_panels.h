@@ -242,7 +242,7 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
  * K32 steps of the tile, npf lines a step. Weights that come from DRAM (a 2 MiB layer after another
  * layer flushed the caches) are otherwise fetched when the first row tile of a block asks for them, at
  * a rate one core's DRAM bandwidth cannot give; this way the fetch overlaps every tile of the block. */
-#define QVIZ_PREFETCH_PER_K(K32) (pf ? (pfn + (K32)-1) / (K32) : 0)
+#define QVIZ_PREFETCH_PER_K(K32) (pf && MR > 1 ? (pfn + (K32)-1) / (K32) : 0)
 #define QVIZ_PREFETCH_NEXT(k)                                                                           \
     for (size_t l = (k) * npf, e = l + npf < pfn ? l + npf : pfn; l < e; l++)                           \
         _mm_prefetch(pf + l * 64, _MM_HINT_T0)
@@ -253,6 +253,21 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
  * on this machine whatever the distance and with 2 MiB pages, against 50 GB/s for a pure read. */
 #define QVIZ_GEMV_AHEAD 16
 #define QVIZ_GEMV_AHEAD_LUT 32
+/* A GEMV tile (MR == 1) reads its NPANELS panels (panel q at B + q * ldb, K32 words of 16 lanes) once:
+ * it fetches each AHEAD steps of K ahead, and over its last AHEAD steps the same lines of the next block
+ * of panels, which a GEMV tile gets as pf (pfn lines, contiguous panels of the same ldb; NULL when it is
+ * the last). Without the second part each block began with AHEAD lines of every panel after its first
+ * coming from DRAM on demand (4096 x 4096 2-bit codebook GEMV from DRAM, 2 threads: 0.21 -> 0.17 ms). */
+#define QVIZ_GEMV_FETCH(k, AHEAD, NPANELS)                                                              \
+    if (MR == 1) {                                                                                      \
+        const size_t kp_ = (k) + (AHEAD);                                                               \
+        for (int q_ = 0; q_ < (NPANELS); q_++) {                                                        \
+            if (kp_ < K32)                                                                              \
+                _mm_prefetch((const char *)(B + (size_t)q_ * ldb + kp_ * QVIZ_PANEL), _MM_HINT_T0);     \
+            else if (((size_t)q_ * ldb + (kp_ - K32) * QVIZ_PANEL) * 4 < pfn * 64)                      \
+                _mm_prefetch(pf + ((size_t)q_ * ldb + (kp_ - K32) * QVIZ_PANEL) * 4, _MM_HINT_T0);       \
+        }                                                                                               \
+    }
 #define QVIZ_INLINE static inline __attribute__((always_inline))
 #define QVIZ_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt")))
 
@@ -327,8 +342,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_pop(const int AND, const int MR, const
     for (size_t k = 0; k < K32; k++) {
         QVIZ_PREFETCH_NEXT(k);
         const __m512i v0 = QVIZ_LOAD512(0), v1 = QVIZ_LOAD512(1), v2 = QVIZ_LOAD512(2), v3 = QVIZ_LOAD512(3);
-        if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
-            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + QVIZ_GEMV_AHEAD) * QVIZ_PANEL), _MM_HINT_T0);
+        QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD, NP)
         if (AND) {
             QVIZ_ROWS(QVIZ_POP_ROW, QVIZ_AND_UPD)
         } else {
@@ -357,6 +371,7 @@ QVIZ_INLINE QVIZ_VNNI_FN void qviz_p512_vnni(const int BITS, const int MR, const
     QVIZ_TILE_DECL(__m512i, _mm512_setzero_si512());
     for (size_t k = 0; k < K32; k++) {
         QVIZ_PREFETCH_NEXT(k);
+        QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD, NP)
         for (int g = 0; g < G; g++) {
             /* the weight vectors are loaded again for each group (the shift takes the load as its operand):
              * with no raw copies held, 6 rows x 4 panels of accumulators fit the registers */
@@ -435,6 +450,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_p512_dot(const int BITS, const int MR, cons
         const size_t k1 = k0 + 32 < K32 ? k0 + 32 : K32;
         for (size_t k = k0; k < k1; k++) {
             QVIZ_PREFETCH_NEXT(k);
+            QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD, NP)
             const __m512i u0 = QVIZ_LOAD512(0), u1 = QVIZ_LOAD512(1), u2 = QVIZ_LOAD512(2), u3 = QVIZ_LOAD512(3);
             for (int g = 0; g < G; g++) {
                 const __m512i v0 = QVIZ_GROUP512(u0, g), v1 = QVIZ_GROUP512(u1, g), v2 = QVIZ_GROUP512(u2, g),
@@ -490,7 +506,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_pop_both(const int AND, const int MR, QV
         for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm256_setzero_si256();
         for (size_t k = k0; k < k1; k++) {
             QVIZ_PREFETCH_NEXT(k);
-            if (MR == 1) _mm_prefetch((const char *)(B + (k + QVIZ_GEMV_AHEAD) * QVIZ_PANEL), _MM_HINT_T0);
+            QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD, 1)
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
             const __m256i l0 = _mm256_and_si256(b0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
@@ -568,7 +584,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot_both(const int BITS, const int MR, Q
         for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         for (size_t k = k0; k < k1; k++) {
             QVIZ_PREFETCH_NEXT(k);
-            if (MR == 1) _mm_prefetch((const char *)(B + (k + QVIZ_GEMV_AHEAD) * QVIZ_PANEL), _MM_HINT_T0);
+            QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD, 1)
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
             for (int g = 0; g < G; g++) {
@@ -723,7 +739,8 @@ typedef struct {
 } qviz_panel_job;
 
 /* The tile of panel block nb and row block r. With `fetch`, row block r fetches its share of the next
- * panel block, whole steps of K32 lines (a GEMV's single row tile prefetches within its own block). */
+ * panel block, whole steps of K32 lines; a GEMV's single row tile gets the whole next block, whatever
+ * task it falls in (QVIZ_GEMV_FETCH), and a one-row tile below others none. */
 static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fetch, const uint32_t *split) {
     int32_t add[QVIZ_TILE_MR];
     const size_t m = r * (size_t)j->MR, p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
@@ -734,7 +751,10 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
     const char *pf = NULL;
     size_t pfn = 0;
     const size_t p1 = p0 + (size_t)j->NP;
-    if (fetch && p1 < j->P && j->MB > 1) {
+    if (j->MB == 1 && p1 < j->P && !split) {
+        pf = (const char *)(j->Bp + p1 * j->ldb);
+        pfn = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
+    } else if (fetch && p1 < j->P && j->MB > 1 && mr > 1) {
         const size_t lines = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
         const size_t steps = (lines + j->K32 * j->MB - 1) / (j->K32 * j->MB), first = r * steps * j->K32;
         if (first < lines) {
@@ -1018,7 +1038,11 @@ static void qviz_fused_task(void *arg, long t) {
         const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
         const size_t first = nb * share;
         const char *pf = first < next ? (const char *)(j->act.x + m1 * j->act.K) + first * 64 : NULL;
-        const size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
+        size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
+        if (j->M <= (size_t)j->MR && p0 + (size_t)j->NP < j->P) { /* a single row tile: the next block, as qviz_panel_tile */
+            pf = (const char *)(j->Bp + (p0 + (size_t)j->NP) * j->ldb);
+            pfn = (j->P - p0 - (size_t)j->NP < (size_t)j->NP ? j->P - p0 - (size_t)j->NP : (size_t)j->NP) * j->K32;
+        }
         const int whole = cols == np * QVIZ_PANEL;
         int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
         j->fn(A, ld, j->Bp + p0 * j->ldb, j->ldb, j->K32, mr, np, o, whole ? j->N : QVIZ_TILE_LD, np * QVIZ_PANEL,
@@ -1129,9 +1153,11 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
 /* to its neighbours, select the same entry); a shift of the panel word brings code c of all 16 rows   */
 /* into the low bits of their lanes, one permute decodes them, one FMA per activation row uses them.    */
 
+/* pf, pfn: the next block of panels for a GEMV tile (QVIZ_GEMV_FETCH), else NULL, 0 */
 typedef void (*qviz_lut_fn)(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32,
-                            const float *table, int mr, int np, float *out, size_t ldo, int cols);
-#define QVIZ_LUT_ARGS X, ldx, K, B, ldb, K32, table, out, ldo, cols
+                            const float *table, int mr, int np, float *out, size_t ldo, int cols, const char *pf,
+                            size_t pfn);
+#define QVIZ_LUT_ARGS X, ldx, K, B, ldb, K32, table, out, ldo, cols, pf, pfn
 
 static void qviz_lut_portable(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32,
                               const float *table, int mr, int np, float *out, size_t ldo, int cols, int bits) {
@@ -1151,7 +1177,8 @@ static void qviz_lut_portable(const float *X, size_t ldx, size_t K, const uint32
 #define QVIZ_LUT_PORTABLE(BITS)                                                                          \
     static void qviz_lut_portable_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb,  \
                                          size_t K32, const float *table, int mr, int np, float *out, size_t ldo, \
-                                         int cols) {                                                     \
+                                         int cols, const char *pf, size_t pfn) {                         \
+        (void)pf, (void)pfn;                                                                            \
         qviz_lut_portable(X, ldx, K, B, ldb, K32, table, mr, np, out, ldo, cols, BITS);                  \
     }
 QVIZ_LUT_PORTABLE(1)
@@ -1210,7 +1237,7 @@ static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_lut_epilogue512(const 
 
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512(const int BITS, const int MR, const int NP, const float *X, size_t ldx,
                                             size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,
-                                            float *out, size_t ldo, int cols) {
+                                            float *out, size_t ldo, int cols, const char *pf, size_t pfn) {
     float C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
     const int PER = 32 / BITS;
     const __m512 tab = _mm512_loadu_ps(table);
@@ -1219,8 +1246,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512(const int BITS, const int MR, const 
     for (size_t k = 0; k < full; k++) {
         const __m512i b0 = QVIZ_LUT_LOAD(0, k), b1 = QVIZ_LUT_LOAD(1, k), b2 = QVIZ_LUT_LOAD(2, k),
                       b3 = QVIZ_LUT_LOAD(3, k);
-        if (MR == 1) /* a GEMV streams the weights once: fetch ahead of the hardware prefetcher */
-            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(B + q * ldb + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
+        QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD_LUT, NP)
         const float *x = X + k * (size_t)PER;
         QVIZ_LUT512_WORD(PER)
     }
@@ -1262,9 +1288,8 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256_word(const int BITS, const int MR, con
 
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const int NP, const float *X, size_t ldx,
                                           size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,
-                                          float *out, size_t ldo, int cols) {
+                                          float *out, size_t ldo, int cols, const char *pf, size_t pfn) {
     (void)NP;
-    (void)ldb;
     const int PER = 32 / BITS, R = MR == 1 ? 2 : MR;
     const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
     __m256 acc[QVIZ_TILE_MR][2];
@@ -1275,7 +1300,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const in
         const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
         /* a GEMV streams its weights once and slowly (two permutes per 8 codes on one port): on a Xeon
          * the hardware prefetcher left it waiting on every line from DRAM (1.3 GB/s) without this */
-        if (MR == 1) _mm_prefetch((const char *)(B + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
+        QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD_LUT, 1)
         if (k < full)
             qviz_lut256_word(BITS, MR, PER, X + k * (size_t)PER, ldx, b0, b1, tlo, thi, acc);
         else
@@ -1298,7 +1323,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const in
 #define QVIZ_LUT_TILE_FN(BITS, MR, NP)                                                                  \
     static __attribute__((noinline)) QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_lut_avx512_##BITS##_##MR##x##NP(    \
         const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, size_t K32, const float *table,    \
-        float *out, size_t ldo, int cols) {                                                             \
+        float *out, size_t ldo, int cols, const char *pf, size_t pfn) {                                  \
         qviz_lut512(BITS, MR, NP, QVIZ_LUT_ARGS);                                                       \
     }
 #define QVIZ_LUT_TILE_FNS(BITS, MR) QVIZ_LUT_TILE_FN(BITS, MR, 1) QVIZ_LUT_TILE_FN(BITS, MR, 2)          \
@@ -1311,7 +1336,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_lut256(const int BITS, const int MR, const in
     QVIZ_LUT_TILE_FNS(BITS, 4) QVIZ_LUT_TILE_FNS(BITS, 5) QVIZ_LUT_TILE_FNS(BITS, 6)                      \
     static void qviz_lut_avx512_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B, size_t ldb, \
                                        size_t K32, const float *table, int mr, int np, float *out, size_t ldo, \
-                                       int cols) {                                                      \
+                                       int cols, const char *pf, size_t pfn) {                          \
         switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {                                                     \
             QVIZ_LT_NP(BITS, 1) QVIZ_LT_NP(BITS, 2) QVIZ_LT_NP(BITS, 3) QVIZ_LT_NP(BITS, 4)              \
             QVIZ_LT_NP(BITS, 5) QVIZ_LT_NP(BITS, 6)                                                     \
@@ -1325,7 +1350,7 @@ QVIZ_LUT512_FN(4)
 #define QVIZ_LUT256_FN(BITS)                                                                              \
     static QVIZ_AVX2_FN void qviz_lut_avx2_##BITS(const float *X, size_t ldx, size_t K, const uint32_t *B,    \
                                                   size_t ldb, size_t K32, const float *table, int mr, int np, \
-                                                  float *out, size_t ldo, int cols) {                      \
+                                                  float *out, size_t ldo, int cols, const char *pf, size_t pfn) { \
         switch (mr) {                                                                                      \
         case 1: qviz_lut256(BITS, 1, 1, QVIZ_LUT_ARGS); break;                                             \
         case 2: qviz_lut256(BITS, 2, 1, QVIZ_LUT_ARGS); break;                                             \
@@ -1593,10 +1618,15 @@ static void qviz_lut_task(void *arg, long t) {
         const size_t p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
         const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
         const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+        /* a GEMV's tile fetches the next block (QVIZ_GEMV_FETCH), whatever task it falls in */
+        const size_t p1 = p0 + (size_t)j->NP;
+        const int gemv = j->M == 1 && p1 < j->P;
+        const char *pf = gemv ? (const char *)(j->Bp + p1 * j->ldb) : NULL;
+        const size_t pfn = gemv ? (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32 : 0;
         for (size_t m = 0; m < j->M; m += (size_t)j->MR) {
             const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
             j->fn(j->X + m * j->K, j->K, j->K, j->Bp + p0 * j->ldb, j->ldb, j->K32, j->table, mr, np,
-                  j->out + m * j->N + n0, j->N, cols);
+                  j->out + m * j->N + n0, j->N, cols, pf, pfn);
         }
     }
 }
@@ -1618,11 +1648,14 @@ static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_gemv_tab_task(void *arg, long t) {
     const size_t p0 = (size_t)t * QVIZ_TILE_NP, n0 = p0 * QVIZ_PANEL;
     const int np = (int)(j->P - p0 < QVIZ_TILE_NP ? j->P - p0 : QVIZ_TILE_NP);
     const uint32_t *B = j->Bp + p0 * j->ldb;
+    const size_t p1 = p0 + QVIZ_TILE_NP, K32 = j->K32, ldb = j->ldb;
+    const char *pf = p1 < j->P ? (const char *)(j->Bp + p1 * ldb) : NULL; /* the next block (QVIZ_GEMV_FETCH) */
+    const size_t pfn = pf ? (j->P - p1 < QVIZ_TILE_NP ? j->P - p1 : QVIZ_TILE_NP) * K32 : 0;
+    const int MR = 1;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (size_t k = 0; k < j->K32; k++) {
+    for (size_t k = 0; k < K32; k++) {
         const float *T = j->tables + k * 8 * 16; /* 8 groups of 4 bits in a 32-bit word */
-        for (int q = 0; q < np; q++)
-            _mm_prefetch((const char *)(B + q * j->ldb + (k + QVIZ_GEMV_AHEAD_LUT) * QVIZ_PANEL), _MM_HINT_T0);
+        QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD_LUT, np)
         const __m512i w0 = _mm512_loadu_si512((const void *)(B + k * QVIZ_PANEL));
         const __m512i w1 = np > 1 ? _mm512_loadu_si512((const void *)(B + j->ldb + k * QVIZ_PANEL)) : w0;
         const __m512i w2 = np > 2 ? _mm512_loadu_si512((const void *)(B + 2 * j->ldb + k * QVIZ_PANEL)) : w0;
