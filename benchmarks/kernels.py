@@ -10,7 +10,8 @@ What it prints, in order:
   weights prepared beforehand, as a deployed layer holds them; both sides write into a result array of their own,
   reused), torch float32 (torch.matmul(x, W.T, out=...)), torch's dynamic int8 linear (fbgemm: it quantizes the
   activations inside its time, as qviz does), torch._int_mm (oneDNN's int8 GEMM on operands quantized beforehand; AMX
-  tiles on CPUs that have them), the ratios, and how close qviz is to the hardware: "% roof" (compute: achieved ops/s
+  tiles on CPUs that have them), the ratios (for float32 also the middle half of the per-round ratios: a neighbour's
+  load shows as a wide range), and how close qviz is to the hardware: "% roof" (compute: achieved ops/s
   over the path's roof for that kind of instruction) or, at M = 1, "% bw" (prepared weight bytes per second over the
   read bandwidth of a buffer as large as the weights with warm weights, i.e. of the cache level that holds them;
   over the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them).
@@ -63,8 +64,8 @@ KERNELS = [("binary", 1, "binary XOR-popcount", "pop"), ("hybrid", 1, "hybrid AN
            ("lowbit", 2, "2-bit x 2-bit", "dot"), ("lowbit", 4, "4-bit x 4-bit", "dot"),
            ("lut", 4, "4-bit codebook W x float A", "fma"), ("lut", 2, "2-bit codebook W x float A", "fma")]
 L3_TEST, DRAM_TEST = 8 * 2**20, 256 * 2**20
-KERNEL_COLUMNS = ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "int8 GEMM ms", "x f32", "x int8",
-                  "x int8 GEMM", "% roof / % bw", "runs"]
+KERNEL_COLUMNS = ["kernel", "MxKxN", "qviz ms", "torch f32 ms", "torch int8 ms", "int8 GEMM ms", "x f32",
+                  "x f32 middle half", "x int8", "x int8 GEMM", "% roof / % bw", "runs"]
 
 
 def cpu_description() -> str:
@@ -152,7 +153,8 @@ def main() -> None:
                 int_mm = (f"{r['int_mm_s'] * 1e3:.3f}", f"{r['ratio_int_mm']:.2f}") if r["int_mm_s"] else ("-", "-")
                 rows.append([label, f"{m}x{k}x{n} {cache}".strip(), f"{r['qviz_s'] * 1e3:.3f}",
                              f"{r['torch_s'] * 1e3:.3f}", f"{r['torch_int8_s'] * 1e3:.3f}", int_mm[0],
-                             f"{r['ratio']:.2f}", f"{r['ratio_int8']:.2f}", int_mm[1], near, str(r["runs"])])
+                             f"{r['ratio']:.2f}", f"{r['ratio_low']:.2f}-{r['ratio_high']:.2f}",
+                             f"{r['ratio_int8']:.2f}", int_mm[1], near, str(r["runs"])])
                 if m != 1:
                     against_roof.append((rows[-1], r["bit_ops_per_s"] if roof_kind == "pop" else r["qviz_macs_per_s"],
                                          roof_kind))
@@ -167,7 +169,8 @@ def main() -> None:
           f"pop {roof['pop'] / 1e12:.2f} Tbit-MAC/s, dot {roof['dot'] / 1e9:.0f} GMAC/s, fma {roof['fma'] / 1e9:.0f} "
           "GMAC/s\n")
     print(f"Kernels on path {path}, {THREADS} threads (x f32 / x int8 / x int8 GEMM: torch time over qviz time, "
-          "above 1 = qviz faster; int8 GEMM = torch._int_mm on operands quantized beforehand):")
+          "above 1 = qviz faster; x f32 middle half: the quartiles of the ratio over the rounds, each round's "
+          "pair timed back to back; int8 GEMM = torch._int_mm on operands quantized beforehand):")
     print(table(rows, KERNEL_COLUMNS))
 
     print("\n003 Chapter 5 layer (3x16x16 input, 8 output channels, no padding), packed-index conv vs torch conv2d:")
