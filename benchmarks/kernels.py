@@ -16,8 +16,10 @@ What it prints, in order:
   read bandwidth of a buffer as large as the weights with warm weights, i.e. of the cache level that holds them;
   over the DRAM bandwidth with cold weights: copies cycled through, 256 MiB of them).
   "warm": untimed identical calls for 1 ms right before each timed one (weights and activations in the caches and the
-  core as a run of qviz calls leaves it, as in a loop over one layer: the case the roof goals are about). Rows without
-  "warm" start right after torch's call, from whatever it left: at the larger shapes its float weights flush the L3,
+  core as a run of qviz calls leaves it, as in a loop over one layer: the case the roof goals are about); "cold": the
+  same lead-in, each call on the next weight copy (weights from DRAM, the core as earlier layers leave it). Rows
+  without either start right after torch's call, from whatever it left: at the larger shapes its float weights
+  flush the L3,
   and on some CPUs the core runs slower for a while after its GEMM (the header measures this: "clock after torch");
 - 003 Chapter 5's layer: packed-index convolution against torch conv2d, and its memory.
 

@@ -1,5 +1,6 @@
 """The Cython kernels through their Python face: exact against numpy/torch, on every code path, never crashing."""
 
+import itertools
 import os
 import platform
 import re
@@ -511,6 +512,22 @@ def test_conv_latency_roofs_and_bandwidth():
 def test_cold_latency_cycles_weight_copies():
     r = packed.measure_latency("binary", 1, 512, 256, budget_s=0.02, threads=1, cold=True)
     assert r["cold"] and r["qviz_s"] > 0 and r["weight_bytes"] == 256 * 16 * 4
+
+
+def test_cold_latency_leads_in_with_calls_on_other_weight_copies(monkeypatch):
+    """cold=True: the lead-in of warm rows runs too, but every call (lead-in or timed) takes the next
+    weight copy, so the timed call never meets weights the lead-in just read."""
+    from qviz import _timing
+
+    used = []
+    real = packed.binary_matmul
+    monkeypatch.setattr(packed, "binary_matmul", lambda x, w, **k: used.append(id(w)) or real(x, w, **k))
+    monkeypatch.setattr(_timing, "SETTLE_S", 0.004)
+    r = packed.measure_latency("binary", 1, 4096, 64, budget_s=0.05, threads=1, cold=True)
+    assert r["cold"] and r["runs"] >= 3
+    assert len(used) >= 3 * (r["runs"] + 1)  # a lead-in before every timed call
+    assert all(a != b for a, b in itertools.pairwise(used))  # consecutive calls, consecutive copies
+    assert len(set(used)) > 8  # 256 MiB of copies of a 32 KiB matrix: capped at 64 of them
 
 
 def test_warm_latency_runs_the_call_for_the_settle_time_before_each_timed_one(monkeypatch):
