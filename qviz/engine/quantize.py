@@ -828,7 +828,13 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     dorefa_act) of up to 8 bits, with calibrated ranges; lower bit widths travel in 8-bit codes with
     their own scale and a clip to their code range. Binary, ternary, DoReFa weights, ceil and stochastic
     schemes raise ValueError naming the layer. PyTorch's fused attention fast paths are off while
-    exporting (their fused op has no ONNX form). Needs the `onnx` package (pip install "qviz[onnx]").
+    exporting (their fused op has no ONNX form), and so is Hugging Face models' scaled-dot-product or
+    flash attention (their `config._attn_implementation` reads "eager" until the export returns: the
+    exporter has no form for grouped-query SDPA, as in Llama). The graph's outputs are the tensors of the model's
+    output in order, tuples, lists and dicts (Hugging Face model outputs) opened: "output" when the model
+    returns a tensor, else named after their keys and positions ("logits", "output.1"); other objects are not outputs
+    (a decoder's key/value cache, which the exporter cannot trace). Needs the `onnx` package (pip install
+    "qviz[onnx]").
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -844,19 +850,23 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
     qmodel.eval()
     torch.backends.mha.set_fastpath_enabled(False)
+    attention = _eager_attention(qmodel)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            _check_calibrated(qmodel, args, kwargs)
+            outputs = _check_calibrated(qmodel, args, kwargs)
             # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
             # that those parameters are constants, which is what they are meant to be
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            names = list(kwargs) if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
+            keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            constants = {k: v for k, v in kwargs.items() if k not in keys}
+            names = keys if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
+            graph = _TensorOutputs(qmodel, len(args), keys, constants)
             with _exporting("trace"):
                 try:
-                    torch.onnx.export(qmodel, (*args, kwargs) if kwargs else args, str(path), opset_version=opset,
+                    torch.onnx.export(graph, (*args, *(kwargs[k] for k in keys)), str(path), opset_version=opset,
                                       dynamo=False, do_constant_folding=False, input_names=names,
-                                      output_names=["output"])
+                                      output_names=_output_names(outputs))
                 except torch.onnx.errors.UnsupportedOperatorError as err:
                     err.add_note(f"export_onnx wrote opset={opset}; an operator missing there may exist at a "
                                  "higher opset= (up to 23)")
@@ -864,7 +874,70 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     finally:
         qmodel.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast_path)
+        for config, implementation in attention:
+            config._attn_implementation = implementation
     return path
+
+
+def _eager_attention(model: nn.Module) -> list[tuple[object, str]]:
+    """Switch every Hugging Face config in the model that names a fused attention implementation to
+    "eager" (the same softmax(QK^T)V in plain operators); returns (config, previous value) to restore."""
+    switched, seen = [], set()
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is None or id(config) in seen:
+            continue
+        seen.add(id(config))
+        implementation = getattr(config, "_attn_implementation", None)
+        if isinstance(implementation, str) and implementation != "eager":
+            try:
+                config._attn_implementation = "eager"
+            except (AttributeError, ValueError, TypeError):  # a config that refuses it keeps its own
+                continue
+            switched.append((config, implementation))
+    return switched
+
+
+class _TensorOutputs(nn.Module):
+    """The model as the exporter traces it: all inputs positional (the exporter binds a trailing dict to
+    the forward's named parameters, which this one has none of), keyword tensors after the positional
+    inputs in the order of `keys`, other keyword values bound as they are; the tensors of its output, in
+    order (`_tensor_leaves`)."""
+
+    def __init__(self, model: nn.Module, n_args: int, keys: list[str], constants: dict):
+        super().__init__()
+        self.model, self.n_args, self.keys, self.constants = model, n_args, keys, constants
+
+    def forward(self, *inputs):
+        kwargs = dict(zip(self.keys, inputs[self.n_args:], strict=True), **self.constants)
+        return tuple(t for _, t in _tensor_leaves(self.model(*inputs[:self.n_args], **kwargs)))
+
+
+def _tensor_leaves(out, name: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in a model's output: tuples, lists and dicts opened in order, dict
+    entries named by their keys, other objects (a key/value cache) left out."""
+    if isinstance(out, torch.Tensor):
+        return [(name, out)]
+    if isinstance(out, dict):
+        return [leaf for key, value in out.items() for leaf in _tensor_leaves(value, str(key))]
+    if isinstance(out, (tuple, list)):
+        return [leaf for i, value in enumerate(out) for leaf in _tensor_leaves(value, f"{name}.{i}")]
+    return []
+
+
+def _output_names(out) -> list[str]:
+    """The graph's output names: "output" for a model that returns a tensor, else the leaves' names, made
+    unique."""
+    leaves = _tensor_leaves(out)
+    if not leaves:
+        raise ValueError(f"export_onnx writes the tensors of the model's output, but its output "
+                         f"({type(out).__name__}) holds none; allowed: a tensor, or tuples, lists or dicts of them")
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    names: list[str] = []
+    for name, _ in leaves:
+        names.append(name if name not in names else f"{name}.{len(names)}")
+    return names
 
 
 def _example_inputs(example) -> tuple[tuple, dict]:
@@ -880,10 +953,11 @@ def _example_inputs(example) -> tuple[tuple, dict]:
     return (example if isinstance(example, tuple) else (example,)), {}
 
 
-def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict) -> None:
+def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict):
     """One forward in which every quantizer that runs fixes its QuantizeLinear parameters (constants of the
-    graph). A quantizer that runs without a range is an error naming it; one that never runs (the key and
-    value quantizers of self-attention, which share the query's tensor) is not in the graph and needs none."""
+    graph); returns its output. A quantizer that runs without a range is an error naming it; one that never
+    runs (the key and value quantizers of self-attention, which share the query's tensor) is not in the
+    graph and needs none."""
     names = {id(m): n for n, m in qmodel.named_modules() if isinstance(m, ActivationQuantizer)}
     missing: list[str] = []
 
@@ -892,9 +966,10 @@ def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict) -> None:
             missing.append(names[id(module)])
 
     handles = [m.register_forward_pre_hook(check) for m in qmodel.modules() if isinstance(m, ActivationQuantizer)]
+    out = None
     try:
         with _exporting("prepare"):
-            qmodel(*args, **kwargs)
+            out = qmodel(*args, **kwargs)
     except Exception:
         if not missing:
             raise
@@ -903,6 +978,7 @@ def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict) -> None:
             h.remove()
     if missing:
         raise ValueError(f"{missing[0]}: activation range not set; run calibrate(qmodel, batches) before export")
+    return out
 
 
 def _check_exportable(qmodel: nn.Module) -> None:

@@ -682,6 +682,70 @@ def test_a_bert_built_from_its_config_exports_at_the_default_opset_and_onnx_runt
     assert sqnr_db(ours, theirs) > 60
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path, family):
+    """A decoder returns its key/value cache beside the logits (an object the exporter cannot trace): the
+    graph's outputs are the output's tensors, "logits" first. Llama's grouped-query SDPA has no exporter
+    form: its attention runs eager while exporting and is restored afterwards."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                     n_positions=32, bos_token_id=0,
+                                                                     eos_token_id=0))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0))
+    model.eval()
+    tokens = torch.randint(0, 64, (4, 12))
+    qm = calibrate(quantize_model(model, 8, 8), [tokens])
+    before = qm.config._attn_implementation
+    path = export_onnx(qm, tokens[:1], tmp_path / f"{family}.onnx")
+    assert qm.config._attn_implementation == before
+    outputs = [o.name for o in onnx.load(str(path)).graph.output]
+    assert outputs[0] == "logits"
+    session = ort.InferenceSession(str(path))
+    theirs = session.run(None, {session.get_inputs()[0].name: tokens[:1].numpy()})[0]
+    with torch.no_grad():
+        ours = qm(tokens[:1]).logits.numpy()
+    assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 60
+
+
+def test_export_names_the_outputs_tensors_and_refuses_an_output_without_any(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+
+    class Several(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, "a label", {"doubled": 2 * y, "none": None}, [y + 1]
+
+    class Nothing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"shape": tuple(self.fc(x).shape)}
+
+    x = torch.randn(2, 4)
+    qm = calibrate(quantize_model(Several(), 8, 8), [x])
+    path = export_onnx(qm, x, tmp_path / "several.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output.0", "doubled", "output.3.0"]
+    lone = calibrate(quantize_model(nn.Linear(4, 3), 8, 8), [x])
+    path = export_onnx(lone, x, tmp_path / "lone.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output"]
+    nothing = calibrate(quantize_model(Nothing(), 8, 8), [x])
+    with pytest.raises(ValueError, match=r"holds none; allowed: a tensor, or tuples, lists or dicts of them"):
+        export_onnx(nothing, x, tmp_path / "nothing.onnx")
+
+
 def test_a_model_that_is_itself_one_layer_is_explored():
     from qviz.engine import weight_layers
     from qviz.widgets import WeightExplorer
