@@ -254,13 +254,14 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
 #define QVIZ_GEMV_AHEAD 16
 #define QVIZ_GEMV_AHEAD_LUT 32
 /* A GEMV tile (MR == 1) reads its NPANELS panels (panel q at B + q * ldb, K32 words of 16 lanes) once:
- * it fetches each AHEAD steps of K ahead, and over its last AHEAD steps the same lines of the next block
- * of panels, which a GEMV tile gets as pf (pfn lines, contiguous panels of the same ldb; NULL when it is
- * the last). Without the second part each block began with AHEAD lines of every panel after its first
- * coming from DRAM on demand (4096 x 4096 2-bit codebook GEMV from DRAM, 2 threads: 0.21 -> 0.17 ms). */
+ * it fetches each AHEAD steps of K ahead (at most K32), and over its last steps the same lines of the
+ * next block of panels, which a GEMV tile gets as pf (pfn lines, contiguous panels of the same ldb; NULL
+ * when it is the last). Without the second part each block began with AHEAD lines of every panel after
+ * its first coming from DRAM on demand (4096 x 4096 2-bit codebook GEMV from DRAM, 2 threads: 0.21 ->
+ * 0.17 ms). */
 #define QVIZ_GEMV_FETCH(k, AHEAD, NPANELS)                                                              \
     if (MR == 1) {                                                                                      \
-        const size_t kp_ = (k) + (AHEAD);                                                               \
+        const size_t kp_ = (k) + ((size_t)(AHEAD) < K32 ? (size_t)(AHEAD) : K32);                       \
         for (int q_ = 0; q_ < (NPANELS); q_++) {                                                        \
             if (kp_ < K32)                                                                              \
                 _mm_prefetch((const char *)(B + (size_t)q_ * ldb + kp_ * QVIZ_PANEL), _MM_HINT_T0);     \
@@ -739,8 +740,10 @@ typedef struct {
 } qviz_panel_job;
 
 /* The tile of panel block nb and row block r. With `fetch`, row block r fetches its share of the next
- * panel block, whole steps of K32 lines; a GEMV's single row tile gets the whole next block, whatever
- * task it falls in (QVIZ_GEMV_FETCH), and a one-row tile below others none. */
+ * panel block, whole steps of K32 lines, shared by the row blocks of more than one row (a one-row kernel
+ * reads pf as a GEMV does, QVIZ_GEMV_FETCH). A single row block gets the whole next block whatever task
+ * it falls in: a thread's tasks are consecutive blocks, so it is mostly the block the thread runs next
+ * (the last of a home range fetches the other thread's first). */
 static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fetch, const uint32_t *split) {
     int32_t add[QVIZ_TILE_MR];
     const size_t m = r * (size_t)j->MR, p0 = nb * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
@@ -755,8 +758,9 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
         pf = (const char *)(j->Bp + p1 * j->ldb);
         pfn = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
     } else if (fetch && p1 < j->P && j->MB > 1 && mr > 1) {
+        const size_t fetchers = j->MB - (j->M % (size_t)j->MR == 1); /* a last block of one row fetches none */
         const size_t lines = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
-        const size_t steps = (lines + j->K32 * j->MB - 1) / (j->K32 * j->MB), first = r * steps * j->K32;
+        const size_t steps = (lines + j->K32 * fetchers - 1) / (j->K32 * fetchers), first = r * steps * j->K32;
         if (first < lines) {
             pf = (const char *)(j->Bp + p1 * j->ldb) + first * 64;
             pfn = lines - first < steps * j->K32 ? lines - first : steps * j->K32;
@@ -777,7 +781,7 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
 
 /* Task t: consecutive panel blocks, each against every row block. The rows pass over a block of
  * weights while it sits in L1/L2, and a thread reads only its own tasks' weights and fetches only
- * blocks it will use: with one tile per task, handed out in turn, both cores had read every block
+ * blocks it will use (but for a single row block, qviz_panel_tile): with one tile per task, handed out in turn, both cores had read every block
  * (16x4096x4096 binary on 2 threads: 70% of the roof, against 85% on one; 76-79% with these tasks). */
 static void qviz_panel_task(void *arg, long t) {
     const qviz_panel_job *j = (const qviz_panel_job *)arg;
