@@ -830,11 +830,12 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     schemes raise ValueError naming the layer. PyTorch's fused attention fast paths are off while
     exporting (their fused op has no ONNX form), and so is Hugging Face models' scaled-dot-product or
     flash attention (their `config._attn_implementation` reads "eager" until the export returns: the
-    exporter has no form for grouped-query SDPA, as in Llama). The graph's outputs are the tensors of the model's
-    output in order, tuples, lists and dicts (Hugging Face model outputs) opened: "output" when the model
-    returns a tensor, else named after their keys and positions ("logits", "output.1"); other objects are not outputs
-    (a decoder's key/value cache, which the exporter cannot trace). Needs the `onnx` package (pip install
-    "qviz[onnx]").
+    exporter has no form for grouped-query SDPA, as in Llama). The graph's outputs are the tensors of the
+    model's output in order, tuples, lists, dicts (Hugging Face model outputs), named tuples and dataclasses
+    opened: the first is named "output", the others after their keys and positions ("pooler_output",
+    "output.1"); other objects are not outputs (a decoder's key/value cache, which the exporter cannot
+    trace). Keyword inputs that are not tensors are constants of the graph (use_cache=False); one holding
+    tensors is refused. Needs the `onnx` package (pip install "qviz[onnx]").
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -844,14 +845,20 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     except ImportError as err:
         raise ImportError('export_onnx needs the onnx package: pip install "qviz[onnx]"') from err
     args, kwargs = _example_inputs(example)
+    for key, value in kwargs.items():
+        if not isinstance(value, torch.Tensor) and _holds_tensors(value):
+            raise ValueError(f"example[{key!r}] holds tensors inside a {type(value).__name__}, which the graph "
+                             "could only bake in as constants; allowed: a tensor (a graph input) or a value "
+                             "without tensors (a constant, such as use_cache=False)")
     _check_exportable(qmodel)
     _check_float32(qmodel, args, kwargs)
     path = Path(path)
     was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
     qmodel.eval()
     torch.backends.mha.set_fastpath_enabled(False)
-    attention = _eager_attention(qmodel)
+    attention: list = []
     try:
+        attention = _eager_attention(qmodel)
         with torch.no_grad(), warnings.catch_warnings():
             outputs = _check_calibrated(qmodel, args, kwargs)
             # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
@@ -861,10 +868,9 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             constants = {k: v for k, v in kwargs.items() if k not in keys}
             names = keys if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
-            graph = _TensorOutputs(qmodel, len(args), keys, constants)
-            with _exporting("trace"):
+            with _exporting("trace"), _traced_as_tensors(qmodel, len(args), keys, constants):
                 try:
-                    torch.onnx.export(graph, (*args, *(kwargs[k] for k in keys)), str(path), opset_version=opset,
+                    torch.onnx.export(qmodel, (*args, *(kwargs[k] for k in keys)), str(path), opset_version=opset,
                                       dynamo=False, do_constant_folding=False, input_names=names,
                                       output_names=_output_names(outputs))
                 except torch.onnx.errors.UnsupportedOperatorError as err:
@@ -874,69 +880,106 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     finally:
         qmodel.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast_path)
-        for config, implementation in attention:
-            config._attn_implementation = implementation
+        for config, implementation in attention:  # parents before their sub-configs, whose own values win
+            with contextlib.suppress(AttributeError, ValueError, TypeError):
+                config._attn_implementation = implementation
     return path
 
 
 def _eager_attention(model: nn.Module) -> list[tuple[object, str]]:
-    """Switch every Hugging Face config in the model that names a fused attention implementation to
-    "eager" (the same softmax(QK^T)V in plain operators); returns (config, previous value) to restore."""
-    switched, seen = [], set()
-    for m in model.modules():
-        config = getattr(m, "config", None)
-        if config is None or id(config) in seen:
-            continue
+    """Switch every Hugging Face config in the model, sub-configs included, that names a fused attention
+    implementation to "eager" (the same softmax(QK^T)V in plain operators). Returns (config, value before)
+    for every config found, parents before their sub-configs: a parent's setter may write its value into
+    its sub-configs, so restoring in this order leaves each one as it was."""
+    configs: list = []
+    seen: set[int] = set()
+
+    def visit(config) -> None:
+        if id(config) in seen or not isinstance(getattr(config, "_attn_implementation", None), str):
+            return
         seen.add(id(config))
-        implementation = getattr(config, "_attn_implementation", None)
-        if isinstance(implementation, str) and implementation != "eager":
-            try:
+        configs.append(config)
+        for value in vars(config).values():
+            if hasattr(value, "_attn_implementation") and hasattr(value, "to_dict"):
+                visit(value)
+
+    for m in model.modules():
+        if getattr(m, "config", None) is not None:
+            visit(m.config)
+    before = [(config, config._attn_implementation) for config in configs]
+    for config, implementation in before:
+        if implementation != "eager":
+            with contextlib.suppress(AttributeError, ValueError, TypeError):  # a config that refuses keeps its own
                 config._attn_implementation = "eager"
-            except (AttributeError, ValueError, TypeError):  # a config that refuses it keeps its own
-                continue
-            switched.append((config, implementation))
-    return switched
+    return before
 
 
-class _TensorOutputs(nn.Module):
-    """The model as the exporter traces it: all inputs positional (the exporter binds a trailing dict to
-    the forward's named parameters, which this one has none of), keyword tensors after the positional
-    inputs in the order of `keys`, other keyword values bound as they are; the tensors of its output, in
-    order (`_tensor_leaves`)."""
+@contextlib.contextmanager
+def _traced_as_tensors(model: nn.Module, n_args: int, keys: list[str], constants: dict):
+    """The model's forward as the exporter traces it, set on the instance (a wrapper module would rename
+    every parameter and node of the graph after itself): all inputs positional (the exporter binds a
+    trailing dict to forward's named parameters), keyword tensors after the positional inputs in the order
+    of `keys`, other keyword values bound as they are; returns the tensors of the output in order
+    (`_tensor_leaves`)."""
+    own = model.__dict__.get("forward")  # a forward set on the instance before, if any
+    inner = model.forward
 
-    def __init__(self, model: nn.Module, n_args: int, keys: list[str], constants: dict):
-        super().__init__()
-        self.model, self.n_args, self.keys, self.constants = model, n_args, keys, constants
+    def forward(*inputs):
+        kwargs = dict(zip(keys, inputs[n_args:], strict=True), **constants)
+        return tuple(t for _, t in _tensor_leaves(inner(*inputs[:n_args], **kwargs)))
 
-    def forward(self, *inputs):
-        kwargs = dict(zip(self.keys, inputs[self.n_args:], strict=True), **self.constants)
-        return tuple(t for _, t in _tensor_leaves(self.model(*inputs[:self.n_args], **kwargs)))
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+def _holds_tensors(value) -> bool:
+    """Whether a keyword input holds tensors inside tuples, lists or dicts (the graph could not feed them)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensors(v) for v in value)
+    return False
 
 
 def _tensor_leaves(out, name: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in a model's output: tuples, lists and dicts opened in order, dict
-    entries named by their keys, other objects (a key/value cache) left out."""
+    """(name, tensor) for every tensor in a model's output: tuples, lists, dicts, named tuples and
+    dataclasses opened in order, named by their keys and fields, other objects (a key/value cache) left
+    out."""
     if isinstance(out, torch.Tensor):
         return [(name, out)]
     if isinstance(out, dict):
         return [leaf for key, value in out.items() for leaf in _tensor_leaves(value, str(key))]
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return [leaf for key, value in zip(out._fields, out, strict=True) for leaf in _tensor_leaves(value, key)]
     if isinstance(out, (tuple, list)):
         return [leaf for i, value in enumerate(out) for leaf in _tensor_leaves(value, f"{name}.{i}")]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [leaf for f in dataclasses.fields(out) for leaf in _tensor_leaves(getattr(out, f.name), f.name)]
     return []
 
 
 def _output_names(out) -> list[str]:
-    """The graph's output names: "output" for a model that returns a tensor, else the leaves' names, made
-    unique."""
+    """The graph's output names: "output" for the first tensor (as for a model that returns one), the
+    others named after their keys and positions, made unique."""
     leaves = _tensor_leaves(out)
     if not leaves:
         raise ValueError(f"export_onnx writes the tensors of the model's output, but its output "
-                         f"({type(out).__name__}) holds none; allowed: a tensor, or tuples, lists or dicts of them")
-    if isinstance(out, torch.Tensor):
-        return ["output"]
-    names: list[str] = []
-    for name, _ in leaves:
-        names.append(name if name not in names else f"{name}.{len(names)}")
+                         f"({type(out).__name__}) holds none; allowed: a tensor, or tuples, lists, dicts, named "
+                         "tuples or dataclasses of them")
+    names = ["output"]
+    for name, _ in leaves[1:]:
+        unique, i = name, 1
+        while unique in names:
+            unique, i = f"{name}.{i}", i + 1
+        names.append(unique)
     return names
 
 

@@ -685,8 +685,9 @@ def test_a_bert_built_from_its_config_exports_at_the_default_opset_and_onnx_runt
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path, family):
     """A decoder returns its key/value cache beside the logits (an object the exporter cannot trace): the
-    graph's outputs are the output's tensors, "logits" first. Llama's grouped-query SDPA has no exporter
-    form: its attention runs eager while exporting and is restored afterwards."""
+    graph's outputs are the output's tensors, the logits first (named "output", as a model returning one
+    tensor has it). Llama's grouped-query SDPA has no exporter form: its attention runs eager while
+    exporting and is restored afterwards. The graph's parameters keep the model's own names."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
@@ -708,7 +709,9 @@ def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path
     path = export_onnx(qm, example, tmp_path / f"{family}.onnx")
     assert qm.config._attn_implementation == before
     graph = onnx.load(str(path)).graph
-    assert graph.output[0].name == "logits"
+    assert graph.output[0].name == "output" and "forward" not in qm.__dict__
+    parameters = {name for name, _ in qm.named_parameters()}
+    assert sum(i.name in parameters for i in graph.initializer) >= 4  # e.g. the embeddings, the norms' weights
     session = ort.InferenceSession(str(path))
     if family == "gpt2":
         assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
@@ -723,35 +726,83 @@ def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path
 
 def test_export_names_the_outputs_tensors_and_refuses_an_output_without_any(tmp_path):
     pytest.importorskip("onnx")
+    import collections
+
     import onnx
 
+    Pair = collections.namedtuple("Pair", "low high")
+
+    @dataclasses.dataclass
+    class Result:
+        score: torch.Tensor
+        note: str
+
     class Several(nn.Module):
-        def __init__(self):
+        def __init__(self, kind):
             super().__init__()
-            self.fc = nn.Linear(4, 3)
+            self.fc, self.kind = nn.Linear(4, 3), kind
 
         def forward(self, x):
             y = self.fc(x)
-            return y, "a label", {"doubled": 2 * y, "none": None}, [y + 1]
-
-    class Nothing(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return {"shape": tuple(self.fc(x).shape)}
+            if self.kind == "nested":
+                return y, "a label", {"doubled": 2 * y, "none": None}, [y + 1]
+            if self.kind == "named":
+                return Pair(y, y + 1), Result(3 * y, "note"), {"output": y - 1, "output.1": y - 2}
+            return {"shape": tuple(y.shape)}
 
     x = torch.randn(2, 4)
-    qm = calibrate(quantize_model(Several(), 8, 8), [x])
-    path = export_onnx(qm, x, tmp_path / "several.onnx")
-    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output.0", "doubled", "output.3.0"]
-    lone = calibrate(quantize_model(nn.Linear(4, 3), 8, 8), [x])
-    path = export_onnx(lone, x, tmp_path / "lone.onnx")
-    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output"]
-    nothing = calibrate(quantize_model(Nothing(), 8, 8), [x])
-    with pytest.raises(ValueError, match=r"holds none; allowed: a tensor, or tuples, lists or dicts of them"):
-        export_onnx(nothing, x, tmp_path / "nothing.onnx")
+
+    def names(model):
+        qm = calibrate(quantize_model(model, 8, 8), [x])
+        path = export_onnx(qm, x, tmp_path / "m.onnx")
+        return [o.name for o in onnx.load(str(path)).graph.output]
+
+    assert names(Several("nested")) == ["output", "doubled", "output.3.0"]
+    assert names(Several("named")) == ["output", "high", "score", "output.1", "output.1.1"]
+    assert names(nn.Linear(4, 3)) == ["output"]
+    with pytest.raises(ValueError, match=r"holds none; allowed: a tensor, or tuples, lists, dicts"):
+        names(Several("nothing"))
+
+
+def test_export_refuses_keyword_inputs_holding_tensors_and_restores_the_model_when_it_fails(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                 n_positions=32, bos_token_id=0, eos_token_id=0))
+    tokens = torch.randint(0, 64, (2, 8))
+    qm = calibrate(quantize_model(model.eval(), 8, 8), [tokens])
+    with pytest.raises(ValueError, match=r"example\['extra'\] holds tensors inside a list.*allowed: a tensor"):
+        export_onnx(qm, {"input_ids": tokens[:1], "extra": [tokens[:1]]}, tmp_path / "x.onnx")
+    qm.config._attn_implementation = "sdpa"
+
+    def fails(*args, **kwargs):
+        assert qm.config._attn_implementation == "eager" and "forward" in qm.__dict__
+        raise RuntimeError("the exporter gave up")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(RuntimeError, match="the exporter gave up"):
+        export_onnx(qm, tokens[:1], tmp_path / "y.onnx")
+    assert qm.config._attn_implementation == "sdpa" and "forward" not in qm.__dict__ and not qm.training
+
+
+def test_export_restores_each_sub_config_of_a_composite_model(tmp_path, monkeypatch):
+    """A parent config's setter writes its attention into its sub-configs: each is restored to its own."""
+    pytest.importorskip("onnx")
+    cfg = transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "max_position_embeddings": 16},
+        vision_config={"image_size": 16, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 4})
+    batch = {"input_ids": torch.randint(0, 64, (1, 8)), "pixel_values": torch.randn(1, 3, 16, 16)}
+    qm = calibrate(quantize_model(transformers.CLIPModel(cfg).eval(), 8, 8), [batch])
+    qm.config.text_config._attn_implementation = "eager"
+    configs = (qm.config, qm.config.text_config, qm.config.vision_config)
+    before = [c._attn_implementation for c in configs]
+    seen = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: seen.append([c._attn_implementation for c in configs]))
+    export_onnx(qm, batch, tmp_path / "clip.onnx")
+    assert seen == [["eager", "eager", "eager"]]
+    assert [c._attn_implementation for c in configs] == before and "eager" in before and before != ["eager"] * 3
 
 
 def test_a_model_that_is_itself_one_layer_is_explored():
