@@ -19,8 +19,8 @@ What it prints, in order:
   core as a run of qviz calls leaves it, as in a loop over one layer: the case the roof goals are about); "cold": the
   same lead-in, each call on the next weight copy (weights from DRAM, the core as earlier layers leave it). Rows
   without either start right after torch's call, from whatever it left: at the larger shapes its float weights
-  flush the L3,
-  and on some CPUs the core runs slower for a while after its GEMM (the header measures this: "clock after torch");
+  flush the L3, and on some CPUs the core runs slower for a while after its GEMM (the header measures this:
+  "clock after torch");
 - 003 Chapter 5's layer: packed-index convolution against torch conv2d, and its memory.
 
 Runs alternate qviz / torch / int8 in one process until a time budget is spent and report medians

@@ -722,6 +722,12 @@ static size_t qviz_task_count(size_t n, int team) {
     return tasks < n ? tasks : n;
 }
 
+/* Lines of the block of up to NP panels (K32 lines each) that starts at panel p1 of P; 0 past the last:
+ * the pfn of a tile that fetches the next block. */
+static inline size_t qviz_block_lines(size_t p1, size_t P, size_t NP, size_t K32) {
+    return p1 < P ? (P - p1 < NP ? P - p1 : NP) * K32 : 0;
+}
+
 /* Blocks [*first, *last) of task t of `tasks` over n blocks: consecutive, sizes within one of each other. */
 static void qviz_task_range(size_t n, size_t tasks, long t, size_t *first, size_t *last) {
     *first = (size_t)t * n / tasks;
@@ -753,13 +759,12 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
     for (int i = 0; i < mr; i++) add[i] = (int32_t)(j->offset + (j->offset_m ? j->offset_m[m + (size_t)i] : 0));
     const char *pf = NULL;
     size_t pfn = 0;
-    const size_t p1 = p0 + (size_t)j->NP;
-    if (j->MB == 1 && p1 < j->P && !split) {
+    const size_t p1 = p0 + (size_t)j->NP, lines = qviz_block_lines(p1, j->P, (size_t)j->NP, j->K32);
+    if (j->MB == 1 && lines && !split) {
         pf = (const char *)(j->Bp + p1 * j->ldb);
-        pfn = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
-    } else if (fetch && p1 < j->P && j->MB > 1 && mr > 1) {
+        pfn = lines;
+    } else if (fetch && lines && j->MB > 1 && mr > 1) {
         const size_t fetchers = j->MB - (j->M % (size_t)j->MR == 1); /* a last block of one row fetches none */
-        const size_t lines = (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32;
         const size_t steps = (lines + j->K32 * fetchers - 1) / (j->K32 * fetchers), first = r * steps * j->K32;
         if (first < lines) {
             pf = (const char *)(j->Bp + p1 * j->ldb) + first * 64;
@@ -781,8 +786,9 @@ static void qviz_panel_tile(const qviz_panel_job *j, size_t nb, size_t r, int fe
 
 /* Task t: consecutive panel blocks, each against every row block. The rows pass over a block of
  * weights while it sits in L1/L2, and a thread reads only its own tasks' weights and fetches only
- * blocks it will use (but for a single row block, qviz_panel_tile): with one tile per task, handed out in turn, both cores had read every block
- * (16x4096x4096 binary on 2 threads: 70% of the roof, against 85% on one; 76-79% with these tasks). */
+ * blocks it will use (but for a single row block, qviz_panel_tile): with one tile per task, handed out
+ * in turn, both cores had read every block (16x4096x4096 binary on 2 threads: 70% of the roof, against
+ * 85% on one; 76-79% with these tasks). */
 static void qviz_panel_task(void *arg, long t) {
     const qviz_panel_job *j = (const qviz_panel_job *)arg;
     size_t first, last;
@@ -1043,9 +1049,10 @@ static void qviz_fused_task(void *arg, long t) {
         const size_t first = nb * share;
         const char *pf = first < next ? (const char *)(j->act.x + m1 * j->act.K) + first * 64 : NULL;
         size_t pfn = pf ? (next - first < share ? next - first : share) : 0;
-        if (j->M <= (size_t)j->MR && p0 + (size_t)j->NP < j->P) { /* a single row tile: the next block, as qviz_panel_tile */
-            pf = (const char *)(j->Bp + (p0 + (size_t)j->NP) * j->ldb);
-            pfn = (j->P - p0 - (size_t)j->NP < (size_t)j->NP ? j->P - p0 - (size_t)j->NP : (size_t)j->NP) * j->K32;
+        const size_t p1 = p0 + (size_t)j->NP, lines = qviz_block_lines(p1, j->P, (size_t)j->NP, j->K32);
+        if (j->M <= (size_t)j->MR && lines) { /* a single row tile: the next block, as qviz_panel_tile */
+            pf = (const char *)(j->Bp + p1 * j->ldb);
+            pfn = lines;
         }
         const int whole = cols == np * QVIZ_PANEL;
         int32_t *o = whole ? j->out + m * j->N + n0 : scratch;
@@ -1624,9 +1631,8 @@ static void qviz_lut_task(void *arg, long t) {
         const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
         /* a GEMV's tile fetches the next block (QVIZ_GEMV_FETCH), whatever task it falls in */
         const size_t p1 = p0 + (size_t)j->NP;
-        const int gemv = j->M == 1 && p1 < j->P;
-        const char *pf = gemv ? (const char *)(j->Bp + p1 * j->ldb) : NULL;
-        const size_t pfn = gemv ? (j->P - p1 < (size_t)j->NP ? j->P - p1 : (size_t)j->NP) * j->K32 : 0;
+        const size_t pfn = j->M == 1 ? qviz_block_lines(p1, j->P, (size_t)j->NP, j->K32) : 0;
+        const char *pf = pfn ? (const char *)(j->Bp + p1 * j->ldb) : NULL;
         for (size_t m = 0; m < j->M; m += (size_t)j->MR) {
             const int mr = (int)(j->M - m < (size_t)j->MR ? j->M - m : (size_t)j->MR);
             j->fn(j->X + m * j->K, j->K, j->K, j->Bp + p0 * j->ldb, j->ldb, j->K32, j->table, mr, np,
@@ -1653,9 +1659,9 @@ static QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_gemv_tab_task(void *arg, long t) {
     const int np = (int)(j->P - p0 < QVIZ_TILE_NP ? j->P - p0 : QVIZ_TILE_NP);
     const uint32_t *B = j->Bp + p0 * j->ldb;
     const size_t p1 = p0 + QVIZ_TILE_NP, K32 = j->K32, ldb = j->ldb;
-    const char *pf = p1 < j->P ? (const char *)(j->Bp + p1 * ldb) : NULL; /* the next block (QVIZ_GEMV_FETCH) */
-    const size_t pfn = pf ? (j->P - p1 < QVIZ_TILE_NP ? j->P - p1 : QVIZ_TILE_NP) * K32 : 0;
-    const int MR = 1;
+    const size_t pfn = qviz_block_lines(p1, j->P, QVIZ_TILE_NP, K32); /* the next block (QVIZ_GEMV_FETCH) */
+    const char *pf = pfn ? (const char *)(j->Bp + p1 * ldb) : NULL;
+    const int MR = 1; /* a GEMV: QVIZ_GEMV_FETCH acts for one-row tiles */
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (size_t k = 0; k < K32; k++) {
         const float *T = j->tables + k * 8 * 16; /* 8 groups of 4 bits in a 32-bit word */
