@@ -835,7 +835,8 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     opened: the first is named "output", the others after their keys and positions ("pooler_output",
     "output.1"); other objects are not outputs (a decoder's key/value cache, which the exporter cannot
     trace). Keyword inputs that are not tensors are constants of the graph (use_cache=False); one holding
-    tensors is refused. Needs the `onnx` package (pip install "qviz[onnx]").
+    tensors (in a container, a dataclass or an object such as a key/value cache) is refused: the graph
+    would keep their values of the example as constants. Needs the `onnx` package (pip install "qviz[onnx]").
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -847,9 +848,15 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     args, kwargs = _example_inputs(example)
     for key, value in kwargs.items():
         if not isinstance(value, torch.Tensor) and _holds_tensors(value):
-            raise ValueError(f"example[{key!r}] holds tensors inside a {type(value).__name__}, which the graph "
+            raise ValueError(f"example[{key!r}] holds tensors inside its {type(value).__name__}, which the graph "
                              "could only bake in as constants; allowed: a tensor (a graph input) or a value "
                              "without tensors (a constant, such as use_cache=False)")
+    for i, value in enumerate(args):
+        holder = _foreign_holder(value)
+        if holder is not None:
+            where = f"example[{i}]" if isinstance(example, tuple) else "example"
+            raise ValueError(f"{where} holds tensors inside its {holder}, which the exporter cannot take as "
+                             "graph inputs; allowed: tensors, or tuples, lists and dicts of them")
     _check_exportable(qmodel)
     _check_float32(qmodel, args, kwargs)
     path = Path(path)
@@ -938,15 +945,56 @@ def _traced_as_tensors(model: nn.Module, n_args: int, keys: list[str], constants
             model.forward = own
 
 
-def _holds_tensors(value) -> bool:
-    """Whether a keyword input holds tensors inside tuples, lists or dicts (the graph could not feed them)."""
+_HOLDING_DEPTH = 8  # deep enough for a Hugging Face cache (cache -> layers -> layer -> keys)
+
+
+def _holds_tensors(value, seen: set[int] | None = None, depth: int = 0) -> bool:
+    """Whether a keyword input holds tensors anywhere the graph could only bake them in as constants:
+    inside tuples, lists, sets, dicts, dataclasses or an object's attributes (a decoder's key/value cache
+    keeps its tensors there)."""
     if isinstance(value, torch.Tensor):
         return True
+    if depth > _HOLDING_DEPTH or value is None or isinstance(value, (str, bytes, int, float, complex, type)):
+        return False
+    seen = set() if seen is None else seen
+    if id(value) in seen:  # objects that refer back to themselves
+        return False
+    seen.add(id(value))
     if isinstance(value, dict):
-        return any(_holds_tensors(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return any(_holds_tensors(v) for v in value)
-    return False
+        inner = list(value.values())
+    elif isinstance(value, (tuple, list, set, frozenset)):
+        inner = list(value)
+    else:
+        inner = list(getattr(value, "__dict__", {}).values())
+        inner += [getattr(value, slot) for slot in _slots(type(value)) if hasattr(value, slot)]
+    return any(_holds_tensors(v, seen, depth + 1) for v in inner)
+
+
+def _foreign_holder(value, seen: set[int] | None = None) -> str | None:
+    """The type name of the first object other than a tuple, list or dict that holds tensors inside a
+    positional input (the exporter flattens those three into graph inputs, nothing else), or None."""
+    if isinstance(value, torch.Tensor):
+        return None
+    seen = set() if seen is None else seen
+    if id(value) in seen:  # a list that holds itself
+        return None
+    seen.add(id(value))
+    if isinstance(value, dict):
+        inner = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        inner = list(value)
+    else:
+        return type(value).__name__ if _holds_tensors(value) else None
+    return next((h for h in (_foreign_holder(v, seen) for v in inner) if h is not None), None)
+
+
+def _slots(cls: type) -> list[str]:
+    """The __slots__ names of a class and its bases (objects without a __dict__ keep their fields there)."""
+    names: list[str] = []
+    for base in cls.__mro__:
+        slots = base.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return [n for n in names if n not in ("__dict__", "__weakref__")]
 
 
 def _tensor_leaves(out, name: str = "output") -> list[tuple[str, torch.Tensor]]:

@@ -771,8 +771,11 @@ def test_export_refuses_keyword_inputs_holding_tensors_and_restores_the_model_wh
                                                                  n_positions=32, bos_token_id=0, eos_token_id=0))
     tokens = torch.randint(0, 64, (2, 8))
     qm = calibrate(quantize_model(model.eval(), 8, 8), [tokens])
-    with pytest.raises(ValueError, match=r"example\['extra'\] holds tensors inside a list.*allowed: a tensor"):
+    with pytest.raises(ValueError, match=r"example\['extra'\] holds tensors inside its list.*allowed: a tensor"):
         export_onnx(qm, {"input_ids": tokens[:1], "extra": [tokens[:1]]}, tmp_path / "x.onnx")
+    cache = model(input_ids=tokens[:1], use_cache=True).past_key_values  # its tensors sit in its attributes
+    with pytest.raises(ValueError, match=r"example\['past_key_values'\] holds tensors inside its DynamicCache"):
+        export_onnx(qm, {"input_ids": tokens[:1, :1], "past_key_values": cache}, tmp_path / "x.onnx")
     qm.config._attn_implementation = "sdpa"
 
     def fails(*args, **kwargs):
@@ -783,6 +786,61 @@ def test_export_refuses_keyword_inputs_holding_tensors_and_restores_the_model_wh
     with pytest.raises(RuntimeError, match="the exporter gave up"):
         export_onnx(qm, tokens[:1], tmp_path / "y.onnx")
     assert qm.config._attn_implementation == "sdpa" and "forward" not in qm.__dict__ and not qm.training
+
+
+@dataclasses.dataclass
+class _Shift:
+    by: torch.Tensor
+
+
+class _SlottedShift:
+    __slots__ = ("by",)
+
+    def __init__(self, by):
+        self.by = by
+
+
+class _Loop:
+    """An object that refers to itself and holds no tensor."""
+
+    def __init__(self):
+        self.me, self.scale = self, 2.0
+
+
+class _Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, shift=None, loop=None):
+        y = self.fc(x) * (1.0 if loop is None else loop.scale)
+        return y if shift is None else y + shift.by
+
+
+def test_export_refuses_tensors_held_where_the_graph_could_not_feed_them(tmp_path):
+    """Tensors inside a dataclass, a slotted object or any object's attributes are refused, as keyword and
+    as positional inputs (the graph would keep the example's values as constants, or the exporter fails
+    with a page of trace); an object without tensors, even one that refers to itself, stays a constant."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    qm = calibrate(quantize_model(_Shifted(), 8, 8), [x])
+    for holder in (_Shift(torch.ones(3)), _SlottedShift(torch.ones(3))):
+        name = type(holder).__name__
+        with pytest.raises(ValueError, match=rf"example\['shift'\] holds tensors inside its {name}.*allowed"):
+            export_onnx(qm, {"x": x, "shift": holder}, tmp_path / "k.onnx")
+        with pytest.raises(ValueError, match=rf"example\[1\] holds tensors inside its {name}.*allowed: tensors"):
+            export_onnx(qm, (x, holder), tmp_path / "p.onnx")
+        with pytest.raises(ValueError, match=rf"example\[1\] holds tensors inside its {name}"):
+            export_onnx(qm, (x, [holder]), tmp_path / "p.onnx")
+    with pytest.raises(ValueError, match=r"^example holds tensors inside its _Shift"):
+        export_onnx(qm, _Shift(x), tmp_path / "e.onnx")
+    itself: list = []
+    itself.append(itself)
+    with pytest.raises(ValueError, match=r"example\[1\] holds tensors inside its _Shift"):
+        export_onnx(qm, (x, [itself, _Shift(x)]), tmp_path / "p.onnx")
+    path = export_onnx(qm, {"x": x, "loop": _Loop()}, tmp_path / "loop.onnx")
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["x"]
 
 
 def test_export_restores_each_sub_config_of_a_composite_model(tmp_path, monkeypatch):
