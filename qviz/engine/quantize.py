@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qviz import _checks
+from qviz.engine._onnx_ops import exporter_fixes
 from qviz.engine.layers import (
     CALIBRATIONS,
     ActivationPoint,
@@ -830,7 +831,9 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     schemes raise ValueError naming the layer. PyTorch's fused attention fast paths are off while
     exporting (their fused op has no ONNX form), and so is Hugging Face models' scaled-dot-product or
     flash attention (their `config._attn_implementation` reads "eager" until the export returns: the
-    exporter has no form for grouped-query SDPA, as in Llama). The graph's outputs are the tensors of the
+    exporter has no form for grouped-query SDPA, as in Llama). The exporter also gets forms of torch.diff
+    and of cumsum over bools and integers while exporting (a decoder's mask code without an attention
+    mask uses both; see _onnx_ops). The graph's outputs are the tensors of the
     model's output in order, tuples, lists, dicts (Hugging Face model outputs), named tuples and dataclasses
     opened: the first is named "output", the others after their keys and positions ("pooler_output",
     "output.1"); other objects are not outputs (a decoder's key/value cache, which the exporter cannot
@@ -875,7 +878,7 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             constants = {k: v for k, v in kwargs.items() if k not in keys}
             names = keys if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
-            with _exporting("trace"), _traced_as_tensors(qmodel, len(args), keys, constants):
+            with _exporting("trace"), _traced_as_tensors(qmodel, len(args), keys, constants), exporter_fixes():
                 try:
                     torch.onnx.export(qmodel, (*args, *(kwargs[k] for k in keys)), str(path), opset_version=opset,
                                       dynamo=False, do_constant_folding=False, input_names=names,

@@ -682,12 +682,14 @@ def test_a_bert_built_from_its_config_exports_at_the_default_opset_and_onnx_runt
     assert sqnr_db(ours, theirs) > 60
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama without a mask"])
 def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path, family):
     """A decoder returns its key/value cache beside the logits (an object the exporter cannot trace): the
     graph's outputs are the output's tensors, the logits first (named "output", as a model returning one
     tensor has it). Llama's grouped-query SDPA has no exporter form: its attention runs eager while
-    exporting and is restored afterwards. The graph's parameters keep the model's own names."""
+    exporting and is restored afterwards. Without a cache and an attention mask, Hugging Face's mask looks
+    for packed sequences with torch.diff, which the exporter has no form for but qviz gives one. The
+    graph's parameters keep the model's own names."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
@@ -706,6 +708,8 @@ def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path
     # keyword inputs with a constant among them (GPT-2), or a tensor whose output keeps its cache (Llama)
     mask = torch.ones(1, 12, dtype=torch.long)
     example = {"input_ids": tokens[:1], "attention_mask": mask, "use_cache": False} if family == "gpt2" else tokens[:1]
+    if family == "llama without a mask":
+        example = {"input_ids": tokens[:1], "use_cache": False}
     path = export_onnx(qm, example, tmp_path / f"{family}.onnx")
     assert qm.config._attn_implementation == before
     graph = onnx.load(str(path)).graph
@@ -722,6 +726,63 @@ def test_decoders_with_a_key_value_cache_export_and_onnx_runtime_agrees(tmp_path
     with torch.no_grad():
         ours = qm(tokens[:1]).logits.numpy()
     assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 60
+
+
+class _Differences(nn.Module):
+    def __init__(self, **how):
+        super().__init__()
+        self.fc, self.how = nn.Linear(6, 6), how
+
+    def forward(self, x, p):
+        how = dict(self.how)
+        if how.pop("edges", False):
+            flags = p.dtype == torch.bool  # no arithmetic on bools
+            how.update(prepend=p[:, :1] if flags else p[:, :1] - 1, append=~p[:, -1:] if flags else p[:, -1:] * 2)
+        d = torch.diff(p, **how)
+        return self.fc(x), d, (d != 1).cumsum(-1), p.cumsum(0)
+
+
+@pytest.mark.parametrize("how", [{}, {"n": 2}, {"dim": 0}, {"dim": -1, "edges": True}, {"n": 3, "edges": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool])
+def test_torch_diff_and_cumsum_export_and_onnx_runtime_computes_them_exactly(tmp_path, how, dtype):
+    """torch.diff (no exporter form of its own) and torch.cumsum of bools and small integers (written as a
+    CumSum ONNX Runtime refuses) export, with forms registered for the length of an export_onnx only."""
+    ort = pytest.importorskip("onnxruntime")
+    from torch.onnx._internal.torchscript_exporter import registration
+
+    torch.manual_seed(0)
+    x, p = torch.randn(3, 6), (torch.randn(4, 6) * 5).to(dtype)
+    model = _Differences(**how)
+    qm = calibrate(quantize_model(model, 8, 8), [(x, p)], forward=lambda m, batch: m(*batch))
+    path = export_onnx(qm, (x, p), tmp_path / "diff.onnx")
+    session = ort.InferenceSession(str(path))
+    theirs = session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), (x, p), strict=True)})[1:]
+    ours = [t.numpy() for t in model(x, p)[1:]]
+    for a, b in zip(theirs, ours, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b) if dtype != torch.float32 else np.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert not registration.registry.is_registered_op("aten::diff", 17)
+    assert not registration.registry.get_function_group("aten::cumsum")._functions.overridden(13)
+
+
+def test_a_users_own_form_of_an_operator_is_kept(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    used = []
+
+    def users_diff(g, x, n, dim, prepend, append):
+        used.append(True)
+        return g.op("Identity", x)
+
+    torch.onnx.register_custom_op_symbolic("aten::diff", users_diff, 13)
+    try:
+        x, p = torch.randn(3, 6), torch.randn(4, 6)
+        qm = calibrate(quantize_model(_Differences(), 8, 8), [(x, p)], forward=lambda m, batch: m(*batch))
+        export_onnx(qm, (x, p), tmp_path / "diff.onnx")
+        assert used
+        export_onnx(qm, (x, p), tmp_path / "diff.onnx")
+        assert len(used) == 2  # still registered after the first export
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::diff", 13)
 
 
 def test_export_names_the_outputs_tensors_and_refuses_an_output_without_any(tmp_path):
