@@ -35,12 +35,14 @@ from qviz.engine.metrics import histogram, sqnr_db, weight_report
 from qviz.engine.quantize import (
     UnquantizedModuleWarning,
     _fast_paths_off_when_needed,
+    _has_weights,
     channel_axis,
     configure_layer,
     default_activation_spec,
     default_weight_spec,
     float_weight,
     input_quantizers,
+    is_lazy,
     output_channel_rows,
     quantizable_layers,
     quantize_model,
@@ -117,6 +119,10 @@ class ModelAnalysis:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if metric is not None and not callable(metric):
             raise TypeError(f"metric must be callable(outputs, y) or None, got {type(metric).__name__}")
+        lazy = [f"{name!r} ({type(layer).__name__})" for name, layer in quantizable_layers(model) if is_lazy(layer)]
+        if lazy:  # running the model would make them in the user's model, and the copy's quantizers stale
+            raise ValueError(f"model has layers whose weights are not made yet: {', '.join(lazy[:3])}; allowed: "
+                             "a model run once on an example input first (that makes them)")
         self.X, self.y = self._check_data(data)
         self._check_labels(self.y, metric)
         self.metric_fn = metric
@@ -126,9 +132,11 @@ class ModelAnalysis:
             warnings.simplefilter("always", UnquantizedModuleWarning)
             self.qmodel = quantize_model(model, None, None).eval()
         self.unquantized = [str(w.message) for w in caught if issubclass(w.category, UnquantizedModuleWarning)]
-        self.layers = [name for name, _ in quantizable_layers(self.qmodel)]
+        # a layer of 0 features (nn.Linear(16, 0)) has no weights to quantize and no output to measure
+        self.layers = [name for name, layer in quantizable_layers(self.qmodel) if _has_weights(layer)]
         if not self.layers:
-            raise ValueError("model has no Linear, Conv, ConvTranspose or MultiheadAttention layer to quantize")
+            raise ValueError("model has no Linear, Conv, ConvTranspose or MultiheadAttention layer with weights to "
+                             "quantize")
         self._modules = dict(quantizable_layers(self.qmodel))
         self._float_modules = dict(quantizable_layers(self.model))
         self._cache: dict = {}
@@ -183,7 +191,7 @@ class ModelAnalysis:
 
     def setting(self, name: str, w_bits, a_bits, scheme: str = "default") -> LayerSetting:
         """The specs for bit widths (None: float) with a weight scheme ("default": 004's symmetric per-channel)."""
-        layer = self._modules[name]
+        layer = self._modules[self._layer_name(name)]
         if w_bits is None:
             weights = None
         elif scheme == "default":
@@ -195,6 +203,12 @@ class ModelAnalysis:
         takes = takes_input_quantizer(layer)  # MultiheadAttention's output projection: weights only
         activations = None if a_bits is None or not takes else default_activation_spec(a_bits)
         return LayerSetting(weights, activations)
+
+    def _layer_name(self, name: object) -> str:
+        if not isinstance(name, str) or name not in self.layers:
+            shown = ", ".join(repr(n) for n in self.layers[:8]) + (", ..." if len(self.layers) > 8 else "")
+            raise ValueError(f"name={name!r} is not a quantizable layer of the model; allowed: {shown}")
+        return name
 
     @staticmethod
     def weight_schemes() -> list[str]:
@@ -281,6 +295,10 @@ class ModelAnalysis:
                 raise ValueError(f"metric returned {value}; allowed: a finite number for every set of outputs")
             return value
         if self.y is not None:
+            if outputs.dim() != 2 or len(outputs) != len(self.y):
+                raise ValueError(f"the model's outputs have shape {tuple(outputs.shape)}, which accuracy cannot score "
+                                 f"against data y of shape {tuple(self.y.shape)}; allowed: outputs of one row of "
+                                 "class scores per sample, (N, classes), or metric=callable(outputs, y)")
             if int(self.y.max()) >= outputs.shape[-1] or int(self.y.min()) < 0:
                 raise ValueError(f"data y holds classes {int(self.y.min())}..{int(self.y.max())} but the model gives "
                                  f"{outputs.shape[-1]} outputs per sample; allowed: class indices 0.."
@@ -528,7 +546,9 @@ class ModelAnalysis:
     @staticmethod
     def scheme_bits(scheme: str) -> tuple[int, int]:
         """The weight bit widths a scheme allows ("default": 1 to 16)."""
-        return (1, 16) if scheme == "default" else SCHEMES[scheme].bits
+        if scheme == "default":
+            return (1, 16)
+        return SCHEMES[_checks.choice("scheme", scheme, ["default", *ModelAnalysis.weight_schemes()])].bits
 
     def pareto(self, a_bits, scheme: str = "default", *, cancel=None) -> Iterator[dict]:
         """Points of the Pareto chart: uniform weight bit widths, then the greedy mixed-precision path

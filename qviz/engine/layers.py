@@ -147,7 +147,7 @@ class WeightQuantizer(nn.Module):
             self.spec.axis in (1, 1 - w.dim())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.spec is None or self.bypass:
+        if self.spec is None or self.bypass or w.numel() == 0:  # a layer of 0 features has nothing to quantize
             return w
         if self._regroups(w):
             rows = by_output_channel(w, self.groups)

@@ -348,6 +348,11 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
     return qmodel
 
 
+def is_lazy(layer: nn.Module) -> bool:
+    """Whether a layer's weights are not made yet (a Lazy* layer before its first forward)."""
+    return any(isinstance(getattr(layer, n, None), nn.parameter.UninitializedParameter) for n in weight_names(layer))
+
+
 def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dict | None = None, *,
                       stochastic: bool = False) -> nn.Module:
     """quantize_model without the copy: configures `model` itself (the paper networks' constructors use it;
@@ -355,9 +360,7 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
     _checks.boolean("stochastic", stochastic)
     plan, layers, declared = _plan(model, weights, activations, overrides, stochastic)
     for name, layer in layers:
-        lazy = any(isinstance(getattr(layer, n, None), nn.parameter.UninitializedParameter)
-                   for n in weight_names(layer))
-        if lazy and plan.weights[name] is not None:
+        if is_lazy(layer) and plan.weights[name] is not None:
             raise ValueError(f"layer {name or ROOT_LAYER!r} ({type(layer).__name__}) has lazy weights, not made "
                              "yet; allowed: a model run once on an example input first (that makes them), or "
                              f"overrides={{{name!r}: None}} to keep it float")
@@ -759,14 +762,30 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
 
 def _bake_through(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     """Set a weight that stays parametrized by the user's own parametrizations to `value`: assigning it
-    runs their right_inverse (weight norm: g and v of `value`, so the chain gives `value` back)."""
+    runs their right_inverse (weight norm: g and v of `value`, so the chain gives `value` back). One that
+    cannot give `value` back (orthogonal and spectral norm project it onto their own set) leaves the
+    weights at their float values, with a warning."""
+    chain = layer.parametrizations[name]
+    before = {k: v.detach().clone() for k, v in chain.state_dict().items()}
     try:
         with torch.no_grad():
             setattr(layer, name, value)
+            gives = getattr(layer, name)
     except (NotImplementedError, RuntimeError, ValueError, TypeError) as err:
+        chain.load_state_dict(before)
         warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own that cannot take given "
                       f"weights ({type(err).__name__}): they stay, and the weights keep their float values",
                       UserWarning, stacklevel=4)
+        return
+    off = float((gives - value).abs().max()) if value.numel() else 0.0
+    if not off <= _BAKE_TOLERANCE * max(float(value.abs().max()) if value.numel() else 0.0, 1e-30):
+        chain.load_state_dict(before)
+        warnings.warn(f"{name} of {type(layer).__name__} has parametrizations of its own that turn the quantized "
+                      f"weights into others (off by up to {off:.3g}): they stay, and the weights keep their float "
+                      "values", UserWarning, stacklevel=4)
+
+
+_BAKE_TOLERANCE = 1e-5  # relative: a right_inverse that gives the weights back does so to float rounding
 
 
 def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored: dict) -> None:

@@ -308,6 +308,51 @@ def test_bake_goes_through_the_users_own_weight_norm():
         torch.testing.assert_close(baked(x), qm(x), atol=1e-5, rtol=0)
 
 
+def test_bake_keeps_float_weights_with_a_warning_where_the_users_parametrization_changes_them():
+    """An orthogonal parametrization projects whatever it is given onto orthogonal matrices: it cannot hold
+    4-bit weights, so the baked layer keeps its float weights (and says so) rather than other weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    nn.utils.parametrizations.orthogonal(model[0])
+    qm = quantize_model(model, 4, None)
+    with pytest.warns(UserWarning, match=r"weight of ParametrizedLinear has parametrizations of its own that turn "
+                                         r"the quantized weights into others \(off by up to .*float values"):
+        baked = dequantize_model(qm, bake=True)
+    with torch.no_grad():
+        assert parametrize.is_parametrized(baked[0], "weight")
+        torch.testing.assert_close(baked[0].weight, model[0].weight, atol=1e-6, rtol=0)  # float, as before
+        assert torch.equal(baked[2].weight, qm[2].weight)  # the plain layer is baked
+
+
+def test_a_layer_of_zero_features_is_left_as_it_is(tmp_path):
+    """nn.Linear(16, 0) has nothing to quantize: quantizing, calibrating, exporting and analysing the model
+    around it work, and the analysis leaves it out."""
+    from qviz.engine.analysis import ModelAnalysis
+
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.none, self.some = nn.Linear(16, 0), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return torch.cat([self.none(x), self.some(x)], -1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+        model = Split()
+    qm = calibrate(quantize_model(model, 4, 4), [x])
+    with torch.no_grad():
+        assert qm(x).shape == (8, 3) and not torch.equal(qm(x), model(x))
+    analysis = ModelAnalysis(model, (x, y))
+    assert analysis.layers == ["some"]
+    report = analysis.report(analysis.uniform_config(4, 8))
+    assert [r["name"] for r in report["layers"]] == ["some"] and math.isfinite(report["quant_metric"])
+    pytest.importorskip("onnx")
+    assert export_onnx(qm, x, tmp_path / "split.onnx").stat().st_size > 0
+
+
 def test_batch_norm_folding_finds_the_pairs_by_data_flow_and_keeps_the_output():
     model = _hf_resnet()
     x = torch.randn(3, 3, 32, 32)
@@ -1112,3 +1157,48 @@ def test_a_calibrated_checkpoint_loads_into_a_fresh_quantized_copy():
     assert fresh.conv1.input_quantizer.range() == qm.conv1.input_quantizer.range()
     with torch.no_grad():
         assert torch.equal(fresh(x), qm(x))
+
+
+def test_the_analysis_refuses_lazy_layers_before_running_the_users_model():
+    """Running the model would make the lazy layer's weights in the user's model itself."""
+    from qviz.engine.analysis import ModelAnalysis
+
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"not made yet: '0' \(LazyLinear\); allowed: a model run once"):
+        ModelAnalysis(model, torch.randn(4, 16))
+    assert isinstance(model[0], nn.LazyLinear)
+
+
+class _Squeezed(nn.Module):
+    def __init__(self, out: int, shape: str):
+        super().__init__()
+        self.fc, self.shape = nn.Linear(16, out), shape
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"n": y.squeeze(-1), "nlc": y.unsqueeze(1).expand(-1, len(x), -1), "ncl": y.unsqueeze(-1)}[self.shape]
+
+
+@pytest.mark.parametrize(("out", "shape"), [(1, "n"), (3, "nlc"), (3, "ncl")])
+def test_accuracy_refuses_outputs_that_are_not_one_row_of_scores_per_sample(out, shape):
+    """A single-logit classifier (N,) and per-position outputs (N, L, C) with L == N used to give a number
+    (argmax over the batch; labels broadcast over positions), (N, C, L) a shape error from torch."""
+    from qviz.engine.analysis import ModelAnalysis
+
+    x, y = torch.randn(8, 16), torch.randint(0, out, (8,))
+    analysis = ModelAnalysis(_Squeezed(out, shape), (x, y))
+    with pytest.raises(ValueError, match=r"outputs have shape .* accuracy cannot score .* allowed: .*metric="):
+        _ = analysis.float_metric
+    scored = ModelAnalysis(_Squeezed(out, shape), (x, y), metric=lambda outputs, labels: float(outputs.mean()))
+    assert math.isfinite(scored.float_metric)
+
+
+def test_the_analysis_names_an_unknown_layer_or_scheme():
+    from qviz.engine.analysis import ModelAnalysis
+
+    analysis = ModelAnalysis(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"name='nope' is not a quantizable layer .* allowed: '0', '2'"):
+        analysis.setting("nope", 8, 8)
+    with pytest.raises(ValueError, match=r"scheme='bogus' is not allowed; allowed values: 'default'"):
+        next(analysis.pareto(8, scheme="bogus"))
+    assert analysis.setting("2", 4, None).weights.bits == 4
