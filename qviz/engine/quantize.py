@@ -863,6 +863,7 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     opset = _checks.integer("opset", opset, 13, 23)
+    path = _export_path(path)
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as err:
@@ -881,7 +882,6 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
                              "graph inputs; allowed: tensors, or tuples, lists and dicts of them")
     _check_exportable(qmodel)
     _check_float32(qmodel, args, kwargs)
-    path = Path(path)
     was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
     qmodel.eval()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -965,6 +965,20 @@ def _traced_as_tensors(model: nn.Module, n_args: int, keys: list[str], constants
             del model.forward
         else:
             model.forward = own
+
+
+def _export_path(path) -> Path:
+    """The file to write, checked before the trace (which can take minutes on a large model)."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; allowed: a file path, such as "
+                         f"{str(path / 'model.onnx')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"path {str(path)!r} is in a folder that does not exist ({str(path.parent)!r}); "
+                         "allowed: a file in an existing folder")
+    return path
 
 
 _HOLDING_DEPTH = 8  # deep enough for a Hugging Face cache (cache -> layers -> layer -> keys)

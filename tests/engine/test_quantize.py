@@ -1202,3 +1202,16 @@ def test_the_analysis_names_an_unknown_layer_or_scheme():
     with pytest.raises(ValueError, match=r"scheme='bogus' is not allowed; allowed values: 'default'"):
         next(analysis.pareto(8, scheme="bogus"))
     assert analysis.setting("2", 4, None).weights.bits == 4
+
+
+def test_export_checks_its_path_before_tracing(tmp_path):
+    pytest.importorskip("onnx")
+    x = torch.randn(3, 4)
+    qm = calibrate(quantize_model(nn.Linear(4, 2), 8, 8), [x])
+    with pytest.raises(TypeError, match=r"path must be a file path \(str or os.PathLike\), got NoneType"):
+        export_onnx(qm, x, None)
+    with pytest.raises(ValueError, match=r"is a folder; allowed: a file path, such as .*model.onnx"):
+        export_onnx(qm, x, tmp_path)
+    with pytest.raises(ValueError, match=r"in a folder that does not exist .* allowed: a file in an existing"):
+        export_onnx(qm, x, tmp_path / "missing" / "m.onnx")
+    assert export_onnx(qm, x, str(tmp_path / "m.onnx")) == tmp_path / "m.onnx"
