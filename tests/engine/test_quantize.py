@@ -1215,3 +1215,32 @@ def test_export_checks_its_path_before_tracing(tmp_path):
     with pytest.raises(ValueError, match=r"in a folder that does not exist .* allowed: a file in an existing"):
         export_onnx(qm, x, tmp_path / "missing" / "m.onnx")
     assert export_onnx(qm, x, str(tmp_path / "m.onnx")) == tmp_path / "m.onnx"
+
+
+_DECODERS = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+}
+
+
+@pytest.mark.filterwarnings("ignore::qviz.engine.quantize.UnquantizedModuleWarning")  # embeddings and norms
+@pytest.mark.parametrize("family", sorted(_DECODERS))
+def test_decoder_families_export_without_a_mask_and_onnx_runtime_agrees(tmp_path, family):
+    """The export form a decoder user tries first, input ids and use_cache=False, across families whose
+    mask code differs (sliding windows, rotary variants, partial rotary)."""
+    ort = pytest.importorskip("onnxruntime")
+    config, model_class, extra = _DECODERS[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config)(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=37,
+        vocab_size=99, bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra)).eval()
+    ids = torch.randint(0, 99, (1, 8))
+    example = {"input_ids": ids, "use_cache": False}
+    qm = calibrate(quantize_model(model, 8, 8), example)
+    session = ort.InferenceSession(str(export_onnx(qm, example, tmp_path / f"{family}.onnx")))
+    theirs = session.run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        ours = qm(**example).logits.numpy()
+    assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 100
