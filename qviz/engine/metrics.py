@@ -14,7 +14,8 @@ import torch
 from qviz import _checks
 
 
-def _array(name: str, a: object) -> np.ndarray:
+def _real_array(name: str, a: object) -> np.ndarray:
+    """a as a numpy array of real numbers (torch tensors as numpy views where they can be), not copied."""
     a = _checks.numpy_of(name, a)
     if isinstance(a, np.generic):
         a = np.asarray(a)
@@ -22,9 +23,18 @@ def _array(name: str, a: object) -> np.ndarray:
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-    _checks.fits_memory(name, a.size, 32)  # float64 copies of the inputs and their difference
+    return a
+
+
+def _finite(name: str, a: np.ndarray) -> None:
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf; only finite values are allowed")
+
+
+def _array(name: str, a: object) -> np.ndarray:
+    a = _real_array(name, a)
+    _checks.fits_memory(name, a.size, 32)  # float64 copies of the inputs and their difference
+    _finite(name, a)
     return a.astype(np.float64, copy=False)
 
 
@@ -54,17 +64,76 @@ def _power_db(rows: np.ndarray) -> np.ndarray:
         return np.where(unit > 0, 20 * np.log10(safe) + 10 * np.log10(total), -np.inf)
 
 
+_STEP = 1 << 16  # values per step of a streamed SQNR: float64 copies of a step stay in the core's cache
+
+
+def _steps(*arrays: np.ndarray):
+    """The arrays' values in matching steps of _STEP, as float64 (numpy's buffered iterator: no copy of
+    the whole, whatever the layout)."""
+    it = np.nditer(arrays, flags=["external_loop", "buffered", "zerosize_ok"], op_dtypes=["float64"] * len(arrays),
+                   casting="safe", buffersize=_STEP)
+    with it:
+        yield from it
+
+
+def _repeats_values(a: np.ndarray) -> bool:
+    """Whether a is a view that shows values more than once (a stride-0 broadcast): its values do not sit
+    in memory of their own, however many there are."""
+    if a.size <= 1:
+        return False
+    extent = a.itemsize + sum((n - 1) * abs(st) for n, st in zip(a.shape, a.strides, strict=True))
+    return extent < a.nbytes
+
+
+def _streamed_sqnr_db(w: np.ndarray, w_q: np.ndarray) -> float:
+    """sqnr_db over the whole arrays, in steps: no float64 copy of the inputs, so outputs of any size a
+    model can produce are measured (a language model's logits run to gigabytes). Three passes: the
+    largest values, the largest error and the signal, the noise; each summed in units of its largest."""
+    for name, a in (("w", w), ("w_q", w_q)):
+        if _repeats_values(a):
+            _checks.fits_memory(name, a.size, 32)
+    big_w = big_q = 0.0
+    for a, b in _steps(w, w_q):
+        for name, v in (("w", a), ("w_q", b)):
+            _finite(name, v)
+        big_w, big_q = max(big_w, float(np.abs(a).max())), max(big_q, float(np.abs(b).max()))
+    halved = max(big_w, big_q) >= np.finfo(np.float64).max / 2  # then (w - w_q) / 2: it cannot overflow
+
+    def error(a, b):
+        return a / 2 - b / 2 if halved else a - b
+
+    big_e, signal = 0.0, 0.0
+    for a, b in _steps(w, w_q):
+        big_e = max(big_e, float(np.abs(error(a, b)).max()))
+        if big_w > 0:
+            signal += float(((a / big_w) ** 2).sum())
+    if big_e == 0:
+        return math.inf
+    if big_w == 0:
+        return -math.inf
+    noise = sum(float(((error(a, b) / big_e) ** 2).sum()) for a, b in _steps(w, w_q))
+    noise_db = 20 * math.log10(big_e) + 10 * math.log10(noise) + (20 * math.log10(2.0) if halved else 0.0)
+    return 20 * math.log10(big_w) + 10 * math.log10(signal) - noise_db
+
+
 def sqnr_db(w, w_q, axis: int | None = None):
     """Signal-to-quantization-noise ratio 10 log10(Σ w² / Σ (w - w_q)²) in dB (004 Appendix A).
 
     With `axis`, one value per slice along that axis (e.g. per output channel, "per kernel", as in
     004 Figs. 18-19), as a numpy array. A slice quantized without error has SQNR +inf; a slice with no
     signal but some error has -inf. Signal and noise are summed in decibels of their own largest value,
-    so any finite float64 input gives the ratio to full precision.
+    so any finite float64 input gives the ratio to full precision. Without `axis` the arrays are read
+    in steps, with no float64 copy of them: any size that sits in memory is measured.
     """
+    if axis is None:
+        w, w_q = _real_array("w", w), _real_array("w_q", w_q)
+        if w.shape != w_q.shape:
+            raise ValueError(f"w and w_q must have the same shape, got {w.shape} and {w_q.shape}")
+        if w.size == 0:
+            raise ValueError("w is empty; SQNR needs at least one value")
+        return _streamed_sqnr_db(w, w_q)
     w, w_q = _pair(w, w_q)
-    if axis is not None:
-        axis = _checks.axis_for("axis", axis, w.ndim)
+    axis = _checks.axis_for("axis", axis, w.ndim)
     signal = _power_db(_rows(w, axis))
     if max(float(np.abs(w).max()), float(np.abs(w_q).max())) < np.finfo(np.float64).max / 2:
         noise = _power_db(_rows(w - w_q, axis))

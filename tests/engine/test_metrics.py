@@ -56,6 +56,37 @@ def test_sqnr_edge_cases():
     assert sqnr_db(np.zeros(3), np.ones(3)) == -math.inf
 
 
+def _exact_sqnr(w: np.ndarray, q: np.ndarray) -> float:
+    w, q = w.astype(np.float64).ravel(), q.astype(np.float64).ravel()
+    return 10 * math.log10(float((w * w).sum()) / float(((w - q) ** 2).sum()))
+
+
+def test_sqnr_streams_arrays_beyond_the_memory_limit_in_any_layout(monkeypatch):
+    """A model's outputs can run to gigabytes (a language model's logits): the SQNR of arrays that sit in
+    memory is read in steps, not refused; only views that repeat values (stride 0) are held to the limit."""
+    import qviz._timing
+
+    monkeypatch.setattr(qviz._timing, "memory_limit", lambda: 1 << 20)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2**12, 2**12 + 3), dtype=np.float32)  # 16.8 M values: past the size checks begin
+    q = w + np.float32(1e-3) * rng.standard_normal(w.shape, dtype=np.float32)
+    want = _exact_sqnr(w, q)
+    assert abs(sqnr_db(w, q) - want) < 1e-9 * abs(want)
+    assert abs(sqnr_db(torch.from_numpy(w).T, torch.from_numpy(q).T) - want) < 1e-9 * abs(want)
+    assert abs(sqnr_db(w[:, ::2], q[:, ::2]) - _exact_sqnr(w[:, ::2], q[:, ::2])) < 1e-9 * abs(want)
+    with pytest.raises(ValueError, match=r"w holds .* beyond the memory limit"):
+        sqnr_db(np.broadcast_to(np.float32(1), (2**13, 2**12)), np.broadcast_to(np.float32(1), (2**13, 2**12)))
+
+
+@pytest.mark.parametrize("dtypes", [(np.int64, np.float16), (np.int8, np.int32), (np.float64, np.uint64)])
+def test_sqnr_of_mixed_dtypes_and_shapes(dtypes):
+    rng = np.random.default_rng(1)
+    w = rng.integers(-100, 100, (3, 5, 7)).astype(dtypes[0])
+    q = (w + rng.integers(-2, 3, w.shape)).clip(0 if dtypes[1] == np.uint64 else -128).astype(dtypes[1])
+    assert abs(sqnr_db(w, q) - _exact_sqnr(w, q)) < 1e-9 * abs(_exact_sqnr(w, q))
+    assert sqnr_db(np.float32(2.0), np.float32(2.0)) == math.inf
+
+
 def test_quantization_error_and_weight_power():
     x = np.array([1.0, -2.0, 0.5])
     assert np.array_equal(quantization_error(x, np.array([1.0, -2.0, 0.0])), [0.0, 0.0, 0.5])
