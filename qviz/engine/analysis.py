@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -55,7 +56,13 @@ from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantiz
 BIT_CHOICES = (1, 2, 3, 4, 5, 6, 8)
 PARETO_BITS = (2, 3, 4, 6, 8)
 GREEDY_LADDER = (8, 4, 2)  # the bit widths the greedy path steps each layer through
-CAPTURE_SAMPLES = 64  # samples whose per-layer inputs and outputs are kept for the layer SQNRs
+CAPTURE_SAMPLES = 64  # samples whose per-layer inputs and outputs are kept for the layer SQNRs, at most
+CAPTURE_SHARE = 8  # ... and no more than 1/8 of qviz's memory limit (256 MiB of 2 GiB): ResNet-50 at 224x224
+# keeps ~150 MB a sample, so 64 samples took 9.6 GB; the quantized network's capture needs as much again
+
+
+class AnalysisCancelled(Exception):
+    """Raised inside a ModelAnalysis computation whose cancel event was set (see ModelAnalysis.cancellable)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +150,8 @@ class ModelAnalysis:
         self._applied: dict[str, LayerSetting] = {}
         self._input_ranges: dict[str, list[tuple[float, float]]] = {}
         self._captured_float: dict[str, tuple] | None = None
+        self._samples = min(CAPTURE_SAMPLES, _count(self.X))  # set by float_pass from the memory a sample takes
+        self._cancel: threading.Event | None = None
         self._float_outputs: torch.Tensor | None = None
         self._rates: dict | None = None
         self.metric_name = "accuracy" if self.y is not None and metric is None else (
@@ -231,12 +240,29 @@ class ModelAnalysis:
 
     # ------------------------------------------------------------------ the float pass
 
-    def _capture(self, model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict, torch.Tensor]:
-        """Run the first CAPTURE_SAMPLES samples through `model`, keeping each layer's inputs and output."""
+    @contextlib.contextmanager
+    def cancellable(self, cancel: threading.Event | None) -> Iterator[None]:
+        """Computations inside stop within one layer once `cancel` is set, raising AnalysisCancelled (an
+        explorer closed or outdated while a large model's pass runs must not keep the process busy)."""
+        before, self._cancel = self._cancel, cancel
+        try:
+            yield
+        finally:
+            self._cancel = before
+
+    def _stop_if_cancelled(self, *_) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise AnalysisCancelled("the analysis was cancelled")
+
+    def _capture(self, model: nn.Module, modules: dict[str, nn.Module],
+                 samples: int | None = None) -> tuple[dict, torch.Tensor]:
+        """Run the first `samples` (default: the captured ones) through `model`, keeping each layer's inputs
+        and output."""
         seen: dict[str, tuple] = {}
         handles = []
         for name, m in modules.items():
             def pre(mod, args, kwargs, name=name):
+                self._stop_if_cancelled()
                 seen[name] = [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}]
 
@@ -247,15 +273,24 @@ class ModelAnalysis:
             handles.append(m.register_forward_hook(post))
         try:
             with torch.no_grad(), _checks.no_finite_checks():  # the data was checked once, in __init__
-                out = _outputs(_call(model, _rows(self.X, 0, CAPTURE_SAMPLES)))
+                out = _outputs(_call(model, _rows(self.X, 0, self._samples if samples is None else samples)))
         finally:
             for h in handles:
                 h.remove()
         return seen, out
 
+    def _samples_that_fit(self, captured: dict) -> int:
+        """How many samples' layer inputs and outputs fit CAPTURE_SHARE of the memory limit, from one's."""
+        from qviz._timing import memory_limit
+
+        one = sum(t.numel() * t.element_size() for args, kwargs, out in captured.values()
+                  for t in (*args, *kwargs.values(), out) if isinstance(t, torch.Tensor))
+        return max(1, min(CAPTURE_SAMPLES, _count(self.X), memory_limit() // CAPTURE_SHARE // max(one, 1)))
+
     def float_pass(self) -> None:
         """One pass of the float model over X: its outputs, each layer's inputs and output for the first
-        CAPTURE_SAMPLES samples, and the range of every layer's inputs over all of X."""
+        samples (CAPTURE_SAMPLES, fewer where their layer tensors would take more than 1/CAPTURE_SHARE of
+        the memory limit; at least one), and the range of every layer's inputs over all of X."""
         if self._captured_float is not None:
             return
         ranges: dict[str, list[list[float]]] = {}
@@ -272,8 +307,12 @@ class ModelAnalysis:
             handles.append(m.register_forward_pre_hook(observe, with_kwargs=True))
         try:
             with _evaluating(self.model):
-                captured, head = self._capture(self.model, self._float_modules)
-                rest = self._forward(self.model, start=CAPTURE_SAMPLES) if _count(self.X) > CAPTURE_SAMPLES else None
+                captured, head = self._capture(self.model, self._float_modules, samples=1)
+                self._samples = self._samples_that_fit(captured)
+                if self._samples > 1:
+                    ranges.clear()  # the first sample is observed again
+                    captured, head = self._capture(self.model, self._float_modules)
+                rest = self._forward(self.model, start=self._samples) if _count(self.X) > self._samples else None
         finally:
             for h in handles:
                 h.remove()
@@ -285,6 +324,7 @@ class ModelAnalysis:
         outs = []
         with torch.no_grad(), _checks.no_finite_checks():
             for i in range(start, _count(self.X), self.batch_size):
+                self._stop_if_cancelled()
                 outs.append(_outputs(_call(model, _rows(self.X, i, i + self.batch_size))))
         return torch.cat(outs)
 
@@ -351,10 +391,13 @@ class ModelAnalysis:
         if key not in self._cache:
             self.float_pass()
             self._apply(config)
-            captured, _ = self._capture(self.qmodel, self._modules)
+            captured, head = self._capture(self.qmodel, self._modules)
             propagated = {name: sqnr_db(self._captured_float[name][2], captured[name][2])
                           if name in captured and name in self._captured_float else math.nan for name in self.layers}
-            self._cache[key] = {"metric": self._score(self._forward(self.qmodel)), "propagated": propagated}
+            del captured
+            outputs = head if _count(self.X) <= self._samples else torch.cat(
+                [head, self._forward(self.qmodel, start=self._samples)])
+            self._cache[key] = {"metric": self._score(outputs), "propagated": propagated}
         return self._cache[key]
 
     def metric_of(self, config: dict[str, LayerSetting]) -> float:
@@ -435,8 +478,7 @@ class ModelAnalysis:
             return 0  # never called as a module (MultiheadAttention's output projection): no shape to count
         out = self._captured_float[name][2]
         _, fan_in, kernel = self.layer_shape(name)
-        samples = max(1, min(CAPTURE_SAMPLES, _count(self.X)))
-        return int(out.numel() // samples * fan_in * kernel[0] * kernel[1])
+        return int(out.numel() // self._samples * fan_in * kernel[0] * kernel[1])
 
     def kernel_rates(self, budget_s: float = 0.05) -> dict:
         """Measured multiply-accumulates per second of each packed kernel and of torch float32 (once)."""

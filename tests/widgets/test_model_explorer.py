@@ -4,6 +4,10 @@ Python face and its controls (no browser)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -199,3 +203,115 @@ def test_pareto_labels_alternate_above_and_below_so_neighbours_do_not_overlap(ex
     assert len(uniform) >= 3
     assert [r["label"] for r in above] == [p["label"] for p in uniform[0::2]]
     assert [r["label"] for r in below] == [p["label"] for p in uniform[1::2]]
+
+
+class _Slow(nn.Module):
+    """Layers that take a while each (a large model's pass on a small machine), counting their calls."""
+
+    def __init__(self, layers: int = 12, pause: float = 0.15):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(16, 16) for _ in range(layers))
+        self.pause, self.calls = pause, 0
+
+    def forward(self, x):
+        for fc in self.fcs:
+            self.calls += 1
+            time.sleep(self.pause)
+            x = torch.relu(fc(x))
+        return x
+
+
+def test_a_cancelled_analysis_stops_within_a_layer_and_computes_again_afterwards():
+    from qviz.engine.analysis import AnalysisCancelled, ModelAnalysis
+
+    model = _Slow(pause=0.0)
+    analysis = ModelAnalysis(model, torch.randn(8, 16))
+    cancel = threading.Event()
+    stop_at = 3
+
+    def set_after(module, args):
+        if model.calls == stop_at:
+            cancel.set()
+
+    handles = [fc.register_forward_pre_hook(set_after) for fc in model.fcs]
+    with analysis.cancellable(cancel), pytest.raises(AnalysisCancelled):
+        analysis.float_pass()
+    assert model.calls == stop_at + 1  # stopped as the next layer began
+    for h in handles:
+        h.remove()
+    analysis.float_pass()  # without the event: the whole pass, and right numbers
+    with torch.no_grad():
+        assert torch.equal(analysis._float_outputs, model(analysis.X))
+    assert math.isfinite(analysis.report(analysis.uniform_config(4, 8))["quant_metric"])
+
+
+def test_closing_an_explorer_stops_a_large_models_pass_at_once():
+    """A pass of 12 slow layers takes ~2 s a sample batch; close() must not wait for it to end."""
+    explorer = qviz.ModelExplorer(_Slow(), torch.randn(8, 16))
+    time.sleep(0.5)  # inside the float pass
+    started = time.monotonic()
+    assert explorer.runner.close(timeout=5.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_script_that_ends_while_an_explorer_computes_exits_at_once(tmp_path):
+    """At exit qviz stops every explorer's worker (one still inside PyTorch when the interpreter tears down
+    aborts the process: "terminate called without an active exception", exit code 134). A pass through
+    layers of a second each used to run on for the whole close timeout (10 s); it now stops within a layer."""
+    script = tmp_path / "ends_early.py"
+    script.write_text(
+        "import atexit, time\n"
+        "atexit.register(lambda: print('exited', time.monotonic(), flush=True))  # runs after qviz's own\n"
+        "import torch\nfrom torch import nn\nimport qviz\n"
+        "class Slow(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fcs = nn.ModuleList(nn.Linear(64, 64) for _ in range(30))\n"
+        "    def forward(self, x):\n"
+        "        for fc in self.fcs:\n"
+        "            time.sleep(1.0)\n"
+        "            x = torch.relu(fc(x))\n"
+        "        return x\n"
+        "explorer = qviz.ModelExplorer(Slow(), torch.randn(8, 64))\n"
+        "time.sleep(1.5)\nprint('leaving', time.monotonic(), flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    times = dict(line.split() for line in done.stdout.splitlines() if line.split()[0] in ("leaving", "exited"))
+    assert float(times["exited"]) - float(times["leaving"]) < 2.5, done.stdout
+
+
+def test_the_layer_captures_fit_a_share_of_the_memory_limit(monkeypatch):
+    """Each layer's inputs and outputs are kept for up to 64 samples, fewer where they would take more
+    than 1/8 of the memory limit (ResNet-50 at 224 x 224: ~150 MB a sample)."""
+    import qviz._timing
+    from qviz.engine.analysis import CAPTURE_SAMPLES, ModelAnalysis
+
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    x, y = torch.randn(100, 256), torch.randint(0, 10, (100,))
+    one_sample = (256 + 256 + 256 + 10) * 4  # inputs and outputs of both layers, float32
+    monkeypatch.setattr(qviz._timing, "memory_limit", lambda: 8 * one_sample * 5)
+    small = ModelAnalysis(model, (x, y))
+    small.float_pass()
+    assert small._samples == 5 and all(len(out) == 5 for _, _, out in small._captured_float.values())
+    monkeypatch.undo()
+    full = ModelAnalysis(model, (x, y))
+    full.float_pass()
+    assert full._samples == CAPTURE_SAMPLES
+    config = full.uniform_config(4, 4)
+    assert small.evaluate(config)["metric"] == full.evaluate(config)["metric"]  # the metric uses every sample
+    assert small.macs("0") == full.macs("0") == 256 * 256
+
+
+def test_evaluate_runs_the_quantized_network_once_over_the_data():
+    from qviz.engine.analysis import ModelAnalysis
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    for n in (20, 100):  # within the captured samples, and beyond them
+        analysis = ModelAnalysis(model, (torch.randn(n, 8), torch.randint(0, 3, (n,))))
+        analysis.float_pass()
+        seen = []
+        handle = analysis.qmodel[0].register_forward_pre_hook(lambda m, a, seen=seen: seen.append(len(a[0])))
+        metric = analysis.evaluate(analysis.uniform_config(4, 8))["metric"]
+        handle.remove()
+        assert sum(seen) == n
+        assert 0.0 <= metric <= 1.0
