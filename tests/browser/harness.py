@@ -200,6 +200,19 @@ def marks(page, name: str, root: str = ".qviz-chart") -> int:
         }""", [root, name])
 
 
+def mark_box(page, name: str, index: int) -> dict | None:
+    """The bounding box of the index-th item the chart layer `name` draws."""
+    return page.evaluate(
+        """([name, index]) => {
+            const re = new RegExp('(^|\\\\s)' + name + '(_\\\\d+)?_marks(\\\\s|$)');
+            const g = [...document.querySelectorAll('.qviz-chart g')].find(g => re.test(g.getAttribute('class') || ''));
+            const item = g && g.querySelectorAll(':scope > path')[index];
+            if (!item) return null;
+            const b = item.getBoundingClientRect();
+            return {x: b.x, y: b.y, width: b.width, height: b.height};
+        }""", [name, index])
+
+
 def image_href(page, name: str, root: str = ".qviz-chart") -> str | None:
     return page.evaluate(
         """([root, name]) => {

@@ -6,7 +6,17 @@ import re
 import time
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, image_href, marks, open_and_run, wait_until, write_notebook
+from harness import (
+    ARTIFACTS,
+    Browser,
+    JupyterLab,
+    image_href,
+    mark_box,
+    marks,
+    open_and_run,
+    wait_until,
+    write_notebook,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -90,7 +100,7 @@ def _choose(page, label, option_prefix):
     select.select_option(label=next(t for t in texts if t.startswith(option_prefix)))
 
 
-def _settled_box(page, locator):
+def _settledmark_box(page, locator):
     box = locator.bounding_box()
     for _ in range(50):
         page.wait_for_timeout(100)
@@ -136,7 +146,7 @@ def test_quantizer_staircase_has_2_to_the_bits_levels(lab, browser):
     # mouse: drag the bits handle to the right end of its track (8 bits). The key press animates the
     # handle to its new place; grabbing it mid-animation would miss it, so wait until it stands still.
     track = _slider(page, "bits").locator(".noUi-base").first.bounding_box()
-    handle = _settled_box(page, _slider(page, "bits").locator(".noUi-handle").first)
+    handle = _settledmark_box(page, _slider(page, "bits").locator(".noUi-handle").first)
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
     page.mouse.down()
     page.mouse.move(track["x"] + track["width"] + 20, handle["y"] + handle["height"] / 2, steps=8)
@@ -227,35 +237,22 @@ def test_the_cell_after_an_explorer_runs_while_its_float_model_trains(lab, brows
     lab.shut_down_kernels()  # the 256-6 training would slow every later test
 
 
-def _box(page, name, index):
-    """The bounding box of the index-th item the chart layer `name` draws."""
-    return page.evaluate(
-        """([name, index]) => {
-            const re = new RegExp('(^|\\\\s)' + name + '(_\\\\d+)?_marks(\\\\s|$)');
-            const g = [...document.querySelectorAll('.qviz-chart g')].find(g => re.test(g.getAttribute('class') || ''));
-            const item = g && g.querySelectorAll(':scope > path')[index];
-            if (!item) return null;
-            const b = item.getBoundingClientRect();
-            return {x: b.x, y: b.y, width: b.width, height: b.height};
-        }""", [name, index])
-
-
 def test_model_explorer_click_a_layer_change_its_bits_and_the_views_redraw(lab, browser):
     page = _open(browser, lab, "model")
     _wait_for(page, lambda: marks(page, "weight_sqnr") == 4, timeout=120, what="one weight-SQNR bar per layer")
     _wait_for(page, lambda: marks(page, "greedy") > 0 and marks(page, "current") == 1, timeout=180,
               what="the Pareto chart with the current mark")
     _wait_for(page, lambda: marks(page, "sensitivity") == 4, timeout=120, what="every layer's sensitivity")
-    bar = _box(page, "weight_sqnr", 2)  # fc1, the third layer
-    mark = _box(page, "current", 0)
+    bar = mark_box(page, "weight_sqnr", 2)  # fc1, the third layer
+    mark = mark_box(page, "current", 0)
     page.mouse.click(bar["x"] + bar["width"] / 2, bar["y"] + bar["height"] / 2)  # click fc1's bar
     layer_menu = page.locator(".qviz-explorer .widget-dropdown", has=page.locator("label", has_text="layer"))
     _wait_for(page, lambda: layer_menu.locator("select").first.input_value() == "fc1", timeout=30,
               what="the clicked layer in the layer menu")
     _press(page, "its weight bits", "ArrowRight", times=3)  # global -> float -> 1 -> 2 bits
-    _wait_for(page, lambda: (_box(page, "weight_sqnr", 2) or bar)["width"] < bar["width"] * 0.5, timeout=60,
+    _wait_for(page, lambda: (mark_box(page, "weight_sqnr", 2) or bar)["width"] < bar["width"] * 0.5, timeout=60,
               what="fc1's weight SQNR bar shrinking at 2 bits")
-    _wait_for(page, lambda: (_box(page, "current", 0) or mark)["x"] < mark["x"] - 5, timeout=60,
+    _wait_for(page, lambda: (mark_box(page, "current", 0) or mark)["x"] < mark["x"] - 5, timeout=60,
               what="the Pareto mark moving to fewer bytes")
     _shot(page, "model")
     page.close()

@@ -5,7 +5,7 @@ the charts redraw with no console error and no request leaving 127.0.0.1."""
 import re
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, marks, run_all_cells, wait_until, write_notebook
+from harness import ARTIFACTS, Browser, JupyterLab, mark_box, marks, run_all_cells, wait_until, write_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -14,12 +14,24 @@ CELLS = ["import qviz\nq = qviz.QuantizerExplorer(bits=2)\nq",
          "rows = [{'width': w, 'w_bits': b, 'acc_quant': 0.5 + w / 1000 + b / 20, 'status': 'ok'}\n"
          "        for w in (64, 128) for b in (1, 2, 4)]\n"
          "s = qviz.SweepExplorer(SweepResult(rows, [{'width': r['width'], 'w_bits': r['w_bits']} for r in rows]))\ns"]
+# A practitioner's own network: an MLP on the digits, trained for a few epochs in the notebook
+MODEL_CELLS = ["import torch\nfrom torch import nn\nimport qviz\nfrom qviz.engine import fit\n"
+               "from qviz.engine.data import digits\n"
+               "class MLP(nn.Module):\n"
+               "    def __init__(self):\n"
+               "        super().__init__()\n"
+               "        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 10)\n"
+               "    def forward(self, x):\n"
+               "        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))\n"
+               "X, y, X_test, y_test = digits(0)\ntorch.manual_seed(0)\nnet = fit(MLP(), X, y, epochs=5)\n"
+               "m = qviz.ModelExplorer(net, (X_test, y_test))\nm"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebook7")
     write_notebook(root / "explorers.ipynb", CELLS)
+    write_notebook(root / "model.ipynb", MODEL_CELLS)
     write_notebook(root / "plain.ipynb", ["print('no widgets here')"])
     with JupyterLab(root, env={"QVIZ_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}, app="notebook") as nb:
         yield nb
@@ -37,11 +49,16 @@ def _run_all(page, server) -> None:
 
 
 def _drag_to_end(page, slider) -> None:
+    _drag_to(page, slider, 1.0, beyond=20)
+
+
+def _drag_to(page, slider, fraction: float, beyond: float = 0.0) -> None:
+    """Drag the slider's handle with the mouse to `fraction` of its track (plus `beyond` pixels)."""
     track = slider.locator(".noUi-base").first.bounding_box()
     handle = slider.locator(".noUi-handle").first.bounding_box()
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
     page.mouse.down()
-    page.mouse.move(track["x"] + track["width"] + 20, handle["y"] + handle["height"] / 2, steps=8)
+    page.mouse.move(track["x"] + track["width"] * fraction + beyond, handle["y"] + handle["height"] / 2, steps=8)
     page.mouse.up()
 
 
@@ -76,6 +93,37 @@ def test_explorers_run_and_follow_the_mouse_in_notebook_7(server):
         shots = ARTIFACTS / "screenshots"
         shots.mkdir(parents=True, exist_ok=True)
         quantizer.screenshot(path=str(shots / "notebook7.png"))
+        page.close()
+    assert browser.blocked == [], browser.blocked
+    assert [e for e in browser.console_errors if e.split("\n", 1)[0] not in its_own] == [], browser.console_errors
+
+
+def test_model_explorer_follows_a_dropdown_and_a_dragged_slider_in_notebook_7(server):
+    """A practitioner's network in Notebook 7: pick a layer in the menu, drag its weight bits to 1 bit
+    with the mouse, and its weight-SQNR bar shrinks and the Pareto chart's mark moves to fewer bytes."""
+    with Browser() as browser:
+        its_own = _front_end_errors(browser, server)
+        page = browser.new_page()
+        page.goto(f"{server.base}/notebooks/model.ipynb?token={server.token}", timeout=120_000)
+        _run_all(page, server)
+        wait_until(page, lambda: marks(page, "weight_sqnr") == 3, "one weight-SQNR bar per layer", 180)
+        wait_until(page, lambda: marks(page, "greedy") > 0 and marks(page, "current") == 1,
+                   "the Pareto chart with the current mark", 180)
+        bar, mark = mark_box(page, "weight_sqnr", 1), mark_box(page, "current", 0)
+        explorer = page.locator(".qviz-explorer").first
+        explorer.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile("^layer$"))).locator(
+            "select").first.select_option("fc2")
+        bits = explorer.locator(".widget-slider", has=page.locator("label", has_text="its weight bits"))
+        _drag_to(page, bits, 2 / 8)  # global, float, 1, 2, 3, 4, 5, 6, 8: the third stop is 1 bit
+        wait_until(page, lambda: bits.locator(".widget-readout").first.inner_text().strip() == "1",
+                   "the slider at 1 bit")
+        wait_until(page, lambda: (mark_box(page, "weight_sqnr", 1) or bar)["width"] < bar["width"] * 0.5,
+                   "fc2's weight SQNR bar shrinking at 1 bit", 60)
+        wait_until(page, lambda: (mark_box(page, "current", 0) or mark)["x"] < mark["x"] - 5,
+                   "the Pareto mark moving to fewer bytes", 60)
+        shots = ARTIFACTS / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        explorer.screenshot(path=str(shots / "notebook7-model.png"))
         page.close()
     assert browser.blocked == [], browser.blocked
     assert [e for e in browser.console_errors if e.split("\n", 1)[0] not in its_own] == [], browser.console_errors
