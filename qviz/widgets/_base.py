@@ -240,6 +240,11 @@ class Explorer(W.VBox):
                 if updates:
                     self.view._py_to_js_updates = updates
                 self.view._params = texts
+            # A view made later (Voila renders the page after the notebook ran, a reload, saved widget state)
+            # draws `spec` and never sees the updates before it: the kernel's copy of `spec` must be current.
+            # Stored without a change event, so the views on screen keep their cheap updates (a new `spec`
+            # would recompile the chart in every one of them).
+            self.view._trait_values["spec"] = spec
         else:
             view = self._new_view()
             with view.hold_sync():

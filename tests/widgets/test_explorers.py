@@ -85,6 +85,18 @@ def test_quantizer_bits_change_the_staircase_as_the_engine_says(quantizer):
         assert np.allclose([r["y"] for r in staircase], curve["q"], atol=1e-5)
 
 
+def test_a_view_made_after_cheap_updates_draws_the_current_chart(quantizer):
+    """Data updates reach the views on screen as messages; a view made later (Voila renders its page after
+    the notebook ran, a reload, saved widget state) draws the chart model's `spec`, which must be current."""
+    view, first = quantizer.view, quantizer.spec
+    for bits in (3, 4):
+        quantizer.bits.value = bits
+    assert quantizer.view is view and quantizer.spec is not first  # the cheap path: same widget, new data
+    state = view.get_state()  # what a new front end receives
+    assert state["spec"] == quantizer.spec
+    assert len(_layer_values(state["spec"], "levels")) == 16
+
+
 def test_quantizer_every_control_reaches_the_spec(quantizer):
     quantizer.scheme.value = "symmetric"
     quantizer.signed.value = False
