@@ -622,6 +622,28 @@ def _run(model: nn.Module, batch, forward: Callable | None = None):
                     f"keyword inputs (or give forward=...), got {type(batch).__name__}")
 
 
+def _run_noted(model: nn.Module, batch, forward: Callable | None, doing: str):
+    """_run, with a note on an error the model itself raised (a batch of the wrong shape or dtype gives
+    torch's own message from deep inside the user's model): which call and which input it was."""
+    try:
+        return _run(model, batch, forward)
+    except Exception as err:
+        if not isinstance(err, ValueError | TypeError) or "batch must be" not in str(err):
+            err.add_note(f"(raised inside the model while {doing}: {_describe(batch)})")
+        raise
+
+
+def _describe(batch) -> str:
+    """A batch in a few words: the shapes and dtypes of its tensors."""
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}, {batch.dtype}"
+    if isinstance(batch, dict):
+        return "keyword inputs " + ", ".join(f"{k}={_describe(v)}" for k, v in list(batch.items())[:6])
+    if isinstance(batch, tuple | list):
+        return f"a {type(batch).__name__} of " + "; ".join(_describe(v) for v in batch[:4])
+    return type(batch).__name__
+
+
 # --------------------------------------------------------------------------------------------------
 # Calibration, inspection, the way back
 
@@ -661,8 +683,8 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
     try:
         qmodel.eval()
         with torch.no_grad():
-            for batch in batches:
-                _run(qmodel, batch, forward)
+            for i, batch in enumerate(batches):
+                _run_noted(qmodel, batch, forward, f"calibrate ran the model on batch {i}")
                 seen += 1
     finally:
         for w in floating:

@@ -1244,3 +1244,21 @@ def test_decoder_families_export_without_a_mask_and_onnx_runtime_agrees(tmp_path
     with torch.no_grad():
         ours = qm(**example).logits.numpy()
     assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 100
+
+
+def test_an_error_inside_the_users_model_says_which_call_and_input_it_was():
+    """A batch of the wrong shape or dtype fails deep inside the user's model with torch's own message;
+    calibrate and the analysis add a note naming the batch and what it held, and keep the error's type."""
+    from qviz.engine.analysis import ModelAnalysis
+
+    qm = quantize_model(nn.Sequential(nn.Linear(16, 4)), 8, 8)
+    with pytest.raises(RuntimeError, match="mat1 and mat2") as caught:
+        calibrate(qm, [torch.randn(4, 16), torch.randn(4, 7)])
+    assert caught.value.__notes__ == ["(raised inside the model while calibrate ran the model on batch 1: a tensor "
+                                      "of shape (4, 7), torch.float32)"]
+    with pytest.raises(RuntimeError, match="same dtype") as caught:
+        ModelAnalysis(nn.Sequential(nn.Linear(16, 4)), torch.randn(4, 16, dtype=torch.float64)).float_pass()
+    assert "analysis ran it on a tensor of shape (1, 16), torch.float64" in caught.value.__notes__[0]
+    with pytest.raises(TypeError, match="a batch must be") as caught:  # qviz's own error needs no note
+        calibrate(qm, ["text"])
+    assert not getattr(caught.value, "__notes__", None)
