@@ -213,6 +213,37 @@ def mark_box(page, name: str, index: int) -> dict | None:
         }""", [name, index])
 
 
+def shoot(locator, name: str) -> None:
+    """A screenshot of `locator` as test-artifacts/screenshots/<name>.png."""
+    shots = ARTIFACTS / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    locator.screenshot(path=str(shots / f"{name}.png"))
+
+
+def model_explorer_ready(page, layers: int, timeout: float = 180.0):
+    """Wait until a ModelExplorer shows a weight-SQNR bar per layer and the Pareto chart with its mark;
+    returns the explorer's locator."""
+    wait_until(page, lambda: marks(page, "weight_sqnr") == layers, "one weight-SQNR bar per layer", timeout)
+    wait_until(page, lambda: marks(page, "greedy") > 0 and marks(page, "current") == 1,
+               "the Pareto chart with the current mark", timeout)
+    return page.locator(".qviz-explorer").first
+
+
+def pick_layer(page, explorer, name: str) -> None:
+    explorer.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile("^layer$"))).locator(
+        "select").first.select_option(name)
+
+
+def wait_for_fewer_bits(page, index: int, shrink: float, what: str, before: tuple) -> None:
+    """After a layer's weight bits went down: its weight-SQNR bar (`index`) shrinks below `shrink` of its
+    width `before`, and the Pareto chart's mark moves to fewer bytes (left)."""
+    bar, mark = before
+    wait_until(page, lambda: (mark_box(page, "weight_sqnr", index) or bar)["width"] < bar["width"] * shrink,
+               f"{what}'s weight SQNR bar shrinking", 60)
+    wait_until(page, lambda: (mark_box(page, "current", 0) or mark)["x"] < mark["x"] - 2,
+               "the Pareto mark moving to fewer bytes", 60)
+
+
 def image_href(page, name: str, root: str = ".qviz-chart") -> str | None:
     return page.evaluate(
         """([root, name]) => {

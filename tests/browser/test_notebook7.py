@@ -5,7 +5,19 @@ the charts redraw with no console error and no request leaving 127.0.0.1."""
 import re
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, mark_box, marks, run_all_cells, wait_until, write_notebook
+from harness import (
+    Browser,
+    JupyterLab,
+    mark_box,
+    marks,
+    model_explorer_ready,
+    pick_layer,
+    run_all_cells,
+    shoot,
+    wait_for_fewer_bits,
+    wait_until,
+    write_notebook,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -90,9 +102,7 @@ def test_explorers_run_and_follow_the_mouse_in_notebook_7(server):
         sweep.locator(".qviz-chart svg g[class*='cells'] path").nth(3).click()  # width 128, 2-bit weights
         wait_until(page, lambda: sweep.get_by_text("width=128, w_bits=2").count() > 0,
                    "the clicked run below the chart")
-        shots = ARTIFACTS / "screenshots"
-        shots.mkdir(parents=True, exist_ok=True)
-        quantizer.screenshot(path=str(shots / "notebook7.png"))
+        shoot(quantizer, "notebook7")
         page.close()
     assert browser.blocked == [], browser.blocked
     assert [e for e in browser.console_errors if e.split("\n", 1)[0] not in its_own] == [], browser.console_errors
@@ -106,24 +116,15 @@ def test_model_explorer_follows_a_dropdown_and_a_dragged_slider_in_notebook_7(se
         page = browser.new_page()
         page.goto(f"{server.base}/notebooks/model.ipynb?token={server.token}", timeout=120_000)
         _run_all(page, server)
-        wait_until(page, lambda: marks(page, "weight_sqnr") == 3, "one weight-SQNR bar per layer", 180)
-        wait_until(page, lambda: marks(page, "greedy") > 0 and marks(page, "current") == 1,
-                   "the Pareto chart with the current mark", 180)
-        bar, mark = mark_box(page, "weight_sqnr", 1), mark_box(page, "current", 0)
-        explorer = page.locator(".qviz-explorer").first
-        explorer.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile("^layer$"))).locator(
-            "select").first.select_option("fc2")
+        explorer = model_explorer_ready(page, 3)
+        before = mark_box(page, "weight_sqnr", 1), mark_box(page, "current", 0)
+        pick_layer(page, explorer, "fc2")
         bits = explorer.locator(".widget-slider", has=page.locator("label", has_text="its weight bits"))
         _drag_to(page, bits, 2 / 8)  # global, float, 1, 2, 3, 4, 5, 6, 8: the third stop is 1 bit
         wait_until(page, lambda: bits.locator(".widget-readout").first.inner_text().strip() == "1",
                    "the slider at 1 bit")
-        wait_until(page, lambda: (mark_box(page, "weight_sqnr", 1) or bar)["width"] < bar["width"] * 0.5,
-                   "fc2's weight SQNR bar shrinking at 1 bit", 60)
-        wait_until(page, lambda: (mark_box(page, "current", 0) or mark)["x"] < mark["x"] - 5,
-                   "the Pareto mark moving to fewer bytes", 60)
-        shots = ARTIFACTS / "screenshots"
-        shots.mkdir(parents=True, exist_ok=True)
-        explorer.screenshot(path=str(shots / "notebook7-model.png"))
+        wait_for_fewer_bits(page, 1, 0.5, "fc2", before)
+        shoot(explorer, "notebook7-model")
         page.close()
     assert browser.blocked == [], browser.blocked
     assert [e for e in browser.console_errors if e.split("\n", 1)[0] not in its_own] == [], browser.console_errors

@@ -4,7 +4,18 @@ the Voila extension of the same Jupyter server, offline, in headless Chromium.""
 import re
 
 import pytest
-from harness import ARTIFACTS, Browser, JupyterLab, mark_box, marks, wait_until, write_notebook
+from harness import (
+    Browser,
+    JupyterLab,
+    mark_box,
+    marks,
+    model_explorer_ready,
+    pick_layer,
+    shoot,
+    wait_for_fewer_bits,
+    wait_until,
+    write_notebook,
+)
 from test_notebook7 import MODEL_CELLS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -48,16 +59,9 @@ def test_quantizer_explorer_runs_live_in_voila(server):
         handle.focus()
         handle.press("ArrowRight")  # the kernel behind the page answers: 3 bits
         wait_until(page, lambda: marks(page, "levels") == 8, "8 levels at 3 bits")
-        shots = ARTIFACTS / "screenshots"
-        shots.mkdir(parents=True, exist_ok=True)
-        page.locator(".qviz-explorer").first.screenshot(path=str(shots / "voila.png"))
+        shoot(page.locator(".qviz-explorer").first, "voila")
         page.close()
-    # Voila's own page template asks CDNs for Font Awesome and MathJax; offline those fail and the app
-    # works without them (as above). Nothing else may leave 127.0.0.1, and nothing else may log an error.
-    theirs = re.compile(r"fontawesome|mathjax")
-    assert [u for u in browser.blocked if not theirs.search(u)] == [], browser.blocked
-    assert [e for e in browser.console_errors if not _failed_load(e) and _first_line(e) not in its_own] == [], \
-        browser.console_errors
+    _assert_offline_and_clean(browser, its_own)
 
 
 def test_model_explorer_runs_live_in_voila(server):
@@ -67,27 +71,24 @@ def test_model_explorer_runs_live_in_voila(server):
         its_own = _voila_errors(browser, server)
         page = browser.new_page()
         page.goto(f"{server.base}/voila/render/model.ipynb?token={server.token}", timeout=240_000)
-        wait_until(page, lambda: marks(page, "weight_sqnr") == 3, "one weight-SQNR bar per layer", 240)
-        wait_until(page, lambda: marks(page, "greedy") > 0 and marks(page, "current") == 1,
-                   "the Pareto chart with the current mark", 180)
+        explorer = model_explorer_ready(page, 3, timeout=240)
         assert page.locator("text=import torch").count() == 0
-        bar, mark = mark_box(page, "weight_sqnr", 2), mark_box(page, "current", 0)
-        explorer = page.locator(".qviz-explorer").first
-        explorer.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile("^layer$"))).locator(
-            "select").first.select_option("fc3")
+        before = mark_box(page, "weight_sqnr", 2), mark_box(page, "current", 0)
+        pick_layer(page, explorer, "fc3")
         handle = explorer.locator(".widget-slider", has=page.locator("label", has_text="its weight bits")).locator(
             ".noUi-handle").first
         handle.focus()
         for _ in range(3):  # global -> float -> 1 -> 2 bits
             handle.press("ArrowRight")
-        wait_until(page, lambda: (mark_box(page, "weight_sqnr", 2) or bar)["width"] < bar["width"] * 0.6,
-                   "fc3's weight SQNR bar shrinking at 2 bits", 60)
-        wait_until(page, lambda: (mark_box(page, "current", 0) or mark)["x"] < mark["x"] - 2,
-                   "the Pareto mark moving to fewer bytes", 60)
-        shots = ARTIFACTS / "screenshots"
-        shots.mkdir(parents=True, exist_ok=True)
-        explorer.screenshot(path=str(shots / "voila-model.png"))
+        wait_for_fewer_bits(page, 2, 0.6, "fc3", before)
+        shoot(explorer, "voila-model")
         page.close()
+    _assert_offline_and_clean(browser, its_own)
+
+
+def _assert_offline_and_clean(browser, its_own: set[str]) -> None:
+    """Voila's own page template asks CDNs for Font Awesome and MathJax; offline those fail and the app
+    works without them. Nothing else may leave 127.0.0.1, and nothing else may log an error."""
     theirs = re.compile(r"fontawesome|mathjax")
     assert [u for u in browser.blocked if not theirs.search(u)] == [], browser.blocked
     assert [e for e in browser.console_errors if not _failed_load(e) and _first_line(e) not in its_own] == [], \
