@@ -19,6 +19,12 @@ BIT_OPTIONS = [(FLOAT, FLOAT), *((str(b), str(b)) for b in BIT_CHOICES)]
 LAYER_OPTIONS = [("global", GLOBAL), *BIT_OPTIONS]
 
 
+def _micro(seconds: float) -> str:
+    """Seconds as microseconds to two significant digits: a small model's layers take well under one."""
+    us = seconds * 1e6
+    return f"{us:,.0f}" if us >= 100 else f"{us:.2g}"
+
+
 def _bits(value: str):
     return None if value == FLOAT else int(value)
 
@@ -291,6 +297,6 @@ class ModelExplorer(Explorer):
                 f"{totals['packed_bytes']:,} B packed vs {totals['float32_bytes']:,} B float32 ({ratio:.1f}x smaller)")
         lat = result["latency"]
         if lat is not None:
-            text += (f" · kernels ≈ {lat['seconds'] * 1e6:.0f} µs per sample vs {lat['float_seconds'] * 1e6:.0f} µs "
+            text += (f" · kernels ≈ {_micro(lat['seconds'])} µs per sample vs {_micro(lat['float_seconds'])} µs "
                      "float32 (estimate from measured kernel throughput)")
         return text

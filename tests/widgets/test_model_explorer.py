@@ -315,3 +315,14 @@ def test_evaluate_runs_the_quantized_network_once_over_the_data():
         handle.remove()
         assert sum(seen) == n
         assert 0.0 <= metric <= 1.0
+
+
+def test_the_summary_shows_a_small_models_latency_in_fractions_of_a_microsecond():
+    from qviz.widgets.model import _micro
+
+    assert [_micro(s) for s in (3.2e-7, 4.56e-6, 2.5e-5, 1.234e-3)] == ["0.32", "4.6", "25", "1,234"]
+    explorer = qviz.ModelExplorer(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(16, 8))
+    assert explorer.wait()
+    summary = explorer.status.text.value
+    explorer.close()
+    assert "kernels ≈ " in summary and " 0 µs" not in summary
