@@ -35,9 +35,9 @@ from qviz import _checks
 from qviz.engine.metrics import histogram, sqnr_db, weight_report
 from qviz.engine.quantize import (
     UnquantizedModuleWarning,
-    _describe,
     _fast_paths_off_when_needed,
     _has_weights,
+    _noted_errors,
     channel_axis,
     configure_layer,
     default_activation_spec,
@@ -116,13 +116,8 @@ def _count(x) -> int:
 
 
 def _call(model: nn.Module, x):
-    try:
+    with _noted_errors("the analysis ran it on", x, passing=(AnalysisCancelled,)):
         return model(**x) if isinstance(x, dict) else model(x)
-    except AnalysisCancelled:
-        raise
-    except Exception as err:  # torch's own message from deep inside the model: say what it was given
-        err.add_note(f"(raised inside the model while the analysis ran it on {_describe(x)})")
-        raise
 
 
 class ModelAnalysis:

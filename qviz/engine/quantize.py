@@ -40,11 +40,12 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
+import functools
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -608,28 +609,36 @@ def fold_batchnorms(model: nn.Module, example) -> list[tuple[str, str]]:
     return folded
 
 
-def _run(model: nn.Module, batch, forward: Callable | None = None):
-    """model(batch): a tensor as the input, a tuple/list as (input, target, ...), a dict as keyword inputs."""
+def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | None = None):
+    """model(batch): a tensor as the input, a tuple/list as (input, target, ...), a dict as keyword inputs.
+    With `doing` ("calibrate ran the model on batch 3:"), an error the model raises carries a note of it."""
     if forward is not None:
-        return forward(model, batch)
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor):
-        return model(batch[0])
-    if isinstance(batch, dict):
-        return model(**batch)
-    raise TypeError(f"a batch must be a tensor, a tuple/list whose first item is the input tensor, or a dict of "
-                    f"keyword inputs (or give forward=...), got {type(batch).__name__}")
+        call = functools.partial(forward, model, batch)
+    elif isinstance(batch, torch.Tensor):
+        call = functools.partial(model, batch)
+    elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor):
+        call = functools.partial(model, batch[0])
+    elif isinstance(batch, dict):
+        call = functools.partial(model, **batch)
+    else:
+        raise TypeError(f"a batch must be a tensor, a tuple/list whose first item is the input tensor, or a dict of "
+                        f"keyword inputs (or give forward=...), got {type(batch).__name__}")
+    if doing is None:
+        return call()
+    with _noted_errors(doing, batch):
+        return call()
 
 
-def _run_noted(model: nn.Module, batch, forward: Callable | None, doing: str):
-    """_run, with a note on an error the model itself raised (a batch of the wrong shape or dtype gives
-    torch's own message from deep inside the user's model): which call and which input it was."""
+@contextlib.contextmanager
+def _noted_errors(doing: str, batch, passing: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """An error raised inside (a batch of the wrong shape or dtype gives torch's own message from deep inside
+    the user's model) carries a note: what was running, on which input. `passing` errors go as they are."""
     try:
-        return _run(model, batch, forward)
+        yield
+    except passing:
+        raise
     except Exception as err:
-        if not isinstance(err, ValueError | TypeError) or "batch must be" not in str(err):
-            err.add_note(f"(raised inside the model while {doing}: {_describe(batch)})")
+        err.add_note(f"(raised inside the model while {doing} {_describe(batch)})")
         raise
 
 
@@ -684,7 +693,7 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
         qmodel.eval()
         with torch.no_grad():
             for i, batch in enumerate(batches):
-                _run_noted(qmodel, batch, forward, f"calibrate ran the model on batch {i}")
+                _run(qmodel, batch, forward, doing=f"calibrate ran the model on batch {i}:")
                 seen += 1
     finally:
         for w in floating:
