@@ -1027,14 +1027,18 @@ def _holds_tensors(value, seen: set[int] | None = None, depth: int = 0) -> bool:
     if id(value) in seen:  # objects that refer back to themselves
         return False
     seen.add(id(value))
+    return any(_holds_tensors(v, seen, depth + 1) for v in _inner_values(value))
+
+
+def _inner_values(value) -> list:
+    """What a value holds: a dict's values, a tuple's, list's or set's items, else an object's attributes
+    and slots."""
     if isinstance(value, dict):
-        inner = list(value.values())
-    elif isinstance(value, (tuple, list, set, frozenset)):
-        inner = list(value)
-    else:
-        inner = list(getattr(value, "__dict__", {}).values())
-        inner += [getattr(value, slot) for slot in _slots(type(value)) if hasattr(value, slot)]
-    return any(_holds_tensors(v, seen, depth + 1) for v in inner)
+        return list(value.values())
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return list(value)
+    return [*getattr(value, "__dict__", {}).values(),
+            *(getattr(value, slot) for slot in _slots(type(value)) if hasattr(value, slot))]
 
 
 def _foreign_holder(value, seen: set[int] | None = None) -> str | None:
@@ -1046,13 +1050,9 @@ def _foreign_holder(value, seen: set[int] | None = None) -> str | None:
     if id(value) in seen:  # a list that holds itself
         return None
     seen.add(id(value))
-    if isinstance(value, dict):
-        inner = list(value.values())
-    elif isinstance(value, (tuple, list)):
-        inner = list(value)
-    else:
+    if not isinstance(value, (dict, tuple, list)):
         return type(value).__name__ if _holds_tensors(value) else None
-    return next((h for h in (_foreign_holder(v, seen) for v in inner) if h is not None), None)
+    return next((h for h in (_foreign_holder(v, seen) for v in _inner_values(value)) if h is not None), None)
 
 
 def _slots(cls: type) -> list[str]:
