@@ -1216,8 +1216,7 @@ class WeightLayer:
 def _has_weights(layer: nn.Module) -> bool:
     """Whether a layer holds weights to look at: not a lazy layer before its first forward, not 0 x N."""
     tensors = [getattr(layer, n, None) for n in weight_names(layer)]
-    return all(isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedParameter)
-               and t.numel() > 0 for t in tensors)
+    return not is_lazy(layer) and all(isinstance(t, torch.Tensor) and t.numel() > 0 for t in tensors)
 
 
 ROOT_LAYER = "(model)"  # the name weight_layers gives a model that is itself one layer (nn.Linear(4, 4))
