@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -190,9 +191,15 @@ class ModelExplorer(Explorer):
 
     # ------------------------------------------------------------------ computing
 
+    @contextlib.contextmanager
+    def _working(self, cancel):
+        """The analysis to one computation at a time, stopping within a layer once `cancel` is set."""
+        with self._lock, self.analysis.cancellable(cancel):
+            yield
+
     def _compute(self, params, cancel, progress):
         a = self.analysis
-        with self._lock, a.cancellable(cancel):
+        with self._working(cancel):
             config = self._config(params)
             progress(0.05, "float pass")
             a.float_pass()
@@ -205,7 +212,7 @@ class ModelExplorer(Explorer):
         yield dict(state)
         if cancel.is_set():
             return
-        with self._lock, a.cancellable(cancel):
+        with self._working(cancel):
             progress(0.2, "quantized network")
             evaluation = a.evaluate(config)
             state["rows"] = a.layer_rows(config, propagated=evaluation["propagated"])
@@ -215,24 +222,24 @@ class ModelExplorer(Explorer):
         for i, name in enumerate(a.layers):
             if cancel.is_set():
                 return
-            with self._lock, a.cancellable(cancel):
+            with self._working(cancel):
                 sensitivities[name] = a.sensitivity(name, config[name])
             if time.monotonic() - last > 0.4 or i == len(a.layers) - 1:
                 progress(0.2 + 0.4 * (i + 1) / len(a.layers), f"sensitivity {i + 1} of {len(a.layers)}")
-                with self._lock, a.cancellable(cancel):
+                with self._working(cancel):
                     state["rows"] = a.layer_rows(config, propagated=evaluation["propagated"],
                                                  sensitivities=sensitivities)
                 state["stage"] = "sensitivity"
                 yield dict(state)
                 last = time.monotonic()
-        with self._lock, a.cancellable(cancel):
+        with self._working(cancel):
             state["latency"] = a.latency_estimate(config)
         key = self._pareto_key(params)
         if key not in self._pareto:
-            with self._lock, a.cancellable(cancel):
+            with self._working(cancel):
                 points = a.pareto(_bits(params["a_bits"]), params["scheme"], cancel=cancel)
             while True:
-                with self._lock, a.cancellable(cancel):
+                with self._working(cancel):
                     point = next(points, None)
                 if point is None or cancel.is_set():
                     break
