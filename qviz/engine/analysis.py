@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import threading
 import warnings
@@ -57,6 +58,7 @@ from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantiz
 BIT_CHOICES = (1, 2, 3, 4, 5, 6, 8)
 PARETO_BITS = (2, 3, 4, 6, 8)
 GREEDY_LADDER = (8, 4, 2)  # the bit widths the greedy path steps each layer through
+GREEDY_POINTS = 16  # metrics measured per rung of the greedy path, at most: each is a forward over the data
 CAPTURE_SAMPLES = 64  # samples whose per-layer inputs and outputs are kept for the layer SQNRs, at most
 CAPTURE_SHARE = 8  # ... and no more than 1/8 of qviz's memory limit (256 MiB of 2 GiB): ResNet-50 at 224x224
 # keeps ~150 MB a sample, so 64 samples took 9.6 GB; the quantized network's capture needs as much again
@@ -597,32 +599,58 @@ class ModelAnalysis:
     def pareto(self, a_bits, scheme: str = "default", *, cancel=None) -> Iterator[dict]:
         """Points of the Pareto chart: uniform weight bit widths, then the greedy mixed-precision path
         (every layer starts at the widest rung of GREEDY_LADDER the scheme allows and steps down, the least
-        sensitive layer first)."""
+        sensitive layer first).
+
+        Yields the chart as it grows, {"uniform", "greedy", "progress"}, after every forward pass over the
+        data, so a caller can draw it while it is measured and stop early; the last value is the whole
+        chart. Each rung costs one sensitivity per layer (a forward over the data each) and at most
+        GREEDY_POINTS metrics: a deep network's path steps several layers between two measured points."""
         lo, hi = self.scheme_bits(scheme)
         ladder = [b for b in GREEDY_LADDER if lo <= b <= hi] or [lo]
-        uniform = []
-        for bits in [b for b in PARETO_BITS if lo <= b <= hi] or [lo]:
-            config = self.uniform_config(bits, a_bits, scheme)
-            uniform.append({"label": f"W{bits}", "bytes": self.totals(config)["packed_bytes"],
-                            "metric": self.metric_of(config)})
+        widths = [b for b in PARETO_BITS if lo <= b <= hi] or [lo]
+        groups = _groups(len(self.layers), GREEDY_POINTS)
+        planned = len(widths) + 1 + (len(ladder) - 1) * (len(self.layers) + len(groups))
+        chart, done = {"uniform": [], "greedy": []}, 0
+
+        def grown(forwards: int = 1) -> dict:
+            nonlocal done
+            done += forwards
+            return {"uniform": list(chart["uniform"]), "greedy": list(chart["greedy"]),
+                    "progress": min(done / planned, 1.0)}
+
+        def point(label: str, config: dict[str, LayerSetting]) -> dict:
+            return {"label": label, "bytes": self.totals(config)["packed_bytes"], "metric": self.metric_of(config)}
+
+        for bits in widths:
+            chart["uniform"].append(point(f"W{bits}", self.uniform_config(bits, a_bits, scheme)))
+            yield grown()
             if cancel is not None and cancel.is_set():
                 return
-        yield {"uniform": uniform, "greedy": []}
         config = self.uniform_config(ladder[0], a_bits, scheme)
-        greedy = [{"label": f"all W{ladder[0]}", "bytes": self.totals(config)["packed_bytes"],
-                   "metric": self.metric_of(config)}]
-        if len(ladder) == 1:
-            yield {"uniform": uniform, "greedy": greedy}
+        chart["greedy"].append(point(f"all W{ladder[0]}", config))
+        yield grown()
         for lower in ladder[1:]:
-            # the least sensitive layer first, each measured alone at the next width down
-            order = sorted(self.layers, key=lambda n: self.sensitivity(n, self.setting(n, lower, a_bits, scheme)))
-            for name in order:
+            lowered = {n: self.setting(n, lower, a_bits, scheme) for n in self.layers}
+            ranks = {}
+            for name in self.layers:
                 if cancel is not None and cancel.is_set():
                     return
-                config = {**config, name: self.setting(name, lower, a_bits, scheme)}
-                greedy.append({"label": f"{name} W{lower}", "bytes": self.totals(config)["packed_bytes"],
-                               "metric": self.metric_of(config)})
-            yield {"uniform": uniform, "greedy": list(greedy)}
+                ranks[name] = self._greedy_rank(name, lowered[name])
+                yield grown()
+            order = sorted(self.layers, key=ranks.__getitem__)
+            for first, stop in groups:
+                if cancel is not None and cancel.is_set():
+                    return
+                names = order[first:stop]
+                config = {**config, **{n: lowered[n] for n in names}}
+                label = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)} layers)"
+                chart["greedy"].append(point(f"{label} W{lower}", config))
+                yield grown()
+
+    def _greedy_rank(self, name: str, setting: LayerSetting) -> tuple[float, float]:
+        """The greedy path's order: sensitivity first; ties (common when a few dozen samples are scored by
+        accuracy, where many layers cost no sample) go to the layer whose own output is less disturbed."""
+        return _ranked(self.sensitivity(name, setting)), _ranked(-self.output_sqnr(name, setting))
 
     def report(self, config: dict[str, LayerSetting], *, with_sensitivity: bool = True) -> dict:
         """Everything at once (what a script wants): per-layer rows, metrics, bytes, latency."""
@@ -632,6 +660,17 @@ class ModelAnalysis:
                 "float_metric": self.float_metric, "quant_metric": evaluation["metric"],
                 "metric_name": self.metric_name, **self.totals(config),
                 "latency": self.latency_estimate(config)}
+
+
+def _ranked(value: float) -> float:
+    """NaN (a metric that could not be scored, a layer never called as a module) sorts last, not at random."""
+    return math.inf if math.isnan(value) else value
+
+
+def _groups(n: int, most: int) -> list[tuple[int, int]]:
+    """Split n layers in order into at most `most` runs of nearly equal length: (start, stop) pairs."""
+    bounds = [round(i * n / min(n, most)) for i in range(min(n, most) + 1)] if n else [0]
+    return list(itertools.pairwise(bounds))
 
 
 def _freeze(config: dict[str, LayerSetting]) -> tuple:

@@ -238,14 +238,17 @@ class ModelExplorer(Explorer):
         if key not in self._pareto:
             with self._working(cancel):
                 points = a.pareto(_bits(params["a_bits"]), params["scheme"], cancel=cancel)
+            drawn = 0.0
             while True:
-                with self._working(cancel):
-                    point = next(points, None)
-                if point is None or cancel.is_set():
+                with self._working(cancel):  # one forward at a time: the user's calls wait for no more
+                    chart = next(points, None)
+                if chart is None or cancel.is_set():
                     break
-                progress(0.7 if not point["greedy"] else 0.95, "Pareto chart")
-                state["pareto"] = point
-                yield dict(state)
+                state["pareto"] = chart
+                progress(0.65 + 0.35 * chart["progress"], "Pareto chart")
+                if time.monotonic() - drawn > 0.4:  # the path grows on screen, without a redraw per forward
+                    yield dict(state)
+                    drawn = time.monotonic()
             if cancel.is_set():
                 return
             self._pareto[key] = state["pareto"]

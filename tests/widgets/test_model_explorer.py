@@ -326,3 +326,39 @@ def test_the_summary_shows_a_small_models_latency_in_fractions_of_a_microsecond(
     summary = explorer.status.text.value
     explorer.close()
     assert "kernels ≈ " in summary and " 0 µs" not in summary
+
+
+class _SlowNet(nn.Module):
+    """Eight small layers behind a forward that takes 0.1 s, so a rung of the greedy path (8 sensitivities
+    and 8 points) takes 1.6 s."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(*[m for _ in range(7) for m in (nn.Linear(8, 8), nn.ReLU())], nn.Linear(8, 3))
+
+    def forward(self, x):
+        time.sleep(0.1)
+        return self.body(x)
+
+
+def test_the_pareto_path_grows_on_screen_and_the_explorer_answers_between_forwards():
+    explorer = qviz.ModelExplorer(_SlowNet(), torch.randn(16, 8))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            shown = explorer.data.get("pareto") if explorer.data else None
+            if shown and len(shown["greedy"]) >= 2 and explorer.data["stage"] != "done":
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("no part of the greedy path was shown before the chart was done")
+        partial = len(explorer.data["pareto"]["greedy"])
+        start = time.monotonic()
+        explorer.report()  # waits for the forward under way, not for the rest of the rung
+        waited = time.monotonic() - start
+        assert explorer.wait(timeout=120)
+        assert len(explorer.data["pareto"]["greedy"]) == 1 + 2 * 8 > partial
+        assert waited < 0.8, waited
+    finally:
+        explorer.close()
