@@ -76,6 +76,8 @@ class LayerSetting:
     activations: QuantSpec | None
 
 
+FLOAT = LayerSetting(None, None)
+
 def _outputs(out) -> torch.Tensor:
     """A model's output as one tensor: .logits of Hugging Face outputs, else their first field (a base
     model's last_hidden_state; a ModelOutput is a dict of its fields that are set), the first value of a
@@ -94,19 +96,6 @@ def _outputs(out) -> torch.Tensor:
             return _outputs(first)
     raise TypeError("the model's output must be a tensor, or a tuple, dict or dataclass whose first value is one "
                     f"(or have .logits), got {type(out).__name__}")
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    """The model in eval mode for a while; every module's own mode back afterwards (the caller's model
-    may be training)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _rows(x, start: int, stop: int):
@@ -138,7 +127,7 @@ class ModelAnalysis:
         self._check_labels(self.y, metric)
         self.metric_fn = metric
         self.batch_size = _checks.integer("batch_size", batch_size, 1)
-        self.model = model  # run in eval mode, its own mode kept (_evaluating)
+        self.model = model  # never run: the float numbers come from the quantized copy with every quantizer off
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnquantizedModuleWarning)
             self.qmodel = quantize_model(model, None, None).eval()
@@ -149,7 +138,7 @@ class ModelAnalysis:
             raise ValueError("model has no Linear, Conv, ConvTranspose or MultiheadAttention layer with weights to "
                              "quantize")
         self._modules = dict(quantizable_layers(self.qmodel))
-        self._float_modules = dict(quantizable_layers(self.model))
+        self._kinds = {name: type(layer).__name__ for name, layer in quantizable_layers(model)}
         self._cache: dict = {}
         self._applied: dict[str, LayerSetting] = {}
         self._input_ranges: dict[str, list[tuple[float, float]]] = {}
@@ -291,6 +280,13 @@ class ModelAnalysis:
                   for t in (*args, *kwargs.values(), out) if isinstance(t, torch.Tensor))
         return max(1, min(CAPTURE_SAMPLES, _count(self.X), memory_limit() // CAPTURE_SHARE // max(one, 1)))
 
+    def _all_float(self) -> None:
+        """Every quantizer of the copy off: it then computes what the user's model computes."""
+        for name, layer in self._modules.items():
+            if self._applied.get(name) != FLOAT:
+                configure_layer(layer, None, None)
+        self._applied = dict.fromkeys(self._modules, FLOAT)
+
     def float_pass(self) -> None:
         """One pass of the float model over X: its outputs, each layer's inputs and output for the first
         samples (CAPTURE_SAMPLES, fewer where their layer tensors would take more than 1/CAPTURE_SHARE of
@@ -299,7 +295,7 @@ class ModelAnalysis:
             return
         ranges: dict[str, list[list[float]]] = {}
         handles = []
-        for name, m in self._float_modules.items():
+        for name, m in self._modules.items():
             def observe(mod, args, kwargs, name=name):
                 tensors = [a for a in args if isinstance(a, torch.Tensor)]
                 tensors += [v for k, v in kwargs.items() if k in ("query", "key", "value", "input")
@@ -310,13 +306,15 @@ class ModelAnalysis:
 
             handles.append(m.register_forward_pre_hook(observe, with_kwargs=True))
         try:
-            with _evaluating(self.model):
-                captured, head = self._capture(self.model, self._float_modules, samples=1)
-                self._samples = self._samples_that_fit(captured)
-                if self._samples > 1:
-                    ranges.clear()  # the first sample is observed again
-                    captured, head = self._capture(self.model, self._float_modules)
-                rest = self._forward(self.model, start=self._samples) if _count(self.X) > self._samples else None
+            # the copy, not the user's model: the user may run or change theirs meanwhile (the explorer
+            # computes in the background), and it was copied when the analysis was made
+            self._all_float()
+            captured, head = self._capture(self.qmodel, self._modules, samples=1)
+            self._samples = self._samples_that_fit(captured)
+            if self._samples > 1:
+                ranges.clear()  # the first sample is observed again
+                captured, head = self._capture(self.qmodel, self._modules)
+            rest = self._forward(self.qmodel, start=self._samples) if _count(self.X) > self._samples else None
         finally:
             for h in handles:
                 h.remove()
@@ -574,7 +572,7 @@ class ModelAnalysis:
         for name in self.layers:
             s = config[name]
             rows.append({
-                "name": name, "kind": type(self._float_modules[name]).__name__, "params": self.params(name),
+                "name": name, "kind": self._kinds[name], "params": self.params(name),
                 "w_bits": None if s.weights is None else s.weights.bits,
                 "a_bits": None if s.activations is None else s.activations.bits,
                 "w_scheme": None if s.weights is None else s.weights.scheme,
