@@ -11,11 +11,12 @@ reconfigures its quantizers, so a change of one layer's bits costs the work that
 - a Pareto chart's points: uniform bit widths and a greedy mixed-precision path that lowers the least
   sensitive layer first.
 
-data is (X, y), scored by accuracy (or metric(outputs, y)), or X alone, scored by the output SQNR in dB
-against the float model's outputs. X is a tensor, or a dict of tensors for models that take keyword inputs
-(Hugging Face's pixel_values). Activation ranges are calibrated once, by min/max of the float network's
-activations over X (calibrate's "minmax"), so they do not depend on the bit widths being tried; feeding
-`overrides_of(config)` to quantize_model and calibrating the same way reproduces every number. Results are
+data is (X, y), scored by accuracy (or metric(outputs, y), higher is better unless higher_is_better=False,
+a loss), or X alone, scored by the output SQNR in dB against the float model's outputs. X is a tensor, or a
+dict of tensors for models that take keyword inputs (Hugging Face's pixel_values). Activation ranges are
+calibrated once, by min/max of the float network's activations over X (calibrate's "minmax"), so they do
+not depend on the bit widths being tried; feeding `overrides_of(config)` to quantize_model and calibrating
+the same way reproduces every number. Results are
 cached per layer setting.
 """
 
@@ -46,6 +47,7 @@ from qviz.engine.quantize import (
     float_weight,
     input_quantizers,
     is_lazy,
+    layer_inputs,
     output_channel_rows,
     quantizable_layers,
     quantize_model,
@@ -114,7 +116,8 @@ def _call(model: nn.Module, x):
 class ModelAnalysis:
     """Per-layer and whole-model quantization numbers of `model` on `data` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, data, metric: Callable | None = None, *, batch_size: int = 256):
+    def __init__(self, model: nn.Module, data, metric: Callable | None = None, *, batch_size: int = 256,
+                 higher_is_better: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if metric is not None and not callable(metric):
@@ -126,6 +129,13 @@ class ModelAnalysis:
         self.X, self.y = self._check_data(data)
         self._check_labels(self.y, metric)
         self.metric_fn = metric
+        if not isinstance(higher_is_better, bool):
+            raise TypeError(f"higher_is_better must be True (accuracy, SQNR) or False (a loss), got "
+                            f"{type(higher_is_better).__name__}")
+        if not higher_is_better and metric is None:
+            raise ValueError("higher_is_better=False needs metric=callable(outputs, y): accuracy and output SQNR "
+                             "are higher-is-better; allowed: True, or False with a metric such as a loss")
+        self.higher_is_better = higher_is_better
         self.batch_size = _checks.integer("batch_size", batch_size, 1)
         self.model = model  # never run: the float numbers come from the quantized copy with every quantizer off
         with warnings.catch_warnings(record=True) as caught:
@@ -139,6 +149,7 @@ class ModelAnalysis:
                              "quantize")
         self._modules = dict(quantizable_layers(self.qmodel))
         self._kinds = {name: type(layer).__name__ for name, layer in quantizable_layers(model)}
+        self._inner = {name: [n for n in self.layers if n.startswith(name + ".")] for name in self.layers}
         self._cache: dict = {}
         self._applied: dict[str, LayerSetting] = {}
         self._input_ranges: dict[str, list[tuple[float, float]]] = {}
@@ -216,6 +227,19 @@ class ModelAnalysis:
     def weight_schemes() -> list[str]:
         return [n for n, s in SCHEMES.items() if s.kind == "weights" and not s.stochastic]
 
+    def _complete(self, config) -> dict[str, LayerSetting]:
+        """A config naming some layers, the others float: every number is then of one whole network
+        (a partial config used to leave the others at whatever was tried last)."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict of layer name -> LayerSetting (from setting() or "
+                            f"uniform_config()), got {type(config).__name__}")
+        for name, setting in config.items():
+            self._layer_name(name)
+            if not isinstance(setting, LayerSetting):
+                raise TypeError(f"config[{name!r}] must be a LayerSetting (from setting()), got "
+                                f"{type(setting).__name__}")
+        return {name: config.get(name, FLOAT) for name in self.layers}
+
     def _apply(self, config: dict[str, LayerSetting]) -> None:
         """Reconfigure only the layers whose setting changed. A new input quantizer takes the min/max of the
         float network's inputs to that layer over all of X, which is what calibrate(..., "minmax") sets."""
@@ -226,7 +250,7 @@ class ModelAnalysis:
             layer = self._modules[name]
             configure_layer(layer, setting.weights, setting.activations)
             for quantizer, (lo, hi) in zip(input_quantizers(layer), self._input_ranges[name], strict=False):
-                if quantizer.spec is not None and not quantizer.observer.initialized:
+                if quantizer.spec is not None and not quantizer.observer.initialized and lo <= hi:
                     quantizer.observer.min_val, quantizer.observer.max_val = torch.tensor([lo]), torch.tensor([hi])
             self._applied[name] = setting
         _fast_paths_off_when_needed(self.qmodel)
@@ -297,12 +321,12 @@ class ModelAnalysis:
         handles = []
         for name, m in self._modules.items():
             def observe(mod, args, kwargs, name=name):
-                tensors = [a for a in args if isinstance(a, torch.Tensor)]
-                tensors += [v for k, v in kwargs.items() if k in ("query", "key", "value", "input")
-                            and isinstance(v, torch.Tensor)]
-                seen = ranges.setdefault(name, [[math.inf, -math.inf] for _ in tensors])
-                for r, t in zip(seen, tensors, strict=False):
-                    r[0], r[1] = min(r[0], float(t.min())), max(r[1], float(t.max()))
+                # by the quantizers' order, however the inputs were passed: attn(x, value=v, key=k)
+                inputs = layer_inputs(mod, args, kwargs)
+                seen = ranges.setdefault(name, [[math.inf, -math.inf] for _ in inputs])
+                for r, t in zip(seen, inputs, strict=False):
+                    if isinstance(t, torch.Tensor) and t.numel():
+                        r[0], r[1] = min(r[0], float(t.min())), max(r[1], float(t.max()))
 
             handles.append(m.register_forward_pre_hook(observe, with_kwargs=True))
         try:
@@ -380,7 +404,8 @@ class ModelAnalysis:
             elif name not in self._captured_float:  # never called as a module: no output of its own
                 self._cache[key] = math.nan
             else:
-                self._apply({name: setting})
+                # a layer inside it (attention's output projection) float, whatever was tried last
+                self._apply({name: setting, **dict.fromkeys(self._inner[name], FLOAT)})
                 args, kwargs, want = self._captured_float[name]
                 with torch.no_grad(), _checks.no_finite_checks():
                     got = _outputs(self._modules[name](*args, **kwargs))
@@ -389,6 +414,7 @@ class ModelAnalysis:
 
     def evaluate(self, config: dict[str, LayerSetting]) -> dict:
         """The quantized network under `config`: its metric and every layer's propagated output SQNR."""
+        config = self._complete(config)
         key = ("evaluate", _freeze(config))
         if key not in self._cache:
             self.float_pass()
@@ -404,6 +430,7 @@ class ModelAnalysis:
 
     def metric_of(self, config: dict[str, LayerSetting]) -> float:
         """The metric of the quantized network under `config` (no per-layer capture)."""
+        config = self._complete(config)
         key = ("metric", _freeze(config))
         if key not in self._cache:
             full = self._cache.get(("evaluate", _freeze(config)))
@@ -420,17 +447,21 @@ class ModelAnalysis:
 
     @property
     def sensitivity_name(self) -> str:
-        return "output noise (dB)" if self.scored_by_sqnr else f"{self.metric_name} drop"
+        if self.scored_by_sqnr:
+            return "output noise (dB)"
+        return f"{self.metric_name} drop" if self.higher_is_better else f"{self.metric_name} rise"
 
     def sensitivity(self, name: str, setting: LayerSetting) -> float:
-        """How much the metric drops when only this layer is quantized (float metric minus that metric).
+        """How much the metric worsens when only this layer is quantized (float metric minus that metric;
+        the other way round for a metric where lower is better, a loss).
         Scored by output SQNR, where the float network's own SQNR is infinite, it is the output noise that
         layer alone causes, in dB relative to the signal (-SQNR): higher is more sensitive either way."""
         if setting.weights is None and setting.activations is None:
             return -math.inf if self.scored_by_sqnr else 0.0
-        float_config = {n: LayerSetting(None, None) for n in self.layers}
-        alone = self.metric_of({**float_config, name: setting})
-        return -alone if self.scored_by_sqnr else self.float_metric - alone
+        alone = self.metric_of({name: setting})  # the other layers float
+        if self.scored_by_sqnr:
+            return -alone
+        return self.float_metric - alone if self.higher_is_better else alone - self.float_metric
 
     # ------------------------------------------------------------------ bytes and time
 
@@ -515,6 +546,7 @@ class ModelAnalysis:
 
     def latency_estimate(self, config: dict[str, LayerSetting]) -> dict:
         """Seconds per sample: Σ MACs / rate of the layer's kernel, and the same all in torch float32."""
+        config = self._complete(config)
         rates = self.kernel_rates()
         total = float_total = 0.0
         for name in self.layers:
@@ -568,6 +600,7 @@ class ModelAnalysis:
 
     def layer_rows(self, config: dict[str, LayerSetting], *, propagated: dict | None = None,
                    sensitivities: dict | None = None) -> list[dict]:
+        config = self._complete(config)
         rows = []
         for name in self.layers:
             s = config[name]
@@ -584,6 +617,7 @@ class ModelAnalysis:
         return rows
 
     def totals(self, config: dict[str, LayerSetting]) -> dict:
+        config = self._complete(config)
         return {"packed_bytes": sum(self.packed_bytes(n, config[n]) for n in self.layers),
                 "float32_bytes": sum(self.float32_bytes(n) for n in self.layers)}
 
@@ -652,6 +686,7 @@ class ModelAnalysis:
 
     def report(self, config: dict[str, LayerSetting], *, with_sensitivity: bool = True) -> dict:
         """Everything at once (what a script wants): per-layer rows, metrics, bytes, latency."""
+        config = self._complete(config)
         evaluation = self.evaluate(config)
         sens = {n: self.sensitivity(n, config[n]) for n in self.layers} if with_sensitivity else None
         return {"layers": self.layer_rows(config, propagated=evaluation["propagated"], sensitivities=sens),

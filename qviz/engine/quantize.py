@@ -489,12 +489,23 @@ def _quantize_inputs(layer: nn.Module, spec: QuantSpec | None) -> None:
         getattr(layer, n).configure(spec)
 
 
+def layer_inputs(layer: nn.Module, args: tuple, kwargs: dict) -> list:
+    """The inputs a layer's input quantizers read, in their order (input_quantizers): attention's query,
+    key and value whether passed by position or by name; else the first input. None where absent."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(_ATTENTION_INPUTS)]
+    return [args[0] if args else kwargs.get("input")]
+
+
+_ATTENTION_INPUTS = ("query", "key", "value")
+
+
 def _quantized_inputs(layer: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: the layer's inputs through its activation quantizers. A module-level function
     that reads the quantizers from the layer, so a deep copy of the model quantizes with its own."""
     if isinstance(layer, nn.MultiheadAttention):
-        names = ("query", "key", "value")
-        values = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+        names = _ATTENTION_INPUTS
+        values = layer_inputs(layer, args, kwargs)
         quantizers = (layer.input_quantizer, layer.key_quantizer, layer.value_quantizer)
         done: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (v, q) in enumerate(zip(values, quantizers, strict=True)):

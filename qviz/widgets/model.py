@@ -43,10 +43,11 @@ class ModelExplorer(Explorer):
     the picked layer up close: its weights against the levels, its input activations with the clip range,
     its quantizer's staircase with the layer's real levels.
 
-    data: (X, y) scores by accuracy (or metric(outputs, y)); X alone scores by output SQNR against the float
-    model. Controls: global weight and activation bits and the weight scheme; per layer (picked by clicking a
-    bar of the weight SQNR panel, or from the menu) its own bits or "keep float". Rows stream in as they are
-    computed; a change recomputes only what it invalidates (cached per layer setting).
+    data: (X, y) scores by accuracy (or metric(outputs, y); higher_is_better=False for a loss); X alone
+    scores by output SQNR against the float model. Controls: global weight and activation bits and the
+    weight scheme; per layer (picked by clicking a bar of the weight SQNR panel, or from the menu) its own
+    bits or "keep float". Rows stream in as they are computed; a change recomputes only what it
+    invalidates (cached per layer setting).
 
     Python face: wait(), report(), set_bits(name, w_bits, a_bits), set_all_bits(w_bits, a_bits), config()
     (the overrides for quantize_model), save(path).
@@ -55,9 +56,10 @@ class ModelExplorer(Explorer):
     title = "Model explorer"
     selections = ("pick",)
 
-    def __init__(self, model: torch.nn.Module, data, *, metric: Callable | None = None, w_bits: int | None = 8,
+    def __init__(self, model: torch.nn.Module, data, *, metric: Callable | None = None,
+                 higher_is_better: bool = True, w_bits: int | None = 8,
                  a_bits: int | None = 8, **kwargs):
-        self.analysis = ModelAnalysis(model, data, metric)
+        self.analysis = ModelAnalysis(model, data, metric, higher_is_better=higher_is_better)
         self._initial = {"w_bits": self._check_bits("w_bits", w_bits), "a_bits": self._check_bits("a_bits", a_bits)}
         self._overrides: dict[str, tuple] = {}  # layer -> (w option, a option) as the layer menus hold them
         self._syncing = False
