@@ -36,6 +36,7 @@ from torch import nn
 from qviz import _checks
 from qviz.engine.metrics import histogram, sqnr_db, weight_report
 from qviz.engine.quantize import (
+    TRANSPOSED_CONVS,
     UnquantizedModuleWarning,
     _fast_paths_off_when_needed,
     _has_weights,
@@ -48,12 +49,12 @@ from qviz.engine.quantize import (
     input_quantizers,
     is_lazy,
     layer_inputs,
+    layer_weight_pair,
     output_channel_rows,
     quantizable_layers,
     quantize_model,
     takes_input_quantizer,
     weight_groups,
-    weight_names,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantizer_thresholds
 
@@ -388,10 +389,8 @@ class ModelAnalysis:
                 self._cache[key] = math.inf
             else:
                 self._apply({name: setting})
-                layer = self._modules[name]
-                with torch.no_grad():
-                    q = torch.cat([getattr(layer, n).reshape(-1) for n in weight_names(layer)])
-                self._cache[key] = sqnr_db(float_weight(layer).detach().reshape(-1), q)
+                w, q = layer_weight_pair(self._modules[name])
+                self._cache[key] = sqnr_db(w.reshape(-1), q.reshape(-1))
         return self._cache[key]
 
     def output_sqnr(self, name: str, setting: LayerSetting) -> float:
@@ -489,8 +488,11 @@ class ModelAnalysis:
         if spec is None:
             return self.float32_bytes(name)
         levels = spec.max_levels
-        bits = next(b for b in packed.CODE_BITS if 2**b >= levels)
-        codes = packed.memory_report(out, fan_in, kernel=kernel, bits=bits, codebook_bits=0)["packed_bytes"]
+        bits = next((b for b in packed.CODE_BITS if 2**b >= levels), None)
+        if bits is None:  # 9 to 16 bits: no packed kernel takes them; 16-bit integers hold them
+            codes = 2 * out * fan_in * kernel[0] * kernel[1]
+        else:
+            codes = packed.memory_report(out, fan_in, kernel=kernel, bits=bits, codebook_bits=0)["packed_bytes"]
         groups = out if spec.granularity == "channel" else 1
         uniform = getattr(SCHEMES[spec.scheme], "symmetric", None) is not None  # scale and zero-point suffice
         return int(codes + groups * (8 if uniform else 4 * levels))
@@ -505,13 +507,35 @@ class ModelAnalysis:
         return int(float_weight(layer).numel() + (0 if bias is None else bias.numel()))
 
     def macs(self, name: str) -> int:
-        """Multiply-accumulates of the layer per sample (from the float pass's output shapes)."""
+        """Multiply-accumulates of the layer's weights per sample, from the float pass's shapes: output
+        elements x fan-in x kernel; a transposed convolution scatters each input element to out/groups x
+        kernel outputs; attention projects query, key and value (each rows x its width x embed_dim) and its
+        output projection, never called as a module, the query's rows x embed_dim x embed_dim."""
         self.float_pass()
-        if name not in self._captured_float:
-            return 0  # never called as a module (MultiheadAttention's output projection): no shape to count
-        out = self._captured_float[name][2]
+        layer = self._modules[name]
+        captured = self._captured_float.get(name)
+        parent = self._modules.get(name.rpartition(".")[0])
+        if captured is None and isinstance(parent, nn.MultiheadAttention) and layer is parent.out_proj:
+            query = self._attention_inputs(name.rpartition(".")[0])[0]
+            return 0 if query is None else query.numel() * parent.embed_dim // self._samples
+        if captured is None:
+            return 0  # never called as a module: no shape to count
+        if isinstance(layer, nn.MultiheadAttention):
+            inputs = self._attention_inputs(name)
+            return sum(t.numel() for t in inputs if t is not None) * layer.embed_dim // self._samples
+        w = float_weight(layer)
+        if isinstance(layer, TRANSPOSED_CONVS):
+            x = layer_inputs(layer, captured[0], captured[1])[0]
+            return x.numel() // self._samples * math.prod(w.shape[1:])
         _, fan_in, kernel = self.layer_shape(name)
-        return int(out.numel() // self._samples * fan_in * kernel[0] * kernel[1])
+        return int(captured[2].numel() // self._samples * fan_in * kernel[0] * kernel[1])
+
+    def _attention_inputs(self, name: str) -> list[torch.Tensor | None]:
+        captured = self._captured_float.get(name)
+        if captured is None:
+            return [None, None, None]
+        return [t if isinstance(t, torch.Tensor) else None
+                for t in layer_inputs(self._modules[name], captured[0], captured[1])]
 
     def kernel_rates(self, budget_s: float = 0.05) -> dict:
         """Measured multiply-accumulates per second of each packed kernel and of torch float32 (once)."""

@@ -68,8 +68,8 @@ from qviz.engine.layers import (
 from qviz.engine.quantizers import SCHEMES, QuantSpec
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LAYER_TYPES = (nn.Linear, *_CONVS, *_TRANSPOSED, nn.MultiheadAttention, LinearBN)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = (nn.Linear, *_CONVS, *TRANSPOSED_CONVS, nn.MultiheadAttention, LinearBN)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _OURS = (WeightQuantizer, ActivationQuantizer, ActivationPoint)
 _FAST_PATHS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -171,12 +171,12 @@ def channel_axis(layer: nn.Module) -> int:
     for linear layers that store [in, out] (GPT-2's Conv1D). With groups, a transposed convolution's axis 1
     holds out/groups slots, each serving one output channel per group: per-channel quantization along it
     quantizes each output channel on its own all the same (`weight_groups`, `output_channel_rows`)."""
-    return 1 if isinstance(layer, _TRANSPOSED + _weight_input_major()) else 0
+    return 1 if isinstance(layer, TRANSPOSED_CONVS + _weight_input_major()) else 0
 
 
 def weight_groups(layer: nn.Module) -> int:
     """Groups of a transposed convolution (whose output channels share slots of weight axis 1), else 1."""
-    return int(layer.groups) if isinstance(layer, _TRANSPOSED) else 1
+    return int(layer.groups) if isinstance(layer, TRANSPOSED_CONVS) else 1
 
 
 def output_channel_rows(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -1264,20 +1264,26 @@ def weight_pairs(model: nn.Module, *, with_names: bool = False) -> list[tuple]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pairs = []
-    with torch.no_grad():
-        for name, layer in quantizable_layers(model):
-            if isinstance(layer, LinearBN):
-                w = layer.folded()[0] if layer.fold != "none" else layer.weight
-                q = layer.wq(w) if layer.wq.spec is not None else w
-            else:
-                w = float_weight(layer)
-                was = layer.training
-                layer.eval()
-                q = _joined([getattr(layer, n) for n in weight_names(layer)])
-                layer.train(was)
-            pair = (w.detach(), q.detach())
-            pairs.append((name, *pair) if with_names else pair)
+    for name, layer in quantizable_layers(model):
+        pair = layer_weight_pair(layer)
+        pairs.append((name, *pair) if with_names else pair)
     return pairs
+
+
+def layer_weight_pair(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float weights, the weights the layer computes with) in eval mode, without gradients. LinearBN
+    quantizes inside its forward, its folded weights (004 eqs. 20-21): reading .weight would give float."""
+    with torch.no_grad():
+        if isinstance(layer, LinearBN):
+            w = layer.folded()[0] if layer.fold != "none" else layer.weight
+            q = layer.wq(w) if layer.wq.spec is not None else w
+        else:
+            w = float_weight(layer)
+            was = layer.training
+            layer.eval()
+            q = _joined([getattr(layer, n) for n in weight_names(layer)])
+            layer.train(was)
+    return w.detach(), q.detach()
 
 
 def model_bytes(qmodel: nn.Module) -> dict:

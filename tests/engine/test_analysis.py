@@ -125,3 +125,60 @@ def test_a_loss_scored_with_higher_is_better_false_ranks_the_most_harmful_layer_
 def test_higher_is_better_is_a_bool_and_false_needs_a_metric(kwargs, error):
     with pytest.raises(error, match="higher_is_better"):
         ModelAnalysis(_mlp(), torch.randn(8, 8), **kwargs)
+
+
+def _flops_per_sample(layer: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        layer(x)
+    return counter.get_total_flops() // 2 // len(x)
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Linear(12, 5), (3, 7, 12)),
+    (nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), (3, 6, 9, 9)),
+    (nn.Conv1d(4, 6, 5, dilation=2), (3, 4, 20)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), (3, 4, 5, 5)),
+    (nn.ConvTranspose1d(4, 3, 4, stride=3, output_padding=1), (3, 4, 6)),
+    (nn.ConvTranspose3d(2, 4, 2, stride=2), (3, 2, 3, 3, 3)),
+])
+def test_multiply_accumulates_per_sample_match_torchs_own_count(layer, shape):
+    x = torch.randn(shape)
+    analysis = ModelAnalysis(nn.Sequential(layer), x)
+    assert analysis.macs("0") == _flops_per_sample(layer, x)
+
+
+def test_attention_counts_its_three_input_projections_and_its_output_projection():
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=10, batch_first=True)
+
+        def forward(self, x):
+            key, value = torch.ones(len(x), 5, 6), torch.ones(len(x), 5, 10)
+            return self.attn(x, value=value, key=key)[0]
+
+    analysis = ModelAnalysis(CrossAttention(), torch.randn(4, 3, 8))
+    assert analysis.macs("attn") == 3 * 8 * 8 + 5 * 6 * 8 + 5 * 10 * 8  # query rows x E x E, key, value
+    assert analysis.macs("attn.out_proj") == 3 * 8 * 8
+
+
+def test_weights_of_9_to_16_bits_count_two_bytes_each():
+    analysis = ModelAnalysis(nn.Sequential(nn.Linear(64, 10)), torch.randn(4, 64))
+    for bits in (9, 12, 16):
+        setting = analysis.setting("0", bits, None)
+        assert analysis.packed_bytes("0", setting) == 2 * 64 * 10 + 10 * 8  # codes, a scale + zero-point a row
+        assert analysis.totals({"0": setting})["packed_bytes"] == analysis.packed_bytes("0", setting)
+    assert analysis.report(analysis.uniform_config(12, 8))["packed_bytes"] < 4 * 64 * 10
+
+
+def test_a_batch_norm_folded_layer_shows_the_error_of_its_folded_quantized_weights():
+    from qviz.engine import FCDNN
+
+    torch.manual_seed(0)
+    model = FCDNN(width=16, depth=2, batchnorm=True).eval()
+    analysis = ModelAnalysis(model, torch.randn(32, 2))
+    name = next(n for n in analysis.layers if analysis._kinds[n] == "LinearBN")
+    two, eight = (analysis.weight_sqnr(name, analysis.setting(name, b, None)) for b in (2, 8))
+    assert 0 < two < 20 < eight < 60  # was inf: the weights read from the layer are its float ones
