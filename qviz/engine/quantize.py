@@ -994,19 +994,59 @@ def _traced_as_tensors(model: nn.Module, n_args: int, keys: list[str], constants
     (`_tensor_leaves`)."""
     own = model.__dict__.get("forward")  # a forward set on the instance before, if any
     inner = model.forward
+    with _root_hooks_inside(model) as hooked:
 
-    def forward(*inputs):
-        kwargs = dict(zip(keys, inputs[n_args:], strict=True), **constants)
-        return tuple(t for _, t in _tensor_leaves(inner(*inputs[:n_args], **kwargs)))
+        def forward(*inputs):
+            kwargs = dict(zip(keys, inputs[n_args:], strict=True), **constants)
+            return tuple(t for _, t in _tensor_leaves(hooked(inner, inputs[:n_args], kwargs)))
 
-    model.forward = forward
+        model.forward = forward
+        try:
+            yield
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _root_hooks_inside(model: nn.Module):
+    """The model's own forward hooks and pre-hooks, taken off it and run around its real forward, as
+    Module.__call__ runs them: left on the model they would see the flat inputs and the tuple of output
+    tensors the exporter traces (a hook scaling the output was dropped from the graph, or raised)."""
+    saved = {name: getattr(model, name) for name in _HOOK_DICTS}
+    pre, post = dict(saved["_forward_pre_hooks"]), dict(saved["_forward_hooks"])
+    pre_kw, post_kw = set(saved["_forward_pre_hooks_with_kwargs"]), set(saved["_forward_hooks_with_kwargs"])
+
+    def hooked(forward, args: tuple, kwargs: dict):
+        for key, hook in pre.items():
+            if key in pre_kw:
+                result = hook(model, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+            else:
+                result = hook(model, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        out = forward(*args, **kwargs)
+        for key, hook in post.items():
+            result = hook(model, args, kwargs, out) if key in post_kw else hook(model, args, out)
+            if result is not None:
+                out = result
+        return out
+
+    for name in _HOOK_DICTS:
+        setattr(model, name, type(saved[name])())
     try:
-        yield
+        yield hooked
     finally:
-        if own is None:
-            del model.forward
-        else:
-            model.forward = own
+        for name, value in saved.items():
+            setattr(model, name, value)
 
 
 def _export_path(path) -> Path:

@@ -1262,3 +1262,24 @@ def test_an_error_inside_the_users_model_says_which_call_and_input_it_was():
     with pytest.raises(TypeError, match="a batch must be") as caught:  # qviz's own error needs no note
         calibrate(qm, ["text"])
     assert not getattr(caught.value, "__notes__", None)
+
+
+def test_the_models_own_hooks_are_in_the_exported_graph_and_stay_on_the_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model.register_forward_pre_hook(lambda m, args: args[0] + 1.0)  # a bare tensor back: the new input
+    model.register_forward_pre_hook(lambda m, args, kwargs: ((args[0] * 2.0,), kwargs), with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: out * 0.5)
+    model.register_forward_hook(lambda m, args, kwargs, out: out - args[0].sum(1, keepdim=True), with_kwargs=True)
+    x = torch.randn(16, 6)
+    qm = calibrate(quantize_model(model), x, method="minmax").eval()
+    with torch.no_grad():
+        want = qm(x[:4])
+    path = export_onnx(qm, x[:4], tmp_path / "hooked.onnx")
+    got = ort.InferenceSession(str(path)).run(None, {"input": x[:4].numpy()})[0]
+    with torch.no_grad():
+        assert torch.equal(qm(x[:4]), want)  # the hooks are back on the model
+        plain = model[2](model[1](model[0]((x[:4] + 1.0) * 2.0))) * 0.5
+    assert float(sqnr_db(want, torch.from_numpy(got))) > 60
+    assert float(sqnr_db(plain - ((x[:4] + 1.0) * 2.0).sum(1, keepdim=True), want)) > 30  # hooks in order
