@@ -124,7 +124,8 @@ class Runner:
         cancel = threading.Event()
         with self._cond:
             self._cancel = cancel
-            if not self._current(generation):
+            # close() may have come after the worker took this job and before its event was installed
+            if self._closed or not self._current(generation):
                 return
 
         def progress(fraction: float, text: str = "") -> None:
