@@ -135,7 +135,7 @@ class Explorer(W.VBox):
         # applying later data and params to it (see _show)
         self.view: W.Widget = W.HTML("<i style='color:#777'>computing…</i>")
         self._retired: list[tuple[float, W.Widget]] = []  # replaced views, closed later (see _retire)
-        self.runner = Runner(self._compute, self._apply, on_error=self.status.show_error,
+        self.runner = Runner(self._compute, self._apply, on_error=self._failed,
                              on_progress=self.status.progress, on_done=self.status.done,
                              debounce_s=debounce_s, background=background)
         self.controls = self._controls()
@@ -169,6 +169,11 @@ class Explorer(W.VBox):
 
     def _summary(self, result: Any, params: dict) -> str:
         return ""
+
+    def _failed(self, error: BaseException) -> None:
+        """A computation raised: the error shows inside the explorer (explorers whose charts announce
+        work still to come override this to say it will not come)."""
+        self.status.show_error(error)
 
     # ------------------------------------------------------------ updates
 

@@ -270,7 +270,8 @@ class ModelExplorer(Explorer):
         totals = result["totals"]
         rows = result["rows"]
         done = sum(r["sensitivity"] is not None for r in rows)
-        so_far = "" if done == len(rows) else f" ({done}/{len(rows)})"
+        failed = result["stage"] == "failed"
+        so_far = "" if done == len(rows) else f" ({done}/{len(rows)}{', stopped by the error' if failed else ''})"
         titles = [
             ("weight SQNR (dB)", "click a layer"),
             ("output SQNR (dB)", "bars: own, ticks: in the network"),
@@ -281,7 +282,8 @@ class ModelExplorer(Explorer):
         pareto = result["pareto"] or {"uniform": [], "greedy": []}
         current = {"bytes": totals["packed_bytes"], "metric": quant if quant is not None else float("nan")}
         floating = {"bytes": totals["float32_bytes"], "metric": result["float_metric"]}
-        status = "quantized: computing" if quant is None else f"quantized {quant:.4g}"
+        status = f"quantized {quant:.4g}" if quant is not None else \
+            "quantized: not computed (see the error)" if failed else "quantized: computing"
         chart = _charts.pareto_chart(fig, pareto["uniform"], pareto["greedy"], current, floating, metric,
                                      f"{metric}: float {result['float_metric']:.4g}, {status}")
         d = result["drill"]
@@ -299,6 +301,13 @@ class ModelExplorer(Explorer):
         stair = _charts.layer_staircase(fig, st["x"], st["q"], st["levels"],
                                         f"its quantizer: {len(st['levels'])} levels")
         return _charts.model_figure(layers, chart, [hist, acts, stair])
+
+    def _failed(self, error: BaseException) -> None:
+        """The charts drawn so far stay, and stop saying that the rest is being computed."""
+        self.status.show_error(error)
+        if self.data is not None and self.data["stage"] != "done":
+            self.data = {**self.data, "stage": "failed"}
+            self._show(self._build(self.data, self.params))
 
     def _summary(self, result, params) -> str:
         a = self.analysis

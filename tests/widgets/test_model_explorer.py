@@ -364,3 +364,25 @@ def test_the_pareto_path_grows_on_screen_and_the_explorer_answers_between_forwar
         assert waited < 0.8, waited
     finally:
         explorer.close()
+
+
+def test_an_error_after_the_first_rows_leaves_charts_that_no_longer_say_computing():
+    import json
+
+    calls = []
+
+    def metric(outputs, y):  # the float network scores; the quantized one does not
+        calls.append(len(outputs))
+        return 0.5 if len(calls) == 1 else float("nan")
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    explorer = qviz.ModelExplorer(model, (torch.randn(16, 8), torch.zeros(16)), metric=metric, background=False)
+    try:
+        assert "metric" in explorer.status.error.value
+        assert explorer.data["stage"] == "failed" and explorer.data["rows"]  # the first rows stay on screen
+        drawn = json.dumps(explorer.spec)
+        assert "quantized: not computed (see the error)" in drawn and "computing" not in drawn
+        explorer.set_all_bits(4, 8)  # still working: the next settings fail the same way, shown inside
+        assert "metric" in explorer.status.error.value and explorer.data["stage"] == "failed"
+    finally:
+        explorer.close()
