@@ -211,9 +211,14 @@ class ModelAnalysis:
         elif scheme == "default":
             weights = default_weight_spec(w_bits, layer)
         else:
-            _checks.choice("scheme", scheme, ["default", *self.weight_schemes()])
+            lo, hi = self.scheme_bits(scheme)
+            w_bits = _checks.integer("w_bits", w_bits, 1, 16)
+            if not lo <= w_bits <= hi:  # the weight bits a menu holds may not suit the scheme picked next
+                allowed = str(lo) if lo == hi else f"{lo} to {hi}"
+                raise ValueError(f"w_bits={w_bits} does not suit weight scheme {scheme!r}, which takes {allowed} "
+                                 f"bits; allowed: w_bits={allowed}, or another scheme")
             kw = {"granularity": "channel", "axis": channel_axis(layer)} if scheme in ("symmetric", "affine") else {}
-            weights = QuantSpec(scheme, bits=_checks.integer("w_bits", w_bits, 1, 16), **kw)
+            weights = QuantSpec(scheme, bits=w_bits, **kw)
         takes = takes_input_quantizer(layer)  # MultiheadAttention's output projection: weights only
         activations = None if a_bits is None or not takes else default_activation_spec(a_bits)
         return LayerSetting(weights, activations)

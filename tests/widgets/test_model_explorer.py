@@ -135,7 +135,8 @@ def test_the_view_has_every_part(explorer):
 
 def test_bad_settings_show_inside_and_the_explorer_keeps_working(explorer):
     explorer.scheme.value = "ternary"  # ternary takes 2 bits only; the global 8 is refused
-    assert "bits=8" in explorer.status.error.value
+    shown = explorer.status.error.value
+    assert "w_bits=8" in shown and "'ternary'" in shown and "takes 2 bits" in shown
     explorer.w_bits.value = "2"
     assert explorer.status.error.value == "" and explorer.report()["layers"][0]["w_scheme"] == "ternary"
     with pytest.raises(ValueError, match="name"):
