@@ -344,7 +344,13 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
         if example is None:
             raise ValueError("fold_batchnorm=True needs example=<an input for the model> to find the batch "
                              "norms that follow a layer")
-        fold_batchnorms(qmodel, example)
+        folded = fold_batchnorms(qmodel, example)
+        if folded and model.training:
+            warnings.warn(f"fold_batchnorm=True folded {len(folded)} batch norm(s) with their running statistics, "
+                          "but the model is in training mode, where they normalise with each batch's own: the "
+                          "quantized model's training-mode outputs differ from the model's (fold a trained model "
+                          "in eval mode; for quantization-aware training keep the batch norms, or use LinearBN)",
+                          UserWarning, stacklevel=2)
     quantize_in_place(qmodel, weights, activations, overrides, stochastic=stochastic)
     return qmodel
 

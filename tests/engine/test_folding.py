@@ -45,3 +45,18 @@ def test_folding_checks_its_arguments():
         fold_batchnorm(w, ones, zeros, zeros, -ones)
     with pytest.raises(ValueError, match="eps > 0"):
         fold_batchnorm(w, ones, zeros, zeros, zeros, eps=0.0)
+
+
+def test_folding_a_model_in_training_mode_warns_that_its_batch_statistics_are_gone():
+    import warnings
+
+    from qviz.engine import quantize_model
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="training mode"):
+        quantize_model(model, fold_batchnorm=True, example=x)
+    assert model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(model.eval(), fold_batchnorm=True, example=x)
