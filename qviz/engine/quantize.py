@@ -43,6 +43,7 @@ import fnmatch
 import functools
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -951,8 +952,7 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
                                       dynamo=False, do_constant_folding=False, input_names=names,
                                       output_names=_output_names(outputs))
                 except torch.onnx.errors.UnsupportedOperatorError as err:
-                    err.add_note(f"export_onnx wrote opset={opset}; an operator missing there may exist at a "
-                                 "higher opset= (up to 23)")
+                    err.add_note(_missing_operator_note(str(err), opset))
                     raise
     finally:
         qmodel.train(was_training)
@@ -961,6 +961,17 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             with contextlib.suppress(AttributeError, ValueError, TypeError):
                 config._attn_implementation = implementation
     return path
+
+
+def _missing_operator_note(message: str, opset: int) -> str:
+    """What to do about an operator PyTorch's exporter has no ONNX form for: a higher opset where it names
+    one, else nothing export_onnx can change (the float model fails the same way)."""
+    found = re.search(r"added in version (\d+)", message)
+    if found and int(found.group(1)) <= 23:
+        return f"export_onnx wrote opset={opset}; pass opset={found.group(1)} to export_onnx"
+    return (f"export_onnx wrote opset={opset}; PyTorch's exporter has no ONNX form for this operator at any opset "
+            "up to 23, so the float model cannot be exported either: replace the operation in the model (or keep "
+            "it out of the part exported)")
 
 
 def _eager_attention(model: nn.Module) -> list[tuple[object, str]]:

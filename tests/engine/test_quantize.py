@@ -1283,3 +1283,37 @@ def test_the_models_own_hooks_are_in_the_exported_graph_and_stay_on_the_model(tm
         plain = model[2](model[1](model[0]((x[:4] + 1.0) * 2.0))) * 0.5
     assert float(sqnr_db(want, torch.from_numpy(got))) > 60
     assert float(sqnr_db(plain - ((x[:4] + 1.0) * 2.0).sum(1, keepdim=True), want)) > 30  # hooks in order
+
+
+class _Bilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b, self.fc = nn.Bilinear(3, 3, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(x, x))
+
+
+class _Fold(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(9, 9)
+
+    def forward(self, x):
+        return torch.nn.functional.fold(self.fc(x), (4, 4), (2, 2))  # aten::col2im: ONNX opset 18 on
+
+
+@pytest.mark.parametrize("model,x,note", [
+    (_Bilinear(), torch.randn(4, 3), "no ONNX form for this operator at any opset up to 23"),
+    (_Fold(), torch.randn(1, 4, 9), "pass opset=18 to export_onnx"),
+])
+def test_an_operator_the_exporter_lacks_gets_a_note_that_says_what_can_be_done(tmp_path, model, x, note):
+    pytest.importorskip("onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnquantizedModuleWarning)
+        qm = calibrate(quantize_model(model), x, method="minmax").eval()
+    with pytest.raises(torch.onnx.errors.UnsupportedOperatorError) as caught:
+        export_onnx(qm, x, tmp_path / "m.onnx")
+    assert any(note in n for n in caught.value.__notes__), caught.value.__notes__
+    if "opset=18" in note:
+        assert export_onnx(qm, x, tmp_path / "m.onnx", opset=18).exists()
