@@ -630,12 +630,13 @@ def fold_batchnorms(model: nn.Module, example) -> list[tuple[str, str]]:
 def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | None = None):
     """model(batch): a tensor as the input, a tuple/list as (input, target, ...), a dict as keyword inputs.
     With `doing` ("calibrate ran the model on batch 3:"), an error the model raises carries a note of it."""
+    seen = batch  # what the model was given, for the note
     if forward is not None:
         call = functools.partial(forward, model, batch)
     elif isinstance(batch, torch.Tensor):
         call = functools.partial(model, batch)
     elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor):
-        call = functools.partial(model, batch[0])
+        call, seen = functools.partial(model, batch[0]), _FirstOf(batch) if len(batch) > 1 else batch
     elif isinstance(batch, dict):
         call = functools.partial(model, **batch)
     else:
@@ -643,8 +644,14 @@ def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | 
                         f"keyword inputs (or give forward=...), got {type(batch).__name__}")
     if doing is None:
         return call()
-    with _noted_errors(doing, batch):
+    with _noted_errors(doing, seen):
         return call()
+
+
+class _FirstOf(tuple):
+    """A tuple batch of which only the first item was the input ((input, target) pairs)."""
+
+
 
 
 @contextlib.contextmanager
@@ -666,6 +673,9 @@ def _describe(batch) -> str:
         return f"a tensor of shape {tuple(batch.shape)}, {batch.dtype}"
     if isinstance(batch, dict):
         return "keyword inputs " + ", ".join(f"{k}={_describe(v)}" for k, v in list(batch.items())[:6])
+    if isinstance(batch, _FirstOf):
+        return (f"the first item of a tuple of {len(batch)}, {_describe(batch[0])}: a tuple or list batch is "
+                "(input, target, ...); a model of several inputs takes a dict of keyword inputs, or forward=")
     if isinstance(batch, tuple | list):
         return f"a {type(batch).__name__} of " + "; ".join(_describe(v) for v in batch[:4])
     return type(batch).__name__

@@ -1317,3 +1317,22 @@ def test_an_operator_the_exporter_lacks_gets_a_note_that_says_what_can_be_done(t
     assert any(note in n for n in caught.value.__notes__), caught.value.__notes__
     if "opset=18" in note:
         assert export_onnx(qm, x, tmp_path / "m.onnx", opset=18).exists()
+
+
+def test_a_tuple_batch_for_a_model_of_several_inputs_gets_a_note_that_only_its_first_item_was_passed():
+    class ThreeInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, q, k, v):
+            return self.fc(q + k + v)
+
+    qm = quantize_model(ThreeInputs(), 8, 8)
+    q = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="missing 2 required positional arguments") as caught:
+        calibrate(qm, [(q, q, q)])
+    note = caught.value.__notes__[0]
+    assert "the first item of a tuple of 3, a tensor of shape (2, 4)" in note and "dict of keyword inputs" in note
+    calibrate(qm, [{"q": q, "k": q, "v": q}])  # the form it points to
+    assert qm.fc.input_quantizer.calibrated
