@@ -15,8 +15,8 @@ data is (X, y), scored by accuracy (or metric(outputs, y), higher is better unle
 a loss), or X alone, scored by the output SQNR in dB against the float model's outputs. X is a tensor, or a
 dict of tensors for models that take keyword inputs (Hugging Face's pixel_values). Activation ranges are
 calibrated once, by min/max of the float network's activations over X (calibrate's "minmax"), so they do
-not depend on the bit widths being tried; feeding `overrides_of(config)` to quantize_model and calibrating
-the same way reproduces every number. Results are
+not depend on the bit widths being tried; feeding `overrides_of(config, analysis.points)` to quantize_model
+and calibrating the same way reproduces every number. Results are
 cached per layer setting.
 """
 
@@ -28,12 +28,13 @@ import itertools
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from qviz import _checks
+from qviz.engine.layers import ActivationPoint
 from qviz.engine.metrics import histogram, sqnr_db, weight_report
 from qviz.engine.quantize import (
     TRANSPOSED_CONVS,
@@ -150,6 +151,8 @@ class ModelAnalysis:
                              "quantize")
         self._modules = dict(quantizable_layers(self.qmodel))
         self._kinds = {name: type(layer).__name__ for name, layer in quantizable_layers(model)}
+        # where the network declares its activations quantized; the analysis quantizes layer inputs instead
+        self.points = [name for name, m in self.qmodel.named_modules() if isinstance(m, ActivationPoint)]
         self._inner = {name: [n for n in self.layers if n.startswith(name + ".")] for name in self.layers}
         self._cache: dict = {}
         self._applied: dict[str, LayerSetting] = {}
@@ -744,9 +747,12 @@ def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
 
 
-def overrides_of(config: dict[str, LayerSetting]) -> dict:
+def overrides_of(config: dict[str, LayerSetting], points: Iterable[str] = ()) -> dict:
     """quantize_model overrides that reproduce `config` layer by layer (parents before children, so a
-    layer inside another, an attention's output projection, keeps its own entry)."""
-    return {_escape(name): {"weights": s.weights, "activations": s.activations} for name, s in config.items()}
+    layer inside another, an attention's output projection, keeps its own entry). `points`: the model's
+    ActivationPoint names (ModelAnalysis.points), kept float, since the analysis quantizes layer inputs."""
+    float_points = {_escape(name): {"activations": None} for name in points}
+    return float_points | {_escape(name): {"weights": s.weights, "activations": s.activations}
+                           for name, s in config.items()}
 
 

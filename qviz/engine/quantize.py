@@ -294,7 +294,9 @@ def _plan(model: nn.Module, weights, activations, overrides,
         for n in hit_layers:
             if w_value is not _UNSET:
                 w[n] = _weight_spec(w_value, layer_of[n], f"overrides[{pattern!r}]", stochastic)
-            if a_value is not _UNSET and not declared:
+            # a network that declares its activation points quantizes activations there; a pattern that
+            # names layers and no point quantizes those layers' inputs (what ModelAnalysis measures)
+            if a_value is not _UNSET and not (declared and hit_points):
                 spec = _activation_spec(a_value, f"overrides[{pattern!r}]")
                 a[n] = spec if takes_input_quantizer(layer_of[n]) else None
         for n in hit_points:
@@ -320,9 +322,11 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
     weights / activations: a bit width (004's defaults: symmetric per-channel weights, affine per-tensor
     activations), a QuantSpec, or None (float). overrides: {fnmatch pattern of a module name: None (keep
     that layer float) | bits or QuantSpec (its weights) | {"weights": ..., "activations": ...}}; later
-    entries win; a pattern that matches nothing is an error. stochastic: QAT uses each weight scheme's
-    stochastic twin (004 §4); bit widths then pick schemes that have one (affine per channel; binary at
-    1 bit). fold_batchnorm: fold every batch norm that directly follows a convolution or
+    entries win; a pattern that matches nothing is an error. In a network that declares its activation
+    points (ActivationPoint), activations are quantized at those points; an entry whose pattern names
+    layers and no point sets those layers' inputs instead (ModelAnalysis's per-layer view). stochastic:
+    QAT uses each weight scheme's stochastic twin (004 §4); bit widths then pick schemes that have one
+    (affine per channel; binary at 1 bit). fold_batchnorm: fold every batch norm that directly follows a convolution or
     linear layer into it first (004 eqs. 20-21: the inference graph); `example` (an input for the model)
     is run once to see which batch norms take a layer's output as theirs.
 
@@ -374,7 +378,7 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
                              f"overrides={{{name!r}: None}} to keep it float")
     for name, layer in layers:
         _quantize_weights(layer, plan.weights[name], stochastic)
-        if not declared:
+        if not declared or name in plan.activations:
             _quantize_inputs(layer, plan.activations[name])
     if declared:
         for name, point in model.named_modules():

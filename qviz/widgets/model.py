@@ -182,7 +182,7 @@ class ModelExplorer(Explorer):
 
     def config(self) -> dict:
         """The overrides that make quantize_model(model, overrides=...) quantize each layer as shown here."""
-        return overrides_of(self._config(self._params()))
+        return overrides_of(self._config(self._params()), self.analysis.points)
 
     def report(self) -> dict:
         """The numbers on screen: {"layers": [name, params, w_bits, a_bits, weight_sqnr_db, output_sqnr_db,

@@ -182,3 +182,36 @@ def test_a_batch_norm_folded_layer_shows_the_error_of_its_folded_quantized_weigh
     name = next(n for n in analysis.layers if analysis._kinds[n] == "LinearBN")
     two, eight = (analysis.weight_sqnr(name, analysis.setting(name, b, None)) for b in (2, 8))
     assert 0 < two < 20 < eight < 60  # was inf: the weights read from the layer are its float ones
+
+
+def test_a_network_that_declares_its_activation_points_is_reproduced_by_its_config():
+    from qviz.engine import MLP, calibrate, quantize_model
+    from qviz.engine.analysis import overrides_of
+
+    torch.manual_seed(0)
+    model = MLP((8, 16, 16, 3)).eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    analysis = ModelAnalysis(model, (x, y))
+    assert analysis.points == ["acts.0", "acts.1"]
+    config = {**analysis.uniform_config(8, 2), "layers.0": analysis.setting("layers.0", 4, None)}
+    shown = analysis.metric_of(config)
+    qm = calibrate(quantize_model(model, overrides=overrides_of(config, analysis.points)), x, method="minmax")
+    inputs = {n: getattr(getattr(qm.get_submodule(n), "input_quantizer", None), "spec", None)
+              for n in analysis.layers}
+    assert inputs["layers.0"] is None and inputs["layers.1"].bits == inputs["layers.2"].bits == 2
+    assert all(p.quantizer.spec is None for n, p in qm.named_modules() if n in analysis.points)
+    with torch.no_grad():
+        assert float((qm.eval()(x).argmax(1) == y).float().mean()) == shown
+    assert shown < 1.0  # 2-bit inputs cost something: the check above compares quantized networks
+
+
+def test_a_declared_networks_own_points_still_take_a_pattern_that_names_them():
+    from qviz.engine import MLP, quantize_model
+
+    qm = quantize_model(MLP((8, 16, 16, 3)), 8, 4, overrides={"acts.1": {"activations": 2}, "layers.2": 3})
+    points = {n: m.quantizer.spec for n, m in qm.named_modules() if n in ("acts.0", "acts.1")}
+    assert points["acts.0"].bits == 4 and points["acts.1"].bits == 2
+    assert not any(getattr(m, "input_quantizer", None) is not None and m.input_quantizer.spec is not None
+                   for m in qm.modules())  # activations at the points only
