@@ -158,6 +158,7 @@ class ModelAnalysis:
         self._applied: dict[str, LayerSetting] = {}
         self._input_ranges: dict[str, list[tuple[float, float]]] = {}
         self._captured_float: dict[str, tuple] | None = None
+        self._calls: dict[str, int] = {}
         self._samples = min(CAPTURE_SAMPLES, _count(self.X))  # set by float_pass from the memory a sample takes
         self._cancel: threading.Event | None = None
         self._float_outputs: torch.Tensor | None = None
@@ -280,15 +281,17 @@ class ModelAnalysis:
         if self._cancel is not None and self._cancel.is_set():
             raise AnalysisCancelled("the analysis was cancelled")
 
-    def _capture(self, model: nn.Module, modules: dict[str, nn.Module],
-                 samples: int | None = None) -> tuple[dict, torch.Tensor]:
+    def _capture(self, model: nn.Module, modules: dict[str, nn.Module], samples: int | None = None,
+                 calls: dict[str, int] | None = None) -> tuple[dict, torch.Tensor]:
         """Run the first `samples` (default: the captured ones) through `model`, keeping each layer's inputs
-        and output."""
+        and output (of its last call, if called more than once) and counting its calls into `calls`."""
         seen: dict[str, tuple] = {}
+        calls = {} if calls is None else calls
         handles = []
         for name, m in modules.items():
             def pre(mod, args, kwargs, name=name):
                 self._stop_if_cancelled()
+                calls[name] = calls.get(name, 0) + 1
                 seen[name] = [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}]
 
@@ -342,16 +345,19 @@ class ModelAnalysis:
             # the copy, not the user's model: the user may run or change theirs meanwhile (the explorer
             # computes in the background), and it was copied when the analysis was made
             self._all_float()
-            captured, head = self._capture(self.qmodel, self._modules, samples=1)
+            calls: dict[str, int] = {}
+            captured, head = self._capture(self.qmodel, self._modules, samples=1, calls=calls)
             self._samples = self._samples_that_fit(captured)
             if self._samples > 1:
                 ranges.clear()  # the first sample is observed again
-                captured, head = self._capture(self.qmodel, self._modules)
+                calls.clear()
+                captured, head = self._capture(self.qmodel, self._modules, calls=calls)
             rest = self._forward(self.qmodel, start=self._samples) if _count(self.X) > self._samples else None
         finally:
             for h in handles:
                 h.remove()
         self._captured_float = captured
+        self._calls = calls  # per forward of the captured samples: a layer used twice (tied weights) works twice
         self._float_outputs = head if rest is None else torch.cat([head, rest])
         self._input_ranges = {name: [tuple(r) for r in ranges.get(name, [])] for name in self.layers}
 
@@ -476,6 +482,11 @@ class ModelAnalysis:
         """(out_features, in_features per group, kernel) of a layer's weight, as memory_report takes them."""
         layer = self._modules[name]
         w = float_weight(layer)
+        if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
+            # query, key and value of different widths (kdim, vdim) come joined flat: 3 x embed_dim
+            # output channels, one scale each, over their mean width
+            out = 3 * layer.embed_dim
+            return out, w.numel() // out, (1, 1)
         axis = channel_axis(layer)
         # a grouped transposed convolution: out/groups slots of axis 1 and all `in` of axis 0 give the
         # weight count; its output channels (one scale each) are out_channels
@@ -525,18 +536,21 @@ class ModelAnalysis:
         parent = self._modules.get(name.rpartition(".")[0])
         if captured is None and isinstance(parent, nn.MultiheadAttention) and layer is parent.out_proj:
             query = self._attention_inputs(name.rpartition(".")[0])[0]
-            return 0 if query is None else query.numel() * parent.embed_dim // self._samples
+            calls = self._calls.get(name.rpartition(".")[0], 1)
+            return 0 if query is None else query.numel() * parent.embed_dim * calls // self._samples
         if captured is None:
             return 0  # never called as a module: no shape to count
+        return self._one_call_macs(name, layer, captured) * self._calls.get(name, 1) // self._samples
+
+    def _one_call_macs(self, name: str, layer: nn.Module, captured: tuple) -> int:
+        """Multiply-accumulates of the layer's last call in the float pass (all its samples)."""
         if isinstance(layer, nn.MultiheadAttention):
-            inputs = self._attention_inputs(name)
-            return sum(t.numel() for t in inputs if t is not None) * layer.embed_dim // self._samples
+            return sum(t.numel() for t in self._attention_inputs(name) if t is not None) * layer.embed_dim
         w = float_weight(layer)
         if isinstance(layer, TRANSPOSED_CONVS):
-            x = layer_inputs(layer, captured[0], captured[1])[0]
-            return x.numel() // self._samples * math.prod(w.shape[1:])
+            return layer_inputs(layer, captured[0], captured[1])[0].numel() * math.prod(w.shape[1:])
         _, fan_in, kernel = self.layer_shape(name)
-        return int(captured[2].numel() // self._samples * fan_in * kernel[0] * kernel[1])
+        return int(captured[2].numel() * fan_in * kernel[0] * kernel[1])
 
     def _attention_inputs(self, name: str) -> list[torch.Tensor | None]:
         captured = self._captured_float.get(name)

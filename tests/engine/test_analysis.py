@@ -215,3 +215,43 @@ def test_a_declared_networks_own_points_still_take_a_pattern_that_names_them():
     assert points["acts.0"].bits == 4 and points["acts.1"].bits == 2
     assert not any(getattr(m, "input_quantizer", None) is not None and m.input_quantizer.spec is not None
                    for m in qm.modules())  # activations at the points only
+
+
+def test_a_layer_called_twice_a_forward_counts_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(torch.relu(self.fc(x))))
+
+    class PerSample(nn.Module):  # a loop over the batch: one call a sample
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return torch.stack([self.fc(row) for row in x])
+
+    twice = ModelAnalysis(Twice(), torch.randn(10, 6))
+    assert twice.macs("fc") == 2 * 36 and twice.macs("head") == 12
+    assert ModelAnalysis(PerSample(), torch.randn(10, 6)).macs("fc") == 12
+
+
+def test_attention_with_key_and_value_widths_of_their_own_has_three_embed_dims_of_channels():
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=10, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, torch.ones(len(x), 5, 6), torch.ones(len(x), 5, 10))[0]
+
+    from qviz import packed
+
+    analysis = ModelAnalysis(CrossAttention(), torch.randn(4, 3, 8))
+    assert analysis.layer_shape("attn") == (24, 8, (1, 1))  # 8 x (8 + 6 + 10) weights
+    codes = packed.memory_report(24, 8, bits=8, codebook_bits=0)["packed_bytes"]
+    assert analysis.packed_bytes("attn", analysis.setting("attn", 8, None)) == codes + 24 * 8
+    assert analysis.float32_bytes("attn") == 4 * 8 * 24
