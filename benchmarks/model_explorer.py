@@ -11,7 +11,9 @@ over the same images is printed as the yardstick (the machine is shared, so abso
 pass, every layer's SQNRs and the metric without sensitivities, the samples whose layer tensors it keeps, and
 the process's peak memory.
 
-Run: .venv/bin/python benchmarks/model_explorer.py [--full-size]   (needs transformers)
+`--full-size --pareto` also times the Pareto chart there (several minutes).
+
+Run: .venv/bin/python benchmarks/model_explorer.py [--full-size [--pareto]]   (needs transformers)
 """
 
 from __future__ import annotations
@@ -99,15 +101,30 @@ def full_size() -> None:
         start = time.perf_counter()
         analysis.report(analysis.uniform_config(bits, 8), with_sensitivity=False)
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [["float forward, 32 images", f"{forward:.2f}"],
             [f"float pass (keeps the layer tensors of {analysis._samples} samples)", f"{float_pass:.2f}"],
             ["every layer's SQNRs + metric, W8A8 (no sensitivity)", f"{times[0]:.2f}"],
             ["every layer's SQNRs + metric, W4A8 (no sensitivity)", f"{times[1]:.2f}"],
             ["one sensitivity (a forward over the data), about", f"{forward:.2f}"]]
+    if "--pareto" in sys.argv[1:]:
+        rows += _pareto_rows(analysis)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"torch {torch.__version__}, 2 threads; ResNet-50, {len(analysis.layers)} quantized layers, 32 images of "
           f"224x224; peak memory of the process {peak:,.0f} MB\n")
     print(table(rows, ["step", "seconds"]))
+
+
+def _pareto_rows(analysis) -> list[list[str]]:
+    """The Pareto chart at full size: when its first mixed-precision point shows, and all of it."""
+    start = time.perf_counter()
+    first = None
+    for chart in analysis.pareto(8):
+        if first is None and len(chart["greedy"]) > 1:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    points = len(chart["uniform"]) + len(chart["greedy"])
+    return [["Pareto chart: its first mixed-precision point", f"{first:.1f}"],
+            [f"Pareto chart: all {points} points", f"{total:.1f}"]]
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def test_other_practitioner_functions_refuse_bad_arguments_by_name(fn, args, nam
     (X, {"metric": "accuracy"}, ["metric"]),
     (X, {"batch_size": 0}, ["batch_size"]),
     (X, {"batch_size": 2.5}, ["batch_size"]),
+    (X, {"higher_is_better": 0}, ["higher_is_better"]),
+    ((X, Y), {"higher_is_better": False}, ["higher_is_better", "metric"]),
 ])
 def test_the_analysis_refuses_bad_data_by_name(data, kwargs, names):
     hostile.expect_clear_error(hostile.run(ModelAnalysis, _model(), data, **kwargs), *names)
@@ -195,6 +197,13 @@ def test_the_analysis_refuses_models_it_cannot_score_by_name(model, data, names)
     (lambda a: next(a.pareto("x")), ["activations"]),
     (lambda a: next(a.pareto(8, scheme="bogus")), ["scheme"]),
     (lambda a: a.uniform_config(99, 8), ["weights"]),
+    (lambda a: a.setting("0", 8, 8, scheme="ternary"), ["w_bits=8", "'ternary'"]),
+    (lambda a: a.metric_of([("0", None)]), ["config", "dict"]),
+    (lambda a: a.metric_of({"0": (8, 8)}), ["config['0']", "LayerSetting"]),
+    (lambda a: a.evaluate({"nope": None}), ["'nope'"]),
+    (lambda a: a.totals("W8"), ["config"]),
+    (lambda a: a.report({0: None}), ["name=0"]),
+    (lambda a: a.latency_estimate(None), ["config"]),
 ])
 def test_the_analysis_refuses_bad_settings_by_name(call, names):
     analysis = ModelAnalysis(_model(), (X, Y))
