@@ -55,6 +55,7 @@ from qviz.engine.quantize import (
     quantizable_layers,
     quantize_model,
     takes_input_quantizer,
+    uncompiled,
     weight_groups,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantizer_thresholds
@@ -122,6 +123,7 @@ class ModelAnalysis:
                  higher_is_better: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = uncompiled(model)  # torch.compile's wrapper: the analysis names the layers of what it compiles
         if metric is not None and not callable(metric):
             raise TypeError(f"metric must be callable(outputs, y) or None, got {type(metric).__name__}")
         lazy = [f"{name!r} ({type(layer).__name__})" for name, layer in quantizable_layers(model) if is_lazy(layer)]

@@ -332,12 +332,14 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
 
     The copy trains like any model (QAT: float shadow weights, straight-through gradients, 002 eqs. 2-4);
     `calibrate` sets activation ranges without training; `dequantize_model` gives a float model back.
+    A torch.compile'd model gives a quantized copy of the module it compiles, not compiled (`uncompiled`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("model is a TorchScript module (torch.jit.script / trace): its forward is compiled code "
                         "that quantizers cannot join; pass the Python nn.Module it was made from")
+    model = uncompiled(model)
     _checks.boolean("fold_batchnorm", fold_batchnorm)
     try:
         with _hook_norm_weights_detached(model):
@@ -358,6 +360,17 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
                           UserWarning, stacklevel=2)
     quantize_in_place(qmodel, weights, activations, overrides, stochastic=stochastic)
     return qmodel
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a torch.compile wrapper compiles (its layers then keep their own names, not
+    `_orig_mod.*`). Quantizers read their ranges as Python numbers, a graph break in every compiled
+    forward, and the ONNX exporter refuses compiled code: the quantized copy is plain; compile it again."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def is_lazy(layer: nn.Module) -> bool:
@@ -925,6 +938,7 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
+    qmodel = uncompiled(qmodel)
     opset = _checks.integer("opset", opset, 13, 23)
     path = _export_path(path)
     try:

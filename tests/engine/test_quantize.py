@@ -1336,3 +1336,21 @@ def test_a_tuple_batch_for_a_model_of_several_inputs_gets_a_note_that_only_its_f
     assert "the first item of a tuple of 3, a tensor of shape (2, 4)" in note and "dict of keyword inputs" in note
     calibrate(qm, [{"q": q, "k": q, "v": q}])  # the form it points to
     assert qm.fc.input_quantizer.calibrated
+
+
+def test_a_compiled_model_is_quantized_analysed_and_exported_as_the_module_it_compiles(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from qviz.engine.analysis import ModelAnalysis
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    compiled = torch.compile(model)
+    x = torch.randn(32, 8)
+    qm = calibrate(quantize_model(compiled, overrides={"2": 4}), x, method="minmax").eval()
+    assert [(r["name"], r["weights"].bits) for r in quantized_layers(qm)] == [("0", 8), ("2", 4)]
+    path = export_onnx(torch.compile(qm), x[:4], tmp_path / "compiled.onnx")  # compiled again, exported plain
+    got = ort.InferenceSession(str(path)).run(None, {"input": x[:4].numpy()})[0]
+    with torch.no_grad():
+        assert float(sqnr_db(qm(x[:4]), torch.from_numpy(got))) > 60
+    analysis = ModelAnalysis(compiled, x)
+    assert analysis.layers == ["0", "2"] and analysis.metric_of(analysis.uniform_config(8, 8)) > 30
