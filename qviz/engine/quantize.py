@@ -428,21 +428,46 @@ def input_quantizers(layer: nn.Module) -> list[ActivationQuantizer]:
     return [getattr(layer, n) for n in names if isinstance(getattr(layer, n, None), ActivationQuantizer)]
 
 
-@contextlib.contextmanager
-def _hook_norm_weights_detached(model: nn.Module):
-    """The hook forms of weight and spectral norm leave the weights of the last forward as a plain
-    attribute, a non-leaf tensor after a forward with gradients, which deepcopy refuses. Their detached
-    values stand in while the model is copied (every forward recomputes them); the originals go back."""
+def _hook_target(hook) -> str | None:
+    """The weight a forward pre-hook of weight norm, spectral norm or pruning recomputes, else None."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
+    if isinstance(hook, WeightNorm | SpectralNorm):
+        return hook.name
+    if isinstance(hook, BasePruningMethod):
+        return hook._tensor_name
+    return None
+
+
+class PruningMask(nn.Module):
+    """Pruning (torch.nn.utils.prune) as a parametrization: the weights times the fixed mask."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w  # weights set from outside (dequantize_model's bake) are stored as given, masked on use
+
+
+@contextlib.contextmanager
+def _hook_norm_weights_detached(model: nn.Module):
+    """The hook forms of weight norm, spectral norm and pruning leave the weights of the last forward as
+    a plain attribute, a non-leaf tensor after a forward with gradients, which deepcopy refuses. Their
+    detached values stand in while the model is copied (every forward recomputes them); the originals go
+    back."""
     saved = []
     for m in model.modules():
         for hook in m._forward_pre_hooks.values():
-            t = getattr(m, getattr(hook, "name", ""), None) if isinstance(hook, WeightNorm | SpectralNorm) else None
+            t = getattr(m, _hook_target(hook), None) if _hook_target(hook) else None
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.grad_fn is not None:
-                saved.append((m, hook.name, t))
-                setattr(m, hook.name, t.detach())
+                saved.append((m, _hook_target(hook), t))
+                setattr(m, _hook_target(hook), t.detach())
     try:
         yield
     finally:
@@ -451,16 +476,24 @@ def _hook_norm_weights_detached(model: nn.Module):
 
 
 def _hook_norm_as_parametrization(layer: nn.Module, name: str) -> None:
-    """The hook forms of weight and spectral norm (torch.nn.utils.weight_norm / spectral_norm) recompute
-    `name` in a forward pre-hook, so it is no parameter a quantizer could parametrize. Weight norm becomes
+    """The hook forms of weight and spectral norm (torch.nn.utils.weight_norm / spectral_norm) and pruning
+    (torch.nn.utils.prune) recompute `name` in a forward pre-hook, so it is no parameter a quantizer could
+    parametrize. Pruning becomes a parametrization by its mask (PruningMask, the same weights). Weight norm becomes
     its parametrization form with the same g and v (the same weights, and QAT still trains g and v);
     spectral norm is folded into the weights it gives in eval mode (exact there; QAT then trains the
     weights without it, and a warning says so)."""
+    from torch.nn.utils import prune
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for hook in list(layer._forward_pre_hooks.values()):
-        if isinstance(hook, WeightNorm) and hook.name == name:
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            # the masked weights become the stored ones, and the mask a parametrization: pruned weights
+            # stay zero through QAT, as the hook kept them
+            mask = getattr(layer, name + "_mask").detach().clone()
+            prune.remove(layer, name)
+            parametrize.register_parametrization(layer, name, PruningMask(mask))
+        elif isinstance(hook, WeightNorm) and hook.name == name:
             g, v = (getattr(layer, name + suffix).detach().clone() for suffix in ("_g", "_v"))
             nn.utils.remove_weight_norm(layer, name)
             nn.utils.parametrizations.weight_norm(layer, name, hook.dim)

@@ -1354,3 +1354,34 @@ def test_a_compiled_model_is_quantized_analysed_and_exported_as_the_module_it_co
         assert float(sqnr_db(qm(x[:4]), torch.from_numpy(got))) > 60
     analysis = ModelAnalysis(compiled, x)
     assert analysis.layers == ["0", "2"] and analysis.metric_of(analysis.uniform_config(8, 8)) > 30
+
+
+def test_a_pruned_model_is_quantized_with_its_pruned_weights_kept_at_zero(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from torch.nn.utils import prune
+
+    from qviz.engine.analysis import ModelAnalysis
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[0], "weight", amount=0.2)  # a second pruning: a PruningContainer
+    x = torch.randn(32, 8)
+    model(x).sum().backward()  # the hook's weight is now a non-leaf tensor, which a plain deepcopy refuses
+    mask = model[0].weight_mask.clone()
+    qm = calibrate(quantize_model(model, 4, 8), x, method="minmax").eval()
+    assert torch.equal(qm[0].weight[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert qm[0].weight.count_nonzero() > 0 and hasattr(model[0], "weight_orig")  # the user's model keeps its hook
+    with torch.no_grad():
+        want = qm(x[:4])
+        assert float(sqnr_db(model(x), qm(x))) > 10
+    path = export_onnx(qm, x[:4], tmp_path / "pruned.onnx")
+    got = ort.InferenceSession(str(path)).run(None, {"input": x[:4].numpy()})[0]
+    # 40 dB, not the usual 60: an activation code on a rounding threshold may flip between the two runtimes
+    assert float(sqnr_db(want, torch.from_numpy(got))) > 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the mask takes the baked weights: no fallback to float ones
+        baked = dequantize_model(qm, bake=True)
+    assert torch.equal(baked[0].weight, qm[0].weight.detach())
+    analysis = ModelAnalysis(model, x)
+    assert analysis.weight_sqnr("0", analysis.setting("0", 8, None)) > 30
