@@ -255,3 +255,24 @@ def test_attention_with_key_and_value_widths_of_their_own_has_three_embed_dims_o
     codes = packed.memory_report(24, 8, bits=8, codebook_bits=0)["packed_bytes"]
     assert analysis.packed_bytes("attn", analysis.setting("attn", 8, None)) == codes + 24 * 8
     assert analysis.float32_bytes("attn") == 4 * 8 * 24
+
+
+def test_the_latency_estimates_speed_up_is_the_ratio_each_kernel_measured_against_torch_in_its_own_run(
+        monkeypatch):
+    from qviz import packed
+
+    ratios = {("binary", 1): 9.0, ("lowbit", 2): 3.0, ("lowbit", 4): 2.0, ("lut", 4): 1.5, ("lut", 8): 1.2}
+    torch_ms = iter([1.0, 4.0, 2.0, 8.0, 3.0])  # the host got busier and quieter between the runs
+
+    def measured(kind, m, k, n, *, bits, budget_s):
+        torch_s = next(torch_ms) * 1e-3
+        ratio = ratios[(kind, bits)]
+        return {"macs": m * k * n, "torch_s": torch_s, "qviz_s": torch_s / ratio, "ratio": ratio}
+
+    monkeypatch.setattr(packed, "measure_latency", measured)
+    analysis = ModelAnalysis(_mlp(), torch.randn(16, 8))
+    for w_bits, a_bits, ratio in ((8, 8, 1.2), (4, 8, 1.5), (2, 2, 3.0)):
+        estimate = analysis.latency_estimate(analysis.uniform_config(w_bits, a_bits))
+        assert estimate["float_seconds"] / estimate["seconds"] == pytest.approx(ratio)
+    floating = analysis.latency_estimate({})
+    assert floating["seconds"] == pytest.approx(floating["float_seconds"])
