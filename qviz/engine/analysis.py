@@ -13,7 +13,8 @@ reconfigures its quantizers, so a change of one layer's bits costs the work that
 
 data is (X, y), scored by accuracy (or metric(outputs, y), higher is better unless higher_is_better=False,
 a loss), or X alone, scored by the output SQNR in dB against the float model's outputs. X is a tensor, or a
-dict of tensors for models that take keyword inputs (Hugging Face's pixel_values). Activation ranges are
+dict of tensors for models that take keyword inputs (Hugging Face's pixel_values). data may also be an
+iterable of batches (a DataLoader): its first DATA_SAMPLES samples are taken. Activation ranges are
 calibrated once, by min/max of the float network's activations over X (calibrate's "minmax"), so they do
 not depend on the bit widths being tried; feeding `overrides_of(config, analysis.points)` to quantize_model
 and calibrating the same way reproduces every number. Results are
@@ -65,6 +66,7 @@ BIT_CHOICES = (1, 2, 3, 4, 5, 6, 8)
 PARETO_BITS = (2, 3, 4, 6, 8)
 GREEDY_LADDER = (8, 4, 2)  # the bit widths the greedy path steps each layer through
 GREEDY_POINTS = 16  # metrics measured per rung of the greedy path, at most: each is a forward over the data
+DATA_SAMPLES = 256  # samples taken from an iterable of batches (a DataLoader): a few dozen suffice
 CAPTURE_SAMPLES = 64  # samples whose per-layer inputs and outputs are kept for the layer SQNRs, at most
 CAPTURE_SHARE = 8  # ... and no more than 1/8 of qviz's memory limit (256 MiB of 2 GiB): ResNet-50 at 224x224
 # keeps ~150 MB a sample, so 64 samples took 9.6 GB; the quantized network's capture needs as much again
@@ -102,6 +104,57 @@ def _outputs(out) -> torch.Tensor:
             return _outputs(first)
     raise TypeError("the model's output must be a tensor, or a tuple, dict or dataclass whose first value is one "
                     f"(or have .logits), got {type(out).__name__}")
+
+
+def _is_batches(data) -> bool:
+    """Whether data is an iterable of batches (a DataLoader, a list of (x, y) pairs) rather than X, (X, y)."""
+    if isinstance(data, torch.Tensor | dict | str | bytes):
+        return False
+    if isinstance(data, tuple | list):  # X or (X, y), X a tensor or a dict of them; else batches
+        if not data or isinstance(data[0], torch.Tensor):
+            return False
+        if isinstance(data[0], dict):  # (X, y) with keyword inputs, or a list of dict batches
+            return not (len(data) == 1 or (len(data) == 2 and isinstance(data[1], torch.Tensor | None)))
+        return isinstance(data[0], tuple | list)
+    return hasattr(data, "__iter__")
+
+
+def _from_batches(batches) -> tuple:
+    """(X, y) from the first batches of an iterable, up to DATA_SAMPLES samples: each batch a tensor, an
+    (x, y, ...) tuple or list, or a dict of keyword inputs whose "labels" (or "label") entry is y, as
+    Hugging Face's data collators give it."""
+    xs, ys, count = [], [], 0
+    for i, batch in enumerate(batches):
+        x, y = _split_batch(batch, i)
+        xs.append(x)
+        ys.append(y)
+        count += _count(x)
+        if count >= DATA_SAMPLES:
+            break
+    if not xs:
+        raise ValueError("data is an iterable of batches with no batch in it; allowed: X, (X, y) or batches")
+    if len({y is None for y in ys}) > 1:
+        raise ValueError("data's batches hold labels in some batches only; allowed: labels in every batch or none")
+    try:
+        X = {k: torch.cat([x[k] for x in xs])[:DATA_SAMPLES] for k in xs[0]} if isinstance(xs[0], dict) else \
+            torch.cat(xs)[:DATA_SAMPLES]
+        y = None if ys[0] is None else torch.cat(ys)[:DATA_SAMPLES]
+    except (RuntimeError, TypeError, KeyError) as err:
+        raise ValueError(f"data's batches do not join into one X and y ({type(err).__name__}: {err}); allowed: "
+                         "batches of one shape and kind (pad sequences to one length)") from err
+    return X, y
+
+
+def _split_batch(batch, i: int) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | dict):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    if isinstance(batch, dict) and batch:
+        label = next((k for k in ("labels", "label") if k in batch), None)
+        return {k: v for k, v in batch.items() if k != label}, None if label is None else batch[label]
+    raise TypeError(f"data batch {i} must be a tensor, an (x, y) tuple or list, or a dict of keyword inputs, got "
+                    f"{type(batch).__name__}")
 
 
 def _rows(x, start: int, stop: int):
@@ -173,6 +226,8 @@ class ModelAnalysis:
 
     @staticmethod
     def _check_data(data):
+        if _is_batches(data):
+            data = _from_batches(data)
         if isinstance(data, tuple | list):
             if len(data) not in (1, 2):
                 raise ValueError(f"data must be X or (X, y), got a sequence of {len(data)} items")

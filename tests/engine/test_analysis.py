@@ -276,3 +276,61 @@ def test_the_latency_estimates_speed_up_is_the_ratio_each_kernel_measured_agains
         assert estimate["float_seconds"] / estimate["seconds"] == pytest.approx(ratio)
     floating = analysis.latency_estimate({})
     assert floating["seconds"] == pytest.approx(floating["float_seconds"])
+
+
+def test_a_data_loader_gives_the_same_numbers_as_its_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(90, 8), torch.randint(0, 3, (90,))
+    config = {"2": ModelAnalysis(_mlp(), (x, y)).setting("2", 2, 4)}
+    by_tensors = ModelAnalysis(_mlp(), (x, y)).metric_of(config)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    assert ModelAnalysis(_mlp(), loader).metric_of(config) == by_tensors
+    unlabeled = ModelAnalysis(_mlp(), DataLoader(TensorDataset(x), batch_size=16))
+    assert unlabeled.y is None and unlabeled.metric_name == "output SQNR (dB)"
+    pairs = ModelAnalysis(_mlp(), [(x[:45], y[:45]), (x[45:], y[45:])])  # a list of (x, y) batches
+    assert torch.equal(pairs.X, x) and torch.equal(pairs.y, y)
+
+
+def test_a_long_loader_gives_its_first_samples_only_and_is_not_read_to_its_end():
+    from qviz.engine.analysis import DATA_SAMPLES
+
+    read = []
+
+    def batches():
+        for i in range(1000):
+            read.append(i)
+            yield torch.randn(50, 8), torch.randint(0, 3, (50,))
+
+    analysis = ModelAnalysis(_mlp(), batches())
+    assert len(analysis.X) == len(analysis.y) == DATA_SAMPLES and len(read) == -(-DATA_SAMPLES // 50)
+
+
+def test_dict_batches_give_their_labels_entry_as_y():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, features, scale):
+            return self.fc(features * scale)
+
+    batches = [{"features": torch.randn(10, 8), "scale": torch.ones(10, 1), "labels": torch.randint(0, 3, (10,))}
+               for _ in range(3)]
+    analysis = ModelAnalysis(Keyword(), batches)
+    assert set(analysis.X) == {"features", "scale"} and len(analysis.y) == 30
+    assert analysis.metric_name == "accuracy" and 0 <= analysis.float_metric <= 1
+
+
+@pytest.mark.parametrize("data,error,words", [
+    (iter([]), ValueError, ["no batch"]),
+    ([(torch.randn(4, 8), torch.zeros(4, dtype=torch.long)), (torch.randn(4, 8),)], ValueError, ["labels"]),
+    ([(torch.randn(4, 8),), (torch.randn(4, 5),)], ValueError, ["do not join", "one shape"]),
+    ([("a", "b")], TypeError, ["data batch 0"]),
+    (iter([3]), TypeError, ["data batch 0", "int"]),
+])
+def test_batches_that_do_not_make_one_data_set_are_refused_by_name(data, error, words):
+    with pytest.raises(error) as caught:
+        ModelAnalysis(_mlp(), data)
+    assert all(w in str(caught.value) for w in words), caught.value

@@ -163,6 +163,11 @@ def test_other_practitioner_functions_refuse_bad_arguments_by_name(fn, args, nam
     (X, {"batch_size": 0}, ["batch_size"]),
     (X, {"batch_size": 2.5}, ["batch_size"]),
     (X, {"higher_is_better": 0}, ["higher_is_better"]),
+    (iter([]), {}, ["data", "no batch"]),
+    (iter([1, 2]), {}, ["data batch 0"]),
+    ([(X,), (X[:, :3],)], {}, ["data's batches", "one shape"]),
+    ([(X, Y), (X,)], {}, ["data's batches", "labels"]),
+    ([{"input": X}, {"other": X}], {}, ["data's batches"]),
     ((X, Y), {"higher_is_better": False}, ["higher_is_better", "metric"]),
 ])
 def test_the_analysis_refuses_bad_data_by_name(data, kwargs, names):

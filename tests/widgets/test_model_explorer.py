@@ -387,3 +387,15 @@ def test_an_error_after_the_first_rows_leaves_charts_that_no_longer_say_computin
         assert "metric" in explorer.status.error.value and explorer.data["stage"] == "failed"
     finally:
         explorer.close()
+
+
+def test_the_explorer_takes_a_data_loader(trained):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net, X_test, y_test = trained
+    explorer = qviz.ModelExplorer(net, DataLoader(TensorDataset(X_test, y_test), batch_size=64), background=False)
+    try:
+        report = explorer.report()
+        assert report["float_metric"] > 0.95 and len(explorer.analysis.X) == min(256, len(X_test))
+    finally:
+        explorer.close()
