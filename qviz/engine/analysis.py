@@ -16,8 +16,9 @@ a loss), or X alone, scored by the output SQNR in dB against the float model's o
 dict of tensors for models that take keyword inputs (Hugging Face's pixel_values). data may also be an
 iterable of batches (a DataLoader): its first DATA_SAMPLES samples are taken. Activation ranges are
 calibrated once, by min/max of the float network's activations over X (calibrate's "minmax"), so they do
-not depend on the bit widths being tried; feeding `overrides_of(config, analysis.points)` to quantize_model
-and calibrating the same way reproduces every number. Results are
+not depend on the bit widths being tried; feeding `analysis.overrides(config)` to quantize_model and
+calibrating the same way reproduces every number (to the last bits where attention runs weights-only: PyTorch's fused
+fast path, which the analysis keeps off, then runs in quantize_model's copy). Results are
 cached per layer setting.
 """
 
@@ -30,13 +31,12 @@ import math
 import statistics
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from qviz import _checks
-from qviz.engine.layers import ActivationPoint
 from qviz.engine.metrics import histogram, sqnr_db, weight_report
 from qviz.engine.quantize import (
     TRANSPOSED_CONVS,
@@ -199,6 +199,9 @@ class ModelAnalysis:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnquantizedModuleWarning)
             self.qmodel = quantize_model(model, None, None).eval()
+        # PyTorch's fused attention rounds differently; off in every pass, the float one too, the numbers do
+        # not depend on which configs were tried before (it is off wherever attention inputs are quantized)
+        _fast_paths_off_when_needed(self.qmodel, always=True)
         self.unquantized = [str(w.message) for w in caught if issubclass(w.category, UnquantizedModuleWarning)]
         # a layer of 0 features (nn.Linear(16, 0)) has no weights to quantize and no output to measure
         self.layers = [name for name, layer in quantizable_layers(self.qmodel) if _has_weights(layer)]
@@ -207,8 +210,6 @@ class ModelAnalysis:
                              "quantize")
         self._modules = dict(quantizable_layers(self.qmodel))
         self._kinds = {name: type(layer).__name__ for name, layer in quantizable_layers(model)}
-        # where the network declares its activations quantized; the analysis quantizes layer inputs instead
-        self.points = [name for name, m in self.qmodel.named_modules() if isinstance(m, ActivationPoint)]
         self._inner = {name: [n for n in self.layers if n.startswith(name + ".")] for name in self.layers}
         self._cache: dict = {}
         self._applied: dict[str, LayerSetting] = {}
@@ -307,6 +308,10 @@ class ModelAnalysis:
                 raise TypeError(f"config[{name!r}] must be a LayerSetting (from setting()), got "
                                 f"{type(setting).__name__}")
         return {name: config.get(name, FLOAT) for name in self.layers}
+
+    def overrides(self, config: dict[str, LayerSetting]) -> dict:
+        """quantize_model overrides that reproduce `config` (the layers it does not name float)."""
+        return overrides_of(self._complete(config))
 
     def _apply(self, config: dict[str, LayerSetting]) -> None:
         """Reconfigure only the layers whose setting changed. A new input quantizer takes the min/max of the
@@ -728,10 +733,14 @@ class ModelAnalysis:
 
     @staticmethod
     def scheme_bits(scheme: str) -> tuple[int, int]:
-        """The weight bit widths a scheme allows ("default": 1 to 16)."""
+        """The weight bit widths a scheme allows as setting() builds it ("default": 1 to 16; signed
+        symmetric: from 2, one level each side of zero)."""
         if scheme == "default":
             return (1, 16)
-        return SCHEMES[_checks.choice("scheme", scheme, ["default", *ModelAnalysis.weight_schemes()])].bits
+        lo, hi = SCHEMES[_checks.choice("scheme", scheme, ["default", *ModelAnalysis.weight_schemes()])].bits
+        while lo < hi and not _builds(scheme, lo):
+            lo += 1
+        return lo, hi
 
     def pareto(self, a_bits, scheme: str = "default", *, cancel=None) -> Iterator[dict]:
         """Points of the Pareto chart: uniform weight bit widths, then the greedy mixed-precision path
@@ -800,6 +809,14 @@ class ModelAnalysis:
                 "latency": self.latency_estimate(config)}
 
 
+def _builds(scheme: str, bits: int) -> bool:
+    try:
+        QuantSpec(scheme, bits=bits)
+    except ValueError:
+        return False
+    return True
+
+
 def _ranked(value: float) -> float:
     """NaN (a metric that could not be scored, a layer never called as a module) sorts last, not at random."""
     return math.inf if math.isnan(value) else value
@@ -820,12 +837,11 @@ def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
 
 
-def overrides_of(config: dict[str, LayerSetting], points: Iterable[str] = ()) -> dict:
-    """quantize_model overrides that reproduce `config` layer by layer (parents before children, so a
-    layer inside another, an attention's output projection, keeps its own entry). `points`: the model's
-    ActivationPoint names (ModelAnalysis.points), kept float, since the analysis quantizes layer inputs."""
-    float_points = {_escape(name): {"activations": None} for name in points}
-    return float_points | {_escape(name): {"weights": s.weights, "activations": s.activations}
-                           for name, s in config.items()}
-
-
+def overrides_of(config: dict[str, LayerSetting]) -> dict:
+    """quantize_model overrides that reproduce a config naming every layer (ModelAnalysis.overrides fills
+    in the others), whatever quantize_model's own defaults: everything
+    float first ("*", activation points included: the analysis quantizes layer inputs), then each layer,
+    parents before children (a pattern also matches what is inside the module it names, so a layer inside
+    another, an attention's output projection, must come after it to keep its own setting)."""
+    layers = sorted(config.items(), key=lambda item: item[0].count("."))  # stable: network order within a depth
+    return {"*": None} | {_escape(name): {"weights": s.weights, "activations": s.activations} for name, s in layers}

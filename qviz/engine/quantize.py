@@ -595,10 +595,11 @@ def _warn_unquantized(model: nn.Module) -> None:
                       f"MultiheadAttention weights): {shown}", UnquantizedModuleWarning, stacklevel=4)
 
 
-def _fast_paths_off_when_needed(model: nn.Module) -> None:
-    needed = any(isinstance(m, _FAST_PATHS) and any(isinstance(q, ActivationQuantizer) and q.spec is not None
-                                                     for q in m.modules())
-                 for m in model.modules())
+def _fast_paths_off_when_needed(model: nn.Module, *, always: bool = False) -> None:
+    """Fast paths off during the model's forwards once quantizers inside them would be skipped (or
+    `always`, where the model holds such modules); a weights-only model keeps them."""
+    needed = any(isinstance(m, _FAST_PATHS) and (always or any(
+        isinstance(q, ActivationQuantizer) and q.spec is not None for q in m.modules())) for m in model.modules())
     has = getattr(model, "_qviz_fast_paths_hooked", False)
     if needed and not has:
         model.register_forward_pre_hook(_fast_paths_off)

@@ -11,7 +11,7 @@ import ipywidgets as W
 import torch
 
 from qviz import _checks
-from qviz.engine.analysis import BIT_CHOICES, LayerSetting, ModelAnalysis, overrides_of
+from qviz.engine.analysis import BIT_CHOICES, LayerSetting, ModelAnalysis
 from qviz.widgets import _charts
 from qviz.widgets._base import Explorer
 
@@ -182,7 +182,7 @@ class ModelExplorer(Explorer):
 
     def config(self) -> dict:
         """The overrides that make quantize_model(model, overrides=...) quantize each layer as shown here."""
-        return overrides_of(self._config(self._params()), self.analysis.points)
+        return self.analysis.overrides(self._config(self._params()))
 
     def report(self) -> dict:
         """The numbers on screen: {"layers": [name, params, w_bits, a_bits, weight_sqnr_db, output_sqnr_db,

@@ -186,7 +186,6 @@ def test_a_batch_norm_folded_layer_shows_the_error_of_its_folded_quantized_weigh
 
 def test_a_network_that_declares_its_activation_points_is_reproduced_by_its_config():
     from qviz.engine import MLP, calibrate, quantize_model
-    from qviz.engine.analysis import overrides_of
 
     torch.manual_seed(0)
     model = MLP((8, 16, 16, 3)).eval()
@@ -194,14 +193,13 @@ def test_a_network_that_declares_its_activation_points_is_reproduced_by_its_conf
     with torch.no_grad():
         y = model(x).argmax(1)
     analysis = ModelAnalysis(model, (x, y))
-    assert analysis.points == ["acts.0", "acts.1"]
     config = {**analysis.uniform_config(8, 2), "layers.0": analysis.setting("layers.0", 4, None)}
     shown = analysis.metric_of(config)
-    qm = calibrate(quantize_model(model, overrides=overrides_of(config, analysis.points)), x, method="minmax")
+    qm = calibrate(quantize_model(model, overrides=analysis.overrides(config)), x, method="minmax")
     inputs = {n: getattr(getattr(qm.get_submodule(n), "input_quantizer", None), "spec", None)
               for n in analysis.layers}
     assert inputs["layers.0"] is None and inputs["layers.1"].bits == inputs["layers.2"].bits == 2
-    assert all(p.quantizer.spec is None for n, p in qm.named_modules() if n in analysis.points)
+    assert all(qm.get_submodule(n).quantizer.spec is None for n in ("acts.0", "acts.1"))  # the analysis's way
     with torch.no_grad():
         assert float((qm.eval()(x).argmax(1) == y).float().mean()) == shown
     assert shown < 1.0  # 2-bit inputs cost something: the check above compares quantized networks
@@ -334,3 +332,72 @@ def test_batches_that_do_not_make_one_data_set_are_refused_by_name(data, error, 
     with pytest.raises(error) as caught:
         ModelAnalysis(_mlp(), data)
     assert all(w in str(caught.value) for w in words), caught.value
+
+
+def _reproduced(analysis, model, x, config) -> float:
+    """The output SQNR (dB) of quantize_model(overrides=analysis.overrides(config)), calibrated as the analysis
+    is, against the float model run as the analysis runs it (PyTorch's fused attention off)."""
+    from qviz.engine import calibrate, quantize_model, sqnr_db
+
+    qm = calibrate(quantize_model(model, overrides=analysis.overrides(config)), x, method="minmax").eval()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            want = model.eval()(**x) if isinstance(x, dict) else model.eval()(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    with torch.no_grad():
+        return float(sqnr_db(want, qm(**x) if isinstance(x, dict) else qm(x)))
+
+
+def test_a_config_in_any_order_or_naming_some_layers_is_reproduced_by_its_overrides():
+    model, x = _Attention().eval(), torch.randn(16, 6, 16)
+    analysis = ModelAnalysis(model, x)
+    full = {"attn.out_proj": analysis.setting("attn.out_proj", 8, None),  # the child before its parent
+            "head": analysis.setting("head", 4, 8), "attn": analysis.setting("attn", 2, 8)}
+    partial = {"attn": analysis.setting("attn", 2, 8)}  # its output projection float, as the analysis reads it
+    for config in (full, partial):
+        assert _reproduced(analysis, model, x, config) == pytest.approx(analysis.metric_of(config), abs=1e-9)
+    assert analysis.metric_of(full) != pytest.approx(analysis.metric_of(partial), abs=1e-3)
+
+
+class _FastPathAttention(nn.Module):
+    """Self-attention that PyTorch's fused fast path takes in eval mode (batch first, q is k is v, a mask)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x, mask):
+        h = self.ln(x)
+        return self.head(self.attn(h, h, h, key_padding_mask=mask)[0].mean(1))
+
+
+def test_the_analysis_of_attention_does_not_depend_on_which_configs_came_first():
+    model = _FastPathAttention().eval()
+    mask = torch.zeros(80, 6, dtype=torch.bool)
+    mask[:, -1] = torch.rand(80, generator=torch.Generator().manual_seed(0)) < 0.5
+    x = {"x": torch.randn(80, 6, 16, generator=torch.Generator().manual_seed(1)), "mask": mask}
+    analysis = ModelAnalysis(model, x)
+    inputs_quantized = {"attn": analysis.setting("attn", None, 8), "head": analysis.setting("head", None, 2)}
+    weights_only = {"attn": analysis.setting("attn", 4, None), "head": analysis.setting("head", 8, None)}
+    fresh = ModelAnalysis(model, x).metric_of(weights_only)
+    assert analysis.metric_of(inputs_quantized) == pytest.approx(_reproduced(analysis, model, x, inputs_quantized),
+                                                                 abs=1e-9)
+    assert analysis.metric_of(weights_only) == fresh  # after a config that turned the fast path off
+
+
+def test_every_weight_scheme_takes_the_bit_widths_scheme_bits_gives():
+    analysis = ModelAnalysis(_mlp(), torch.randn(4, 8))
+    for scheme in analysis.weight_schemes():
+        lo, hi = analysis.scheme_bits(scheme)
+        for bits in {lo, hi, min(lo + 1, hi)}:
+            assert analysis.setting("0", bits, None, scheme).weights.bits == bits
+        if lo > 1:
+            with pytest.raises(ValueError, match=f"w_bits={lo - 1}"):
+                analysis.setting("0", lo - 1, None, scheme)
+    assert analysis.scheme_bits("symmetric")[0] == 2
