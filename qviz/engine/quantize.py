@@ -789,7 +789,9 @@ def quantized_layers(qmodel: nn.Module) -> list[dict]:
     """One row per quantizable layer, in network order: name, kind (its class), weights and activations
     (QuantSpec or None for float), params (its weights and bias) and weight_shape. "activations" is the
     quantizer of the layer's input; a network that declares its own activation points (nets.py) has none
-    per layer, and `quantized_points` lists its points."""
+    per layer unless overrides name the layer, and `quantized_points` lists its points. "calibrated": whether
+    the input quantizers hold a range (None without them): False after calibrate means the layer was
+    never called as a module (its weights used through F.linear, say), so its input stays float."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     rows = []
@@ -802,8 +804,13 @@ def quantized_layers(qmodel: nn.Module) -> list[dict]:
         params += 0 if bias is None else bias.numel()
         rows.append({"name": name, "kind": _kind(layer), "weights": w_spec,
                      "activations": None if a_quant is None else a_quant.spec, "params": params,
-                     "weight_shape": tuple(float_weight(layer).shape)})
+                     "weight_shape": tuple(float_weight(layer).shape), "calibrated": _calibrated(layer)})
     return rows
+
+
+def _calibrated(layer: nn.Module) -> bool | None:
+    quantizers = [q for q in input_quantizers(layer) if q.spec is not None]
+    return all(q.calibrated for q in quantizers) if quantizers else None
 
 
 def _kind(layer: nn.Module) -> str:

@@ -1385,3 +1385,20 @@ def test_a_pruned_model_is_quantized_with_its_pruned_weights_kept_at_zero(tmp_pa
     assert torch.equal(baked[0].weight, qm[0].weight.detach())
     analysis = ModelAnalysis(model, x)
     assert analysis.weight_sqnr("0", analysis.setting("0", 8, None)) > 30
+
+
+def test_quantized_layers_says_which_input_quantizers_never_saw_their_layers_input():
+    class Direct(nn.Module):  # fc's weights used through F.linear: its input quantizer never runs
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.linear(x, self.fc.weight, self.fc.bias))
+
+    qm = quantize_model(Direct(), 8, 8, overrides={"head": {"activations": None}})
+    assert {r["name"]: r["calibrated"] for r in quantized_layers(qm)} == {"fc": False, "head": None}
+    calibrate(qm, torch.randn(8, 4))
+    assert {r["name"]: r["calibrated"] for r in quantized_layers(qm)} == {"fc": False, "head": None}
+    qm = calibrate(quantize_model(nn.Sequential(nn.Linear(4, 4))), torch.randn(8, 4))
+    assert [r["calibrated"] for r in quantized_layers(qm)] == [True]
