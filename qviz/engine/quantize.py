@@ -486,13 +486,9 @@ def _hook_norm_as_parametrization(layer: nn.Module, name: str) -> None:
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    for hook in list(layer._forward_pre_hooks.values()):
+    for key, hook in list(layer._forward_pre_hooks.items()):
         if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            # the masked weights become the stored ones, and the mask a parametrization: pruned weights
-            # stay zero through QAT, as the hook kept them
-            mask = getattr(layer, name + "_mask").detach().clone()
-            prune.remove(layer, name)
-            parametrize.register_parametrization(layer, name, PruningMask(mask))
+            _pruning_as_parametrization(layer, name, key)
         elif isinstance(hook, WeightNorm) and hook.name == name:
             g, v = (getattr(layer, name + suffix).detach().clone() for suffix in ("_g", "_v"))
             nn.utils.remove_weight_norm(layer, name)
@@ -508,6 +504,19 @@ def _hook_norm_as_parametrization(layer: nn.Module, name: str) -> None:
             warnings.warn(f"{type(layer).__name__}.{name}: its spectral norm (torch.nn.utils.spectral_norm) was "
                           "folded into the weights it gives in eval mode, which are quantized; QAT trains them "
                           "without it", UserWarning, stacklevel=4)
+
+
+def _pruning_as_parametrization(layer: nn.Module, name: str, key: int) -> None:
+    """The masked weights become a new stored parameter and the mask a parametrization: pruned weights stay
+    zero through QAT, as the hook kept them. Not prune.remove, which writes the masked values into
+    `<name>_orig` in place: a layer tied to that parameter would compute with pruned weights too."""
+    orig, mask = getattr(layer, name + "_orig"), getattr(layer, name + "_mask").detach().clone()
+    del layer._forward_pre_hooks[key]
+    layer.__dict__.pop(name, None)  # the hook's last masked weights
+    del layer._parameters[name + "_orig"]
+    del layer._buffers[name + "_mask"]
+    layer.register_parameter(name, nn.Parameter((orig * mask).detach().clone(), requires_grad=orig.requires_grad))
+    parametrize.register_parametrization(layer, name, PruningMask(mask))
 
 
 def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool) -> None:

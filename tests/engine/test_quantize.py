@@ -1402,3 +1402,25 @@ def test_quantized_layers_says_which_input_quantizers_never_saw_their_layers_inp
     assert {r["name"]: r["calibrated"] for r in quantized_layers(qm)} == {"fc": False, "head": None}
     qm = calibrate(quantize_model(nn.Sequential(nn.Linear(4, 4))), torch.randn(8, 4))
     assert [r["calibrated"] for r in quantized_layers(qm)] == [True]
+
+
+def test_pruning_one_of_two_tied_layers_leaves_the_other_unpruned_in_the_quantized_copy():
+    from torch.nn.utils import prune
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    prune.l1_unstructured(model.a, "weight", amount=0.6)  # a prunes the weights b shares
+    x = torch.randn(16, 8)
+    qm = quantize_model(model, overrides={"a": 8, "b": None}, activations=None)
+    assert torch.equal(qm.b.weight, model.b.weight) and int((qm.a.weight == 0).sum()) >= 38
+    with torch.no_grad():
+        assert float(sqnr_db(model(x), qm(x))) > 40
