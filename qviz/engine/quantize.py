@@ -695,13 +695,16 @@ def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | 
         call = functools.partial(forward, model, batch)
     elif isinstance(batch, torch.Tensor):
         call = functools.partial(model, batch)
-    elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor):
-        call, seen = functools.partial(model, batch[0]), _FirstOf(batch) if len(batch) > 1 else batch
+    elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | dict):
+        first = batch[0]  # (x, y), or (keyword inputs, y) as a DataLoader of dict samples gives
+        call = functools.partial(model, **first) if isinstance(first, dict) else functools.partial(model, first)
+        seen = _FirstOf(batch) if len(batch) > 1 else batch
     elif isinstance(batch, dict):
         call = functools.partial(model, **batch)
     else:
-        raise TypeError(f"a batch must be a tensor, a tuple/list whose first item is the input tensor, or a dict of "
-                        f"keyword inputs (or give forward=...), got {type(batch).__name__}")
+        raise TypeError("a batch must be a tensor, a tuple/list whose first item is the input (a tensor or a dict "
+                        f"of keyword inputs), or a dict of keyword inputs (or give forward=...), got "
+                        f"{type(batch).__name__}")
     if doing is None:
         return call()
     with _noted_errors(doing, seen):
@@ -750,7 +753,8 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
     """Set every activation range of a quantized model from data, without training (004 §3.1.2).
 
     batches: one input tensor, or an iterable of batches (a tensor, a tuple/list whose first item is the
-    input, e.g. a DataLoader's (x, y), or a dict of keyword inputs as Hugging Face models take); or give
+    input, e.g. a DataLoader's (x, y), or a dict of keyword inputs as Hugging Face models take, alone or
+    as that first item); or give
     forward(model, batch). method: "moving_average" of each batch's min/max (004 §2.5, what training
     finds: the network runs quantized while the ranges settle), "minmax" over all batches, "percentile"
     (clip at the given percentile of each side), or "mse" (the clip with the least squared quantization

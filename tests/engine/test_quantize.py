@@ -1424,3 +1424,21 @@ def test_pruning_one_of_two_tied_layers_leaves_the_other_unpruned_in_the_quantiz
     assert torch.equal(qm.b.weight, model.b.weight) and int((qm.a.weight == 0).sum()) >= 38
     with torch.no_grad():
         assert float(sqnr_db(model(x), qm(x))) > 40
+
+
+def test_calibrate_takes_a_loader_of_keyword_inputs_and_labels():
+    from torch.utils.data import DataLoader
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, features):
+            return self.fc(features)
+
+    samples = [({"features": torch.randn(8)}, i % 3) for i in range(20)]
+    qm = calibrate(quantize_model(Keyword()), DataLoader(samples, batch_size=8), method="minmax")
+    lo, hi = qm.fc.input_quantizer.range()
+    features = torch.stack([s[0]["features"] for s in samples])
+    assert (lo, hi) == pytest.approx((float(features.min()), float(features.max())), rel=1e-5)
