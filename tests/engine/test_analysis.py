@@ -151,17 +151,20 @@ def test_multiply_accumulates_per_sample_match_torchs_own_count(layer, shape):
     assert analysis.macs("0") == _flops_per_sample(layer, x)
 
 
+class _CrossAttention(nn.Module):
+    """Attention over 5 keys of width 6 and values of width 10 (kdim, vdim), passed by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=10, batch_first=True)
+
+    def forward(self, x):
+        key, value = torch.ones(len(x), 5, 6), torch.ones(len(x), 5, 10)
+        return self.attn(x, value=value, key=key)[0]
+
+
 def test_attention_counts_its_three_input_projections_and_its_output_projection():
-    class CrossAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=10, batch_first=True)
-
-        def forward(self, x):
-            key, value = torch.ones(len(x), 5, 6), torch.ones(len(x), 5, 10)
-            return self.attn(x, value=value, key=key)[0]
-
-    analysis = ModelAnalysis(CrossAttention(), torch.randn(4, 3, 8))
+    analysis = ModelAnalysis(_CrossAttention(), torch.randn(4, 3, 8))
     assert analysis.macs("attn") == 3 * 8 * 8 + 5 * 6 * 8 + 5 * 10 * 8  # query rows x E x E, key, value
     assert analysis.macs("attn.out_proj") == 3 * 8 * 8
 
@@ -240,17 +243,9 @@ def test_a_layer_called_twice_a_forward_counts_both_calls():
 
 
 def test_attention_with_key_and_value_widths_of_their_own_has_three_embed_dims_of_channels():
-    class CrossAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=10, batch_first=True)
-
-        def forward(self, x):
-            return self.attn(x, torch.ones(len(x), 5, 6), torch.ones(len(x), 5, 10))[0]
-
     from qviz import packed
 
-    analysis = ModelAnalysis(CrossAttention(), torch.randn(4, 3, 8))
+    analysis = ModelAnalysis(_CrossAttention(), torch.randn(4, 3, 8))
     assert analysis.layer_shape("attn") == (24, 8, (1, 1))  # 8 x (8 + 6 + 10) weights
     codes = packed.memory_report(24, 8, bits=8, codebook_bits=0)["packed_bytes"]
     assert analysis.packed_bytes("attn", analysis.setting("attn", 8, None)) == codes + 24 * 8
