@@ -31,7 +31,7 @@ import math
 import statistics
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -108,12 +108,12 @@ def _outputs(out) -> torch.Tensor:
 
 def _is_batches(data) -> bool:
     """Whether data is an iterable of batches (a DataLoader, a list of (x, y) pairs) rather than X, (X, y)."""
-    if isinstance(data, torch.Tensor | dict | str | bytes):
+    if isinstance(data, torch.Tensor | Mapping | str | bytes):
         return False
     if isinstance(data, tuple | list):  # X or (X, y), X a tensor or a dict of them; else batches
         if not data or isinstance(data[0], torch.Tensor):
             return False
-        if isinstance(data[0], dict):  # (X, y) with keyword inputs, or a list of dict batches
+        if isinstance(data[0], Mapping):  # (X, y) with keyword inputs, or a list of dict batches
             return not (len(data) == 1 or (len(data) == 2 and isinstance(data[1], torch.Tensor | None)))
         return isinstance(data[0], tuple | list)
     return hasattr(data, "__iter__")
@@ -148,13 +148,20 @@ def _from_batches(batches) -> tuple:
 def _split_batch(batch, i: int) -> tuple:
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | dict):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    if isinstance(batch, dict) and batch:
+    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | Mapping):
+        x, y = batch[0], batch[1] if len(batch) > 1 else None
+    elif isinstance(batch, Mapping):  # Hugging Face's collators give a BatchEncoding, a Mapping
         label = next((k for k in ("labels", "label") if k in batch), None)
-        return {k: v for k, v in batch.items() if k != label}, None if label is None else batch[label]
-    raise TypeError(f"data batch {i} must be a tensor, an (x, y) tuple or list, or a dict of keyword inputs, got "
-                    f"{type(batch).__name__}")
+        x, y = {k: v for k, v in batch.items() if k != label}, None if label is None else batch[label]
+    else:
+        raise TypeError(f"data batch {i} must be a tensor, an (x, y) tuple or list, or a dict of keyword inputs, "
+                        f"got {type(batch).__name__}")
+    if isinstance(x, Mapping):
+        x = dict(x)
+        if not x:
+            raise ValueError(f"data batch {i} has no inputs (an empty dict, or labels only); allowed: a tensor or "
+                             "a dict of keyword inputs")
+    return x, y
 
 
 def _rows(x, start: int, stop: int):
@@ -210,7 +217,8 @@ class ModelAnalysis:
                              "quantize")
         self._modules = dict(quantizable_layers(self.qmodel))
         self._kinds = {name: type(layer).__name__ for name, layer in quantizable_layers(model)}
-        self._inner = {name: [n for n in self.layers if n.startswith(name + ".")] for name in self.layers}
+        self._inner = {name: [n for n in self.layers if n != name and (not name or n.startswith(name + "."))]
+                       for name in self.layers}  # "" is a model that is itself one layer: all others are in it
         self._cache: dict = {}
         self._applied: dict[str, LayerSetting] = {}
         self._input_ranges: dict[str, list[tuple[float, float]]] = {}
@@ -235,6 +243,8 @@ class ModelAnalysis:
             X, y = data[0], (data[1] if len(data) == 2 else None)
         else:
             X, y = data, None
+        if isinstance(X, Mapping):  # Hugging Face's BatchEncoding too
+            X = dict(X)
         if isinstance(X, dict):
             if not X or not all(isinstance(v, torch.Tensor) for v in X.values()):
                 raise TypeError("data X as a dict must map input names to tensors (keyword inputs of the model)")

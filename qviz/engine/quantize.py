@@ -46,7 +46,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -695,11 +695,11 @@ def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | 
         call = functools.partial(forward, model, batch)
     elif isinstance(batch, torch.Tensor):
         call = functools.partial(model, batch)
-    elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | dict):
+    elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | Mapping):
         first = batch[0]  # (x, y), or (keyword inputs, y) as a DataLoader of dict samples gives
-        call = functools.partial(model, **first) if isinstance(first, dict) else functools.partial(model, first)
+        call = functools.partial(model, **first) if isinstance(first, Mapping) else functools.partial(model, first)
         seen = _FirstOf(batch) if len(batch) > 1 else batch
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):  # a dict, or Hugging Face's BatchEncoding
         call = functools.partial(model, **batch)
     else:
         raise TypeError("a batch must be a tensor, a tuple/list whose first item is the input (a tensor or a dict "
@@ -854,7 +854,8 @@ def dequantize_model(qmodel: nn.Module, *, bake: bool = False) -> nn.Module:
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     _checks.boolean("bake", bake)
-    model = copy.deepcopy(qmodel)
+    with _hook_norm_weights_detached(qmodel):  # a hook left on a float layer (a pruned bias) after a forward
+        model = copy.deepcopy(qmodel)
     restored: dict[int, list[nn.Parameter]] = {}  # a weight shared by layers (tied) stays shared
     for _, layer in quantizable_layers(model):
         if isinstance(getattr(layer, "wq", None), WeightQuantizer):

@@ -307,7 +307,10 @@ class ModelExplorer(Explorer):
         self.status.show_error(error)
         if self.data is not None and self.data["stage"] != "done":
             self.data = {**self.data, "stage": "failed"}
-            self._show(self._build(self.data, self.params))
+            # called from the worker's error handler: a failure to redraw must not end the worker, and the
+            # error that matters is already shown
+            with contextlib.suppress(Exception):
+                self._show(self._build(self.data, self.params))
 
     def _summary(self, result, params) -> str:
         a = self.analysis

@@ -399,3 +399,37 @@ def test_every_weight_scheme_takes_the_bit_widths_scheme_bits_gives():
             with pytest.raises(ValueError, match=f"w_bits={lo - 1}"):
                 analysis.setting("0", lo - 1, None, scheme)
     assert analysis.scheme_bits("symmetric")[0] == 2
+
+
+def test_a_model_that_is_itself_an_attention_layer_measures_it_with_its_output_projection_float():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 8)
+    data = {"query": x, "key": x, "value": x}
+    fresh = ModelAnalysis(nn.MultiheadAttention(8, 2, batch_first=True), data)
+    used = ModelAnalysis(fresh.model, data)
+    used.weight_sqnr("out_proj", used.setting("out_proj", 2, None))  # leaves out_proj at 2 bits in the copy
+    setting = fresh.setting("", 8, 8)
+    assert used.output_sqnr("", setting) == fresh.output_sqnr("", setting) > 30
+
+
+def test_hugging_face_style_batches_are_mappings_and_an_empty_one_is_refused_by_name():
+    from collections import UserDict
+
+    class BatchEncoding(UserDict):  # what Hugging Face's data collators return
+        pass
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, features):
+            return self.fc(features)
+
+    batches = [BatchEncoding(features=torch.randn(6, 8), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
+    analysis = ModelAnalysis(Keyword(), batches)
+    assert set(analysis.X) == {"features"} and len(analysis.y) == 12
+    assert set(ModelAnalysis(Keyword(), BatchEncoding(features=torch.randn(4, 8))).X) == {"features"}
+    for empty in ([({}, torch.zeros(2))], iter([{"labels": torch.zeros(2)}])):
+        with pytest.raises(ValueError, match="data batch 0 has no inputs"):
+            ModelAnalysis(Keyword(), empty)

@@ -1442,3 +1442,20 @@ def test_calibrate_takes_a_loader_of_keyword_inputs_and_labels():
     lo, hi = qm.fc.input_quantizer.range()
     features = torch.stack([s[0]["features"] for s in samples])
     assert (lo, hi) == pytest.approx((float(features.min()), float(features.max())), rel=1e-5)
+
+
+def test_a_pruning_hook_left_on_a_float_part_does_not_stop_dequantize_model():
+    from collections import UserDict
+
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    prune.l1_unstructured(model[0], "bias", amount=0.5)  # a pruned bias: no quantizer takes it over
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    qm = quantize_model(model, 8, None, overrides={"2": None})  # a pruned layer kept float keeps its hook
+    x = torch.randn(4, 8, requires_grad=True)
+    qm(x).sum().backward()  # the hooks' attributes are now non-leaf tensors
+    back = dequantize_model(qm)
+    with torch.no_grad():
+        assert torch.allclose(back(x), model(x), atol=1e-6)
+    calibrate(qm, [UserDict(input=torch.randn(4, 8))])  # a Mapping batch: keyword inputs, as a dict
