@@ -340,6 +340,7 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
         raise TypeError("model is a TorchScript module (torch.jit.script / trace): its forward is compiled code "
                         "that quantizers cannot join; pass the Python nn.Module it was made from")
     model = uncompiled(model)
+    _refuse_torch_quantization(model)
     _checks.boolean("fold_batchnorm", fold_batchnorm)
     try:
         with _hook_norm_weights_detached(model):
@@ -360,6 +361,20 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
                           UserWarning, stacklevel=2)
     quantize_in_place(qmodel, weights, activations, overrides, stochastic=stochastic)
     return qmodel
+
+
+def _refuse_torch_quantization(model: nn.Module) -> None:
+    """A model prepared by PyTorch's own quantization (torch.ao prepare / prepare_qat) fake-quantizes inside
+    its layers: qviz's quantizers would quantize them a second time, and its fused observers have no ONNX
+    form."""
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    found = next(((n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantizeBase | ObserverBase)), None)
+    if found is not None:
+        raise TypeError(f"model holds PyTorch's own quantization modules ({found[0]!r}: {type(found[1]).__name__}, "
+                        "from torch.ao.quantization prepare or prepare_qat), which would quantize its layers a "
+                        "second time; allowed: the float model from before prepare")
 
 
 def uncompiled(model: nn.Module) -> nn.Module:

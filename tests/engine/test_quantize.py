@@ -1459,3 +1459,18 @@ def test_a_pruning_hook_left_on_a_float_part_does_not_stop_dequantize_model():
     with torch.no_grad():
         assert torch.allclose(back(x), model(x), atol=1e-6)
     calibrate(qm, [UserDict(input=torch.randn(4, 8))])  # a Mapping batch: keyword inputs, as a dict
+
+
+def test_a_model_prepared_by_pytorchs_own_quantization_is_refused_by_name():
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    from qviz.engine.analysis import ModelAnalysis
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).train()
+    model.qconfig = get_default_qat_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's own deprecation notices
+        prepared = prepare_qat(model)
+    for call in (lambda: quantize_model(prepared), lambda: ModelAnalysis(prepared, torch.randn(4, 4))):
+        with pytest.raises(TypeError, match="PyTorch's own quantization modules .'0.weight_fake_quant'"):
+            call()
