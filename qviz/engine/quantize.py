@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import fnmatch
 import functools
+import inspect
 import math
 import os
 import re
@@ -712,10 +713,11 @@ def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | 
         call = functools.partial(model, batch)
     elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | Mapping):
         first = batch[0]  # (x, y), or (keyword inputs, y) as a DataLoader of dict samples gives
-        call = functools.partial(model, **first) if isinstance(first, Mapping) else functools.partial(model, first)
+        call = functools.partial(model, **_keyword_inputs(model, first)) if isinstance(first, Mapping) else \
+            functools.partial(model, first)
         seen = _FirstOf(batch) if len(batch) > 1 else batch
     elif isinstance(batch, Mapping):  # a dict, or Hugging Face's BatchEncoding
-        call = functools.partial(model, **batch)
+        call = functools.partial(model, **_keyword_inputs(model, batch))
     else:
         raise TypeError("a batch must be a tensor, a tuple/list whose first item is the input (a tensor or a dict "
                         f"of keyword inputs), or a dict of keyword inputs (or give forward=...), got "
@@ -724,6 +726,21 @@ def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | 
         return call()
     with _noted_errors(doing, seen):
         return call()
+
+
+def _keyword_inputs(model: nn.Module, batch: Mapping) -> dict:
+    """A dict batch as keyword inputs. Its "labels" or "label" entry (a data collator's targets, which
+    ModelAnalysis reads as y) is left out where the model's forward takes no such argument."""
+    inputs = dict(batch)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature to read: pass everything
+        return inputs
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for key in ("labels", "label"):
+            if key not in params:
+                inputs.pop(key, None)
+    return inputs
 
 
 class _FirstOf(tuple):

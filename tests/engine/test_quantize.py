@@ -1472,5 +1472,25 @@ def test_a_model_prepared_by_pytorchs_own_quantization_is_refused_by_name():
         warnings.simplefilter("ignore")  # torch.ao's own deprecation notices
         prepared = prepare_qat(model)
     for call in (lambda: quantize_model(prepared), lambda: ModelAnalysis(prepared, torch.randn(4, 4))):
-        with pytest.raises(TypeError, match="PyTorch's own quantization modules .'0.weight_fake_quant'"):
+        with pytest.raises(TypeError, match=r"PyTorch's own quantization modules \('0\.weight_fake_quant'"):
             call()
+
+
+def test_calibrate_leaves_a_dict_batchs_labels_out_where_the_model_takes_none():
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, features):
+            return self.fc(features)
+
+    class AnyKeywords(Features):
+        def forward(self, features, **rest):
+            self.seen = sorted(rest)
+            return self.fc(features)
+
+    batch = {"features": torch.randn(4, 8), "labels": torch.zeros(4, dtype=torch.long)}
+    assert calibrate(quantize_model(Features()), [batch, (batch, None)]).fc.input_quantizer.calibrated
+    takes_all = calibrate(quantize_model(AnyKeywords()), [batch])
+    assert takes_all.seen == ["labels"]  # a forward that takes any keyword gets the labels too
