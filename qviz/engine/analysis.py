@@ -223,7 +223,7 @@ class ModelAnalysis:
         self._applied: dict[str, LayerSetting] = {}
         self._input_ranges: dict[str, list[tuple[float, float]]] = {}
         self._captured_float: dict[str, tuple] | None = None
-        self._calls: dict[str, int] = {}
+        self._work: dict[str, int] = {}
         self._samples = min(CAPTURE_SAMPLES, _count(self.X))  # set by float_pass from the memory a sample takes
         self._cancel: threading.Event | None = None
         self._float_outputs: torch.Tensor | None = None
@@ -355,21 +355,23 @@ class ModelAnalysis:
             raise AnalysisCancelled("the analysis was cancelled")
 
     def _capture(self, model: nn.Module, modules: dict[str, nn.Module], samples: int | None = None,
-                 calls: dict[str, int] | None = None) -> tuple[dict, torch.Tensor]:
+                 work: dict[str, int] | None = None) -> tuple[dict, torch.Tensor]:
         """Run the first `samples` (default: the captured ones) through `model`, keeping each layer's inputs
-        and output (of its last call, if called more than once) and counting its calls into `calls`."""
+        and output (of its last call, if called more than once) and adding up the multiply-accumulates of
+        all its calls into `work`."""
         seen: dict[str, tuple] = {}
-        calls = {} if calls is None else calls
         handles = []
         for name, m in modules.items():
             def pre(mod, args, kwargs, name=name):
                 self._stop_if_cancelled()
-                calls[name] = calls.get(name, 0) + 1
                 seen[name] = [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}]
 
             def post(mod, args, out, name=name):
                 seen[name].append(_outputs(out).detach())
+                if work is not None:
+                    for counted, macs in self._call_macs(name, mod, *seen[name]):
+                        work[counted] = work.get(counted, 0) + macs
 
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(m.register_forward_hook(post))
@@ -418,19 +420,19 @@ class ModelAnalysis:
             # the copy, not the user's model: the user may run or change theirs meanwhile (the explorer
             # computes in the background), and it was copied when the analysis was made
             self._all_float()
-            calls: dict[str, int] = {}
-            captured, head = self._capture(self.qmodel, self._modules, samples=1, calls=calls)
+            work: dict[str, int] = {}
+            captured, head = self._capture(self.qmodel, self._modules, samples=1, work=work)
             self._samples = self._samples_that_fit(captured)
             if self._samples > 1:
                 ranges.clear()  # the first sample is observed again
-                calls.clear()
-                captured, head = self._capture(self.qmodel, self._modules, calls=calls)
+                work.clear()
+                captured, head = self._capture(self.qmodel, self._modules, work=work)
             rest = self._forward(self.qmodel, start=self._samples) if _count(self.X) > self._samples else None
         finally:
             for h in handles:
                 h.remove()
         self._captured_float = captured
-        self._calls = calls  # per forward of the captured samples: a layer used twice (tied weights) works twice
+        self._work = work  # of the captured samples, every call: a layer used twice (tied weights) works twice
         self._float_outputs = head if rest is None else torch.cat([head, rest])
         self._input_ranges = {name: [tuple(r) for r in ranges.get(name, [])] for name in self.layers}
 
@@ -599,38 +601,26 @@ class ModelAnalysis:
         return int(float_weight(layer).numel() + (0 if bias is None else bias.numel()))
 
     def macs(self, name: str) -> int:
-        """Multiply-accumulates of the layer's weights per sample, from the float pass's shapes: output
-        elements x fan-in x kernel; a transposed convolution scatters each input element to out/groups x
-        kernel outputs; attention projects query, key and value (each rows x its width x embed_dim) and its
-        output projection, never called as a module, the query's rows x embed_dim x embed_dim."""
+        """Multiply-accumulates of the layer's weights per sample, over all its calls in the float pass."""
         self.float_pass()
-        layer = self._modules[name]
-        captured = self._captured_float.get(name)
-        parent = self._modules.get(name.rpartition(".")[0])
-        if captured is None and isinstance(parent, nn.MultiheadAttention) and layer is parent.out_proj:
-            query = self._attention_inputs(name.rpartition(".")[0])[0]
-            calls = self._calls.get(name.rpartition(".")[0], 1)
-            return 0 if query is None else query.numel() * parent.embed_dim * calls // self._samples
-        if captured is None:
-            return 0  # never called as a module: no shape to count
-        return self._one_call_macs(name, layer, captured) * self._calls.get(name, 1) // self._samples
+        return self._work.get(name, 0) // self._samples
 
-    def _one_call_macs(self, name: str, layer: nn.Module, captured: tuple) -> int:
-        """Multiply-accumulates of the layer's last call in the float pass (all its samples)."""
+    def _call_macs(self, name: str, layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor):
+        """(layer name, multiply-accumulates) of one call: output elements x fan-in x kernel; a transposed
+        convolution scatters each input element to out/groups x kernel outputs; attention projects query,
+        key and value (each rows x its width x embed_dim), and its output projection, which it uses without
+        calling it as a module, the query's rows x embed_dim x embed_dim."""
         if isinstance(layer, nn.MultiheadAttention):
-            return sum(t.numel() for t in self._attention_inputs(name) if t is not None) * layer.embed_dim
-        w = float_weight(layer)
-        if isinstance(layer, TRANSPOSED_CONVS):
-            return layer_inputs(layer, captured[0], captured[1])[0].numel() * math.prod(w.shape[1:])
-        _, fan_in, kernel = self.layer_shape(name)
-        return int(captured[2].numel() * fan_in * kernel[0] * kernel[1])
-
-    def _attention_inputs(self, name: str) -> list[torch.Tensor | None]:
-        captured = self._captured_float.get(name)
-        if captured is None:
-            return [None, None, None]
-        return [t if isinstance(t, torch.Tensor) else None
-                for t in layer_inputs(self._modules[name], captured[0], captured[1])]
+            inputs = [t for t in layer_inputs(layer, args, kwargs) if isinstance(t, torch.Tensor)]
+            yield name, sum(t.numel() for t in inputs) * layer.embed_dim
+            query = layer_inputs(layer, args, kwargs)[0]
+            if isinstance(query, torch.Tensor):
+                yield f"{name}.out_proj" if name else "out_proj", query.numel() * layer.embed_dim
+        elif isinstance(layer, TRANSPOSED_CONVS):
+            yield name, layer_inputs(layer, args, kwargs)[0].numel() * math.prod(float_weight(layer).shape[1:])
+        else:
+            _, fan_in, kernel = self.layer_shape(name)
+            yield name, int(out.numel() * fan_in * kernel[0] * kernel[1])
 
     def kernel_rates(self, budget_s: float = 0.05, rounds: int = 3) -> dict:
         """Multiply-accumulates per second of each packed kernel and of torch float32 (measured once). Each

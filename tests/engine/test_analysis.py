@@ -237,9 +237,18 @@ def test_a_layer_called_twice_a_forward_counts_both_calls():
         def forward(self, x):
             return torch.stack([self.fc(row) for row in x])
 
+    class TwoShapes(nn.Module):  # one convolution on the image and on its half-size copy
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) + self.conv(x[:, :, ::2, ::2]).mean((2, 3))
+
     twice = ModelAnalysis(Twice(), torch.randn(10, 6))
     assert twice.macs("fc") == 2 * 36 and twice.macs("head") == 12
     assert ModelAnalysis(PerSample(), torch.randn(10, 6)).macs("fc") == 12
+    assert ModelAnalysis(TwoShapes(), torch.randn(2, 3, 8, 8)).macs("conv") == (64 + 16) * 4 * 27
 
 
 def test_attention_with_key_and_value_widths_of_their_own_has_three_embed_dims_of_channels():
