@@ -46,6 +46,7 @@ import math
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -632,16 +633,30 @@ def _fast_paths_off_when_needed(model: nn.Module, *, always: bool = False) -> No
         model._qviz_fast_paths_hooked = True
 
 
+# PyTorch's fast-path switch is one for the process, and explorers run models in worker threads: the
+# forwards that need it off are counted, and the switch goes back only when the last of them ends (one
+# model's end must not turn it on under another model still running in another thread)
+_FAST_PATH_LOCK = threading.Lock()
+_fast_path_off_forwards = 0
+_fast_path_before = True
+
+
 def _fast_paths_off(model, args):
-    stack = model.__dict__.setdefault("_qviz_fast_path_stack", [])
-    stack.append(torch.backends.mha.get_fastpath_enabled())
-    torch.backends.mha.set_fastpath_enabled(False)
+    global _fast_path_off_forwards, _fast_path_before
+    with _FAST_PATH_LOCK:
+        if _fast_path_off_forwards == 0:
+            _fast_path_before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fast_path_off_forwards += 1
 
 
 def _fast_paths_back(model, args, output):
-    stack = model.__dict__.get("_qviz_fast_path_stack")
-    if stack:
-        torch.backends.mha.set_fastpath_enabled(stack.pop())
+    global _fast_path_off_forwards
+    with _FAST_PATH_LOCK:
+        if _fast_path_off_forwards > 0:
+            _fast_path_off_forwards -= 1
+            if _fast_path_off_forwards == 0:
+                torch.backends.mha.set_fastpath_enabled(_fast_path_before)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1494,3 +1494,39 @@ def test_calibrate_leaves_a_dict_batchs_labels_out_where_the_model_takes_none():
     assert calibrate(quantize_model(Features()), [batch, (batch, None)]).fc.input_quantizer.calibrated
     takes_all = calibrate(quantize_model(AnyKeywords()), [batch])
     assert takes_all.seen == ["labels"]  # a forward that takes any keyword gets the labels too
+
+
+def test_one_models_forward_ending_does_not_turn_the_fast_path_on_under_anothers_in_another_thread():
+    import threading
+
+    from qviz.engine.quantize import _fast_paths_off_when_needed
+
+    class Waiting(nn.Module):
+        """Holds an attention (so its forwards turn the fast path off) and waits inside its forward."""
+
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1)
+            self.inside, self.go, self.seen = threading.Event(), threading.Event(), None
+
+        def forward(self, x):
+            self.inside.set()
+            assert self.go.wait(10)
+            self.seen = torch.backends.mha.get_fastpath_enabled()
+            return x
+
+    a, b = Waiting(), Waiting()
+    for m in (a, b):
+        _fast_paths_off_when_needed(m, always=True)
+    assert torch.backends.mha.get_fastpath_enabled()
+    threads = [threading.Thread(target=m, args=(torch.zeros(1),)) for m in (a, b)]
+    threads[0].start()
+    assert a.inside.wait(10)
+    threads[1].start()
+    assert b.inside.wait(10)
+    a.go.set()
+    threads[0].join(10)  # a's forward ends while b's runs
+    b.go.set()
+    threads[1].join(10)
+    assert a.seen is False and b.seen is False
+    assert torch.backends.mha.get_fastpath_enabled()  # back on once both ended
