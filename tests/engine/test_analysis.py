@@ -421,24 +421,27 @@ def test_a_model_that_is_itself_an_attention_layer_measures_it_with_its_output_p
     assert used.output_sqnr("", setting) == fresh.output_sqnr("", setting) > 30
 
 
+class _Features(nn.Module):
+    """A model of one keyword input, `features`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, features):
+        return self.fc(features)
+
+
 def test_hugging_face_style_batches_are_mappings_and_an_empty_one_is_refused_by_name():
     from collections import UserDict
 
     class BatchEncoding(UserDict):  # what Hugging Face's data collators return
         pass
 
-    class Keyword(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 3)
-
-        def forward(self, features):
-            return self.fc(features)
-
     batches = [BatchEncoding(features=torch.randn(6, 8), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
-    analysis = ModelAnalysis(Keyword(), batches)
+    analysis = ModelAnalysis(_Features(), batches)
     assert set(analysis.X) == {"features"} and len(analysis.y) == 12
-    assert set(ModelAnalysis(Keyword(), BatchEncoding(features=torch.randn(4, 8))).X) == {"features"}
+    assert set(ModelAnalysis(_Features(), BatchEncoding(features=torch.randn(4, 8))).X) == {"features"}
     for empty in ([({}, torch.zeros(2))], iter([{"labels": torch.zeros(2)}])):
         with pytest.raises(ValueError, match="data batch 0 has no inputs"):
-            ModelAnalysis(Keyword(), empty)
+            ModelAnalysis(_Features(), empty)
