@@ -336,7 +336,6 @@ class ModelAnalysis:
                 if quantizer.spec is not None and not quantizer.observer.initialized and lo <= hi:
                     quantizer.observer.min_val, quantizer.observer.max_val = torch.tensor([lo]), torch.tensor([hi])
             self._applied[name] = setting
-        _fast_paths_off_when_needed(self.qmodel)
 
     # ------------------------------------------------------------------ the float pass
 
@@ -611,9 +610,8 @@ class ModelAnalysis:
         key and value (each rows x its width x embed_dim), and its output projection, which it uses without
         calling it as a module, the query's rows x embed_dim x embed_dim."""
         if isinstance(layer, nn.MultiheadAttention):
-            inputs = [t for t in layer_inputs(layer, args, kwargs) if isinstance(t, torch.Tensor)]
-            yield name, sum(t.numel() for t in inputs) * layer.embed_dim
-            query = layer_inputs(layer, args, kwargs)[0]
+            query, key, value = layer_inputs(layer, args, kwargs)
+            yield name, sum(t.numel() for t in (query, key, value) if isinstance(t, torch.Tensor)) * layer.embed_dim
             if isinstance(query, torch.Tensor):
                 yield f"{name}.out_proj" if name else "out_proj", query.numel() * layer.embed_dim
         elif isinstance(layer, TRANSPOSED_CONVS):

@@ -481,10 +481,11 @@ def _hook_norm_weights_detached(model: nn.Module):
     saved = []
     for m in model.modules():
         for hook in m._forward_pre_hooks.values():
-            t = getattr(m, _hook_target(hook), None) if _hook_target(hook) else None
+            target = _hook_target(hook)
+            t = getattr(m, target, None) if target else None
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.grad_fn is not None:
-                saved.append((m, _hook_target(hook), t))
-                setattr(m, _hook_target(hook), t.detach())
+                saved.append((m, target, t))
+                setattr(m, target, t.detach())
     try:
         yield
     finally:

@@ -304,7 +304,7 @@ class ModelExplorer(Explorer):
 
     def _failed(self, error: BaseException) -> None:
         """The charts drawn so far stay, and stop saying that the rest is being computed."""
-        self.status.show_error(error)
+        super()._failed(error)
         if self.data is not None and self.data["stage"] != "done":
             self.data = {**self.data, "stage": "failed"}
             # called from the worker's error handler: a failure to redraw must not end the worker, and the
