@@ -17,8 +17,8 @@ dict of tensors for models that take keyword inputs (Hugging Face's pixel_values
 iterable of batches (a DataLoader): its first DATA_SAMPLES samples are taken. Activation ranges are
 calibrated once, by min/max of the float network's activations over X (calibrate's "minmax"), so they do
 not depend on the bit widths being tried; feeding `analysis.overrides(config)` to quantize_model and
-calibrating the same way reproduces every number (to the last bits where attention runs weights-only: PyTorch's fused
-fast path, which the analysis keeps off, then runs in quantize_model's copy). Results are
+calibrating the same way reproduces every number (to the last bits where attention runs weights-only:
+PyTorch's fused fast path, which the analysis keeps off, then runs in quantize_model's copy). Results are
 cached per layer setting.
 """
 
@@ -85,6 +85,7 @@ class LayerSetting:
 
 
 FLOAT = LayerSetting(None, None)
+
 
 def _outputs(out) -> torch.Tensor:
     """A model's output as one tensor: .logits of Hugging Face outputs, else their first field (a base
@@ -840,9 +841,9 @@ def _escape(name: str) -> str:
 
 def overrides_of(config: dict[str, LayerSetting]) -> dict:
     """quantize_model overrides that reproduce a config naming every layer (ModelAnalysis.overrides fills
-    in the others), whatever quantize_model's own defaults: everything
-    float first ("*", activation points included: the analysis quantizes layer inputs), then each layer,
-    parents before children (a pattern also matches what is inside the module it names, so a layer inside
-    another, an attention's output projection, must come after it to keep its own setting)."""
+    in the others), whatever quantize_model's own defaults: everything float first ("*", activation points
+    included: the analysis quantizes layer inputs), then each layer, parents before children (a pattern
+    also matches what is inside the module it names, so a layer inside another, an attention's output
+    projection, must come after it to keep its own setting)."""
     layers = sorted(config.items(), key=lambda item: item[0].count("."))  # stable: network order within a depth
     return {"*": None} | {_escape(name): {"weights": s.weights, "activations": s.activations} for name, s in layers}

@@ -328,9 +328,9 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
     points (ActivationPoint), activations are quantized at those points; an entry whose pattern names
     layers and no point sets those layers' inputs instead (ModelAnalysis's per-layer view). stochastic:
     QAT uses each weight scheme's stochastic twin (004 §4); bit widths then pick schemes that have one
-    (affine per channel; binary at 1 bit). fold_batchnorm: fold every batch norm that directly follows a convolution or
-    linear layer into it first (004 eqs. 20-21: the inference graph); `example` (an input for the model)
-    is run once to see which batch norms take a layer's output as theirs.
+    (affine per channel; binary at 1 bit). fold_batchnorm: fold every batch norm that directly follows a
+    convolution or linear layer into it first (004 eqs. 20-21: the inference graph); `example` (an input
+    for the model) is run once to see which batch norms take a layer's output as theirs.
 
     The copy trains like any model (QAT: float shadow weights, straight-through gradients, 002 eqs. 2-4);
     `calibrate` sets activation ranges without training; `dequantize_model` gives a float model back.
@@ -496,10 +496,10 @@ def _hook_norm_weights_detached(model: nn.Module):
 def _hook_norm_as_parametrization(layer: nn.Module, name: str) -> None:
     """The hook forms of weight and spectral norm (torch.nn.utils.weight_norm / spectral_norm) and pruning
     (torch.nn.utils.prune) recompute `name` in a forward pre-hook, so it is no parameter a quantizer could
-    parametrize. Pruning becomes a parametrization by its mask (PruningMask, the same weights). Weight norm becomes
-    its parametrization form with the same g and v (the same weights, and QAT still trains g and v);
-    spectral norm is folded into the weights it gives in eval mode (exact there; QAT then trains the
-    weights without it, and a warning says so)."""
+    parametrize. Pruning becomes a parametrization by its mask (PruningMask, the same weights). Weight
+    norm becomes its parametrization form with the same g and v (the same weights, and QAT still trains g
+    and v); spectral norm is folded into the weights it gives in eval mode (exact there; QAT then trains
+    the weights without it, and a warning says so)."""
     from torch.nn.utils import prune
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
@@ -761,8 +761,6 @@ def _keyword_inputs(model: nn.Module, batch: Mapping) -> dict:
 
 class _FirstOf(tuple):
     """A tuple batch of which only the first item was the input ((input, target) pairs)."""
-
-
 
 
 @contextlib.contextmanager
