@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from keyword_model import Features
 from torch import nn
 
 from qviz.engine.analysis import ModelAnalysis
@@ -421,17 +422,6 @@ def test_a_model_that_is_itself_an_attention_layer_measures_it_with_its_output_p
     assert used.output_sqnr("", setting) == fresh.output_sqnr("", setting) > 30
 
 
-class _Features(nn.Module):
-    """A model of one keyword input, `features`."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, features):
-        return self.fc(features)
-
-
 def test_hugging_face_style_batches_are_mappings_and_an_empty_one_is_refused_by_name():
     from collections import UserDict
 
@@ -439,9 +429,9 @@ def test_hugging_face_style_batches_are_mappings_and_an_empty_one_is_refused_by_
         pass
 
     batches = [BatchEncoding(features=torch.randn(6, 8), labels=torch.randint(0, 3, (6,))) for _ in range(2)]
-    analysis = ModelAnalysis(_Features(), batches)
+    analysis = ModelAnalysis(Features(), batches)
     assert set(analysis.X) == {"features"} and len(analysis.y) == 12
-    assert set(ModelAnalysis(_Features(), BatchEncoding(features=torch.randn(4, 8))).X) == {"features"}
+    assert set(ModelAnalysis(Features(), BatchEncoding(features=torch.randn(4, 8))).X) == {"features"}
     for empty in ([({}, torch.zeros(2))], iter([{"labels": torch.zeros(2)}])):
         with pytest.raises(ValueError, match="data batch 0 has no inputs"):
-            ModelAnalysis(_Features(), empty)
+            ModelAnalysis(Features(), empty)

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from keyword_model import Features
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -1426,22 +1427,11 @@ def test_pruning_one_of_two_tied_layers_leaves_the_other_unpruned_in_the_quantiz
         assert float(sqnr_db(model(x), qm(x))) > 40
 
 
-class _Features(nn.Module):
-    """A model of one keyword input, `features`."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, features):
-        return self.fc(features)
-
-
 def test_calibrate_takes_a_loader_of_keyword_inputs_and_labels():
     from torch.utils.data import DataLoader
 
     samples = [({"features": torch.randn(8)}, i % 3) for i in range(20)]
-    qm = calibrate(quantize_model(_Features()), DataLoader(samples, batch_size=8), method="minmax")
+    qm = calibrate(quantize_model(Features()), DataLoader(samples, batch_size=8), method="minmax")
     lo, hi = qm.fc.input_quantizer.range()
     features = torch.stack([s[0]["features"] for s in samples])
     assert (lo, hi) == pytest.approx((float(features.min()), float(features.max())), rel=1e-5)
@@ -1480,13 +1470,13 @@ def test_a_model_prepared_by_pytorchs_own_quantization_is_refused_by_name():
 
 
 def test_calibrate_leaves_a_dict_batchs_labels_out_where_the_model_takes_none():
-    class AnyKeywords(_Features):
+    class AnyKeywords(Features):
         def forward(self, features, **rest):
             self.seen = sorted(rest)
             return self.fc(features)
 
     batch = {"features": torch.randn(4, 8), "labels": torch.zeros(4, dtype=torch.long)}
-    assert calibrate(quantize_model(_Features()), [batch, (batch, None)]).fc.input_quantizer.calibrated
+    assert calibrate(quantize_model(Features()), [batch, (batch, None)]).fc.input_quantizer.calibrated
     takes_all = calibrate(quantize_model(AnyKeywords()), [batch])
     assert takes_all.seen == ["labels"]  # a forward that takes any keyword gets the labels too
 
