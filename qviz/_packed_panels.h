@@ -1232,20 +1232,17 @@ QVIZ_LUT_PORTABLE(4)
 #define QVIZ_LUT_LOAD(q, k) (NP > q ? _mm512_loadu_si512((const void *)(B + q * ldb + (k) * QVIZ_PANEL)) : _mm512_setzero_si512())
 #define QVIZ_FSTORE512(i, q, c) _mm512_storeu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL, c);
 
-/* out[i, j] = C[i, j] (or += with acc, for a later block of K) for j < cols, out of line: a masked store or
- * a call inside the kernel function makes GCC 12 keep every accumulator in a stack slot during the hot
- * loop (measured 1.8x slower). */
+/* out[i, j] = C[i, j] for j < cols, out of line: a masked store or a call inside the kernel function
+ * makes GCC 12 keep every accumulator in a stack slot during the hot loop (measured 1.8x slower). */
 static __attribute__((noinline)) QVIZ_AVX512_FN void qviz_lut_epilogue512(const float *C, int mr, int np, float *out,
-                                                                         size_t ldo, int cols, int acc) {
+                                                                         size_t ldo, int cols) {
     for (int i = 0; i < mr; i++)
         for (int q = 0; q < np; q++) {
             const int n = cols - q * QVIZ_PANEL;
             if (n <= 0) break;
-            float *o = out + (size_t)i * ldo + (size_t)(q * QVIZ_PANEL);
-            const __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-            __m512 c = _mm512_loadu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL);
-            if (acc) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(keep, o));
-            _mm512_mask_storeu_ps(o, keep, c);
+            _mm512_mask_storeu_ps(out + (size_t)i * ldo + (size_t)(q * QVIZ_PANEL),
+                                  n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1),
+                                  _mm512_loadu_ps(C + i * QVIZ_TILE_LD + q * QVIZ_PANEL));
         }
 }
 
@@ -1276,7 +1273,7 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_lut512(const int BITS, const int MR, const 
         c0_2 = _mm512_add_ps(c0_2, c1_2), c0_3 = _mm512_add_ps(c0_3, c1_3);
     }
     QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_FSTORE512)
-    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols, 0);
+    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols);
 }
 
 /* AVX2: 16 entries in two registers; vpermps looks up the low 3 bits, bit 3 (moved to the sign bit)
@@ -1382,9 +1379,9 @@ QVIZ_LUT256_FN(4)
 /* Codebook GEMM (several activation rows): decode a block of panels once into floats, then a plain    */
 /* FMA tile over it. Decoding costs a shift and a permute (a blend more on AVX2) per 16 weights; in    */
 /* the GEMV kernel above each row tile pays it again, here all M rows share it, so the loop is         */
-/* FMA-bound like a float GEMM. The decoded block (at most QVIZ_DECODED_BYTES) is read from L2.       */
+/* FMA-bound like a float GEMM. The decoded block (K x 64 floats) is read from L2.                    */
 
-#define QVIZ_DECODED_BYTES (512 * 1024) /* a decoded block, at most: a quarter of L2 on a Xeon, half on a Zen */
+#define QVIZ_DECODED_BYTES (512 * 1024) /* larger decoded blocks fall out of L2: the panel kernel decodes in place */
 
 #if QVIZ_X86 && defined(__GNUC__)
 /* wf[k * ld + q * 16 + j] = table[code k of row 16 q + j], k < K, q < np (ld = np * 16) */
@@ -1478,7 +1475,7 @@ static QVIZ_AVX2_FN void qviz_lut_gather256(int bits, const uint32_t *B, size_t 
         QVIZ_ROW_UPD(i, QVIZ_FMA_UPD, xa##i)                                                            \
     }
 QVIZ_INLINE QVIZ_AVX512_FN void qviz_wf512(const int MR, const int NP, const float *X, size_t ldx, size_t K,
-                                           const float *wf, size_t ld, float *out, size_t ldo, int cols, int acc) {
+                                           const float *wf, size_t ld, float *out, size_t ldo, int cols) {
     float C[QVIZ_TILE_MR * QVIZ_TILE_LD] __attribute__((aligned(64)));
     QVIZ_TILE_DECL(__m512, _mm512_setzero_ps());
     for (size_t k = 0; k < K; k++) {
@@ -1486,21 +1483,20 @@ QVIZ_INLINE QVIZ_AVX512_FN void qviz_wf512(const int MR, const int NP, const flo
         QVIZ_ROWS(QVIZ_WF_ROW, 0)
     }
     QVIZ_ROWS(QVIZ_ROW_STORE, QVIZ_FSTORE512)
-    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols, acc);
+    qviz_lut_epilogue512(C, MR, NP, out, ldo, cols);
 }
 #define QVIZ_WF_FN(MR, NP)                                                                              \
     static __attribute__((noinline)) QVIZ_AVX512_FN QVIZ_NO_PRE void qviz_wf512_##MR##x##NP(             \
-        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols,   \
-        int acc) {                                                                                      \
-        qviz_wf512(MR, NP, X, ldx, K, wf, ld, out, ldo, cols, acc);                                     \
+        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols) { \
+        qviz_wf512(MR, NP, X, ldx, K, wf, ld, out, ldo, cols);                                          \
     }
 #define QVIZ_WF_FNS(MR) QVIZ_WF_FN(MR, 1) QVIZ_WF_FN(MR, 2) QVIZ_WF_FN(MR, 3) QVIZ_WF_FN(MR, 4)
 QVIZ_WF_FNS(1) QVIZ_WF_FNS(2) QVIZ_WF_FNS(3) QVIZ_WF_FNS(4) QVIZ_WF_FNS(5) QVIZ_WF_FNS(6)
 #define QVIZ_WF_CASE(MR, NP)                                                                            \
-    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: qviz_wf512_##MR##x##NP(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
+    case ((MR)-1) * QVIZ_TILE_NP + (NP)-1: qviz_wf512_##MR##x##NP(X, ldx, K, wf, ld, out, ldo, cols); break;
 #define QVIZ_WF_CASES(MR) QVIZ_WF_CASE(MR, 1) QVIZ_WF_CASE(MR, 2) QVIZ_WF_CASE(MR, 3) QVIZ_WF_CASE(MR, 4)
 static void qviz_wf_avx512(const float *X, size_t ldx, size_t K, const float *wf, size_t ld, int mr, int np,
-                           float *out, size_t ldo, int cols, int acc) {
+                           float *out, size_t ldo, int cols) {
     switch ((mr - 1) * QVIZ_TILE_NP + np - 1) {
         QVIZ_WF_CASES(1) QVIZ_WF_CASES(2) QVIZ_WF_CASES(3) QVIZ_WF_CASES(4) QVIZ_WF_CASES(5) QVIZ_WF_CASES(6)
     default: break;
@@ -1509,7 +1505,7 @@ static void qviz_wf_avx512(const float *X, size_t ldx, size_t K, const float *wf
 
 /* AVX2: 6 rows x one panel (two 256-bit halves): 12 accumulators */
 QVIZ_INLINE QVIZ_AVX2_FN void qviz_wf256(const int MR, const float *X, size_t ldx, size_t K, const float *wf,
-                                         size_t ld, float *out, size_t ldo, int cols, int acc) {
+                                         size_t ld, float *out, size_t ldo, int cols) {
     __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
            a5 = a0, b5 = a0;
     for (size_t k = 0; k < K; k++) {
@@ -1532,101 +1528,64 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_wf256(const int MR, const float *X, size_t ld
     QVIZ_WF256_STORE(0) QVIZ_WF256_STORE(1) QVIZ_WF256_STORE(2) QVIZ_WF256_STORE(3) QVIZ_WF256_STORE(4)
     QVIZ_WF256_STORE(5)
 #undef QVIZ_WF256_STORE
-    const int n = cols < 16 ? cols : 16;
-    for (int i = 0; i < MR; i++) {
-        float *o = out + (size_t)i * ldo;
-        if (acc)
-            for (int c = 0; c < n; c++) o[c] += C[16 * i + c];
-        else
-            memcpy(o, C + 16 * i, (size_t)n * sizeof(float));
-    }
+    for (int i = 0; i < MR; i++) memcpy(out + (size_t)i * ldo, C + 16 * i, (size_t)(cols < 16 ? cols : 16) * sizeof(float));
 }
 #define QVIZ_WF256_FN(MR)                                                                               \
     static __attribute__((noinline)) QVIZ_AVX2_FN QVIZ_NO_PRE void qviz_wf256_##MR(                      \
-        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols,   \
-        int acc) {                                                                                      \
-        qviz_wf256(MR, X, ldx, K, wf, ld, out, ldo, cols, acc);                                         \
+        const float *X, size_t ldx, size_t K, const float *wf, size_t ld, float *out, size_t ldo, int cols) { \
+        qviz_wf256(MR, X, ldx, K, wf, ld, out, ldo, cols);                                              \
     }
 QVIZ_WF256_FN(1) QVIZ_WF256_FN(2) QVIZ_WF256_FN(3) QVIZ_WF256_FN(4) QVIZ_WF256_FN(5) QVIZ_WF256_FN(6)
 static void qviz_wf_avx2(const float *X, size_t ldx, size_t K, const float *wf, size_t ld, int mr, int np,
-                         float *out, size_t ldo, int cols, int acc) {
+                         float *out, size_t ldo, int cols) {
     (void)np;
     switch (mr) {
-    case 1: qviz_wf256_1(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
-    case 2: qviz_wf256_2(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
-    case 3: qviz_wf256_3(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
-    case 4: qviz_wf256_4(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
-    case 5: qviz_wf256_5(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
-    default: qviz_wf256_6(X, ldx, K, wf, ld, out, ldo, cols, acc); break;
+    case 1: qviz_wf256_1(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 2: qviz_wf256_2(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 3: qviz_wf256_3(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 4: qviz_wf256_4(X, ldx, K, wf, ld, out, ldo, cols); break;
+    case 5: qviz_wf256_5(X, ldx, K, wf, ld, out, ldo, cols); break;
+    default: qviz_wf256_6(X, ldx, K, wf, ld, out, ldo, cols); break;
     }
 }
 
-/* A task decodes its panels (up to 8 with AVX2, 4 with AVX-512) over as many steps of K as fit
- * QVIZ_DECODED_BYTES, and the activation rows run over them in passes of QVIZ_WF_MC rows, each pass once
- * per kernel call's panels, so that a pass's rows come from L2 for every call but the first. With one
- * panel per task and all of K at once, as before, the AVX2 path read every activation row from L3 once
- * per 16 outputs (256x2048x2048 on a Xeon, 2 threads: 0.95x -> 0.98-1.04x float32), and a decoded block
- * grew with K: per-channel codebooks (gathers) were refused past K = 8192. */
-#define QVIZ_WF_PANELS_AVX2 8
-#define QVIZ_WF_MC 96 /* rows per pass: 96 x 1024 floats in L2 */
-
 typedef struct {
-    int avx512, bits, NP, gather; /* NP: panels per task */
+    int avx512, bits, NP, gather;
     const float *X, *table, *cb;
     const uint32_t *Bp;
-    size_t M, N, K, K32, ldb, P, stride, KC; /* KC: steps of K per decoded block */
+    size_t M, N, K, K32, ldb, P, stride;
     float *out;
     _Atomic int failed;
 } qviz_wf_job;
 
-/* wf[k * np * 16 + q * 16 + j] = weight of row n0 + 16 q + j at step k < K, from panel word B on */
-static void qviz_wf_decode(const qviz_wf_job *j, const uint32_t *B, size_t K, int np, size_t n0, float *wf) {
-    if (j->gather && j->avx512)
-        qviz_lut_gather512(j->bits, B, j->ldb, K, np, j->cb, j->stride, n0, j->N, wf);
-    else if (j->gather)
-        qviz_lut_gather256(j->bits, B, j->ldb, K, np, j->cb, j->stride, n0, j->N, wf);
-    else if (j->avx512)
-        qviz_lut_decode512(j->bits, B, j->ldb, K, np, j->table, wf);
-    else
-        qviz_lut_decode256(j->bits, B, j->ldb, K, np, j->table, wf);
-}
-
-/* Task t: panels [t NP, t NP + NP), every activation row, K in blocks of KC steps. */
+/* Task t: panel block t, every activation row. */
 static void qviz_wf_task(void *arg, long t) {
     qviz_wf_job *j = (qviz_wf_job *)arg;
-    const size_t p0 = (size_t)t * (size_t)j->NP, n0 = p0 * QVIZ_PANEL, per = (size_t)(32 / j->bits);
+    const size_t p0 = (size_t)t * (size_t)j->NP, n0 = p0 * QVIZ_PANEL;
     const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
-    const int tile = j->avx512 ? QVIZ_TILE_NP : 1; /* panels per kernel call */
-    const size_t kc = j->KC;
+    const int cols = (int)(j->N - n0 < (size_t)np * QVIZ_PANEL ? j->N - n0 : (size_t)np * QVIZ_PANEL);
+    const size_t ld = (size_t)np * QVIZ_PANEL;
     /* 64-byte aligned: with malloc's 16, every vector load of the decoded block spanned two cache lines
      * (measured 10-20% of a codebook GEMM on a Xeon) */
-    float *wf = (float *)aligned_alloc(64, kc * (size_t)np * QVIZ_PANEL * sizeof(float));
+    float *wf = (float *)aligned_alloc(64, (j->K * ld * sizeof(float) + 127) / 64 * 64);
     if (!wf) {
         atomic_store(&j->failed, 1);
         return;
     }
-    for (size_t k0 = 0; k0 < j->K; k0 += kc) {
-        const size_t kn = j->K - k0 < kc ? j->K - k0 : kc;
-        /* kernel call q's panels, decoded contiguously: its loads walk one stream */
-        for (int q = 0; q < np; q += tile)
-            qviz_wf_decode(j, j->Bp + (p0 + (size_t)q) * j->ldb + k0 / per * QVIZ_PANEL, kn,
-                           np - q < tile ? np - q : tile, n0 + (size_t)q * QVIZ_PANEL, wf + (size_t)q * kc * QVIZ_PANEL);
-        for (size_t m0 = 0; m0 < j->M; m0 += QVIZ_WF_MC)
-            for (int q = 0; q < np; q += tile) {
-                const int nq = np - q < tile ? np - q : tile;
-                const size_t c0 = n0 + (size_t)q * QVIZ_PANEL, m1 = j->M - m0 < QVIZ_WF_MC ? j->M : m0 + QVIZ_WF_MC;
-                const int cols = (int)(j->N - c0 < (size_t)nq * QVIZ_PANEL ? j->N - c0 : (size_t)nq * QVIZ_PANEL);
-                const float *w = wf + (size_t)q * kc * QVIZ_PANEL;
-                for (size_t m = m0; m < m1; m += 6) {
-                    const int mr = (int)(m1 - m < 6 ? m1 - m : 6);
-                    const float *x = j->X + m * j->K + k0;
-                    float *o = j->out + m * j->N + c0;
-                    if (j->avx512)
-                        qviz_wf_avx512(x, j->K, kn, w, (size_t)nq * QVIZ_PANEL, mr, nq, o, j->N, cols, k0 > 0);
-                    else
-                        qviz_wf_avx2(x, j->K, kn, w, QVIZ_PANEL, mr, 1, o, j->N, cols, k0 > 0);
-                }
-            }
+    if (j->gather && j->avx512)
+        qviz_lut_gather512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->cb, j->stride, n0, j->N, wf);
+    else if (j->gather)
+        qviz_lut_gather256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->cb, j->stride, n0, j->N, wf);
+    else if (j->avx512)
+        qviz_lut_decode512(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
+    else
+        qviz_lut_decode256(j->bits, j->Bp + p0 * j->ldb, j->ldb, j->K, np, j->table, wf);
+    for (size_t m = 0; m < j->M; m += 6) {
+        const int mr = (int)(j->M - m < 6 ? j->M - m : 6);
+        if (j->avx512)
+            qviz_wf_avx512(j->X + m * j->K, j->K, j->K, wf, ld, mr, np, j->out + m * j->N + n0, j->N, cols);
+        else
+            qviz_wf_avx2(j->X + m * j->K, j->K, j->K, wf, ld, mr, np, j->out + m * j->N + n0, j->N, cols);
     }
     free(wf);
 }
@@ -1772,9 +1731,9 @@ static QVIZ_AVX512_FN int qviz_gemv_tab(const float *x, size_t K, const uint32_t
 static int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride) {
     if (bits <= 4 && cb_stride == 0) return 1;
 #if QVIZ_X86 && defined(__GNUC__)
-    /* gathers take int32 offsets */
-    (void)K;
-    return path >= QVIZ_AVX2 && M >= 2 && (double)(N + QVIZ_PANEL) * (double)(cb_stride + 256) < 2147483647.0;
+    /* gathers take int32 offsets; a decoded block of at least one panel must fit the budget */
+    return path >= QVIZ_AVX2 && M >= 2 && (double)(N + QVIZ_PANEL) * (double)(cb_stride + 256) < 2147483647.0 &&
+           K * QVIZ_PANEL * 4 <= QVIZ_DECODED_BYTES;
 #else
     (void)path, (void)M, (void)N, (void)K;
     return 0;
@@ -1796,21 +1755,18 @@ static int qviz_panel_lut(int path, const float *X, size_t M, size_t K, const ui
     if (!gather && path >= QVIZ_AVX512 && M == 1 && bits <= 2 &&
         qviz_gemv_tab(X, K, Bp, N, K32, bits, codebook, out, threads) == 0)
         return 0;
-    /* decode once when enough rows share it (or a gather must); measured on AVX-512: below 48 rows the
-     * in-place kernel (decode per 6-row tile, no buffer) was faster */
-    if (path >= QVIZ_AVX2 && (gather || M >= (path >= QVIZ_AVX512 ? 48u : 8u))) {
-        /* panels per task: fewer when that would leave a thread of the team idle */
-        const size_t tile = path >= QVIZ_AVX512 ? QVIZ_TILE_NP : 1;
-        size_t np = path >= QVIZ_AVX512 ? QVIZ_TILE_NP : QVIZ_WF_PANELS_AVX2;
-        while (np > tile && (j.P + np - 1) / np < 2 * (size_t)team) np -= tile;
+    /* decode once when enough rows share it (or a gather must), into a block that stays within half of
+     * L2 (fewer panels when K is long); measured on AVX-512: below 48 rows the in-place kernel (decode
+     * per 6-row tile, no buffer) was faster */
+    const size_t fit = QVIZ_DECODED_BYTES / (K * QVIZ_PANEL * 4);
+    const int np = (int)(fit < (size_t)j.NP ? fit : (size_t)j.NP);
+    if (path >= QVIZ_AVX2 && np >= 1 && (gather || M >= (path >= QVIZ_AVX512 ? 48u : 8u))) {
         qviz_wf_job g;
-        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = (int)np, g.gather = gather, g.X = X;
-        g.table = table, g.cb = codebook, g.stride = cb_stride, g.Bp = Bp, g.M = M;
+        g.avx512 = path >= QVIZ_AVX512, g.bits = bits, g.NP = np, g.gather = gather, g.X = X, g.table = table;
+        g.cb = codebook, g.stride = cb_stride, g.Bp = Bp, g.M = M;
         g.N = N, g.K = K, g.K32 = K32, g.ldb = j.ldb, g.P = j.P, g.out = out;
-        /* steps per block: a multiple of 32, so that a block starts at a whole panel word for every width */
-        g.KC = QVIZ_DECODED_BYTES / (np * QVIZ_PANEL * sizeof(float)) / 32 * 32;
         atomic_init(&g.failed, 0);
-        qviz_parallel(qviz_wf_task, &g, (long)((j.P + np - 1) / np), team);
+        qviz_parallel(qviz_wf_task, &g, (long)((j.P + (size_t)np - 1) / (size_t)np), team);
         if (!atomic_load(&g.failed)) return 0;
         if (gather) return -1; /* no memory for a decoded block, and no in-place kernel for gathers */
     }
