@@ -1015,7 +1015,8 @@ def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored:
 EXPORT_OPSET = 17  # scaled dot-product attention (every recent transformer) needs 14 or more
 
 
-def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: int = EXPORT_OPSET) -> Path:
+def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: int = EXPORT_OPSET,
+                dynamic_axes: str | Mapping | None = "batch") -> Path:
     """Write a quantized model as a QDQ ONNX graph (QuantizeLinear / DequantizeLinear pairs around each
     quantized weight and activation), which ONNX Runtime and TensorRT turn into integer kernels.
 
@@ -1036,6 +1037,13 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     trace). Keyword inputs that are not tensors are constants of the graph (use_cache=False); one holding
     tensors (in a container, a dataclass or an object such as a key/value cache) is refused: the graph
     would keep their values of the example as constants. Needs the `onnx` package (pip install "qviz[onnx]").
+
+    dynamic_axes: which sizes of the graph's inputs and outputs may differ from the example's. "batch"
+    (default): axis 0 of every input and output, so ONNX Runtime takes any batch size; None: every size
+    as in the example; or a dict as torch.onnx.export takes it, graph input or output name -> {axis:
+    label} or [axes], e.g. {"input_ids": {0: "batch", 1: "sequence"}, "output": {0: "batch", 1:
+    "sequence"}} for any text length too. A size the model itself fixes (a reshape to a literal size)
+    stays fixed whatever this says.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -1060,6 +1068,12 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
                              "graph inputs; allowed: tensors, or tuples, lists and dicts of them")
     _check_exportable(qmodel)
     _check_float32(qmodel, args, kwargs)
+    if dynamic_axes is not None and not isinstance(dynamic_axes, str | Mapping):
+        raise TypeError(f'dynamic_axes must be "batch", None or a dict of graph input or output names to axes, '
+                        f"got {type(dynamic_axes).__name__}")
+    if isinstance(dynamic_axes, str) and dynamic_axes != "batch":
+        raise ValueError(f'dynamic_axes={dynamic_axes!r} is not known; allowed: "batch", None or a dict of graph '
+                         "input or output names to axes")
     was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
     qmodel.eval()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -1075,11 +1089,14 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             constants = {k: v for k, v in kwargs.items() if k not in keys}
             names = keys if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
+            inputs, output_names = (*args, *(kwargs[k] for k in keys)), _output_names(outputs)
+            axes = _graph_dynamic_axes(dynamic_axes, dict(zip(names, inputs, strict=True)),
+                                       dict(zip(output_names, (t for _, t in _tensor_leaves(outputs)), strict=True)))
             with _exporting("trace"), _traced_as_tensors(qmodel, len(args), keys, constants), exporter_fixes():
                 try:
-                    torch.onnx.export(qmodel, (*args, *(kwargs[k] for k in keys)), str(path), opset_version=opset,
+                    torch.onnx.export(qmodel, inputs, str(path), opset_version=opset,
                                       dynamo=False, do_constant_folding=False, input_names=names,
-                                      output_names=_output_names(outputs))
+                                      output_names=output_names, dynamic_axes=axes)
                 except torch.onnx.errors.UnsupportedOperatorError as err:
                     err.add_note(_missing_operator_note(str(err), opset))
                     raise
@@ -1090,6 +1107,39 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             with contextlib.suppress(AttributeError, ValueError, TypeError):
                 config._attn_implementation = implementation
     return path
+
+
+def _graph_dynamic_axes(dynamic_axes, inputs: dict, outputs: dict) -> dict | None:
+    """export_onnx's dynamic_axes for torch.onnx.export, checked against the graph's input and output
+    tensors (name -> the example's value; an input that is not a tensor, such as a tuple of tensors, has
+    no axes to name)."""
+    if dynamic_axes is None:
+        return None
+    graph = {name: t for name, t in (*inputs.items(), *outputs.items()) if isinstance(t, torch.Tensor)}
+    if isinstance(dynamic_axes, str):  # "batch", checked by the caller
+        return {name: {0: "batch"} for name, t in graph.items() if t.dim() >= 1}
+    axes = {}
+    for name, wanted in dynamic_axes.items():
+        if name not in graph:
+            raise ValueError(f"dynamic_axes names {name!r}, which is not a tensor input or output of the graph; "
+                             f"allowed: {sorted(graph)}")
+        rank = graph[name].dim()
+        if isinstance(wanted, Mapping):
+            pairs = list(wanted.items())
+        elif isinstance(wanted, list | tuple):
+            pairs = [(axis, None) for axis in wanted]
+        else:
+            raise TypeError(f"dynamic_axes[{name!r}] must be a dict of axes to labels or a list of axes, "
+                            f"got {type(wanted).__name__}")
+        axes[name] = {}
+        for axis, label in pairs:
+            if isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank:
+                raise ValueError(f"dynamic_axes[{name!r}] names axis {axis!r}; allowed: integers from {-rank} to "
+                                 f"{rank - 1} ({name!r} has {rank} axes in the example)")
+            if label is not None and not isinstance(label, str):
+                raise TypeError(f"dynamic_axes[{name!r}][{axis}] must be a label (str), got {type(label).__name__}")
+            axes[name][axis % rank] = label or f"{name}_{axis % rank}"
+    return axes
 
 
 def _missing_operator_note(message: str, opset: int) -> str:

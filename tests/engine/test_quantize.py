@@ -1515,3 +1515,90 @@ def test_one_models_forward_ending_does_not_turn_the_fast_path_on_under_anothers
     threads[1].join(10)
     assert a.seen is False and b.seen is False
     assert torch.backends.mha.get_fastpath_enabled()  # back on once both ended
+
+
+def _text_model(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    if family == "bert":
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=16, num_labels=3)).eval()
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0)).eval()
+
+
+def test_the_exported_graph_takes_any_batch_size(tmp_path):
+    """Exported from one example, the graph runs in ONNX Runtime on batches of other sizes (axis 0 of every
+    input and output is dynamic by default) and gives qviz's numbers; dynamic_axes=None keeps the example's."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    qm = calibrate(quantize_model(SmallCNN().eval(), 8, 8), [torch.randn(8, 1, 8, 8) for _ in range(3)])
+    options = ort.SessionOptions()  # the graph as written (its optimizations round differently, see above)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    path = export_onnx(qm, torch.randn(2, 1, 8, 8), tmp_path / "cnn.onnx")
+    session = ort.InferenceSession(str(path), options)
+    assert session.get_inputs()[0].shape == ["batch", 1, 8, 8] and session.get_outputs()[0].shape == ["batch", 10]
+    for batch in (1, 3, 7):
+        x = torch.randn(batch, 1, 8, 8)
+        with torch.no_grad():
+            ours = qm(x).numpy()
+        theirs = session.run(None, {"input": x.numpy()})[0]
+        assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 100
+    static = ort.InferenceSession(str(export_onnx(qm, torch.randn(2, 1, 8, 8), tmp_path / "s.onnx", dynamic_axes=None)))
+    assert static.get_inputs()[0].shape == [2, 1, 8, 8]
+    with pytest.raises(Exception, match="index: 0 Got: 3 Expected: 2"):
+        static.run(None, {"input": torch.randn(3, 1, 8, 8).numpy()})
+
+
+@pytest.mark.filterwarnings("ignore::qviz.engine.quantize.UnquantizedModuleWarning")  # embeddings and norms
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_text_models_export_for_any_batch_and_with_the_sequence_axis_any_length(tmp_path, family):
+    """Hugging Face encoders and decoders: the default graph takes other batch sizes; naming the sequence
+    axis of the inputs and the output in dynamic_axes makes it take other text lengths too."""
+    ort = pytest.importorskip("onnxruntime")
+    qm = calibrate(quantize_model(_text_model(family), 8, 8), [torch.randint(0, 50, (4, 9)) for _ in range(2)])
+    keys = ("input_ids", "attention_mask")
+    example = {"input_ids": torch.randint(0, 50, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    if family != "bert":
+        example["use_cache"] = False
+    sequence = {k: {0: "batch", 1: "sequence"} for k in (*keys, "output")}
+    for name, axes, shapes in (("batch", "batch", [(3, 9), (1, 9)]), ("sequence", sequence, [(3, 5), (1, 12)])):
+        session = ort.InferenceSession(str(export_onnx(qm, example, tmp_path / f"{name}.onnx", dynamic_axes=axes)))
+        for shape in shapes:
+            ids = torch.randint(0, 50, shape)
+            mask = torch.ones(shape, dtype=torch.long)
+            mask[0, -2:] = 0  # a padded row
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            with torch.no_grad():
+                ours = _forward(qm, {**feeds, **({} if family == "bert" else {"use_cache": False})}).numpy()
+            theirs = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+            keep = mask.bool().numpy() if family != "bert" else slice(None)  # logits at padding are not compared
+            assert theirs.shape == ours.shape and sqnr_db(ours[keep], theirs[keep]) > 60, (name, shape)
+
+
+def test_dynamic_axes_are_checked_against_the_graph_by_name(tmp_path):
+    qm = calibrate(quantize_model(SmallCNN().eval(), 8, 8), [torch.randn(4, 1, 8, 8)])
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"dynamic_axes='sequence' is not known; allowed: \"batch\", None or a dict"):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes="sequence")
+    with pytest.raises(TypeError, match=r'dynamic_axes must be "batch", None or a dict.*got int'):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes=0)
+    with pytest.raises(ValueError, match=r"names 'x', which is not a tensor input or output.*allowed: \['input', "
+                                         r"'output'\]"):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"x": [0]})
+    with pytest.raises(ValueError, match=r"dynamic_axes\['input'\] names axis 4; allowed: integers from -4 to 3"):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"input": [0, 4]})
+    with pytest.raises(ValueError, match=r"names axis True"):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"input": [True]})
+    with pytest.raises(TypeError, match=r"dynamic_axes\['input'\] must be a dict of axes to labels or a list"):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"input": 0})
+    with pytest.raises(TypeError, match=r"dynamic_axes\['input'\]\[0\] must be a label \(str\), got int"):
+        export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"input": {0: 1}})
+    onnx = pytest.importorskip("onnx")
+    path = export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"input": {-4: "n"}, "output": [0]})
+    graph = onnx.load(str(path)).graph
+    assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input] == [["n", 1, 8, 8]]

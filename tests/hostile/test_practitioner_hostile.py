@@ -115,6 +115,15 @@ def test_a_failed_calibration_leaves_a_model_that_calibrates_and_runs():
     ({"input": X, "extra": _Holder(X)}, "FOLDER/m.onnx", {}, ["example['extra']", "_Holder"]),
     ({"input": X, "extra": {"a": [X]}}, "FOLDER/m.onnx", {}, ["example['extra']"]),
     (X.double(), "FOLDER/m.onnx", {}, ["float64", "float32"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": "sequence"}, ["dynamic_axes", '"batch", None or a dict']),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": True}, ["dynamic_axes", "bool"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": ["input"]}, ["dynamic_axes", "list"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": {"input_ids": [0]}}, ["dynamic_axes", "'input_ids'", "'input', 'output'"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": {"input": [2]}}, ["dynamic_axes['input']", "from -2 to 1"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": {"input": [0.0]}}, ["dynamic_axes['input']", "axis 0.0"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": {"input": {0: None, 1: ["n"]}}}, ["dynamic_axes['input'][1]", "str"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": {"output": "batch"}}, ["dynamic_axes['output']", "list of axes"]),
+    (X, "FOLDER/m.onnx", {"dynamic_axes": {1: [0]}}, ["dynamic_axes", "1", "'input', 'output'"]),
 ])
 def test_export_refuses_bad_arguments_by_name(tmp_path, example, path, kwargs, names):
     pytest.importorskip("onnx")
