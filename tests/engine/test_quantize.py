@@ -1602,3 +1602,23 @@ def test_dynamic_axes_are_checked_against_the_graph_by_name(tmp_path):
     path = export_onnx(qm, x, tmp_path / "m.onnx", dynamic_axes={"input": {-4: "n"}, "output": [0]})
     graph = onnx.load(str(path)).graph
     assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input] == [["n", 1, 8, 8]]
+
+
+@pytest.mark.parametrize("method", ["moving_average", "minmax", "mse"])
+def test_a_calibrated_model_saves_and_loads_through_its_state_dict(tmp_path, method):
+    """PyTorch pickles parametrized modules only through state_dict(): saved so, and loaded into the same
+    quantize_model call on the float model, the quantized model computes the same and exports."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    qm = calibrate(quantize_model(model, weights=4, activations=8), [torch.randn(8, 1, 8, 8) for _ in range(3)],
+                   method=method)
+    torch.save(qm.state_dict(), tmp_path / "qm.pt")
+    again = quantize_model(model, weights=4, activations=8)
+    assert not any(row["calibrated"] for row in quantized_layers(again))
+    again.load_state_dict(torch.load(tmp_path / "qm.pt"))
+    assert all(row["calibrated"] for row in quantized_layers(again))
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(again(x), qm(x))
+    pytest.importorskip("onnx")
+    export_onnx(again, x, tmp_path / "again.onnx")
