@@ -1021,7 +1021,9 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     quantized weight and activation), which ONNX Runtime and TensorRT turn into integer kernels.
 
     example: an input as `calibrate` takes batches: a tensor, a tuple of positional inputs, or a dict of
-    keyword inputs (Hugging Face models; the graph's inputs are then named after its keys).
+    keyword inputs (Hugging Face models; the graph's inputs are then named after its keys). Positional
+    inputs are named "input" (one) or "input0", "input1"..., and tensors inside tuples, lists and dicts
+    after their place ("input0.1", "input0.mask"), one graph input each.
     Only what QuantizeLinear can express is exportable: uniform schemes (affine, symmetric, relu, pact,
     dorefa_act) of up to 8 bits, with calibrated ranges; lower bit widths travel in 8-bit codes with
     their own scale and a clip to their code range. Binary, ternary, DoReFa weights, ceil and stochastic
@@ -1088,9 +1090,10 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             constants = {k: v for k, v in kwargs.items() if k not in keys}
-            names = keys if kwargs else ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
             inputs, output_names = (*args, *(kwargs[k] for k in keys)), _output_names(outputs)
-            axes = _graph_dynamic_axes(dynamic_axes, dict(zip(names, inputs, strict=True)),
+            graph_inputs = [(k, kwargs[k]) for k in keys] if kwargs else _flat_inputs(args)
+            names = [name for name, _ in graph_inputs]
+            axes = _graph_dynamic_axes(dynamic_axes, dict(graph_inputs),
                                        dict(zip(output_names, (t for _, t in _tensor_leaves(outputs)), strict=True)))
             with _exporting("trace"), _traced_as_tensors(qmodel, len(args), keys, constants), exporter_fixes():
                 try:
@@ -1109,13 +1112,29 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     return path
 
 
+def _flat_inputs(args: tuple) -> list[tuple[str, torch.Tensor]]:
+    """The graph's inputs from positional ones, named and in the order the exporter flattens them: "input"
+    for a single tensor, "input0", "input1"... for several, and inside tuples, lists and dicts their
+    positions and keys ("input0.1", "input1.mask"), dicts in insertion order as the exporter takes them."""
+
+    def leaves(value, name: str) -> list[tuple[str, torch.Tensor]]:
+        if isinstance(value, torch.Tensor):
+            return [(name, value)]
+        if isinstance(value, tuple | list):
+            return [leaf for i, item in enumerate(value) for leaf in leaves(item, f"{name}.{i}")]
+        if isinstance(value, dict):
+            return [leaf for key, item in value.items() for leaf in leaves(item, f"{name}.{key}")]
+        return []
+
+    return [leaf for i, arg in enumerate(args) for leaf in leaves(arg, "input" if len(args) == 1 else f"input{i}")]
+
+
 def _graph_dynamic_axes(dynamic_axes, inputs: dict, outputs: dict) -> dict | None:
     """export_onnx's dynamic_axes for torch.onnx.export, checked against the graph's input and output
-    tensors (name -> the example's value; an input that is not a tensor, such as a tuple of tensors, has
-    no axes to name)."""
+    tensors (name -> the example's value)."""
     if dynamic_axes is None:
         return None
-    graph = {name: t for name, t in (*inputs.items(), *outputs.items()) if isinstance(t, torch.Tensor)}
+    graph = {**inputs, **outputs}
     if isinstance(dynamic_axes, str):  # "batch", checked by the caller
         return {name: {0: "batch"} for name, t in graph.items() if t.dim() >= 1}
     axes = {}

@@ -1622,3 +1622,33 @@ def test_a_calibrated_model_saves_and_loads_through_its_state_dict(tmp_path, met
         assert torch.equal(again(x), qm(x))
     pytest.importorskip("onnx")
     export_onnx(again, x, tmp_path / "again.onnx")
+
+
+class _NestedInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(5, 3)
+
+    def forward(self, parts, z):
+        return self.a(parts["zz"]) + self.b(parts["aa"][0]) * parts["aa"][1] + z
+
+
+def test_nested_inputs_are_named_in_the_order_the_graph_takes_them(tmp_path):
+    """Positional inputs holding dicts and tuples of tensors become one graph input per tensor, named after
+    their place ("input0.zz"); each name is on the tensor it says, and every batch axis is dynamic."""
+    ort = pytest.importorskip("onnxruntime")
+
+    def example(n):
+        return {"zz": torch.randn(n, 4), "aa": (torch.randn(n, 5), torch.randn(n, 3))}, torch.randn(n, 3)
+
+    qm = calibrate(quantize_model(_NestedInputs().eval(), 8, 8), [example(6)], forward=lambda m, b: m(*b))
+    session = ort.InferenceSession(str(export_onnx(qm, example(2), tmp_path / "nested.onnx")))
+    inputs = [(i.name, i.shape) for i in session.get_inputs()]
+    assert inputs == [("input0.zz", ["batch", 4]), ("input0.aa.0", ["batch", 5]), ("input0.aa.1", ["batch", 3]),
+                      ("input1", ["batch", 3])]
+    parts, z = example(5)
+    with torch.no_grad():
+        ours = qm(parts, z).numpy()
+    theirs = session.run(None, {"input0.zz": parts["zz"].numpy(), "input0.aa.0": parts["aa"][0].numpy(),
+                                "input0.aa.1": parts["aa"][1].numpy(), "input1": z.numpy()})[0]
+    assert sqnr_db(ours, theirs) > 60
