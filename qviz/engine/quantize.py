@@ -1041,11 +1041,17 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     would keep their values of the example as constants. Needs the `onnx` package (pip install "qviz[onnx]").
 
     dynamic_axes: which sizes of the graph's inputs and outputs may differ from the example's. "batch"
-    (default): axis 0 of every input and output, so ONNX Runtime takes any batch size; None: every size
-    as in the example; or a dict as torch.onnx.export takes it, graph input or output name -> {axis:
-    label} or [axes], e.g. {"input_ids": {0: "batch", 1: "sequence"}, "output": {0: "batch", 1:
-    "sequence"}} for any text length too. A size the model itself fixes (a reshape to a literal size)
-    stays fixed whatever this says.
+    (default): axis 0 of every input and output, all labelled "batch", so ONNX Runtime takes any batch
+    size; None: every size as in the example; or a dict as torch.onnx.export takes it, naming every
+    dynamic axis itself (axes it leaves out keep the example's size): graph input or output name ->
+    {axis: label} or [axes], e.g. {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0:
+    "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}} for any text length too. Name the
+    axes with a dict where axis 0 is not the batch (nn.LSTM or nn.GRU without batch_first: (sequence,
+    batch, features)) or where inputs have unrelated leading sizes (queries and documents). A size the
+    model's code turns into a Python number stays fixed whatever this says; PyTorch's tracer warns about
+    each (nn.MultiheadAttention fixes the sequence length so, float models too). Export from a batch of
+    2 or more: at batch 1 some code skips a step that the graph then lacks at other batch sizes (Hugging
+    Face decoders without an attention mask expand their position ids only when the batch is not 1).
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -1085,9 +1091,10 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
         with torch.no_grad(), warnings.catch_warnings():
             outputs = _check_calibrated(qmodel, args, kwargs)
             # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
-            # that those parameters are constants, which is what they are meant to be
+            # that those parameters are constants, which is what they are meant to be. Its warnings about the
+            # model's own code (a size turned into a Python number, which the graph then keeps fixed) stay.
             warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"qviz\.")
             keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             constants = {k: v for k, v in kwargs.items() if k not in keys}
             inputs, output_names = (*args, *(kwargs[k] for k in keys)), _output_names(outputs)
@@ -1143,6 +1150,9 @@ def _graph_dynamic_axes(dynamic_axes, inputs: dict, outputs: dict) -> dict | Non
             raise ValueError(f"dynamic_axes names {name!r}, which is not a tensor input or output of the graph; "
                              f"allowed: {sorted(graph)}")
         rank = graph[name].dim()
+        if rank == 0:
+            raise ValueError(f"dynamic_axes names {name!r}, which is a scalar in the example (no axes); allowed: "
+                             f"tensors with axes, {sorted(n for n, t in graph.items() if t.dim())}")
         if isinstance(wanted, Mapping):
             pairs = list(wanted.items())
         elif isinstance(wanted, list | tuple):
@@ -1157,6 +1167,9 @@ def _graph_dynamic_axes(dynamic_axes, inputs: dict, outputs: dict) -> dict | Non
                                  f"{rank - 1} ({name!r} has {rank} axes in the example)")
             if label is not None and not isinstance(label, str):
                 raise TypeError(f"dynamic_axes[{name!r}][{axis}] must be a label (str), got {type(label).__name__}")
+            if axis % rank in axes[name]:
+                raise ValueError(f"dynamic_axes[{name!r}] names axis {axis % rank} twice (as {axis} too); allowed: "
+                                 "each axis once")
             axes[name][axis % rank] = label or f"{name}_{axis % rank}"
     return axes
 

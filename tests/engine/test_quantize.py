@@ -1652,3 +1652,38 @@ def test_nested_inputs_are_named_in_the_order_the_graph_takes_them(tmp_path):
     theirs = session.run(None, {"input0.zz": parts["zz"].numpy(), "input0.aa.0": parts["aa"][0].numpy(),
                                 "input0.aa.1": parts["aa"][1].numpy(), "input1": z.numpy()})[0]
     assert sqnr_db(ours, theirs) > 60
+
+
+class _BatchAsNumber(nn.Module):
+    """A per-row scale built from the batch size as a Python number: the tracer keeps it fixed, and warns."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        n = int(x.shape[0])
+        return self.fc(x) * torch.arange(1, n + 1, dtype=torch.float32).reshape(n, 1), self.fc.weight.sum()
+
+
+def test_the_tracers_warnings_about_the_models_code_reach_the_user_and_qvizs_own_do_not(tmp_path):
+    """export_onnx silences the tracer's warnings about its quantizers' constants, not those about the
+    model's code: a batch size the graph keeps fixed is said, as a float export says it."""
+    pytest.importorskip("onnx")
+    qm = calibrate(quantize_model(_BatchAsNumber().eval(), 4, 8), [torch.randn(4, 8)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(qm, torch.randn(2, 8), tmp_path / "m.onnx")
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert tracer and all(w.filename == __file__ for w in tracer), [(w.filename, str(w.message)[:60]) for w in tracer]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(calibrate(quantize_model(SmallCNN().eval(), 4, 4), [torch.randn(4, 1, 8, 8)]),
+                    torch.randn(2, 1, 8, 8), tmp_path / "cnn.onnx")
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    with pytest.raises(ValueError, match=r"names 'output.1', which is a scalar in the example \(no axes\); allowed: "
+                                         r"tensors with axes, \['input', 'output'\]"):
+        export_onnx(qm, torch.randn(2, 8), tmp_path / "m.onnx", dynamic_axes={"output.1": [0]})
+    with pytest.raises(ValueError, match=r"dynamic_axes\['input'\] names axis 0 twice \(as -2 too\); allowed: each "
+                                         "axis once"):
+        export_onnx(qm, torch.randn(2, 8), tmp_path / "m.onnx", dynamic_axes={"input": {0: "a", -2: "b"}})
