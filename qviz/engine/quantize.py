@@ -1049,9 +1049,10 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     axes with a dict where axis 0 is not the batch (nn.LSTM or nn.GRU without batch_first: (sequence,
     batch, features)) or where inputs have unrelated leading sizes (queries and documents). A size the
     model's code turns into a Python number stays fixed whatever this says; PyTorch's tracer warns about
-    each (nn.MultiheadAttention fixes the sequence length so, float models too). Export from a batch of
-    2 or more: at batch 1 some code skips a step that the graph then lacks at other batch sizes (Hugging
-    Face decoders without an attention mask expand their position ids only when the batch is not 1).
+    each (nn.MultiheadAttention fixes the sequence length so, float models too). An example of batch 1
+    is traced repeated to a batch of 2 ("batch" only): at batch 1 some code skips a step that the graph
+    would then lack at other batch sizes (Hugging Face decoders without an attention mask expand their
+    position ids only when the batch is not 1). A model that fails at batch 2 is traced at 1.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -1090,6 +1091,8 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
         attention = _eager_attention(qmodel)
         with torch.no_grad(), warnings.catch_warnings():
             outputs = _check_calibrated(qmodel, args, kwargs)
+            if dynamic_axes == "batch":
+                args, kwargs, outputs = _traced_batch(qmodel, args, kwargs, outputs)
             # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
             # that those parameters are constants, which is what they are meant to be. Its warnings about the
             # model's own code (a size turned into a Python number, which the graph then keeps fixed) stay.
@@ -1117,6 +1120,37 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             with contextlib.suppress(AttributeError, ValueError, TypeError):
                 config._attn_implementation = implementation
     return path
+
+
+def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict, outputs):
+    """The example to trace for a graph of any batch size: an example of batch 1 repeated to 2. At batch 1
+    a model's code may skip a step that other batch sizes need, and the graph would lack it (Hugging Face
+    decoders without an attention mask expand their position ids only when the batch is not 1; a squeeze()
+    drops the batch axis). Returns (args, kwargs, outputs), the example as it was if its tensors are not
+    all of batch 1 or the model fails at batch 2 (one that only takes a batch of 1 exports as before)."""
+
+    def leaves(value) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, tuple | list):
+            return [t for item in value for t in leaves(item)]
+        return [t for item in value.values() for t in leaves(item)] if isinstance(value, dict) else []
+
+    def doubled(value):
+        if isinstance(value, torch.Tensor):
+            return torch.cat([value, value]) if value.dim() else value
+        if isinstance(value, tuple | list):
+            return type(value)(doubled(item) for item in value)
+        return {k: doubled(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    batched = [t for t in leaves((args, kwargs)) if t.dim()]
+    if not batched or any(len(t) != 1 for t in batched):
+        return args, kwargs, outputs
+    twice, twice_kwargs = doubled(args), doubled(kwargs)
+    try:
+        return twice, twice_kwargs, _check_calibrated(qmodel, twice, twice_kwargs)
+    except Exception:  # the model's own limits: it computes at batch 1, and exports as before
+        return args, kwargs, outputs
 
 
 def _flat_inputs(args: tuple) -> list[tuple[str, torch.Tensor]]:

@@ -1687,3 +1687,36 @@ def test_the_tracers_warnings_about_the_models_code_reach_the_user_and_qvizs_own
     with pytest.raises(ValueError, match=r"dynamic_axes\['input'\] names axis 0 twice \(as -2 too\); allowed: each "
                                          "axis once"):
         export_onnx(qm, torch.randn(2, 8), tmp_path / "m.onnx", dynamic_axes={"input": {0: "a", -2: "b"}})
+
+
+class _OneRowOnly(nn.Module):
+    """Takes a batch of exactly one: its reshape has the literal size 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(1, 16))
+
+
+@pytest.mark.filterwarnings("ignore::qviz.engine.quantize.UnquantizedModuleWarning")  # embeddings and norms
+def test_an_example_of_batch_one_exports_a_graph_for_any_batch(tmp_path):
+    """A decoder without an attention mask skips a step of its mask code at batch 1; exported from a batch of
+    one, the graph ran only at batch 1 (ONNX Runtime: "indices element out of data bounds"). export_onnx
+    traces such an example repeated to a batch of 2; a model that only takes one row exports from it."""
+    ort = pytest.importorskip("onnxruntime")
+    qm = calibrate(quantize_model(_text_model("llama"), 8, 8), [torch.randint(0, 50, (2, 12)) for _ in range(2)])
+    example = {"input_ids": torch.randint(0, 50, (1, 12)), "use_cache": False}
+    session = ort.InferenceSession(str(export_onnx(qm, example, tmp_path / "llama.onnx")))
+    for batch in (1, 3):
+        ids = torch.randint(0, 50, (batch, 12))
+        with torch.no_grad():
+            ours = qm(input_ids=ids, use_cache=False).logits.numpy()
+        theirs = session.run(None, {"input_ids": ids.numpy()})[0]
+        assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 60
+    one = calibrate(quantize_model(_OneRowOnly().eval(), 8, 8), [torch.randn(1, 4, 4)])
+    x = torch.randn(1, 4, 4)
+    got = ort.InferenceSession(str(export_onnx(one, x, tmp_path / "one.onnx"))).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert sqnr_db(one(x).numpy(), got) > 60
