@@ -216,7 +216,20 @@ def _weight_spec(value, layer: nn.Module, name: str, stochastic: bool = False) -
     return default_weight_spec(_checks.integer(name, value, 1, 16), layer, stochastic=stochastic)
 
 
+def _takes_a_range(scheme) -> bool:
+    """Whether an activation quantizer of this scheme quantizes with one range: observed, a clip or α."""
+    return scheme.observed or scheme.takes_clip or scheme.takes_alpha
+
+
 def _activation_spec(value, name: str) -> QuantSpec | None:
+    if isinstance(value, QuantSpec) and value.granularity == "channel" and _takes_a_range(SCHEMES[value.scheme]):
+        # per channel such a spec still got one range per input (the observer's or the clip), silently
+        # per tensor; and its export wrote one scale with a channel axis, which PyTorch refused
+        rangeless = ", ".join(repr(n) for n, s in SCHEMES.items() if not _takes_a_range(s))
+        raise ValueError(f"{name} asks for {value.scheme!r} activations per channel, but quantize_model gives each "
+                         "layer input one range (observed in calibration, or a clip), per tensor as 004 "
+                         "recommends and integer kernels take; allowed: granularity='tensor', or per channel "
+                         f"a scheme that takes no range ({rangeless})")
     if value is None or isinstance(value, QuantSpec):
         return value
     if isinstance(value, bool) or not hasattr(value, "__index__"):

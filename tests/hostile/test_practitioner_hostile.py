@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from qviz.engine import calibrate, dequantize_model, export_onnx, quantize_model, quantized_layers
+from qviz.engine import QuantSpec, calibrate, dequantize_model, export_onnx, quantize_model, quantized_layers
 from qviz.engine.analysis import ModelAnalysis
 
 
@@ -51,6 +51,11 @@ class _Itself:
     ({"activations": 0}, ["activations"]),
     ({"activations": float("nan")}, ["activations"]),
     ({"activations": [8]}, ["activations"]),
+    ({"activations": QuantSpec("affine", 8, granularity="channel", axis=1)}, ["activations", "'affine'", "per channel",
+                                                                             "granularity='tensor'"]),
+    ({"activations": QuantSpec("pact", 4, granularity="channel", axis=1)}, ["activations", "'pact'", "per channel"]),
+    ({"overrides": {"0": {"activations": QuantSpec("relu", 4, granularity="channel", axis=1)}}},
+     ["overrides['0']", "'relu'", "granularity='tensor'"]),
     ({"overrides": {"nope": 4}}, ["overrides", "nope"]),
     ({"overrides": {"": 4}}, ["overrides"]),
     ({"overrides": {"0": "x"}}, ["overrides['0']"]),
