@@ -1142,21 +1142,15 @@ def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict, outputs):
     drops the batch axis). Returns (args, kwargs, outputs), the example as it was if its tensors are not
     all of batch 1 or the model fails at batch 2 (one that only takes a batch of 1 exports as before)."""
 
-    def leaves(value) -> list[torch.Tensor]:
-        if isinstance(value, torch.Tensor):
-            return [value]
-        if isinstance(value, tuple | list):
-            return [t for item in value for t in leaves(item)]
-        return [t for item in value.values() for t in leaves(item)] if isinstance(value, dict) else []
-
     def doubled(value):
         if isinstance(value, torch.Tensor):
             return torch.cat([value, value]) if value.dim() else value
-        if isinstance(value, tuple | list):
+        if isinstance(value, tuple | list):  # plain ones: export_onnx refuses other holders before
             return type(value)(doubled(item) for item in value)
         return {k: doubled(v) for k, v in value.items()} if isinstance(value, dict) else value
 
-    batched = [t for t in leaves((args, kwargs)) if t.dim()]
+    tensors = [t for _, t in _flat_inputs(args)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    batched = [t for t in tensors if t.dim()]
     if not batched or any(len(t) != 1 for t in batched):
         return args, kwargs, outputs
     twice, twice_kwargs = doubled(args), doubled(kwargs)
@@ -1369,14 +1363,15 @@ def _inner_values(value) -> list:
 
 def _foreign_holder(value, seen: set[int] | None = None) -> str | None:
     """The type name of the first object other than a tuple, list or dict that holds tensors inside a
-    positional input (the exporter flattens those three into graph inputs, nothing else), or None."""
+    positional input (the exporter flattens those three into graph inputs, nothing else; a named tuple
+    reaches the model as a plain tuple, without its fields), or None."""
     if isinstance(value, torch.Tensor):
         return None
     seen = set() if seen is None else seen
     if id(value) in seen:  # a list that holds itself
         return None
     seen.add(id(value))
-    if not isinstance(value, (dict, tuple, list)):
+    if not isinstance(value, (dict, tuple, list)) or hasattr(value, "_fields"):
         return type(value).__name__ if _holds_tensors(value) else None
     return next((h for h in (_foreign_holder(v, seen) for v in _inner_values(value)) if h is not None), None)
 

@@ -7,6 +7,7 @@ The user's model is never changed by any of them, failed calls included.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -37,6 +38,9 @@ class _Holder:
 class _Itself:
     def __init__(self):
         self.me = self
+
+
+_Pair = collections.namedtuple("_Pair", "a b")  # reaches a traced model as a plain tuple
 
 
 @pytest.mark.parametrize(("kwargs", "names"), [
@@ -117,6 +121,7 @@ def test_a_failed_calibration_leaves_a_model_that_calibrates_and_runs():
     ({1: X}, "FOLDER/m.onnx", {}, ["example"]),
     (_Holder(X), "FOLDER/m.onnx", {}, ["example", "_Holder"]),
     ((X, [_Itself(), _Holder(X)]), "FOLDER/m.onnx", {}, ["example[1]", "_Holder"]),
+    ((X, _Pair(X, X)), "FOLDER/m.onnx", {}, ["example[1]", "_Pair"]),
     ({"input": X, "extra": _Holder(X)}, "FOLDER/m.onnx", {}, ["example['extra']", "_Holder"]),
     ({"input": X, "extra": {"a": [X]}}, "FOLDER/m.onnx", {}, ["example['extra']"]),
     (X.double(), "FOLDER/m.onnx", {}, ["float64", "float32"]),
