@@ -709,9 +709,9 @@ def test_codebook_gemm_decodes_panel_blocks_once_for_many_rows(path, bits):
                          [(200, 2500, 520, 4, False), (101, 2100, 70, 2, False), (3, 8200, 40, 8, False),
                           (7, 8200, 40, 4, True)])
 def test_codebook_gemm_on_long_rows_and_several_threads(path, m, k, n, bits, per_channel):
-    """Long rows on 1-3 threads: the decoded-block GEMM (many row tiles, partial panels, a row's last word
-    partly filled), and past K = 8192 per-channel codebooks and 8-bit codes, whose decoded block would
-    not fit, on the row kernels."""
+    """Long rows on 1-3 threads: on the AVX2 and AVX-512 paths the decoded-block GEMM (many row tiles,
+    partial panels, a row's last word partly filled), and past K = 8192 per-channel codebooks and 8-bit
+    codes, whose decoded block would not fit, on the row kernels; the other paths' kernels on the same."""
     rng = np.random.default_rng(m + k + n)
     x = rng.standard_normal((m, k), dtype=np.float32)
     codes = _codes(rng, (n, k), bits)

@@ -208,6 +208,24 @@ def current_forward() -> int | None:
     return stack[-1] if stack else None
 
 
+def _takes_a_range(scheme) -> bool:
+    """Whether an activation quantizer of this scheme quantizes with one range: observed, a clip or α."""
+    return scheme.observed or scheme.takes_clip or scheme.takes_alpha
+
+
+def check_activation_spec(name: str, spec: QuantSpec | None) -> QuantSpec | None:
+    """check_spec, and per channel only for schemes that take no range: an activation quantizer keeps one
+    range per input (its observer's, a clip or α), so such a spec would run per tensor under its name."""
+    spec = check_spec(name, spec)
+    if spec is not None and spec.granularity == "channel" and _takes_a_range(SCHEMES[spec.scheme]):
+        rangeless = ", ".join(repr(n) for n, s in SCHEMES.items() if not _takes_a_range(s))
+        raise ValueError(f"{name} asks for {spec.scheme!r} activations per channel, but an activation quantizer "
+                         "gives each input one range (observed in calibration, or a clip), per tensor as 004 "
+                         "recommends and integer kernels take; allowed: granularity='tensor', or per channel "
+                         f"a scheme that takes no range ({rangeless})")
+    return spec
+
+
 class ActivationQuantizer(nn.Module):
     """Fake-quantizes activations with a range from a moving average of batch min/max (004 §2.5).
 
@@ -228,7 +246,7 @@ class ActivationQuantizer(nn.Module):
         self.configure(spec)
 
     def configure(self, spec: QuantSpec | None) -> None:
-        spec = check_spec("spec", spec)
+        spec = check_activation_spec("spec", spec)
         learns = spec is not None and SCHEMES[spec.scheme].takes_alpha
         if learns and (self.alpha is None or self.spec is None or self.spec.scheme != spec.scheme):
             self.alpha = nn.Parameter(torch.tensor(-1.0))  # set from the data by the first batch

@@ -65,6 +65,7 @@ from qviz.engine.layers import (
     WeightQuantizer,
     begin_forward,
     by_output_channel,
+    check_activation_spec,
     end_forward,
     fold_batchnorm,
 )
@@ -216,22 +217,9 @@ def _weight_spec(value, layer: nn.Module, name: str, stochastic: bool = False) -
     return default_weight_spec(_checks.integer(name, value, 1, 16), layer, stochastic=stochastic)
 
 
-def _takes_a_range(scheme) -> bool:
-    """Whether an activation quantizer of this scheme quantizes with one range: observed, a clip or α."""
-    return scheme.observed or scheme.takes_clip or scheme.takes_alpha
-
-
 def _activation_spec(value, name: str) -> QuantSpec | None:
-    if isinstance(value, QuantSpec) and value.granularity == "channel" and _takes_a_range(SCHEMES[value.scheme]):
-        # per channel such a spec still got one range per input (the observer's or the clip), silently
-        # per tensor; and its export wrote one scale with a channel axis, which PyTorch refused
-        rangeless = ", ".join(repr(n) for n, s in SCHEMES.items() if not _takes_a_range(s))
-        raise ValueError(f"{name} asks for {value.scheme!r} activations per channel, but quantize_model gives each "
-                         "layer input one range (observed in calibration, or a clip), per tensor as 004 "
-                         "recommends and integer kernels take; allowed: granularity='tensor', or per channel "
-                         f"a scheme that takes no range ({rangeless})")
     if value is None or isinstance(value, QuantSpec):
-        return value
+        return check_activation_spec(name, value)
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be a bit width (int), a QuantSpec or None (float), got {type(value).__name__}")
     return default_activation_spec(_checks.integer(name, value, 1, 16))
@@ -1054,18 +1042,20 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     would keep their values of the example as constants. Needs the `onnx` package (pip install "qviz[onnx]").
 
     dynamic_axes: which sizes of the graph's inputs and outputs may differ from the example's. "batch"
-    (default): axis 0 of every input and output, all labelled "batch", so ONNX Runtime takes any batch
-    size; None: every size as in the example; or a dict as torch.onnx.export takes it, naming every
+    (default): axis 0 of every input and output, labelled "batch" (one whose size differs from the first
+    input's in the example gets a label of its own), so ONNX Runtime takes any batch size; None: every
+    size as in the example; or a dict as torch.onnx.export takes it, naming every
     dynamic axis itself (axes it leaves out keep the example's size): graph input or output name ->
     {axis: label} or [axes], e.g. {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0:
     "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}} for any text length too. Name the
     axes with a dict where axis 0 is not the batch (nn.LSTM or nn.GRU without batch_first: (sequence,
     batch, features)) or where inputs have unrelated leading sizes (queries and documents). A size the
     model's code turns into a Python number stays fixed whatever this says; PyTorch's tracer warns about
-    each (nn.MultiheadAttention fixes the sequence length so, float models too). An example of batch 1
-    is traced repeated to a batch of 2 ("batch" only): at batch 1 some code skips a step that the graph
-    would then lack at other batch sizes (Hugging Face decoders without an attention mask expand their
-    position ids only when the batch is not 1). A model that fails at batch 2 is traced at 1.
+    each (nn.MultiheadAttention fixes the sequence length so, float models too). When axis 0 of every
+    input is dynamic, an example of batch 1 is traced repeated to a batch of 2: at batch 1 some code skips
+    a step that the graph would then lack at other batch sizes (Hugging Face decoders without an attention
+    mask expand their position ids only when the batch is not 1). A model that fails at batch 2 is traced
+    at 1, with a warning, and its graph keeps the batch size of 1.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -1104,8 +1094,13 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
         attention = _eager_attention(qmodel)
         with torch.no_grad(), warnings.catch_warnings():
             outputs = _check_calibrated(qmodel, args, kwargs)
-            if dynamic_axes == "batch":
-                args, kwargs, outputs = _traced_batch(qmodel, args, kwargs, outputs)
+            batch_fixed = False
+            if _doubles_batch_of_one(dynamic_axes, _graph_inputs(args, kwargs)):
+                traced = _traced_batch(qmodel, args, kwargs)
+                if traced is None:
+                    batch_fixed = True
+                else:
+                    args, kwargs, outputs = traced
             # the TorchScript exporter is the one that writes fake-quantize ops as QDQ pairs; its tracer warns
             # that those parameters are constants, which is what they are meant to be. Its warnings about the
             # model's own code (a size turned into a Python number, which the graph then keeps fixed) stay.
@@ -1114,10 +1109,13 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
             keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             constants = {k: v for k, v in kwargs.items() if k not in keys}
             inputs, output_names = (*args, *(kwargs[k] for k in keys)), _output_names(outputs)
-            graph_inputs = [(k, kwargs[k]) for k in keys] if kwargs else _flat_inputs(args)
+            graph_inputs = _graph_inputs(args, kwargs)
             names = [name for name, _ in graph_inputs]
             axes = _graph_dynamic_axes(dynamic_axes, dict(graph_inputs),
-                                       dict(zip(output_names, (t for _, t in _tensor_leaves(outputs)), strict=True)))
+                                       dict(zip(output_names, (t for _, t in _tensor_leaves(outputs)), strict=True)),
+                                       batch_fixed)
+            if inputs and isinstance(inputs[-1], dict):  # else the exporter binds it as keyword inputs
+                inputs = (*inputs, {})
             with _exporting("trace"), _traced_as_tensors(qmodel, len(args), keys, constants), exporter_fixes():
                 try:
                     torch.onnx.export(qmodel, inputs, str(path), opset_version=opset,
@@ -1135,12 +1133,26 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     return path
 
 
-def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict, outputs):
-    """The example to trace for a graph of any batch size: an example of batch 1 repeated to 2. At batch 1
-    a model's code may skip a step that other batch sizes need, and the graph would lack it (Hugging Face
-    decoders without an attention mask expand their position ids only when the batch is not 1; a squeeze()
-    drops the batch axis). Returns (args, kwargs, outputs), the example as it was if its tensors are not
-    all of batch 1 or the model fails at batch 2 (one that only takes a batch of 1 exports as before)."""
+def _doubles_batch_of_one(dynamic_axes, graph_inputs: list) -> bool:
+    """Whether export_onnx traces the example repeated to a batch of 2 (_traced_batch): its tensors are all of
+    batch 1, and dynamic_axes makes axis 0 of each dynamic ("batch", or a dict naming it for every one)."""
+    batched = [(name, t) for name, t in graph_inputs if isinstance(t, torch.Tensor) and t.dim()]
+    if not batched or any(len(t) != 1 for _, t in batched):
+        return False
+    if dynamic_axes == "batch":
+        return True
+    if not isinstance(dynamic_axes, Mapping):
+        return False
+    named = {name: dynamic_axes.get(name, ()) for name, _ in batched}
+    return all(isinstance(axes, Mapping | list | tuple) and any(a in (0, -t.dim()) for a in axes if type(a) is int)
+               for (_, t), axes in zip(batched, named.values(), strict=True))
+
+
+def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict):
+    """(args, kwargs, outputs) of an example of batch 1 repeated to 2, or None if the model fails at batch 2
+    (with a warning: the graph then keeps the batch size of 1). At batch 1 a model's code may skip a step
+    that other batch sizes need, and the graph traced there would lack it: Hugging Face decoders without an
+    attention mask expand their position ids only when the batch is not 1."""
 
     def doubled(value):
         if isinstance(value, torch.Tensor):
@@ -1149,24 +1161,32 @@ def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict, outputs):
             return type(value)(doubled(item) for item in value)
         return {k: doubled(v) for k, v in value.items()} if isinstance(value, dict) else value
 
-    tensors = [t for _, t in _flat_inputs(args)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-    batched = [t for t in tensors if t.dim()]
-    if not batched or any(len(t) != 1 for t in batched):
-        return args, kwargs, outputs
-    twice, twice_kwargs = doubled(args), doubled(kwargs)
     try:
+        twice, twice_kwargs = doubled(args), doubled(kwargs)
         return twice, twice_kwargs, _check_calibrated(qmodel, twice, twice_kwargs)
-    except Exception:  # the model's own limits: it computes at batch 1, and exports as before
-        return args, kwargs, outputs
+    except _RangeNotSet as err:  # a quantizer that runs only at other batch sizes: calibrating is the user's
+        err.add_note("(export_onnx ran the example repeated to a batch of 2, to trace a graph for any batch size; "
+                     "dynamic_axes=None traces the example as it is)")
+        raise
+    except Exception as err:  # the model's own limits (a reshape to a literal batch of 1)
+        warnings.warn(f"export_onnx: the model fails on the example repeated to a batch of 2 ({type(err).__name__}: "
+                      f"{str(err)[:200]}), so the graph keeps the example's batch size of 1", stacklevel=4)
+        return None
 
 
-def _flat_inputs(args: tuple) -> list[tuple[str, torch.Tensor]]:
+def _graph_inputs(args: tuple, kwargs: dict) -> list[tuple[str, object]]:
+    """(name, example value) of each graph input: keyword tensors by their keys, else _flat_inputs."""
+    return [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)] if kwargs else _flat_inputs(args)
+
+
+def _flat_inputs(args: tuple) -> list[tuple[str, object]]:
     """The graph's inputs from positional ones, named and in the order the exporter flattens them: "input"
     for a single tensor, "input0", "input1"... for several, and inside tuples, lists and dicts their
-    positions and keys ("input0.1", "input1.mask"), dicts in insertion order as the exporter takes them."""
+    positions and keys ("input0.1", "input1.mask"), dicts in insertion order as the exporter takes them.
+    A number is a graph input too (a scalar); None is none."""
 
-    def leaves(value, name: str) -> list[tuple[str, torch.Tensor]]:
-        if isinstance(value, torch.Tensor):
+    def leaves(value, name: str) -> list[tuple[str, object]]:
+        if isinstance(value, torch.Tensor | int | float):
             return [(name, value)]
         if isinstance(value, tuple | list):
             return [leaf for i, item in enumerate(value) for leaf in leaves(item, f"{name}.{i}")]
@@ -1177,14 +1197,25 @@ def _flat_inputs(args: tuple) -> list[tuple[str, torch.Tensor]]:
     return [leaf for i, arg in enumerate(args) for leaf in leaves(arg, "input" if len(args) == 1 else f"input{i}")]
 
 
-def _graph_dynamic_axes(dynamic_axes, inputs: dict, outputs: dict) -> dict | None:
+def _graph_dynamic_axes(dynamic_axes, inputs: dict, outputs: dict, batch_fixed: bool = False) -> dict | None:
     """export_onnx's dynamic_axes for torch.onnx.export, checked against the graph's input and output
-    tensors (name -> the example's value)."""
+    tensors (name -> the example's value); batch_fixed: axis 0 stays as in the example (_traced_batch)."""
     if dynamic_axes is None:
         return None
-    graph = {**inputs, **outputs}
+    graph = {name: t for name, t in {**inputs, **outputs}.items() if isinstance(t, torch.Tensor)}
+    axes = _named_axes(dynamic_axes, graph)
+    if batch_fixed:
+        axes = {name: {a: label for a, label in d.items() if a != 0} for name, d in axes.items()}
+    return {name: d for name, d in axes.items() if d}
+
+
+def _named_axes(dynamic_axes, graph: dict) -> dict:
+    """{name: {axis: label}} from "batch" or a dict as torch.onnx.export takes it, checked against graph."""
     if isinstance(dynamic_axes, str):  # "batch", checked by the caller
-        return {name: {0: "batch"} for name, t in graph.items() if t.dim() >= 1}
+        # one label where the example's sizes agree: a second input of another leading size (documents
+        # beside queries) gets its own, or the graph would declare the two equal
+        sizes = [len(t) for t in graph.values() if t.dim()]
+        return {name: {0: "batch" if len(t) == sizes[0] else f"{name}_0"} for name, t in graph.items() if t.dim()}
     axes = {}
     for name, wanted in dynamic_axes.items():
         if name not in graph:
@@ -1432,6 +1463,10 @@ def _example_inputs(example) -> tuple[tuple, dict]:
     return (example if isinstance(example, tuple) else (example,)), {}
 
 
+class _RangeNotSet(ValueError):
+    """An activation quantizer ran without a range (calibrate first)."""
+
+
 def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict):
     """One forward in which every quantizer that runs fixes its QuantizeLinear parameters (constants of the
     graph); returns its output. A quantizer that runs without a range is an error naming it; one that never
@@ -1443,6 +1478,7 @@ def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict):
     def check(module, inputs):
         if module.spec is not None and not module.calibrated and not missing:
             missing.append(names[id(module)])
+            raise _RangeNotSet  # before the quantizer runs: in eval mode it would take this input's range
 
     handles = [m.register_forward_pre_hook(check) for m in qmodel.modules() if isinstance(m, ActivationQuantizer)]
     out = None
@@ -1456,7 +1492,7 @@ def _check_calibrated(qmodel: nn.Module, args: tuple, kwargs: dict):
         for h in handles:
             h.remove()
     if missing:
-        raise ValueError(f"{missing[0]}: activation range not set; run calibrate(qmodel, batches) before export")
+        raise _RangeNotSet(f"{missing[0]}: activation range not set; run calibrate(qmodel, batches) before export")
     return out
 
 

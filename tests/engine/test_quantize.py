@@ -1701,22 +1701,122 @@ class _OneRowOnly(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore::qviz.engine.quantize.UnquantizedModuleWarning")  # embeddings and norms
-def test_an_example_of_batch_one_exports_a_graph_for_any_batch(tmp_path):
+@pytest.mark.parametrize("axes", ["batch", "batch and sequence"])
+def test_an_example_of_batch_one_exports_a_graph_for_any_batch(tmp_path, axes):
     """A decoder without an attention mask skips a step of its mask code at batch 1; exported from a batch of
     one, the graph ran only at batch 1 (ONNX Runtime: "indices element out of data bounds"). export_onnx
-    traces such an example repeated to a batch of 2; a model that only takes one row exports from it."""
+    traces such an example repeated to a batch of 2, with the default and with a dict naming axis 0."""
     ort = pytest.importorskip("onnxruntime")
     qm = calibrate(quantize_model(_text_model("llama"), 8, 8), [torch.randint(0, 50, (2, 12)) for _ in range(2)])
     example = {"input_ids": torch.randint(0, 50, (1, 12)), "use_cache": False}
-    session = ort.InferenceSession(str(export_onnx(qm, example, tmp_path / "llama.onnx")))
+    dynamic = "batch" if axes == "batch" else {k: {0: "batch", 1: "sequence"} for k in ("input_ids", "output")}
+    session = ort.InferenceSession(str(export_onnx(qm, example, tmp_path / "llama.onnx", dynamic_axes=dynamic)))
     for batch in (1, 3):
         ids = torch.randint(0, 50, (batch, 12))
         with torch.no_grad():
             ours = qm(input_ids=ids, use_cache=False).logits.numpy()
         theirs = session.run(None, {"input_ids": ids.numpy()})[0]
         assert theirs.shape == ours.shape and sqnr_db(ours, theirs) > 60
+
+
+def test_a_model_that_takes_one_row_only_exports_for_batch_one_and_says_so(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
     one = calibrate(quantize_model(_OneRowOnly().eval(), 8, 8), [torch.randn(1, 4, 4)])
     x = torch.randn(1, 4, 4)
-    got = ort.InferenceSession(str(export_onnx(one, x, tmp_path / "one.onnx"))).run(None, {"input": x.numpy()})[0]
+    with pytest.warns(UserWarning, match=r"fails on the example repeated to a batch of 2 \(RuntimeError: .*\), so "
+                                         "the graph keeps the example's batch size of 1"):
+        session = ort.InferenceSession(str(export_onnx(one, x, tmp_path / "one.onnx")))
+    assert session.get_inputs()[0].shape == [1, 4, 4] and session.get_outputs()[0].shape == [1, 3]
     with torch.no_grad():
-        assert sqnr_db(one(x).numpy(), got) > 60
+        assert sqnr_db(one(x).numpy(), session.run(None, {"input": x.numpy()})[0]) > 60
+
+
+class _WiderAtBatchTwo(nn.Module):
+    """A layer that runs only for batches of more than one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.mix = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.mix(y) if len(x) > 1 else y
+
+
+def test_a_quantizer_that_runs_only_at_larger_batches_is_named_and_left_uncalibrated(tmp_path):
+    """Calibrated on single rows, the layer used at larger batches has no range: tracing at batch 2 says so
+    by name, and the export's forward does not quietly take the example's range for it."""
+    pytest.importorskip("onnx")
+    qm = calibrate(quantize_model(_WiderAtBatchTwo().eval(), 8, 8), [torch.randn(1, 8) for _ in range(3)])
+    with pytest.raises(ValueError, match=r"mix.input_quantizer: activation range not set") as caught:
+        export_onnx(qm, torch.randn(1, 8), tmp_path / "m.onnx")
+    assert "repeated to a batch of 2" in caught.value.__notes__[0]
+    assert [row["calibrated"] for row in quantized_layers(qm)] == [True, False]
+    export_onnx(qm, torch.randn(1, 8), tmp_path / "static.onnx", dynamic_axes=None)  # the example as it is
+
+
+class _MixedInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x, extras, last):
+        k, _, t = extras
+        return self.a(x) * k + t + last["m"]
+
+
+def test_numbers_and_none_among_positional_inputs_and_a_dict_last_keep_every_name_on_its_input(tmp_path):
+    """The exporter makes a number inside a positional tuple a graph input of its own and None none, and it
+    binds a dict in last place as keyword inputs unless told otherwise: the names stay on their tensors."""
+    ort = pytest.importorskip("onnxruntime")
+
+    def example(n):
+        return torch.randn(n, 4), (3, None, torch.randn(n, 3)), {"m": torch.randn(n, 3)}
+
+    qm = calibrate(quantize_model(_MixedInputs().eval(), 8, 8), [example(4)], forward=lambda m, b: m(*b))
+    session = ort.InferenceSession(str(export_onnx(qm, example(2), tmp_path / "mixed.onnx")))
+    inputs = [(i.name, i.shape) for i in session.get_inputs()]
+    assert inputs == [("input0", ["batch", 4]), ("input1.0", []), ("input1.2", ["batch", 3]),
+                      ("input2.m", ["batch", 3])]
+    x, (k, _, t), last = example(5)
+    with torch.no_grad():
+        ours = qm(x, (k, None, t), last).numpy()
+    feeds = {"input0": x.numpy(), "input1.0": np.array(k), "input1.2": t.numpy(), "input2.m": last["m"].numpy()}
+    assert sqnr_db(ours, session.run(None, feeds)[0]) > 60
+
+
+class _Retrieval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.d = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, queries, docs):
+        return self.q(queries) @ self.d(docs).T
+
+
+def test_inputs_of_other_leading_sizes_get_their_own_batch_labels(tmp_path):
+    """One label says two sizes are equal: queries and documents of different counts in the example are not."""
+    ort = pytest.importorskip("onnxruntime")
+    example = {"queries": torch.randn(2, 16), "docs": torch.randn(5, 16)}
+    qm = calibrate(quantize_model(_Retrieval().eval(), 8, 8), [example])
+    session = ort.InferenceSession(str(export_onnx(qm, example, tmp_path / "r.onnx")))
+    assert [i.shape for i in session.get_inputs()] == [["batch", 16], ["docs_0", 16]]
+    new = {"queries": torch.randn(3, 16), "docs": torch.randn(7, 16)}
+    with torch.no_grad():
+        ours = qm(**new).numpy()
+    assert sqnr_db(ours, session.run(None, {k: v.numpy() for k, v in new.items()})[0]) > 60
+
+
+def test_every_way_to_set_an_activation_spec_refuses_one_range_per_channel():
+    """configure_layer (the analysis's path) and the quantizer itself refuse it as quantize_model does."""
+    from qviz.engine.layers import ActivationQuantizer
+
+    spec = QuantSpec("affine", 8, granularity="channel", axis=1)
+    with pytest.raises(ValueError, match=r"spec asks for 'affine' activations per channel.*granularity='tensor'"):
+        ActivationQuantizer(spec)
+    from qviz.engine.quantize import configure_layer, default_weight_spec
+
+    qm = quantize_model(SmallCNN(), 8, 8)
+    with pytest.raises(ValueError, match=r"activations per channel"):
+        configure_layer(qm.conv2, default_weight_spec(8), spec)
+    assert ActivationQuantizer(QuantSpec("xnor", 1, granularity="channel", axis=1)).spec.granularity == "channel"
