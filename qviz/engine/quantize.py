@@ -1043,19 +1043,19 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
 
     dynamic_axes: which sizes of the graph's inputs and outputs may differ from the example's. "batch"
     (default): axis 0 of every input and output, labelled "batch" (one whose size differs from the first
-    input's in the example gets a label of its own), so ONNX Runtime takes any batch size; None: every
-    size as in the example; or a dict as torch.onnx.export takes it, naming every
-    dynamic axis itself (axes it leaves out keep the example's size): graph input or output name ->
-    {axis: label} or [axes], e.g. {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0:
-    "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}} for any text length too. Name the
-    axes with a dict where axis 0 is not the batch (nn.LSTM or nn.GRU without batch_first: (sequence,
-    batch, features)) or where inputs have unrelated leading sizes (queries and documents). A size the
-    model's code turns into a Python number stays fixed whatever this says; PyTorch's tracer warns about
-    each (nn.MultiheadAttention fixes the sequence length so, float models too). When axis 0 of every
-    input is dynamic, an example of batch 1 is traced repeated to a batch of 2: at batch 1 some code skips
-    a step that the graph would then lack at other batch sizes (Hugging Face decoders without an attention
-    mask expand their position ids only when the batch is not 1). A model that fails at batch 2 is traced
-    at 1, with a warning, and its graph keeps the batch size of 1.
+    input's in the example gets a label of its own), so ONNX Runtime takes any batch size; None: every size
+    as in the example; or a dict as torch.onnx.export takes it, naming every dynamic axis itself (axes it
+    leaves out keep the example's size): graph input or output name -> {axis: label} or [axes], e.g.
+    {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "output": {0:
+    "batch", 1: "sequence"}} for any text length too. Name the axes with a dict where axis 0 is not the
+    batch (nn.LSTM or nn.GRU without batch_first: (sequence, batch, features)) or where inputs have
+    unrelated leading sizes (queries and documents). A size the model's code turns into a Python number
+    stays fixed whatever this says; PyTorch's tracer warns about each (nn.MultiheadAttention fixes the
+    sequence length so, float models too). When axis 0 of every input is dynamic, an example of batch 1 is
+    traced repeated to a batch of 2: at batch 1 some code skips a step that the graph would then lack at
+    other batch sizes (Hugging Face decoders without an attention mask expand their position ids only when
+    the batch is not 1). A model that fails at batch 2 is traced at 1, with a warning, and its graph keeps
+    the batch size of 1.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -1143,9 +1143,11 @@ def _doubles_batch_of_one(dynamic_axes, graph_inputs: list) -> bool:
         return True
     if not isinstance(dynamic_axes, Mapping):
         return False
-    named = {name: dynamic_axes.get(name, ()) for name, _ in batched}
-    return all(isinstance(axes, Mapping | list | tuple) and any(a in (0, -t.dim()) for a in axes if type(a) is int)
-               for (_, t), axes in zip(batched, named.values(), strict=True))
+
+    def names_axis_zero(axes, rank: int) -> bool:  # unchecked here: _named_axes refuses bad entries later
+        return isinstance(axes, Mapping | list | tuple) and any(type(a) is int and a in (0, -rank) for a in axes)
+
+    return all(names_axis_zero(dynamic_axes.get(name, ()), t.dim()) for name, t in batched)
 
 
 def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict):
@@ -1170,7 +1172,7 @@ def _traced_batch(qmodel: nn.Module, args: tuple, kwargs: dict):
         raise
     except Exception as err:  # the model's own limits (a reshape to a literal batch of 1)
         warnings.warn(f"export_onnx: the model fails on the example repeated to a batch of 2 ({type(err).__name__}: "
-                      f"{str(err)[:200]}), so the graph keeps the example's batch size of 1", stacklevel=4)
+                      f"{str(err)[:200]}), so the graph keeps the example's batch size of 1", stacklevel=3)
         return None
 
 
