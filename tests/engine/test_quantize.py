@@ -1820,3 +1820,13 @@ def test_every_way_to_set_an_activation_spec_refuses_one_range_per_channel():
     with pytest.raises(ValueError, match=r"activations per channel"):
         configure_layer(qm.conv2, default_weight_spec(8), spec)
     assert ActivationQuantizer(QuantSpec("xnor", 1, granularity="channel", axis=1)).spec.granularity == "channel"
+
+
+def test_the_batch_two_warning_points_at_the_callers_line(tmp_path):
+    pytest.importorskip("onnx")
+    one = calibrate(quantize_model(_OneRowOnly().eval(), 8, 8), [torch.randn(1, 4, 4)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(one, torch.randn(1, 4, 4), tmp_path / "one.onnx")
+    ours = [w for w in caught if "repeated to a batch of 2" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__, [(w.filename, str(w.message)[:50]) for w in caught]
