@@ -1086,9 +1086,9 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
     if isinstance(dynamic_axes, str) and dynamic_axes != "batch":
         raise ValueError(f'dynamic_axes={dynamic_axes!r} is not known; allowed: "batch", None or a dict of graph '
                          "input or output names to axes")
-    was_training, fast_path = qmodel.training, torch.backends.mha.get_fastpath_enabled()
+    was_training = qmodel.training
     qmodel.eval()
-    torch.backends.mha.set_fastpath_enabled(False)
+    _fast_paths_off(qmodel, ())  # counted with the forwards of models running in other threads
     attention: list = []
     try:
         attention = _eager_attention(qmodel)
@@ -1126,7 +1126,7 @@ def export_onnx(qmodel: nn.Module, example, path: str | os.PathLike, *, opset: i
                     raise
     finally:
         qmodel.train(was_training)
-        torch.backends.mha.set_fastpath_enabled(fast_path)
+        _fast_paths_back(qmodel, (), None)
         for config, implementation in attention:  # parents before their sub-configs, whose own values win
             with contextlib.suppress(AttributeError, ValueError, TypeError):
                 config._attn_implementation = implementation

@@ -1830,3 +1830,25 @@ def test_the_batch_two_warning_points_at_the_callers_line(tmp_path):
         export_onnx(one, torch.randn(1, 4, 4), tmp_path / "one.onnx")
     ours = [w for w in caught if "repeated to a batch of 2" in str(w.message)]
     assert len(ours) == 1 and ours[0].filename == __file__, [(w.filename, str(w.message)[:50]) for w in caught]
+
+
+def test_an_export_counts_with_the_forwards_that_turn_the_fast_path_off_in_other_threads(tmp_path, monkeypatch):
+    """PyTorch's fast-path switch is one for the process: an export that ends while an explorer's forward
+    runs in another thread must leave it off until that forward ends, then as it was."""
+    from qviz.engine.quantize import _fast_paths_back, _fast_paths_off
+
+    pytest.importorskip("onnx")
+    qm = calibrate(quantize_model(SmallCNN().eval(), 8, 8), [torch.randn(4, 1, 8, 8)])
+    other = nn.Linear(2, 2)
+    real_export = torch.onnx.export
+
+    def export(*args, **kwargs):
+        _fast_paths_off(other, ())  # another model's forward starts during the export
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    before = torch.backends.mha.get_fastpath_enabled()
+    export_onnx(qm, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
+    assert not torch.backends.mha.get_fastpath_enabled()  # that forward still runs
+    _fast_paths_back(other, (), None)
+    assert torch.backends.mha.get_fastpath_enabled() == before
