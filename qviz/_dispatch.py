@@ -1,8 +1,10 @@
 """Which compiled code path the bit-packed kernels run, chosen once at import.
 
 Paths, slowest first: ``portable`` (plain C, any CPU), ``popcnt`` (x86 POPCNT), ``avx2`` (AVX2 + FMA,
-nibble-table popcount, vpmaddubsw dot products), ``avx512`` (AVX-512 F/BW + VPOPCNTDQ) and
-``avx512vnni`` (the same with VNNI vpdpbusd for 2- and 4-bit codes). The extension is built for
+nibble-table popcount, vpmaddubsw dot products), ``avx2vnni`` (the same with AVX-VNNI's 256-bit vpdpbusd
+for 2- and 4-bit codes: CPUs with AVX-VNNI but no AVX-512, such as Intel's cores since Alder Lake and its
+E-core Xeons), ``avx512`` (AVX-512 F/BW + VPOPCNTDQ) and ``avx512vnni`` (the same with VNNI vpdpbusd
+for 2- and 4-bit codes). The extension is built for
 baseline x86-64 (never ``-march=native``) with each path compiled per function, so one wheel runs on
 every CPU; this module asks the CPU what it supports and uses the fastest path that agrees with
 ``portable`` on a small problem for every kernel family. ``QVIZ_KERNEL_PATH`` forces a path.
@@ -25,7 +27,7 @@ PANEL = _kernels.PANEL
 
 
 def available_paths() -> tuple[str, ...]:
-    """Code paths this CPU supports, slowest first (a subset of portable, popcnt, avx2, avx512, avx512vnni)."""
+    """Code paths this CPU supports, slowest first (a subset of `PATHS`)."""
     return _kernels.supported_paths()
 
 

@@ -89,7 +89,7 @@ cdef extern from "_packed_kernels.h" nogil:
                        int bits, const float *codebook, size_t cb_stride, float *out, int threads)
     int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride)
 
-PATHS = ("portable", "popcnt", "avx2", "avx512", "avx512vnni")
+PATHS = ("portable", "popcnt", "avx2", "avx2vnni", "avx512", "avx512vnni")
 PANEL = QVIZ_PANEL
 ROOF_KINDS = {"pop": QVIZ_ROOF_POP, "dot": QVIZ_ROOF_DOT, "fma": QVIZ_ROOF_FMA}
 OPS = {"xor": QVIZ_P_XOR, "and": QVIZ_P_AND, "dot2": QVIZ_P_DOT2, "dot4": QVIZ_P_DOT4}

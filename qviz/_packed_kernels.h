@@ -11,8 +11,10 @@
  *
  * Code paths are compiled per function with target attributes (never -march=native) and chosen at
  * run time from the CPU's features: "portable" (plain C, any CPU), "popcnt" (x86 hardware popcount),
- * "avx2" (AVX2 + FMA, nibble-table popcount), "avx512" (AVX-512 F/BW + VPOPCNTDQ), "avx512vnni" (the
- * same with VNNI). qviz.packed checks every argument before a call, so these functions trust their inputs.
+ * "avx2" (AVX2 + FMA, nibble-table popcount), "avx2vnni" (the same with AVX-VNNI's 256-bit vpdpbusd for 2-
+ * and 4-bit codes: Intel cores from Alder Lake and E-core Xeons, which have no AVX-512), "avx512" (AVX-512
+ * F/BW + VPOPCNTDQ), "avx512vnni" (the same with VNNI). qviz.packed checks every argument before a call,
+ * so these functions trust their inputs.
  */
 #ifndef QVIZ_PACKED_KERNELS_H
 #define QVIZ_PACKED_KERNELS_H
@@ -49,7 +51,12 @@
 #define QVIZ_NO_PRE
 #endif
 
-enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX512 = 3, QVIZ_AVX512VNNI = 4, QVIZ_N_PATHS = 5 };
+/* Ordered so that `path >= X` means "has at least X's instructions"; avx2vnni is an AVX2 path in everything
+ * but the dot products of 2- and 4-bit codes (qviz_avx2_class). */
+enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX2VNNI = 3, QVIZ_AVX512 = 4, QVIZ_AVX512VNNI = 5,
+       QVIZ_N_PATHS = 6 };
+
+static inline int qviz_avx2_class(int path) { return path == QVIZ_AVX2 || path == QVIZ_AVX2VNNI; }
 
 /* What the reduction over words computes for one pair of rows. */
 enum { QVIZ_XOR_POPCOUNT = 0, QVIZ_AND_POPCOUNT = 1, QVIZ_AND_FIELDS2 = 2, QVIZ_AND_FIELDS4 = 3,
@@ -63,6 +70,7 @@ static int qviz_path_supported(int path) {
     case QVIZ_POPCNT: return __builtin_cpu_supports("popcnt");
     case QVIZ_AVX2:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    case QVIZ_AVX2VNNI: return qviz_path_supported(QVIZ_AVX2) && __builtin_cpu_supports("avxvnni");
     case QVIZ_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx2") &&
@@ -358,7 +366,7 @@ static qviz_tile_fn qviz_tile_for(int path, int op) {
     static const qviz_tile_fn avx512[QVIZ_N_OPS] = {qviz_tile_avx512_0, qviz_tile_avx512_1, qviz_tile_avx512_2,
                                                     qviz_tile_avx512_3, qviz_tile_avx512_4};
     if (path == QVIZ_POPCNT) return popcnt[op];
-    if (path == QVIZ_AVX2) return avx2[op];
+    if (qviz_avx2_class(path)) return avx2[op];
     if (path >= QVIZ_AVX512) return avx512[op];
 #endif
     return portable[op];

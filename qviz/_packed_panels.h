@@ -89,7 +89,7 @@ static void qviz_row_popcounts(const uint64_t *A, size_t M, size_t W64, int64_t 
 static int qviz_panel_slots(int path, int op) {
     if (op == QVIZ_P_DOT2) return path >= QVIZ_AVX2 ? 4 : 1;
     if (op == QVIZ_P_DOT4) return path >= QVIZ_AVX2 ? 2 : 1;
-    return path == QVIZ_AVX2 ? 2 : 1;
+    return qviz_avx2_class(path) ? 2 : 1;
 }
 
 static void qviz_split_rows(const uint64_t *A, size_t M, size_t W64, size_t K32, int S, uint32_t *dst) {
@@ -218,6 +218,23 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
         case 6: NAME##_6x1(QVIZ_PANEL_ARGS); break;                                                     \
         case 7: NAME##_7x1(QVIZ_PANEL_ARGS); break;                                                     \
         default: NAME##_8x1(QVIZ_PANEL_ARGS); break;                                                    \
+        }                                                                                               \
+    }
+/* AVX-VNNI dot products: one panel, up to 6 rows */
+#define QVIZ_PANEL_FN_R6(NAME, ATTR, BODY, MODE)                                                        \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 5, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 6, 1)               \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+        (void)np;                                                                                       \
+        switch (mr) {                                                                                   \
+        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 4: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                     \
+        case 5: NAME##_5x1(QVIZ_PANEL_ARGS); break;                                                     \
+        default: NAME##_6x1(QVIZ_PANEL_ARGS); break;                                                    \
         }                                                                                               \
     }
 /* AVX2: one panel (two 256-bit halves) per tile */
@@ -638,10 +655,134 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const 
     }
 }
 
+/* AVX-VNNI (256-bit vpdpbusd): four byte products summed into each 32-bit lane in one instruction, so
+ * there are no 16-bit sums to widen, and a tile holds both halves of its panel: 6 rows x 2 halves = 12
+ * accumulators, more chains than vpdpbusd's latency of 5 cycles at 2 a cycle needs (with 5 rows, exactly
+ * enough, 2-bit codes ran 12% slower), plus the two split halves of the weight vector and a broadcast;
+ * the mask and the shifts' temporaries take the 16th register and a spill or two. */
+#define QVIZ_AVX2VNNI_FN __attribute__((target("avx2,fma,popcnt,avxvnni")))
+#define QVIZ_VNNI256_ROW(i)                                                                             \
+    if (MR > i) {                                                                                       \
+        const __m256i a##i = _mm256_set1_epi32((int)A[i * lda + k * (size_t)G + (size_t)g]);           \
+        c##i##_0 = _mm256_dpbusd_avx_epi32(c##i##_0, a##i, w0);                                          \
+        c##i##_1 = _mm256_dpbusd_avx_epi32(c##i##_1, a##i, w1);                                          \
+    }
+#define QVIZ_VNNI256_STORE(i)                                                                   \
+    if (MR > i) {                                                                                       \
+        qviz_store256(out + i * ldo, cols, c##i##_0, mul, add[i]);                                      \
+        qviz_store256(out + i * ldo + 8, cols - 8, c##i##_1, mul, add[i]);                              \
+    }
+
+/* One or two rows (a GEMV): the field groups go to separate accumulators too, else two or four chains
+ * would wait on vpdpbusd's latency. */
+QVIZ_INLINE QVIZ_AVX2VNNI_FN void qviz_p256_vnni_few(const int BITS, const int MR, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
+    const int G = 8 / BITS, S = MR == 1 ? G : 2; /* accumulator sets: group g adds to set g % S */
+    const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+    __m256i acc[2][2][4];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 2; v++)
+            for (int t = 0; t < S; t++) acc[i][v][t] = _mm256_setzero_si256();
+    for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
+        QVIZ_GEMV_FETCH(k, QVIZ_GEMV_AHEAD, 1)
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8));
+        for (int g = 0; g < G; g++) {
+            const __m256i w0 = _mm256_and_si256(_mm256_srli_epi32(b0, g * BITS), mask);
+            const __m256i w1 = _mm256_and_si256(_mm256_srli_epi32(b1, g * BITS), mask);
+            for (int i = 0; i < MR; i++) {
+                const __m256i a = _mm256_set1_epi32((int)A[i * lda + k * (size_t)G + (size_t)g]);
+                acc[i][0][g % S] = _mm256_dpbusd_avx_epi32(acc[i][0][g % S], a, w0);
+                acc[i][1][g % S] = _mm256_dpbusd_avx_epi32(acc[i][1][g % S], a, w1);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 2; v++) {
+            __m256i sum = acc[i][v][0];
+            for (int t = 1; t < S; t++) sum = _mm256_add_epi32(sum, acc[i][v][t]);
+            qviz_store256(out + i * ldo + v * 8, cols - v * 8, sum, mul, add[i]);
+        }
+}
+
+QVIZ_INLINE QVIZ_AVX2VNNI_FN void qviz_p256_vnni(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    if (MR <= 2) {
+        qviz_p256_vnni_few(BITS, MR <= 2 ? MR : 2, QVIZ_PANEL_ARGS);
+        return;
+    }
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
+    (void)NP;
+    (void)ldb;
+    const int G = 8 / BITS;
+    const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+    __m256i c0_0 = _mm256_setzero_si256(), c0_1 = c0_0, c1_0 = c0_0, c1_1 = c0_0, c2_0 = c0_0, c2_1 = c0_0,
+            c3_0 = c0_0, c3_1 = c0_0, c4_0 = c0_0, c4_1 = c0_0, c5_0 = c0_0, c5_1 = c0_0;
+    for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
+        for (int g = 0; g < G; g++) {
+            const __m256i w0 = _mm256_and_si256(
+                _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL)), g * BITS), mask);
+            const __m256i w1 = _mm256_and_si256(
+                _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(B + k * QVIZ_PANEL + 8)), g * BITS), mask);
+            QVIZ_VNNI256_ROW(0) QVIZ_VNNI256_ROW(1) QVIZ_VNNI256_ROW(2) QVIZ_VNNI256_ROW(3) QVIZ_VNNI256_ROW(4)
+            QVIZ_VNNI256_ROW(5)
+        }
+    }
+    QVIZ_VNNI256_STORE(0) QVIZ_VNNI256_STORE(1) QVIZ_VNNI256_STORE(2) QVIZ_VNNI256_STORE(3) QVIZ_VNNI256_STORE(4)
+    QVIZ_VNNI256_STORE(5)
+}
+
+/* The same from weights split beforehand (qviz_split_block): loads and dot products only, as
+ * qviz_p512_vnni_split. */
+QVIZ_INLINE QVIZ_AVX2VNNI_FN void qviz_p256_vnni_split(const int BITS, const int MR, const int NP, QVIZ_BODY_PARAMS) {
+    const size_t npf = QVIZ_PREFETCH_PER_K(K32);
+    (void)NP;
+    (void)ldb;
+    const int G = 8 / BITS;
+    __m256i c0_0 = _mm256_setzero_si256(), c0_1 = c0_0, c1_0 = c0_0, c1_1 = c0_0, c2_0 = c0_0, c2_1 = c0_0,
+            c3_0 = c0_0, c3_1 = c0_0, c4_0 = c0_0, c4_1 = c0_0, c5_0 = c0_0, c5_1 = c0_0;
+    for (size_t k = 0; k < K32; k++) {
+        QVIZ_PREFETCH_NEXT(k);
+        for (int g = 0; g < G; g++) {
+            const uint32_t *at = B + (k * (size_t)G + (size_t)g) * QVIZ_PANEL;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)at);
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(at + 8));
+            QVIZ_VNNI256_ROW(0) QVIZ_VNNI256_ROW(1) QVIZ_VNNI256_ROW(2) QVIZ_VNNI256_ROW(3) QVIZ_VNNI256_ROW(4)
+            QVIZ_VNNI256_ROW(5)
+        }
+    }
+    QVIZ_VNNI256_STORE(0) QVIZ_VNNI256_STORE(1) QVIZ_VNNI256_STORE(2) QVIZ_VNNI256_STORE(3) QVIZ_VNNI256_STORE(4)
+    QVIZ_VNNI256_STORE(5)
+}
+
+/* qviz_split_block512 with 256-bit vectors: the same layout, for the AVX2 paths. */
+static QVIZ_AVX2_FN void qviz_split_block256(const uint32_t *B, size_t ldb, size_t K32, int np, int bits,
+                                             uint32_t *dst) {
+    const int G = 8 / bits;
+    const __m256i mask = _mm256_set1_epi8(bits == 4 ? 0x0F : 0x03);
+    for (int q = 0; q < np; q++)
+        for (size_t k = 0; k < K32; k++) {
+            const uint32_t *w = B + (size_t)q * ldb + k * QVIZ_PANEL;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 8));
+            uint32_t *o = dst + ((size_t)q * K32 + k) * (size_t)G * QVIZ_PANEL;
+            for (int g = 0; g < G; g++) {
+                _mm256_storeu_si256((__m256i *)(o + (size_t)g * QVIZ_PANEL),
+                                    _mm256_and_si256(_mm256_srli_epi32(w0, g * bits), mask));
+                _mm256_storeu_si256((__m256i *)(o + (size_t)g * QVIZ_PANEL + 8),
+                                    _mm256_and_si256(_mm256_srli_epi32(w1, g * bits), mask));
+            }
+        }
+}
+
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot2, QVIZ_AVX2_FN, qviz_p256_dot, 2)
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
+QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_dot2, QVIZ_AVX2VNNI_FN, qviz_p256_vnni, 2)
+QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_dot4, QVIZ_AVX2VNNI_FN, qviz_p256_vnni, 4)
+QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_split_dot2, QVIZ_AVX2VNNI_FN, qviz_p256_vnni_split, 2)
+QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_split_dot4, QVIZ_AVX2VNNI_FN, qviz_p256_vnni_split, 4)
 #endif /* QVIZ_X86 */
 
 #ifndef QVIZ_AVX2_DOT_MR
@@ -650,6 +791,7 @@ QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
 #ifndef QVIZ_AVX2_POP_MR
 #define QVIZ_AVX2_POP_MR 8
 #endif
+#define QVIZ_AVX2VNNI_MR 6
 /* The kernel for (path, op) and its largest tile (rows x panels). */
 static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     *mr = 4;
@@ -674,7 +816,11 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     }
     if (path == QVIZ_AVX512VNNI) return vnni[op];
     if (path == QVIZ_AVX512) return avx512[op];
-    if (path == QVIZ_AVX2) {
+    if (path == QVIZ_AVX2VNNI && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
+        *mr = QVIZ_AVX2VNNI_MR;
+        return op == QVIZ_P_DOT2 ? qviz_panel_avx2vnni_dot2 : qviz_panel_avx2vnni_dot4;
+    }
+    if (qviz_avx2_class(path)) {
         *mr = op == QVIZ_P_XOR || op == QVIZ_P_AND ? QVIZ_AVX2_POP_MR : QVIZ_AVX2_DOT_MR;
         return avx2[op];
     }
@@ -697,6 +843,11 @@ static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB, size_t K3
         QVIZ_TILE_NP * qviz_split_ldb(K32, qviz_dot_bits(op)) * sizeof(uint32_t) <= QVIZ_SPLIT_MAX) {
         if (op == QVIZ_P_DOT2) return qviz_panel_vnni_split_dot2;
         if (op == QVIZ_P_DOT4) return qviz_panel_vnni_split_dot4;
+    }
+    if (path == QVIZ_AVX2VNNI && MB >= QVIZ_SPLIT_MIN_MB &&
+        qviz_split_ldb(K32, qviz_dot_bits(op)) * sizeof(uint32_t) <= QVIZ_SPLIT_MAX) {
+        if (op == QVIZ_P_DOT2) return qviz_panel_avx2vnni_split_dot2;
+        if (op == QVIZ_P_DOT4) return qviz_panel_avx2vnni_split_dot4;
     }
 #endif
     (void)path, (void)op, (void)MB, (void)K32;
@@ -734,10 +885,22 @@ static void qviz_task_range(size_t n, size_t tasks, long t, size_t *first, size_
     *last = ((size_t)t + 1) * n / tasks;
 }
 
+/* np panels into their field groups with the path's own vectors (the result is the same on both). */
+static void qviz_split_block(int path, const uint32_t *B, size_t ldb, size_t K32, int np, int bits, uint32_t *dst) {
+#if QVIZ_X86 && defined(__GNUC__)
+    if (path >= QVIZ_AVX512)
+        qviz_split_block512(B, ldb, K32, np, bits, dst);
+    else
+        qviz_split_block256(B, ldb, K32, np, bits, dst);
+#else
+    (void)path, (void)B, (void)ldb, (void)K32, (void)np, (void)bits, (void)dst;
+#endif
+}
+
 typedef struct {
     qviz_panel_fn fn;
     qviz_panel_fn split_fn; /* non-NULL: each block of weights is split into field groups first (bits) */
-    int MR, NP, bits;
+    int path, MR, NP, bits;
     const uint32_t *A, *Bp;
     size_t M, N, K32, lda, ldb, P, MB, NB, tasks;
     int64_t mul, offset;
@@ -798,13 +961,11 @@ static void qviz_panel_task(void *arg, long t) {
                                                                    sizeof(uint32_t))
                                   : NULL;
     for (size_t nb = first; nb < last; nb++) {
-#if QVIZ_X86 && defined(__GNUC__)
         if (split) {
             const size_t p0 = nb * (size_t)j->NP;
             const int np = (int)(j->P - p0 < (size_t)j->NP ? j->P - p0 : (size_t)j->NP);
-            qviz_split_block512(j->Bp + p0 * j->ldb, j->ldb, j->K32, np, j->bits, split);
+            qviz_split_block(j->path, j->Bp + p0 * j->ldb, j->ldb, j->K32, np, j->bits, split);
         }
-#endif
         for (size_t r = 0; r < j->MB; r++) qviz_panel_tile(j, nb, r, nb + 1 < last, split);
     }
     free(split);
@@ -818,7 +979,7 @@ static void qviz_panel_matmul(int path, int op, const uint32_t *A, size_t M, siz
                               int32_t *out, int threads) {
     qviz_panel_job j;
     j.fn = qviz_panel_for(path, op, &j.MR, &j.NP);
-    j.A = A, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.lda = lda, j.ldb = K32 * QVIZ_PANEL;
+    j.path = path, j.A = A, j.Bp = Bp, j.M = M, j.N = N, j.K32 = K32, j.lda = lda, j.ldb = K32 * QVIZ_PANEL;
     j.P = (N + QVIZ_PANEL - 1) / QVIZ_PANEL;
     j.MB = (M + (size_t)j.MR - 1) / (size_t)j.MR;
     j.bits = qviz_dot_bits(op);
@@ -1066,8 +1227,9 @@ static void qviz_fused_task(void *arg, long t) {
     if (rows != rows_stack) free(rows);
 }
 
-/* All P panels split into field groups, a share of the panels per task (qviz_split_block512). */
+/* All P panels split into field groups, a share of the panels per task (qviz_split_block). */
 typedef struct {
+    int path;
     const uint32_t *Bp;
     size_t ldb, K32, P, tasks;
     int bits;
@@ -1078,12 +1240,9 @@ static void qviz_split_task(void *arg, long t) {
     const qviz_split_job *j = (const qviz_split_job *)arg;
     size_t first, last;
     qviz_task_range(j->P, j->tasks, t, &first, &last);
-#if QVIZ_X86 && defined(__GNUC__)
-    if (last > first) qviz_split_block512(j->Bp + first * j->ldb, j->ldb, j->K32, (int)(last - first), j->bits,
-                                          j->dst + first * qviz_split_ldb(j->K32, j->bits));
-#else
-    (void)j, (void)first, (void)last;
-#endif
+    if (last > first)
+        qviz_split_block(j->path, j->Bp + first * j->ldb, j->ldb, j->K32, (int)(last - first), j->bits,
+                         j->dst + first * qviz_split_ldb(j->K32, j->bits));
 }
 
 /* out = mul * S + offset (+ popcount of each packed row when popcount_offset), S from `op` between the
@@ -1114,7 +1273,7 @@ static int qviz_panel_matmul_act(int path, int op, const qviz_act *act, size_t M
         uint32_t *split = split_fn ? (uint32_t *)aligned_alloc(64, j.P * qviz_split_ldb(K32, bits) * sizeof(uint32_t))
                                    : NULL;
         if (split) {
-            qviz_split_job sj = {Bp, j.ldb, K32, j.P, (size_t)team, bits, split};
+            qviz_split_job sj = {path, Bp, j.ldb, K32, j.P, (size_t)team, bits, split};
             qviz_parallel(qviz_split_task, &sj, team, team);
             j.fn = split_fn, j.Bp = split, j.ldb = qviz_split_ldb(K32, bits);
         }
@@ -1604,7 +1763,7 @@ static qviz_lut_fn qviz_lut_for(int path, int bits, int *mr, int *np) {
         *np = QVIZ_TILE_NP;
         return avx512[b];
     }
-    if (path == QVIZ_AVX2) return avx2[b];
+    if (qviz_avx2_class(path)) return avx2[b];
 #endif
     (void)path;
     return portable[b];

@@ -132,6 +132,38 @@ static QVIZ_AVX2_FN QVIZ_NO_PRE int64_t qviz_roof_avx2(int kind, long iters, dou
     return qviz_roof_avx2_body(QVIZ_ROOF_FMA, iters, macs);
 }
 
+/* AVX-VNNI's dot roof: 5 rows x 2 vectors, 10 vpdpbusd chains (rows 3 and 4 reuse the operands of rows 0
+ * and 1), enough for its latency with every operand in a register; popcounts and FMAs are AVX2's. */
+QVIZ_INLINE QVIZ_AVX2VNNI_FN int64_t qviz_roof_avx2vnni_dot(long iters, double *macs) {
+    __m256i x0 = _mm256_set1_epi32(0x01234567), x1 = _mm256_set1_epi32(0x11111111), x2 = _mm256_set1_epi32(3);
+    __m256i v0 = _mm256_set1_epi32(0x7654321), v1 = _mm256_set1_epi32(0x0A0A0A0A);
+    __m256i c0_0 = _mm256_setzero_si256(), c0_1 = c0_0, c1_0 = c0_0, c1_1 = c0_0, c2_0 = c0_0, c2_1 = c0_0,
+            c3_0 = c0_0, c3_1 = c0_0, c4_0 = c0_0, c4_1 = c0_0;
+    QVIZ_KEEP(c0_0, "x"); QVIZ_KEEP(c0_1, "x"); QVIZ_KEEP(c1_0, "x"); QVIZ_KEEP(c1_1, "x"); QVIZ_KEEP(c2_0, "x");
+    QVIZ_KEEP(c2_1, "x"); QVIZ_KEEP(c3_0, "x"); QVIZ_KEEP(c3_1, "x"); QVIZ_KEEP(c4_0, "x"); QVIZ_KEEP(c4_1, "x");
+#define QVIZ_DP2(i, x)                                                                                  \
+    c##i##_0 = _mm256_dpbusd_avx_epi32(c##i##_0, x, v0);                                                \
+    c##i##_1 = _mm256_dpbusd_avx_epi32(c##i##_1, x, v1);
+    for (long it = 0; it < iters; it++) {
+        QVIZ_KEEP(x0, "x"); QVIZ_KEEP(x1, "x"); QVIZ_KEEP(x2, "x"); QVIZ_KEEP(v0, "x"); QVIZ_KEEP(v1, "x");
+        QVIZ_DP2(0, x0) QVIZ_DP2(1, x1) QVIZ_DP2(2, x2) QVIZ_DP2(3, x0) QVIZ_DP2(4, x1)
+    }
+#undef QVIZ_DP2
+    const __m256i s = _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(c0_0, c0_1), _mm256_add_epi32(c1_0, c1_1)),
+                         _mm256_add_epi32(_mm256_add_epi32(c2_0, c2_1), _mm256_add_epi32(c3_0, c3_1))),
+        _mm256_add_epi32(c4_0, c4_1));
+    *macs = (double)iters * 10 * 32;
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return (int64_t)_mm_cvtsi128_si32(h) + _mm_extract_epi32(h, 1) + _mm_extract_epi32(h, 2) + _mm_extract_epi32(h, 3);
+}
+
+static QVIZ_AVX2VNNI_FN QVIZ_NO_PRE int64_t qviz_roof_avx2vnni(int kind, long iters, double *macs) {
+    if (kind == QVIZ_ROOF_DOT) return qviz_roof_avx2vnni_dot(iters, macs);
+    if (kind == QVIZ_ROOF_POP) return qviz_roof_avx2_body(QVIZ_ROOF_POP, iters, macs);
+    return qviz_roof_avx2_body(QVIZ_ROOF_FMA, iters, macs);
+}
+
 /* A 5 x 4 popcount tile as in qviz_p512_pop, 6 x 4 or 4 x 4 dot products, 12 FMA chains; named accumulators
  * (an array would live on the stack, see qviz_p512_pop). */
 #define QVIZ_ROOF_POP_UPD(c, a, v) _mm512_add_epi32(c, _mm512_popcnt_epi32(_mm512_xor_si512(a, v)))
@@ -248,6 +280,7 @@ static int64_t qviz_roof(int path, int kind, long iters, double *macs) {
 #if QVIZ_X86 && defined(__GNUC__)
     if (path == QVIZ_AVX512VNNI) return qviz_roof_vnni(kind, iters, macs);
     if (path == QVIZ_AVX512) return qviz_roof_avx512(kind, iters, macs);
+    if (path == QVIZ_AVX2VNNI) return qviz_roof_avx2vnni(kind, iters, macs);
     if (path == QVIZ_AVX2) return qviz_roof_avx2(kind, iters, macs);
     if (path == QVIZ_POPCNT) return qviz_roof_popcnt(kind, iters, macs);
 #endif

@@ -14,7 +14,7 @@ its weights; a `PackedMatrix` passed as weights is laid out per call).
 Kernels, after [Kütükcü 2020, Ch. 5] (paper 003), generalised: binary XOR-popcount matmul, the hybrid
 AND-popcount matmul of [Kütükcü 2020, Table 4.4, Fig. 4.5], low-bit integer matmul, codebook (LUT)
 matmul and packed-index direct convolution [Kütükcü 2020, Figs. 5.1, 5.2]. The code path (portable,
-popcnt, avx2, avx512, avx512vnni) is chosen at import: see `qviz._dispatch`. Timing lives in
+popcnt, avx2, avx2vnni, avx512, avx512vnni) is chosen at import: see `qviz._dispatch`. Timing lives in
 `qviz._timing` (`measure_latency`, `measure_conv_latency`, `roof`, `read_bandwidth`), re-exported here.
 """
 
@@ -580,7 +580,7 @@ def lowbit_matmul(a: PackedMatrix | np.ndarray, w: PackedMatrix | PreparedMatrix
     """Integer matmul of unsigned b-bit codes: int32 [M, N] = sum_k a[m, k] w[n, k] (a.bits == w.bits).
 
     1-bit codes: popcount(a AND w); 2- and 4-bit: byte dot products of the codes' fields (vpdpbusd with
-    VNNI, vpmaddubsw with AVX2/AVX-512BW); 8-bit: a sum over the bit planes of a (bit-serial). Turn it
+    VNNI or AVX-VNNI, vpmaddubsw with AVX2/AVX-512BW); 8-bit: a sum over the bit planes of a (bit-serial). Turn it
     into real values with `dequantize_matmul`. `a` may also be float32 activations with their quantizer
     (`scale`, `zero_point`): they are quantized to w.bits-bit codes inside the kernel, as
     pack_uniform(a, w.bits, scale, zero_point) quantizes them. `out`: as in `binary_matmul`.

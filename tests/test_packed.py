@@ -43,6 +43,18 @@ def test_every_x86_64_build_has_the_portable_and_popcnt_paths():
         assert "popcnt" in PATHS
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or os.uname().machine != "x86_64",
+                    reason="the CPU's flags are read from Linux's /proc/cpuinfo on x86-64")
+def test_each_vector_path_is_offered_exactly_when_the_cpu_has_its_instructions():
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split(":", 1)[1].split())
+    avx2 = {"avx2", "fma", "popcnt"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512_vpopcntdq"} <= flags
+    want = {"avx2": avx2, "avx2vnni": avx2 and "avx_vnni" in flags, "avx512": avx512,
+            "avx512vnni": avx512 and "avx512_vnni" in flags}
+    assert {name: name in PATHS for name in want} == want
+
+
 def _codes(rng, shape, bits):
     return rng.integers(0, 2**bits, size=shape, dtype=np.uint8)
 
@@ -191,7 +203,7 @@ def test_lowbit_matmul_is_the_integer_dot_product_of_codes(path, shape, bits, se
                          [(50, 300, 70), (48, 2050, 1030), (43, 16, 17), (64, 1024, 520), (50, 20, 30),
                           (160, 2048, 1040)])
 def test_lowbit_matmul_with_many_row_tiles_is_exact(path, bits, m, k, n):
-    # from 8 row tiles on, the VNNI path splits each block of weights into byte fields once and reads the
+    # from 8 row tiles on, the VNNI paths split each block of weights into byte fields once and read the
     # split copy (per block from packed rows or large weights, all weights at once when floats are
     # packed inside the call), and AVX-512 quantizes float rows straight into split bytes (tile by tile,
     # or all rows on the team before a large matmul): partial blocks, panels and words
@@ -728,9 +740,11 @@ def test_codebook_gemm_on_long_rows_and_several_threads(path, m, k, n, bits, per
 ROOF_INSTRUCTIONS = {
     "avx512vnni": {"pop": ("vpopcntd", 512), "dot": ("vpdpbusd", 64), "fma": ("vfmadd", 16)},
     "avx512": {"pop": ("vpopcntd", 512), "dot": ("vpmaddubsw", 64), "fma": ("vfmadd", 16)},
+    "avx2vnni": {"pop": ("vpshufb", 128), "dot": ("vpdpbusd", 32), "fma": ("vfmadd", 8)},
     "avx2": {"pop": ("vpshufb", 128), "dot": ("vpmaddubsw", 32), "fma": ("vfmadd", 8)},
 }
-ROOF_FUNCTIONS = {"avx512vnni": "qviz_roof_vnni", "avx512": "qviz_roof_avx512", "avx2": "qviz_roof_avx2"}
+ROOF_FUNCTIONS = {"avx512vnni": "qviz_roof_vnni", "avx512": "qviz_roof_avx512", "avx2vnni": "qviz_roof_avx2vnni",
+                  "avx2": "qviz_roof_avx2"}
 
 
 def _loops_of(disassembly: str, function: str) -> list[list[str]]:
@@ -741,7 +755,7 @@ def _loops_of(disassembly: str, function: str) -> list[list[str]]:
         if header:
             body = [] if header.group(1).split(".")[0] == function else None
             continue
-        parts = re.match(r"\s*([0-9a-f]+):\s+(\S+)\s*([0-9a-f]*)", line)
+        parts = re.match(r"\s*([0-9a-f]+):\s+(?:\{\w+\}\s+)?(\S+)\s*([0-9a-f]*)", line)  # {vex}: AVX-VNNI
         if body is None or not parts:
             continue
         address, mnemonic, target = int(parts.group(1), 16), parts.group(2), parts.group(3)
@@ -769,7 +783,7 @@ def test_each_roof_loop_runs_every_operation_it_counts():
                 assert ops_per_iteration / per_instruction in counts, (path, kind, counts)
             assert max(counts) >= 8, (path, kind, counts)
             checked += 1
-    assert checked == 9
+    assert checked == 12
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")

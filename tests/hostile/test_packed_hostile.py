@@ -356,7 +356,7 @@ def test_quantizer_of_float_activations(guard, fn, bits, scale, zero):
     hostile.expect_answer(out, lambda v: np.array_equal(v, want), f"{fn} scale={scale} zero_point={zero}")
 
 
-@pytest.mark.parametrize("name", ["portable", "avx512", "avx2", "quantum", "", None, 3, True, ["avx2"]])
+@pytest.mark.parametrize("name", ["portable", "avx512", "avx2", "avx2vnni", "quantum", "", None, 3, True, ["avx2"]])
 def test_set_kernel_path(name):
     before = packed.kernel_path()
     out = hostile.run(packed.set_kernel_path, name)
@@ -632,7 +632,7 @@ def test_measure_conv_latency_refuses_buffers_beyond_the_memory_limit(guard, bat
 @settings(max_examples=60, **SETTINGS)
 @given(fn=st.sampled_from(["roof", "popcount_ceiling", "read_bandwidth"]),
        kind=st.sampled_from(["pop", "dot", "fma", "flops", None]),
-       path=st.sampled_from([None, "portable", "avx2", "avx512vnni", "quantum", 3]),
+       path=st.sampled_from([None, "portable", "avx2", "avx2vnni", "avx512vnni", "quantum", 3]),
        threads=st.sampled_from([1, 2, 0, True, None]), seconds=st.sampled_from([0.002, 0.0, np.nan, -1.0, 100.0]),
        nbytes=st.sampled_from([1 << 16, 100, 2**40, -5, 1.5]))
 def test_roofs_and_bandwidth_arguments(guard, fn, kind, path, threads, seconds, nbytes):
