@@ -656,10 +656,12 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const 
 }
 
 /* AVX-VNNI (256-bit vpdpbusd): four byte products summed into each 32-bit lane in one instruction, so
- * there are no 16-bit sums to widen, and a tile holds both halves of its panel: 6 rows x 2 halves = 12
- * accumulators, more chains than vpdpbusd's latency of 5 cycles at 2 a cycle needs (with 5 rows, exactly
- * enough, 2-bit codes ran 12% slower), plus the two split halves of the weight vector and a broadcast;
- * the mask and the shifts' temporaries take the 16th register and a spill or two. */
+ * there are no 16-bit sums to widen, and a tile holds both halves of its panel: up to 6 rows x 2 halves
+ * = 12 accumulators, plus the two split halves of the weight vector and a broadcast; the mask and the
+ * shifts' temporaries take the 16th register and a spill or two. Measured on 2 threads (256x2048x2048):
+ * 2-bit codes 6 rows (5 rows, 10 chains, just what vpdpbusd's latency of 5 cycles at 2 a cycle needs, ran
+ * 12% slower), 4-bit codes 5 rows (6 rows 12% slower, 4 rows 14%: with two field groups a step, the
+ * 6-row loop spilled more). */
 #define QVIZ_AVX2VNNI_FN __attribute__((target("avx2,fma,popcnt,avxvnni")))
 #define QVIZ_VNNI256_ROW(i)                                                                             \
     if (MR > i) {                                                                                       \
@@ -791,7 +793,8 @@ QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_split_dot4, QVIZ_AVX2VNNI_FN, qviz_p256_vnn
 #ifndef QVIZ_AVX2_POP_MR
 #define QVIZ_AVX2_POP_MR 8
 #endif
-#define QVIZ_AVX2VNNI_MR 6
+#define QVIZ_AVX2VNNI_MR 6  /* 2-bit codes; 4-bit: QVIZ_AVX2VNNI_MR4 (qviz_p256_vnni) */
+#define QVIZ_AVX2VNNI_MR4 5
 /* The kernel for (path, op) and its largest tile (rows x panels). */
 static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     *mr = 4;
@@ -817,7 +820,7 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     if (path == QVIZ_AVX512VNNI) return vnni[op];
     if (path == QVIZ_AVX512) return avx512[op];
     if (path == QVIZ_AVX2VNNI && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
-        *mr = QVIZ_AVX2VNNI_MR;
+        *mr = op == QVIZ_P_DOT2 ? QVIZ_AVX2VNNI_MR : QVIZ_AVX2VNNI_MR4;
         return op == QVIZ_P_DOT2 ? qviz_panel_avx2vnni_dot2 : qviz_panel_avx2vnni_dot4;
     }
     if (qviz_avx2_class(path)) {
