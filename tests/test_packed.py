@@ -55,6 +55,12 @@ def test_each_vector_path_is_offered_exactly_when_the_cpu_has_its_instructions()
     assert {name: name in PATHS for name in want} == want
 
 
+def test_every_path_this_cpu_has_passes_the_self_check_that_chooses_the_path_at_import():
+    # import tries the fastest path first: one that failed would quietly leave a slower one in use
+    failed = [name for name in PATHS if name != "portable" and not _dispatch._self_check(_dispatch.PATHS.index(name))]
+    assert failed == []
+
+
 def _codes(rng, shape, bits):
     return rng.integers(0, 2**bits, size=shape, dtype=np.uint8)
 
