@@ -355,7 +355,7 @@ def quantize_model(model: nn.Module, weights=8, activations=8, overrides: dict |
         if example is None:
             raise ValueError("fold_batchnorm=True needs example=<an input for the model> to find the batch "
                              "norms that follow a layer")
-        folded = fold_batchnorms(qmodel, example)
+        folded = _fold_batchnorms(qmodel, example, stacklevel=3)
         if folded and model.training:
             warnings.warn(f"fold_batchnorm=True folded {len(folded)} batch norm(s) with their running statistics, "
                           "but the model is in training mode, where they normalise with each batch's own: the "
@@ -668,56 +668,130 @@ def _fast_paths_back(model, args, output):
 def fold_batchnorms(model: nn.Module, example) -> list[tuple[str, str]]:
     """Fold, in place, every batch norm whose input is exactly the output of a Linear/Conv layer (004 eqs.
     20-21, eval statistics); the batch norm becomes an identity. Found by running `example` through the
-    model once and matching tensors, so no guess from module order can pair the wrong modules. Returns the
-    (layer, batch norm) pairs folded."""
-    outputs: dict[int, str] = {}
-    pairs: list[tuple[str, str]] = []
+    model once and following tensors, so no guess from module order can pair the wrong modules. Returns the
+    (layer, batch norm) pairs folded.
+
+    A pair folds only where nothing else sees the change: the layer runs once per forward, its output goes
+    to the batch norm alone, and no other layer shares its weights (each of these would compute with the
+    folded weights or output). A batch norm that follows a layer but cannot fold stays, with a warning that
+    says why."""
+    return _fold_batchnorms(model, example, stacklevel=3)
+
+
+def _fold_batchnorms(model: nn.Module, example, stacklevel: int) -> list[tuple[str, str]]:
     layers = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)}
     norms = {m: n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-    def after_layer(m, args, out):
-        if isinstance(out, torch.Tensor):
-            outputs[id(out)] = layers[m]
-
-    def before_norm(m, args):
-        if args and isinstance(args[0], torch.Tensor) and id(args[0]) in outputs:
-            pairs.append((outputs[id(args[0])], norms[m]))
-
-    handles = [m.register_forward_hook(after_layer) for m in layers] + [m.register_forward_pre_hook(before_norm)
-                                                                         for m in norms]
+    flow = _NormFlow(layers, norms)
+    handles = [m.register_forward_hook(flow.after_layer) for m in layers] + \
+        [m.register_forward_pre_hook(flow.before_norm) for m in norms] + \
+        [m.register_forward_hook(flow.after_norm) for m in norms]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), flow:
             _run(model, example)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    used = {}
-    for layer_name, norm_name in pairs:
-        used.setdefault(norm_name, set()).add(layer_name)
-    folded = []
-    for norm_name, sources in used.items():
+    folded, kept = [], []
+    for norm_name, sources in flow.sources.items():
         if len(sources) != 1:
             continue  # one norm fed by several layers cannot fold into one of them
-        layer = model.get_submodule(next(iter(sources)))
-        norm = model.get_submodule(norm_name)
+        layer_name = next(iter(sources))
+        layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
         if norm.running_mean is None or layer.weight.shape[0] != norm.num_features:
             continue
-        w, b = fold_batchnorm(layer.weight.detach(), norm.weight.detach() if norm.affine else torch.ones_like(
-            norm.running_mean), norm.bias.detach() if norm.affine else torch.zeros_like(norm.running_mean),
-            norm.running_mean, norm.running_var, norm.eps, None if layer.bias is None else layer.bias.detach())
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(b)
-            else:
-                layer.bias.copy_(b)
+        why = flow.why_not(layer_name, norm_name) or _why_weights_cannot_fold(model, layer)
+        if why:
+            kept.append(f"{norm_name} after {layer_name} ({why})")
+            continue
+        _fold_into(layer, norm)
         parent_name, _, child = norm_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
-        folded.append((next(iter(sources)), norm_name))
+        folded.append((layer_name, norm_name))
+    if kept:
+        warnings.warn("these batch norms stay unfolded, since folding would change what the model computes: "
+                      + "; ".join(kept), UserWarning, stacklevel=stacklevel)
     return folded
+
+
+class _NormFlow(torch.overrides.TorchFunctionMode):
+    """What one forward shows about (layer, batch norm) pairs: which layer's output each norm took, how often
+    each layer ran, and how many torch calls outside the norms took each layer output as an input (a skip
+    connection reading the same tensor). Layer outputs are kept alive for the run, so that ids stay unique."""
+
+    def __init__(self, layers: dict, norms: dict):
+        super().__init__()
+        self.layers, self.norms = layers, norms
+        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
+        self.sources: dict[str, set[str]] = {}
+        self.calls: dict[str, int] = {}
+        self.uses: dict[int, int] = {}
+        self.inside_norm = 0
+
+    def after_layer(self, m, args, out):
+        name = self.layers[m]
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if isinstance(out, torch.Tensor):
+            self.outputs[id(out)] = (name, out)
+
+    def before_norm(self, m, args):
+        self.inside_norm += 1  # the norm's own reading of its input is the use folding keeps
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.outputs:
+            self.sources.setdefault(self.norms[m], set()).add(self.outputs[id(args[0])][0])
+
+    def after_norm(self, m, args, out):
+        self.inside_norm -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        # size, shape and dim calls return no tensor and read no values: they do not see a fold
+        if not self.inside_norm and self.outputs and _holds_tensor(result):
+            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and id(t) in self.outputs:
+                    self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+        return result
+
+    def why_not(self, layer_name: str, norm_name: str) -> str | None:
+        if self.calls.get(layer_name, 0) > 1:
+            return f"{layer_name} runs {self.calls[layer_name]} times per forward and would fold for every call"
+        if any(self.uses.get(i) for i, (name, _) in self.outputs.items() if name == layer_name):
+            return f"{layer_name}'s output also goes elsewhere than {norm_name}"
+        return None
+
+
+def _holds_tensor(value) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in torch.utils._pytree.tree_leaves(value))
+
+
+def _why_weights_cannot_fold(model: nn.Module, layer: nn.Module) -> str | None:
+    """Why folding cannot write into this layer's weight and bias (None if it can): computed weights
+    (a parametrization or a weight-norm hook) would be recomputed over the write, shared ones would
+    change every layer that holds them."""
+    for attr in ("weight", "bias"):
+        value = getattr(layer, attr)
+        if value is None:
+            continue
+        if parametrize.is_parametrized(layer, attr) or not isinstance(layer._parameters.get(attr), nn.Parameter):
+            return f"its {attr} is computed (a parametrization or a hook)"
+        holders = sum(any(p is value for p in m._parameters.values()) for m in model.modules())
+        if holders > 1:
+            return f"its {attr} is shared with {holders - 1} other module(s)"
+    return None
+
+
+def _fold_into(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
+    ones, zeros = torch.ones_like(norm.running_mean), torch.zeros_like(norm.running_mean)
+    w, b = fold_batchnorm(layer.weight.detach(), norm.weight.detach() if norm.affine else ones,
+                          norm.bias.detach() if norm.affine else zeros, norm.running_mean, norm.running_var,
+                          norm.eps, None if layer.bias is None else layer.bias.detach())
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(b)
+        else:
+            layer.bias.copy_(b)
 
 
 def _run(model: nn.Module, batch, forward: Callable | None = None, doing: str | None = None):

@@ -369,6 +369,84 @@ def test_batch_norm_folding_finds_the_pairs_by_data_flow_and_keeps_the_output():
         quantize_model(model, fold_batchnorm=True)
 
 
+def _trained_norm(c):
+    norm = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
+    return norm
+
+
+class _ConvTwice(nn.Module):  # one conv applied twice, each call with its own norm (a siamese pair)
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), _trained_norm(4), _trained_norm(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(2 * x))
+
+
+class _SkipReadsConv(nn.Module):  # the conv's output goes to its norm and to a skip connection
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), _trained_norm(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _TiedConvs(nn.Module):  # two convs share one weight; only the first has a norm after it
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 3, 3, padding=1), _trained_norm(3), nn.Conv2d(3, 3, 3, padding=1)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+class _NormedConv(nn.Module):  # a weight-norm parametrization: folding's write would be recomputed over
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+        self.bn = _trained_norm(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _ShapeBetween(nn.Module):  # reading the output's shape does not see a fold: this pair folds
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), _trained_norm(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y).flatten(1)[:, : y.shape[1] * y.size(2)]
+
+
+@pytest.mark.parametrize(("model", "why"), [
+    (_ConvTwice, "conv runs 2 times per forward"), (_SkipReadsConv, "conv's output also goes elsewhere than bn"),
+    (_TiedConvs, "its weight is shared with 1 other module"), (_NormedConv, "its weight is computed"),
+    (_ShapeBetween, None)])
+def test_batch_norms_fold_only_where_nothing_else_sees_the_folded_layer(model, why):
+    torch.manual_seed(0)
+    model, x = model().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qm = quantize_model(model, None, None, fold_batchnorm=True, example=x)  # quantizes nothing: only folds
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=1e-5, atol=1e-5)
+    kept = [str(w.message) for w in caught if "stay unfolded" in str(w.message)]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in qm.modules()) == (why is not None)
+    if why is None:
+        assert kept == []
+    else:
+        assert len(kept) == 1 and why in kept[0], kept
+        assert caught[0].filename == __file__  # the warning points at the caller's line
+
+
 # ------------------------------------------------------------------------------------------------ ONNX
 
 
