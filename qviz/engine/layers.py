@@ -168,9 +168,13 @@ class WeightQuantizer(nn.Module):
             return fake_quantize(x, train_spec if self.training else spec, alpha=self.alpha)
         # Inference quantizes the same weights for every batch: do it once until they (or the spec) change.
         # Computed weights (LinearBN's folded ones) are not parameters and are quantized afresh each time.
-        key = (id(w), w._version, self.spec, self.groups, None if self.alpha is None else float(self.alpha.detach()))
+        # In-place writes bump _version; writes through w.data (module.double(), vector_to_parameters, an
+        # EMA) keep it and swap the storage, which the pointer, dtype and layout show. The cache holds an
+        # alias of w, so that its storage's address cannot be reused by a later write while cached.
+        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(), self.spec, self.groups,
+               None if self.alpha is None else float(self.alpha.detach()))
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, fake_quantize(x, spec, alpha=self.alpha))
+            self._cached = (key, fake_quantize(x, spec, alpha=self.alpha), w.detach())
         return self._cached[1]
 
 

@@ -166,6 +166,28 @@ def test_inference_quantizes_weights_once_and_notices_changes():
         assert bn(x).shape == (4, 2)  # folded weights are computed tensors: quantized afresh, never cached
 
 
+def test_the_inference_cache_notices_weights_written_through_data_and_a_cast():
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from qviz.engine import calibrate, quantize_model
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    qm = calibrate(quantize_model(model, 8, 8), [x])  # calibration's eval forwards fill the cache
+    with torch.no_grad():
+        assert qm(x).abs().max() > 0
+        # weight averaging and vector_to_parameters write through .data: the version stays, the storage changes
+        vector_to_parameters(torch.zeros_like(parameters_to_vector(qm.parameters())), qm.parameters())
+        assert torch.equal(qm(x), torch.zeros(8, 4))
+    qm = calibrate(quantize_model(model, 8, 8), [x]).double()  # Module._apply casts through .data too
+    with torch.no_grad():
+        y = qm(x.double())
+    assert y.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(y, model.double()(x.double()), rtol=0.05, atol=0.05)
+
+
 def test_pact_replaces_the_relu_before_it_with_the_same_values_and_gradients():
     """002 §2.2: PACT's clip(x, 0, α) is the activation function; a ReLU before it would run twice."""
     from qviz.engine.layers import ActivationPoint
