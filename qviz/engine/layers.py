@@ -193,6 +193,9 @@ _FORWARDS = threading.local()
 _NEXT_FORWARD = iter(range(1, 2**62))
 
 
+# Bookkeeping outside the computation: torch.compile runs these as they are (tracing `next` on the counter
+# made Dynamo expand its range of 2^62 numbers and never finish compiling).
+@torch.compiler.disable
 def begin_forward(module: nn.Module, args) -> None:
     stack = getattr(_FORWARDS, "stack", None)
     if stack is None:
@@ -200,6 +203,7 @@ def begin_forward(module: nn.Module, args) -> None:
     stack.append(next(_NEXT_FORWARD))
 
 
+@torch.compiler.disable
 def end_forward(module: nn.Module, args, output) -> None:
     stack = getattr(_FORWARDS, "stack", None)
     if stack:

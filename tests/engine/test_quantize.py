@@ -1417,6 +1417,25 @@ def test_a_tuple_batch_for_a_model_of_several_inputs_gets_a_note_that_only_its_f
     assert qm.fc.input_quantizer.calibrated
 
 
+def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
+    # the hooks that count a model's forwards run outside the graph: traced, Dynamo never finished compiling
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    qm, twin = (calibrate(quantize_model(model, 4, 4), [x]) for _ in range(2))
+    compiled = torch.compile(qm)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), twin(x), rtol=0, atol=0)
+    qm.train(), twin.train()  # a QAT step: moving-average ranges and gradients as uncompiled
+    compiled(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    for (name, p), q in zip(qm.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    ranges = [(q.range(), t.range()) for q, t in zip(qm.modules(), twin.modules(), strict=True)
+              if hasattr(q, "observer")]
+    assert len(ranges) == 2 and all(a == b for a, b in ranges)
+
+
 def test_a_compiled_model_is_quantized_analysed_and_exported_as_the_module_it_compiles(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from qviz.engine.analysis import ModelAnalysis
