@@ -251,6 +251,7 @@ class ActivationQuantizer(nn.Module):
         self.calibrating: str | None = None
         self.alpha: nn.Parameter | None = None
         self._sample: list[torch.Tensor] = []
+        self.empty_only: bool | None = None  # since calibration began: not called, only empty inputs, values
         self.configure(spec)
 
     def configure(self, spec: QuantSpec | None) -> None:
@@ -328,6 +329,10 @@ class ActivationQuantizer(nn.Module):
                 spec = self.spec if self.alpha is not None else self._fixed(x)
                 self._qdq = qdq_constants(x, spec, self.alpha)
             return export_quantize(x, self._qdq)
+        if x.numel() == 0:  # an expert given no tokens, a head given no boxes: nothing to quantize or observe
+            self.empty_only = self.empty_only is not False
+            return x
+        self.empty_only = False
         if self.calibrating not in (None, "moving_average"):
             self._collect(x.detach())
             return x  # the range is set at the end of calibration; until then the layer sees float inputs
@@ -344,12 +349,11 @@ class ActivationQuantizer(nn.Module):
         _checks.choice("method", method, CALIBRATIONS)
         self.calibrating = method
         self._sample = []
+        self.empty_only = None
         if method in ("moving_average", "minmax"):
             self.reset_range()
 
     def _collect(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:  # as moving_average refuses it: an empty batch would leave a range unset unnoticed
-            raise ValueError("x is empty; at least one value is needed to estimate a range")
         if self.calibrating == "minmax" and SCHEMES[self.spec.scheme].observed and self.alpha is None:
             lo, hi = x.amin().reshape(1), x.amax().reshape(1)
             obs = self.observer

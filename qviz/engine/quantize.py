@@ -916,7 +916,24 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
         qmodel.train(was_training)
     if not seen:
         raise ValueError("batches is empty: calibration needs at least one batch")
+    _check_values_seen(qmodel, quantizers)
     return qmodel
+
+
+def _check_values_seen(qmodel: nn.Module, quantizers: list[ActivationQuantizer]) -> None:
+    """Quantizers pass empty inputs through (a mixture-of-experts layer's expert given no tokens): one that
+    saw only those in calibration has no range. All of them so: the batches were empty; some: a warning."""
+    called = [q for q in quantizers if q.empty_only is not None]
+    empty = [q for q in called if q.empty_only]
+    if not empty:
+        return
+    if len(empty) == len(called):
+        raise ValueError("x is empty: every activation quantizer got only empty tensors from the batches; at least "
+                         "one value is needed to estimate a range")
+    names = {m: n for n, m in qmodel.named_modules()}
+    warnings.warn(f"{len(empty)} activation quantizer(s) got only empty tensors in calibration and have no range "
+                  f"({', '.join(names[q] for q in empty[:8])}{', ...' if len(empty) > 8 else ''}); the first "
+                  "values they get set it (calibrate with batches that reach them)", UserWarning, stacklevel=3)
 
 
 def quantized_layers(qmodel: nn.Module) -> list[dict]:

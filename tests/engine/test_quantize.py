@@ -1417,6 +1417,39 @@ def test_a_tuple_batch_for_a_model_of_several_inputs_gets_a_note_that_only_its_f
     assert qm.fc.input_quantizer.calibrated
 
 
+class _Experts(nn.Module):
+    """Two experts and a router: an expert the router sends no token gets an empty tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.experts = nn.Linear(8, 2), nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        idx, out = self.router(x).argmax(-1), torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            out[idx == i] = expert(x[idx == i])
+        return out
+
+
+@pytest.mark.parametrize("method", ["moving_average", "minmax", "mse", "percentile"])
+def test_a_layer_given_an_empty_tensor_passes_it_through_and_calibration_names_it(method):
+    torch.manual_seed(0)
+    model, x = _Experts().eval(), torch.randn(64, 8)
+    with torch.no_grad():
+        model.router.bias.copy_(torch.tensor([0.0, -100.0]))  # expert 1 gets no token
+    qm = quantize_model(model, 8, 8)
+    with pytest.warns(UserWarning, match=r"1 activation quantizer\(s\) got only empty tensors.*experts\.1\.input"):
+        calibrate(qm, [x, x[:5]], method=method)
+    assert qm.experts[0].input_quantizer.range() is not None and qm.experts[1].input_quantizer.range() is None
+    with torch.no_grad():
+        assert sqnr_db(model(x), qm(x)) > 30
+    qm.train()  # a QAT step with the empty expert
+    qm(x).square().sum().backward()
+    assert qm.experts[0].parametrizations.weight.original.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="x is empty: every activation quantizer got only empty tensors"):
+        calibrate(quantize_model(model, 8, 8), torch.empty(0, 8), method=method)
+
+
 def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
     # the hooks that count a model's forwards run outside the graph: traced, Dynamo never finished compiling
     torch.manual_seed(0)
