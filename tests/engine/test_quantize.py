@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from qviz.engine import (
     SCHEMES,
+    ActivationQuantizer,
     QuantSpec,
     calibrate,
     dequantize_model,
@@ -1173,8 +1174,6 @@ def test_a_layer_called_twice_per_forward_calibrates_to_the_range_of_both_calls(
 
 
 def test_an_activation_quantizer_outside_a_model_forward_steps_per_call():
-    from qviz.engine.layers import ActivationQuantizer
-
     q = ActivationQuantizer(QuantSpec("affine", 8), momentum=0.5).train()
     q(torch.tensor([-1.0, 1.0]))
     q(torch.tensor([-3.0, 3.0]))
@@ -1448,6 +1447,27 @@ def test_a_layer_given_an_empty_tensor_passes_it_through_and_calibration_names_i
     assert qm.experts[0].parametrizations.weight.original.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="x is empty: every activation quantizer got only empty tensors"):
         calibrate(quantize_model(model, 8, 8), torch.empty(0, 8), method=method)
+
+
+@pytest.mark.parametrize("method", ["moving_average", "percentile"])
+def test_qat_steps_take_activations_of_another_dtype_than_the_calibrated_range(method):
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    qm = calibrate(quantize_model(net, 4, 8), [x], method=method).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed-precision QAT after a float32 calibration
+        qm(x).float().sum().backward()
+    ranges = [q.observer for q in qm.modules() if isinstance(q, ActivationQuantizer)]
+    assert ranges and all(o.min_val.dtype == torch.float32 and o.max_val.dtype == torch.float32 for o in ranges)
+    wide = calibrate(quantize_model(copy.deepcopy(net).double(), 4, 8), [x.double()], method=method).train()
+    y = wide(x.double())  # a float64 model: its range steps in float64
+    y.sum().backward()
+    assert y.dtype == torch.float64
+    assert all(q.observer.min_val.dtype == torch.float64 for q in wide.modules() if isinstance(q, ActivationQuantizer))
+    fresh = quantize_model(net, 4, 8).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a first range seen in bfloat16 is kept in float32
+        fresh(x)
+    assert all(q.observer.min_val.dtype == torch.float32 for q in fresh.modules() if isinstance(q, ActivationQuantizer))
 
 
 def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
