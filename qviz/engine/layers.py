@@ -183,6 +183,10 @@ class WeightQuantizer(nn.Module):
 
 
 CALIBRATIONS = ("moving_average", "minmax", "mse", "percentile")
+# The percentile and MSE calibrations keep a uniform sample of each batch's activations per quantizer, at
+# most SAMPLE_PER_BATCH values a batch and SAMPLE_MOST in all (4 MiB; torch.quantile takes at most 2^24).
+SAMPLE_PER_BATCH = 1 << 16
+SAMPLE_MOST = 1 << 20
 
 # The forwards of quantized models in progress, innermost last, per thread: a pre-hook and a hook on each
 # model quantize_model returns push and pop them (`begin_forward`, `end_forward`), so that an activation
@@ -251,6 +255,7 @@ class ActivationQuantizer(nn.Module):
         self.calibrating: str | None = None
         self.alpha: nn.Parameter | None = None
         self._sample: list[torch.Tensor] = []
+        self._kept, self._keep = 0, SAMPLE_PER_BATCH
         self.empty_only: bool | None = None  # since calibration began: not called, only empty inputs, values
         self.configure(spec)
 
@@ -348,7 +353,7 @@ class ActivationQuantizer(nn.Module):
     def start_calibration(self, method: str) -> None:
         _checks.choice("method", method, CALIBRATIONS)
         self.calibrating = method
-        self._sample = []
+        self._sample, self._kept, self._keep = [], 0, SAMPLE_PER_BATCH
         self.empty_only = None
         if method in ("moving_average", "minmax"):
             self.reset_range()
@@ -362,11 +367,15 @@ class ActivationQuantizer(nn.Module):
             obs.min_val, obs.max_val = lo, hi
             return
         flat = x.reshape(-1).float()
-        keep = 1 << 16  # a uniform sample per batch bounds memory for any calibration set
-        if flat.numel() > keep:
-            pick = torch.randint(flat.numel(), (keep,), generator=torch.Generator().manual_seed(len(self._sample)))
+        if flat.numel() > self._keep:  # a uniform sample of each batch, the same share for every batch
+            pick = torch.randint(flat.numel(), (self._keep,),
+                                 generator=torch.Generator().manual_seed(len(self._sample)))
             flat = flat[pick]
         self._sample.append(flat)
+        self._kept += flat.numel()
+        if self._kept > SAMPLE_MOST:  # many batches: every batch's share halves, so memory stays bounded
+            self._sample = [v[::2] for v in self._sample]
+            self._kept, self._keep = sum(v.numel() for v in self._sample), max(1, self._keep // 2)
 
     def finish_calibration(self, percentile: float = 99.99) -> None:
         method, self.calibrating = self.calibrating, None

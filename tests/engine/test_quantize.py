@@ -1470,6 +1470,17 @@ def test_qat_steps_take_activations_of_another_dtype_than_the_calibrated_range(m
     assert all(q.observer.min_val.dtype == torch.float32 for q in fresh.modules() if isinstance(q, ActivationQuantizer))
 
 
+def test_percentile_calibration_over_hundreds_of_batches_samples_every_batch_alike():
+    # 260 batches of 76,800 activations: kept whole, the sample passed torch.quantile's limit of 2^24
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(256, 300, generator=gen) * (1 if i < 130 else 3) for i in range(260)]
+    qm = calibrate(quantize_model(nn.Sequential(nn.Linear(300, 1)), 8, 8), batches, method="percentile")
+    lo, hi = qm[0].input_quantizer.range()
+    every = torch.cat([b.reshape(-1) for b in batches])[::4].double()  # the first batches count as much as the last
+    want = torch.quantile(every[: 1 << 24], torch.tensor([1e-4, 1 - 1e-4], dtype=torch.float64))
+    assert lo == pytest.approx(float(want[0]), rel=0.05) and hi == pytest.approx(float(want[1]), rel=0.05)
+
+
 def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
     # the hooks that count a model's forwards run outside the graph: traced, Dynamo never finished compiling
     torch.manual_seed(0)
