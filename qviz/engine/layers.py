@@ -257,6 +257,9 @@ class ActivationQuantizer(nn.Module):
         self._sample: list[torch.Tensor] = []
         self._kept, self._keep = 0, SAMPLE_PER_BATCH
         self.empty_only: bool | None = None  # since calibration began: not called, only empty inputs, values
+        # the last time its layer ran, its input was another quantizer's (self-attention's key and value are
+        # the query): that one quantized it, so this one needs no range of its own
+        self.stood_in = False
         self.configure(spec)
 
     def configure(self, spec: QuantSpec | None) -> None:
@@ -334,6 +337,7 @@ class ActivationQuantizer(nn.Module):
                 spec = self.spec if self.alpha is not None else self._fixed(x)
                 self._qdq = qdq_constants(x, spec, self.alpha)
             return export_quantize(x, self._qdq)
+        self.stood_in = False
         if x.numel() == 0:  # an expert given no tokens, a head given no boxes: nothing to quantize or observe
             self.empty_only = self.empty_only is not False
             return x

@@ -598,6 +598,7 @@ def _quantized_inputs(layer: nn.Module, args: tuple, kwargs: dict):
                 continue
             same = next((out for src, out in done if src is v), None)  # self-attention: q, k, v are one tensor
             out = same if same is not None else q(v)
+            q.stood_in = same is not None
             done.append((v, out))
             values[i] = out
         args = tuple(values[: len(args)]) + args[3:] if len(args) > 3 else tuple(values[: len(args)])
@@ -941,8 +942,9 @@ def quantized_layers(qmodel: nn.Module) -> list[dict]:
     (QuantSpec or None for float), params (its weights and bias) and weight_shape. "activations" is the
     quantizer of the layer's input; a network that declares its own activation points (nets.py) has none
     per layer unless overrides name the layer, and `quantized_points` lists its points. "calibrated": whether
-    the input quantizers hold a range (None without them): False after calibrate means the layer was
-    never called as a module (its weights used through F.linear, say), so its input stays float."""
+    the input quantizers hold a range (None without them; self-attention's key and value quantizers need
+    none, as the query's quantizes their one input): False after calibrate means the layer was never
+    called as a module (its weights used through F.linear, say), so its input stays float."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     rows = []
@@ -961,7 +963,7 @@ def quantized_layers(qmodel: nn.Module) -> list[dict]:
 
 def _calibrated(layer: nn.Module) -> bool | None:
     quantizers = [q for q in input_quantizers(layer) if q.spec is not None]
-    return all(q.calibrated for q in quantizers) if quantizers else None
+    return all(q.calibrated or q.stood_in for q in quantizers) if quantizers else None
 
 
 def _kind(layer: nn.Module) -> str:

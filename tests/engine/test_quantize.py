@@ -1481,6 +1481,19 @@ def test_percentile_calibration_over_hundreds_of_batches_samples_every_batch_ali
     assert lo == pytest.approx(float(want[0]), rel=0.05) and hi == pytest.approx(float(want[1]), rel=0.05)
 
 
+def test_quantized_layers_counts_self_attention_calibrated_when_its_query_quantizer_is():
+    torch.manual_seed(0)
+    decoder = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True).eval()
+    x, memory = torch.randn(4, 5, 16), torch.randn(4, 7, 16)
+    qm = quantize_model(decoder, 8, 8)
+    assert {r["name"]: r["calibrated"] for r in quantized_layers(qm)}["self_attn"] is False
+    calibrate(qm, [{"tgt": x, "memory": memory}])
+    rows = {r["name"]: r["calibrated"] for r in quantized_layers(qm)}
+    # self-attention: key and value are the query, quantized once; cross-attention: the key is the value
+    assert rows["self_attn"] is True and rows["multihead_attn"] is True, rows
+    assert qm.self_attn.key_quantizer.range() is None and qm.multihead_attn.key_quantizer.range() is not None
+
+
 def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
     # the hooks that count a model's forwards run outside the graph: traced, Dynamo never finished compiling
     torch.manual_seed(0)
