@@ -407,6 +407,8 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
             raise ValueError(f"layer {name or ROOT_LAYER!r} ({type(layer).__name__}) has lazy weights, not made "
                              "yet; allowed: a model run once on an example input first (that makes them), or "
                              f"overrides={{{name!r}: None}} to keep it float")
+    for name, layer in layers:  # before any layer changes: a spec one layer cannot take leaves the model as it was
+        _check_weight_axis(name, layer, plan.weights[name])
     for name, layer in layers:
         _quantize_weights(layer, plan.weights[name], stochastic)
         if not declared or name in plan.activations:
@@ -436,6 +438,7 @@ def configure_layer(layer: nn.Module, weights: QuantSpec | None, activations: Qu
                     stochastic: bool = False) -> None:
     """Set one quantizable layer's weight quantizer and input quantizers in place (what quantize_in_place
     does for every layer): the ModelExplorer changes one layer at a time this way."""
+    _check_weight_axis(None, layer, weights)
     _quantize_weights(layer, weights, stochastic)
     _quantize_inputs(layer, activations)
 
@@ -536,6 +539,18 @@ def _pruning_as_parametrization(layer: nn.Module, name: str, key: int) -> None:
     del layer._buffers[name + "_mask"]
     layer.register_parameter(name, nn.Parameter((orig * mask).detach().clone(), requires_grad=orig.requires_grad))
     parametrize.register_parametrization(layer, name, PruningMask(mask))
+
+
+def _check_weight_axis(name: str | None, layer: nn.Module, spec: QuantSpec | None) -> None:
+    """A per-channel weight spec's axis must be one of the layer's weight dims (a Linear's 2, a Conv2d's 4)."""
+    if spec is None or spec.granularity != "channel" or isinstance(getattr(layer, "wq", None), WeightQuantizer):
+        return
+    dims = float_weight(layer).dim()
+    if not -dims <= spec.axis < dims:
+        where = "the layer" if name is None else f"layer {name or ROOT_LAYER!r}"
+        raise ValueError(f"the weight spec of {where} ({type(layer).__name__}, weights of {dims} dims) is per "
+                         f"channel along axis={spec.axis}; allowed: axis in {-dims}..{dims - 1} (overrides can "
+                         "give this layer a spec of its own)")
 
 
 def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool) -> None:
