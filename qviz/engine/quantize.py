@@ -631,7 +631,9 @@ def _warn_unquantized(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if not name or is_layer(m) or isinstance(m, _NORMS + _OURS) or _inside_ours(name, model):
             continue
-        if any(True for _ in m.parameters(recurse=False)):
+        # only parameters of 2 or more dims are weights a quantizer could take: 1-dim ones are per-feature
+        # scales and shifts (norms of any library, nn.RMSNorm, layer scales), which stay float by design
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
             left.append(f"{name} ({type(m).__name__})")
     if left:
         shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")

@@ -189,6 +189,35 @@ def test_modules_that_cannot_be_quantized_stay_float_with_one_warning_that_names
     assert [r["name"] for r in quantized_layers(qm)] == ["embed", "head"]
 
 
+class _ScaledNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.fc = nn.Embedding(10, 8), nn.RMSNorm(8), nn.Linear(8, 8)
+        self.layer_scale = nn.Parameter(torch.full((8,), 0.1))  # ConvNeXt's and CaiT's per-channel scale
+        self.own_norm = _OwnRMSNorm(8)  # a library's own norm class, as Llama's
+
+    def forward(self, ids):
+        return self.own_norm(self.norm(self.embed(ids)) + self.layer_scale * self.fc(self.embed(ids)))
+
+
+class _OwnRMSNorm(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_the_float_warning_names_weights_only_not_the_scales_of_norms_of_any_library():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qm = quantize_model(_ScaledNorms(), 4, 4)
+    named = [str(w.message) for w in caught if issubclass(w.category, UnquantizedModuleWarning)]
+    assert len(named) == 1 and named[0].endswith(": embed (Embedding)"), named
+    assert torch.isfinite(qm(torch.tensor([[1, 2, 3]]))).all()
+
+
 def test_third_party_code_reads_its_layers_attributes():
     model = _hf_resnet()
     qm = quantize_model(model, 4, 4)
