@@ -758,13 +758,15 @@ class _NormFlow(torch.overrides.TorchFunctionMode):
         self.inside_norm += 1  # the norm's own reading of its input is the use folding keeps
         if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.outputs:
             self.sources.setdefault(self.norms[m], set()).add(self.outputs[id(args[0])][0])
+            self.uses[id(args[0])] = self.uses.get(id(args[0]), 0) + 1  # a second norm reading it is a use
 
     def after_norm(self, m, args, out):
         self.inside_norm -= 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        # size, shape and dim calls return no tensor and read no values: they do not see a fold
+        # size, shape and dim calls return no tensor and read no values: they do not see a fold. A layer
+        # output's one allowed use is its norm reading it (counted in before_norm).
         if not self.inside_norm and self.outputs and _holds_tensor(result):
             for t in torch.utils._pytree.tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor) and id(t) in self.outputs:
@@ -774,7 +776,7 @@ class _NormFlow(torch.overrides.TorchFunctionMode):
     def why_not(self, layer_name: str, norm_name: str) -> str | None:
         if self.calls.get(layer_name, 0) > 1:
             return f"{layer_name} runs {self.calls[layer_name]} times per forward and would fold for every call"
-        if any(self.uses.get(i) for i, (name, _) in self.outputs.items() if name == layer_name):
+        if any(self.uses.get(i, 0) > 1 for i, (name, _) in self.outputs.items() if name == layer_name):
             return f"{layer_name}'s output also goes elsewhere than {norm_name}"
         return None
 

@@ -426,6 +426,16 @@ class _SkipReadsConv(nn.Module):  # the conv's output goes to its norm and to a 
         return self.bn(y) + y
 
 
+class _TwoNormsReadConv(nn.Module):  # one conv output, two norms: folding both would fold twice
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), _trained_norm(4), _trained_norm(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn1(y) * self.bn2(y)
+
+
 class _TiedConvs(nn.Module):  # two convs share one weight; only the first has a norm after it
     def __init__(self):
         super().__init__()
@@ -458,6 +468,7 @@ class _ShapeBetween(nn.Module):  # reading the output's shape does not see a fol
 
 @pytest.mark.parametrize(("model", "why"), [
     (_ConvTwice, "conv runs 2 times per forward"), (_SkipReadsConv, "conv's output also goes elsewhere than bn"),
+    (_TwoNormsReadConv, "conv's output also goes elsewhere than bn1"),
     (_TiedConvs, "its weight is shared with 1 other module"), (_NormedConv, "its weight is computed"),
     (_ShapeBetween, None)])
 def test_batch_norms_fold_only_where_nothing_else_sees_the_folded_layer(model, why):
