@@ -362,13 +362,15 @@ class ModelAnalysis:
         seen: dict[str, tuple] = {}
         handles = []
         for name, m in modules.items():
+            # copies, not views: the model may change a tensor in place after the layer (ReLU(inplace=True)
+            # after a conv, `out += residual`), and a view would then hold what it became
             def pre(mod, args, kwargs, name=name):
                 self._stop_if_cancelled()
-                seen[name] = [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                              {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}]
+                seen[name] = [tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                              {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}]
 
             def post(mod, args, out, name=name):
-                seen[name].append(_outputs(out).detach())
+                seen[name].append(_outputs(out).detach().clone())
                 if work is not None:
                     for counted, macs in self._call_macs(name, mod, *seen[name]):
                         work[counted] = work.get(counted, 0) + macs

@@ -435,3 +435,22 @@ def test_hugging_face_style_batches_are_mappings_and_an_empty_one_is_refused_by_
     for empty in ([({}, torch.zeros(2))], iter([{"labels": torch.zeros(2)}])):
         with pytest.raises(ValueError, match="data batch 0 has no inputs"):
             ModelAnalysis(Features(), empty)
+
+
+def _relu_convs(inplace: bool) -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(512, 4)).eval()
+
+
+def test_a_layer_output_changed_in_place_afterwards_is_measured_as_the_layer_gave_it():
+    # VGG's ReLU(inplace=True) after each conv: the captured outputs must be the convs', not the ReLUs'
+    torch.manual_seed(0)
+    data = (torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,)))
+    rows = {}
+    for inplace in (False, True):
+        analysis = ModelAnalysis(_relu_convs(inplace), data)
+        rows[inplace] = [(r["name"], round(r["output_sqnr_db"], 6), round(r["propagated_sqnr_db"], 6))
+                         for r in analysis.report(analysis.uniform_config(8, 8))["layers"]]
+    assert rows[True] == rows[False]
+    assert all(out > 30 for _, out, _ in rows[True]), rows
