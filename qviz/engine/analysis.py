@@ -238,6 +238,10 @@ class ModelAnalysis:
     def _check_data(data):
         if _is_batches(data):
             data = _from_batches(data)
+        elif isinstance(data, Mapping) or (isinstance(data, tuple | list) and len(data) == 1
+                                           and isinstance(data[0], Mapping)):
+            # one dict batch, alone or as [batch]: its "labels" are y, as in a loader's batches, not an input
+            data = _split_batch(data if isinstance(data, Mapping) else data[0], 0)
         if isinstance(data, tuple | list):
             if len(data) not in (1, 2):
                 raise ValueError(f"data must be X or (X, y), got a sequence of {len(data)} items")

@@ -454,3 +454,26 @@ def test_a_layer_output_changed_in_place_afterwards_is_measured_as_the_layer_gav
                          for r in analysis.report(analysis.uniform_config(8, 8))["layers"]]
     assert rows[True] == rows[False]
     assert all(out > 30 for _, out, _ in rows[True]), rows
+
+
+class _KeywordClassifier(nn.Module):  # a Hugging Face-style forward: keyword inputs, and labels= it ignores
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, input_ids, labels=None):
+        return self.fc(input_ids)
+
+
+def test_one_labelled_dict_batch_is_scored_by_its_labels_in_every_form():
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randn(40, 8), "labels": torch.randint(0, 3, (40,))}
+    halves = [{k: v[:20] for k, v in batch.items()}, {k: v[20:] for k, v in batch.items()}]
+    scores = set()
+    for data in (halves, iter([batch]), [batch], batch):
+        torch.manual_seed(1)  # the same classifier each time
+        analysis = ModelAnalysis(_KeywordClassifier(), data)
+        assert analysis.metric_name == "accuracy" and list(analysis.X) == ["input_ids"]
+        assert torch.equal(analysis.y, batch["labels"])
+        scores.add(analysis.float_metric)
+    assert len(scores) == 1
