@@ -579,8 +579,9 @@ class ModelAnalysis:
 
     def packed_bytes(self, name: str, setting: LayerSetting) -> int:
         """Bytes of the layer's weights as the packed kernels hold them: codes in rows of 64-bit words
-        (memory_report), plus a scale and zero-point (uniform schemes) or a float32 codebook of the levels
-        (the others) per tensor or per output channel. Float32 when the layer is float."""
+        (memory_report), plus a scale and zero-point (levels evenly spaced: affine, symmetric, DoReFa,
+        ternary) or a float32 codebook of the levels (the others: ceil's skip zero) per tensor or per
+        output channel. Float32 when the layer is float."""
         from qviz import packed
 
         out, fan_in, kernel = self.layer_shape(name)
@@ -594,8 +595,20 @@ class ModelAnalysis:
         else:
             codes = packed.memory_report(out, fan_in, kernel=kernel, bits=bits, codebook_bits=0)["packed_bytes"]
         groups = out if spec.granularity == "channel" else 1
-        uniform = getattr(SCHEMES[spec.scheme], "symmetric", None) is not None  # scale and zero-point suffice
-        return int(codes + groups * (8 if uniform else 4 * levels))
+        return int(codes + groups * (8 if self._evenly_spaced(name, spec) else 4 * levels))
+
+    def _evenly_spaced(self, name: str, spec: QuantSpec) -> bool:
+        """Whether the levels `spec` gives this layer's weights are evenly spaced (in every channel), so that
+        a scale and a zero point give them: read from the levels themselves, not from the scheme's class."""
+        key = ("evenly_spaced", name, spec)
+        if key not in self._cache:
+            rows = quantizer_levels(float_weight(self._modules[name]).detach(), spec)
+            rows = rows.reshape(-1, rows.shape[-1]).double()
+            steps = rows.diff(dim=-1)
+            # levels are float32: k * step rounds to within a few ulps of the largest level
+            ulps = 16 * torch.finfo(torch.float32).eps * rows.abs().amax(dim=-1, keepdim=True)
+            self._cache[key] = bool(((steps - steps[:, :1]).abs() <= ulps).all())
+        return self._cache[key]
 
     def float32_bytes(self, name: str) -> int:
         out, fan_in, kernel = self.layer_shape(name)

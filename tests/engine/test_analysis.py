@@ -477,3 +477,19 @@ def test_one_labelled_dict_batch_is_scored_by_its_labels_in_every_form():
         assert torch.equal(analysis.y, batch["labels"])
         scores.add(analysis.float_metric)
     assert len(scores) == 1
+
+
+@pytest.mark.parametrize(("scheme", "bits", "per_group"), [
+    ("dorefa", 3, 8), ("ternary", 2, 8), ("binary", 1, 8), ("ceil", 3, 4 * 8), ("symmetric", 4, 8)])
+def test_packed_bytes_give_evenly_spaced_levels_a_scale_and_zero_point_and_others_a_codebook(scheme, bits,
+                                                                                             per_group):
+    from qviz import packed
+
+    torch.manual_seed(0)
+    analysis = ModelAnalysis(nn.Sequential(nn.Linear(64, 10)), torch.randn(4, 64))
+    setting = analysis.setting("0", bits, None, scheme=scheme)
+    groups = 10 if setting.weights.granularity == "channel" else 1
+    code_bits = next(b for b in packed.CODE_BITS if 2**b >= setting.weights.max_levels)
+    codes = packed.memory_report(10, 64, bits=code_bits, codebook_bits=0)["packed_bytes"]
+    assert analysis.packed_bytes("0", setting) == codes + groups * per_group  # ceil's levels skip zero: uneven
+    assert analysis.packed_bytes("0", setting) < analysis.float32_bytes("0")
