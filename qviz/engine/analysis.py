@@ -44,6 +44,7 @@ from qviz.engine.quantize import (
     _fast_paths_off_when_needed,
     _has_weights,
     _noted_errors,
+    _original,
     channel_axis,
     configure_layer,
     default_activation_spec,
@@ -59,6 +60,7 @@ from qviz.engine.quantize import (
     takes_input_quantizer,
     uncompiled,
     weight_groups,
+    weight_names,
 )
 from qviz.engine.quantizers import SCHEMES, QuantSpec, quantizer_levels, quantizer_thresholds
 
@@ -748,9 +750,19 @@ class ModelAnalysis:
         return rows
 
     def totals(self, config: dict[str, LayerSetting]) -> dict:
+        """The model's weight bytes, packed and float32: weights two layers share (tied) count once, at the
+        setting of the first layer that holds them."""
         config = self._complete(config)
-        return {"packed_bytes": sum(self.packed_bytes(n, config[n]) for n in self.layers),
-                "float32_bytes": sum(self.float32_bytes(n) for n in self.layers)}
+        held, packed_bytes, float_bytes = set(), 0, 0
+        for n in self.layers:
+            layer = self._modules[n]
+            weights = tuple(id(_original(layer, w)) for w in weight_names(layer))
+            if weights in held:
+                continue
+            held.add(weights)
+            packed_bytes += self.packed_bytes(n, config[n])
+            float_bytes += self.float32_bytes(n)
+        return {"packed_bytes": packed_bytes, "float32_bytes": float_bytes}
 
     @staticmethod
     def scheme_bits(scheme: str) -> tuple[int, int]:

@@ -493,3 +493,25 @@ def test_packed_bytes_give_evenly_spaced_levels_a_scale_and_zero_point_and_other
     codes = packed.memory_report(10, 64, bits=code_bits, codebook_bits=0)["packed_bytes"]
     assert analysis.packed_bytes("0", setting) == codes + groups * per_group  # ceil's levels skip zero: uneven
     assert analysis.packed_bytes("0", setting) < analysis.float32_bytes("0")
+
+
+class _TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False), nn.Linear(64, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_weights_two_layers_share_count_once_in_the_model_bytes():
+    torch.manual_seed(0)
+    model = _TiedLinears()
+    analysis = ModelAnalysis(model, (torch.randn(50, 64), torch.randint(0, 3, (50,))))
+    config = analysis.uniform_config(8, 8)
+    totals = analysis.totals(config)
+    assert totals["float32_bytes"] == 4 * (64 * 64 + 3 * 64)  # the weights stored: one shared, the head's
+    assert totals["packed_bytes"] == analysis.packed_bytes("a", config["a"]) + analysis.packed_bytes("head",
+                                                                                                     config["head"])
+    assert analysis.report(config)["float32_bytes"] == totals["float32_bytes"]
