@@ -175,6 +175,16 @@ def _count(x) -> int:
     return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
 
 
+def _joined_outputs(outs: list[torch.Tensor]) -> torch.Tensor:
+    """The outputs of the batches the analysis ran, as one tensor of one row per sample."""
+    shapes = {tuple(o.shape[1:]) for o in outs}
+    if len(shapes) > 1:
+        raise ValueError(f"the model's outputs differ in shape from batch to batch ({sorted(shapes)[:4]} per "
+                         "sample), so they cannot be scored together; allowed: outputs of one shape per sample "
+                         "(pad sequences to one length in the data)")
+    return torch.cat(outs)
+
+
 def _call(model: nn.Module, x):
     with _noted_errors("the analysis ran it on", x, passing=(AnalysisCancelled,)):
         return model(**x) if isinstance(x, dict) else model(x)
@@ -441,7 +451,7 @@ class ModelAnalysis:
                 h.remove()
         self._captured_float = captured
         self._work = work  # of the captured samples, every call: a layer used twice (tied weights) works twice
-        self._float_outputs = head if rest is None else torch.cat([head, rest])
+        self._float_outputs = head if rest is None else _joined_outputs([head, rest])
         self._input_ranges = {name: [tuple(r) for r in ranges.get(name, [])] for name in self.layers}
 
     def _forward(self, model: nn.Module, start: int = 0) -> torch.Tensor:
@@ -450,7 +460,7 @@ class ModelAnalysis:
             for i in range(start, _count(self.X), self.batch_size):
                 self._stop_if_cancelled()
                 outs.append(_outputs(_call(model, _rows(self.X, i, i + self.batch_size))))
-        return torch.cat(outs)
+        return _joined_outputs(outs)
 
     def _score(self, outputs: torch.Tensor) -> float:
         if self.metric_fn is not None:
@@ -519,7 +529,7 @@ class ModelAnalysis:
             propagated = {name: sqnr_db(self._captured_float[name][2], captured[name][2])
                           if name in captured and name in self._captured_float else math.nan for name in self.layers}
             del captured
-            outputs = head if _count(self.X) <= self._samples else torch.cat(
+            outputs = head if _count(self.X) <= self._samples else _joined_outputs(
                 [head, self._forward(self.qmodel, start=self._samples)])
             self._cache[key] = {"metric": self._score(outputs), "propagated": propagated}
         return self._cache[key]

@@ -197,6 +197,23 @@ def test_the_analysis_refuses_bad_data_by_name(data, kwargs, names):
     hostile.expect_clear_error(hostile.run(ModelAnalysis, _model(), data, **kwargs), *names)
 
 
+class _TrimsToLongest(nn.Module):
+    """Output as long as the batch's longest sequence: batches of other lengths give other shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        return self.fc(x[:, : int(mask.sum(1).max())])
+
+
+def _first_rows_shorter(n: int, length: int) -> torch.Tensor:
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[: 2 * n // 3, 6:] = 0
+    return mask
+
+
 @pytest.mark.parametrize(("model", "data", "names"), [
     (nn.Sequential(nn.LazyLinear(3)), X, ["not made yet"]),
     (nn.Sequential(nn.ReLU()), X, ["no Linear"]),
@@ -204,6 +221,8 @@ def test_the_analysis_refuses_bad_data_by_name(data, kwargs, names):
     (nn.Linear(16, 1), (X, torch.zeros(4, dtype=torch.long)), ["outputs have shape", "metric"]),
     (nn.Conv1d(4, 3, 3), (torch.randn(4, 4, 10), Y), ["outputs have shape", "metric"]),
     (_model(), (X, torch.tensor([0, 1, 2, 7])), ["data y", "class"]),
+    (_TrimsToLongest(), {"x": torch.randn(300, 10, 4), "mask": _first_rows_shorter(300, 10)},
+     ["outputs differ in shape from batch to batch", "pad sequences"]),
 ])
 def test_the_analysis_refuses_models_it_cannot_score_by_name(model, data, names):
     if isinstance(model, nn.Linear) and model.out_features == 1:
