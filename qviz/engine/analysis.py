@@ -296,6 +296,7 @@ class ModelAnalysis:
     def setting(self, name: str, w_bits, a_bits, scheme: str = "default") -> LayerSetting:
         """The specs for bit widths (None: float) with a weight scheme ("default": 004's symmetric per-channel)."""
         layer = self._modules[self._layer_name(name)]
+        self.scheme_bits(scheme)  # checks the scheme's name, float weights too
         if w_bits is None:
             weights = None
         elif scheme == "default":
@@ -314,9 +315,17 @@ class ModelAnalysis:
         return LayerSetting(weights, activations)
 
     def _layer_name(self, name: object) -> str:
-        if not isinstance(name, str) or name not in self.layers:
+        if not isinstance(name, str) or name not in self._modules or name not in self.layers:
             shown = ", ".join(repr(n) for n in self.layers[:8]) + (", ..." if len(self.layers) > 8 else "")
             raise ValueError(f"name={name!r} is not a quantizable layer of the model; allowed: {shown}")
+        return name
+
+    def _layer_setting(self, name: object, setting: object) -> str:
+        """The checked name, after checking that setting is a LayerSetting (the per-layer methods' arguments)."""
+        name = self._layer_name(name)
+        if not isinstance(setting, LayerSetting):
+            raise TypeError(f"setting must be a LayerSetting (from setting() or uniform_config()), got "
+                            f"{type(setting).__name__}")
         return name
 
     @staticmethod
@@ -490,6 +499,7 @@ class ModelAnalysis:
     # ------------------------------------------------------------------ per layer
 
     def weight_sqnr(self, name: str, setting: LayerSetting) -> float:
+        name = self._layer_setting(name, setting)
         key = ("weight_sqnr", name, setting.weights)
         if key not in self._cache:
             if setting.weights is None:
@@ -502,6 +512,7 @@ class ModelAnalysis:
 
     def output_sqnr(self, name: str, setting: LayerSetting) -> float:
         """The layer's own error: its output with the float network's input, quantized vs float."""
+        name = self._layer_setting(name, setting)
         key = ("output_sqnr", name, setting)
         if key not in self._cache:
             self.float_pass()
@@ -562,6 +573,7 @@ class ModelAnalysis:
         the other way round for a metric where lower is better, a loss).
         Scored by output SQNR, where the float network's own SQNR is infinite, it is the output noise that
         layer alone causes, in dB relative to the signal (-SQNR): higher is more sensitive either way."""
+        name = self._layer_setting(name, setting)
         if setting.weights is None and setting.activations is None:
             return -math.inf if self.scored_by_sqnr else 0.0
         alone = self.metric_of({name: setting})  # the other layers float
@@ -573,7 +585,7 @@ class ModelAnalysis:
 
     def layer_shape(self, name: str) -> tuple[int, int, tuple[int, int]]:
         """(out_features, in_features per group, kernel) of a layer's weight, as memory_report takes them."""
-        layer = self._modules[name]
+        layer = self._modules[self._layer_name(name)]
         w = float_weight(layer)
         if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
             # query, key and value of different widths (kdim, vdim) come joined flat: 3 x embed_dim
@@ -596,6 +608,7 @@ class ModelAnalysis:
         output channel. Float32 when the layer is float."""
         from qviz import packed
 
+        name = self._layer_setting(name, setting)
         out, fan_in, kernel = self.layer_shape(name)
         spec = setting.weights
         if spec is None:
@@ -627,12 +640,13 @@ class ModelAnalysis:
         return 4 * out * fan_in * kernel[0] * kernel[1]
 
     def params(self, name: str) -> int:
-        layer = self._modules[name]
+        layer = self._modules[self._layer_name(name)]
         bias = layer.in_proj_bias if isinstance(layer, nn.MultiheadAttention) else getattr(layer, "bias", None)
         return int(float_weight(layer).numel() + (0 if bias is None else bias.numel()))
 
     def macs(self, name: str) -> int:
         """Multiply-accumulates of the layer's weights per sample, over all its calls in the float pass."""
+        name = self._layer_name(name)
         self.float_pass()
         return self._work.get(name, 0) // self._samples
 
@@ -704,6 +718,7 @@ class ModelAnalysis:
         """What the explorer shows for one layer: its weights against the levels (weight_report), its input
         activations with the clip range, and its quantizer's staircase with the layer's real levels (of the
         output channel with the widest range when per channel)."""
+        name = self._layer_setting(name, setting)
         self.float_pass()
         self._apply({name: setting})
         layer = self._modules[name]

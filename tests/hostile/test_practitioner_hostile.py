@@ -251,6 +251,14 @@ def test_the_analysis_refuses_models_it_cannot_score_by_name(model, data, names)
     (lambda a: a.totals("W8"), ["config"]),
     (lambda a: a.report({0: None}), ["name=0"]),
     (lambda a: a.latency_estimate(None), ["config"]),
+    (lambda a: a.setting("0", None, 8, scheme="bogus"), ["scheme"]),
+    (lambda a: a.drilldown("0", None), ["setting must be a LayerSetting"]),
+    (lambda a: a.sensitivity("0", (8, 8)), ["setting must be a LayerSetting"]),
+    *[(lambda a, call=call: call(a, "fc"), ["name='fc'", "'0', '2'"]) for call in (
+        lambda a, n: a.weight_sqnr(n, a.setting("0", 8, 8)), lambda a, n: a.output_sqnr(n, a.setting("0", 8, 8)),
+        lambda a, n: a.sensitivity(n, a.setting("0", 8, 8)), lambda a, n: a.drilldown(n, a.setting("0", 8, 8)),
+        lambda a, n: a.packed_bytes(n, a.setting("0", 8, 8)), lambda a, n: a.float32_bytes(n),
+        lambda a, n: a.params(n), lambda a, n: a.macs(n), lambda a, n: a.layer_shape(n))],
 ])
 def test_the_analysis_refuses_bad_settings_by_name(call, names):
     analysis = ModelAnalysis(_model(), (X, Y))
