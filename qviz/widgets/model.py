@@ -156,7 +156,13 @@ class ModelExplorer(Explorer):
             w, a = overrides.get(name, (GLOBAL, GLOBAL))
             w = params["w_bits"] if w == GLOBAL else w
             a = params["a_bits"] if a == GLOBAL else a
-            config[name] = self.analysis.setting(name, _bits(w), _bits(a), params["scheme"])
+            try:
+                config[name] = self.analysis.setting(name, _bits(w), _bits(a), params["scheme"])
+            except ValueError as err:  # a layer's own bits may not suit a scheme picked later
+                if name in overrides:
+                    err.add_note(f"(layer {name!r} has bits of its own: pick the layer and set them, or set all "
+                                 "layers' bits)")
+                raise
         return config
 
     def set_bits(self, name: str, w_bits: int | None, a_bits: int | None) -> None:

@@ -133,6 +133,18 @@ def test_the_view_has_every_part(explorer):
     assert drill["activations"]["range"] is not None and sum(drill["activations"]["counts"]) > 0
 
 
+def test_a_layers_own_bits_that_a_new_scheme_refuses_are_named_inside_the_explorer():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)], nn.Linear(16, 3))
+    e = qviz.ModelExplorer(model, (torch.randn(60, 16), torch.randint(0, 3, (60,))), background=False)
+    e.set_bits("4", 8, 8)
+    e.w_bits.value = "2"
+    e.scheme.value = "ternary"  # the global 2 bits suit it; layer 4's own 8 do not
+    assert "w_bits=8" in e.status.error.value and "layer '4' has bits of its own" in e.status.error.value
+    e.set_all_bits(2, 8)
+    assert e.status.error.value == "" and {r["w_scheme"] for r in e.report()["layers"]} == {"ternary"}
+
+
 def test_bad_settings_show_inside_and_the_explorer_keeps_working(explorer):
     explorer.scheme.value = "ternary"  # ternary takes 2 bits only; the global 8 is refused
     shown = explorer.status.error.value
