@@ -358,9 +358,12 @@ class ModelAnalysis:
                 continue
             layer = self._modules[name]
             configure_layer(layer, setting.weights, setting.activations)
+            # in the dtype calibrate keeps a range in: float64 for a float64 model, else float32
+            wide = torch.float64 if float_weight(layer).dtype == torch.float64 else torch.float32
             for quantizer, (lo, hi) in zip(input_quantizers(layer), self._input_ranges[name], strict=False):
                 if quantizer.spec is not None and not quantizer.observer.initialized and lo <= hi:
-                    quantizer.observer.min_val, quantizer.observer.max_val = torch.tensor([lo]), torch.tensor([hi])
+                    quantizer.observer.min_val = torch.tensor([lo], dtype=wide)
+                    quantizer.observer.max_val = torch.tensor([hi], dtype=wide)
             self._applied[name] = setting
 
     # ------------------------------------------------------------------ the float pass

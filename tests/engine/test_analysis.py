@@ -515,3 +515,12 @@ def test_weights_two_layers_share_count_once_in_the_model_bytes():
     assert totals["packed_bytes"] == analysis.packed_bytes("a", config["a"]) + analysis.packed_bytes("head",
                                                                                                      config["head"])
     assert analysis.report(config)["float32_bytes"] == totals["float32_bytes"]
+
+
+def test_a_float64_models_numbers_are_quantize_models_to_the_last_bit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x = torch.randn(100, 10, dtype=torch.float64)
+    analysis = ModelAnalysis(model, x)
+    config = analysis.uniform_config(4, 4)
+    assert analysis.evaluate(config)["metric"] == _reproduced(analysis, model, x, config)
