@@ -168,7 +168,9 @@ def _split_batch(batch, i: int) -> tuple:
 
 
 def _rows(x, start: int, stop: int):
-    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+    """Samples start..stop of X, copied: a model that changes its input in place (x.sub_(mean)) would change
+    the user's data through a view, and every later pass would see other inputs."""
+    return {k: v[start:stop].clone() for k, v in x.items()} if isinstance(x, dict) else x[start:stop].clone()
 
 
 def _count(x) -> int:

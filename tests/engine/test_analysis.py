@@ -524,3 +524,24 @@ def test_a_float64_models_numbers_are_quantize_models_to_the_last_bit():
     analysis = ModelAnalysis(model, x)
     config = analysis.uniform_config(4, 4)
     assert analysis.evaluate(config)["metric"] == _reproduced(analysis, model, x, config)
+
+
+class _CentresInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
+        self.register_buffer("mean", torch.full((10,), 0.5))
+
+    def forward(self, x):
+        x.sub_(self.mean)  # preprocessing in place, on the tensor it is given
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_model_that_changes_its_input_in_place_leaves_the_users_data_and_every_pass_alike():
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 10), torch.randint(0, 3, (100,))
+    before = x.clone()
+    analysis = ModelAnalysis(_CentresInPlace(), (x, y))
+    report = analysis.report(analysis.uniform_config(8, 8))
+    assert torch.equal(x, before)
+    assert report["float_metric"] == analysis.metric_of({}) and report["float_metric"] > 0
