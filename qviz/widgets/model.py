@@ -158,8 +158,8 @@ class ModelExplorer(Explorer):
             a = params["a_bits"] if a == GLOBAL else a
             try:
                 config[name] = self.analysis.setting(name, _bits(w), _bits(a), params["scheme"])
-            except ValueError as err:  # a layer's own bits may not suit a scheme picked later
-                if name in overrides:
+            except ValueError as err:  # a layer's own weight bits may not suit a scheme picked later
+                if overrides.get(name, (GLOBAL, GLOBAL))[0] != GLOBAL:
                     err.add_note(f"(layer {name!r} has bits of its own: pick the layer and set them, or set all "
                                  "layers' bits)")
                 raise

@@ -143,6 +143,11 @@ def test_a_layers_own_bits_that_a_new_scheme_refuses_are_named_inside_the_explor
     assert "w_bits=8" in e.status.error.value and "layer '4' has bits of its own" in e.status.error.value
     e.set_all_bits(2, 8)
     assert e.status.error.value == "" and {r["w_scheme"] for r in e.report()["layers"]} == {"ternary"}
+    e.scheme.value = "default"
+    e.layer.value, e.layer_a.value = "0", "4"  # layer 0's own activation bits only: its weights are global
+    e.w_bits.value = "8"
+    e.scheme.value = "ternary"  # refused for the global 8 bits: no layer's own bits to blame
+    assert "w_bits=8" in e.status.error.value and "bits of its own" not in e.status.error.value
 
 
 def test_bad_settings_show_inside_and_the_explorer_keeps_working(explorer):
