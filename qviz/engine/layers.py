@@ -316,6 +316,9 @@ class ActivationQuantizer(nn.Module):
         lo, hi = float(self.observer.min_val.min()), float(self.observer.max_val.max())
         return spec_with_range(spec, lo, hi)
 
+    # bookkeeping of the forward in progress: traced, torch.compile would guard on the forward's number and
+    # compile again every training step
+    @torch.compiler.disable
     def _observe(self, x: torch.Tensor) -> None:
         """One moving-average step per forward of the model (see begin_forward); outside one, per call."""
         forward, obs = current_forward(), self.observer

@@ -1551,6 +1551,13 @@ def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
     ranges = [(q.range(), t.range()) for q, t in zip(qm.modules(), twin.modules(), strict=True)
               if hasattr(q, "observer")]
     assert len(ranges) == 2 and all(a == b for a, b in ranges)
+    from torch._dynamo.utils import counters
+
+    compiled(x).square().sum().backward()  # a second step may compile what the first only began
+    frames = counters["frames"]["total"]
+    for _ in range(9):  # more steps than Dynamo's recompile limit of 8: each step's forward number is not traced
+        compiled(x).square().sum().backward()
+    assert counters["frames"]["total"] == frames
 
 
 def test_a_compiled_model_is_quantized_analysed_and_exported_as_the_module_it_compiles(tmp_path):
