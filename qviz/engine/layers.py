@@ -142,6 +142,11 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return "float" if self.spec is None else f"{self.spec.scheme}, {self.spec.bits} bits, {self.spec.granularity}"
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda(): the cached weights (and the alias that pins the old storage) are stale
+        self._cached = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _regroups(self, w: torch.Tensor) -> bool:
         return self.groups > 1 and self.spec.granularity == "channel" and w.dim() >= 2 and \
             self.spec.axis in (1, 1 - w.dim())
@@ -168,10 +173,12 @@ class WeightQuantizer(nn.Module):
             return fake_quantize(x, train_spec if self.training else spec, alpha=self.alpha)
         # Inference quantizes the same weights for every batch: do it once until they (or the spec) change.
         # Computed weights (LinearBN's folded ones) are not parameters and are quantized afresh each time.
-        # In-place writes bump _version; writes through w.data (module.double(), vector_to_parameters, an
-        # EMA) keep it and swap the storage, which the pointer, dtype and layout show. The cache holds an
-        # alias of w, so that its storage's address cannot be reused by a later write while cached.
-        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(), self.spec, self.groups,
+        # In-place writes bump _version; writes through w.data bump nothing: a new tensor (module.double(),
+        # vector_to_parameters) shows in the pointer, dtype and layout, an in-place one (an EMA's
+        # p.data.copy_) only in the values, hence their sum (one read of w, a fraction of quantizing it). The
+        # cache holds an alias of w, so that its storage's address cannot be reused while cached.
+        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(),
+               float(w.detach().sum(dtype=torch.float64)), self.spec, self.groups,
                None if self.alpha is None else float(self.alpha.detach()))
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, fake_quantize(x, spec, alpha=self.alpha), w.detach())

@@ -180,6 +180,10 @@ def test_the_inference_cache_notices_weights_written_through_data_and_a_cast():
         # weight averaging and vector_to_parameters write through .data: the version stays, the storage changes
         vector_to_parameters(torch.zeros_like(parameters_to_vector(qm.parameters())), qm.parameters())
         assert torch.equal(qm(x), torch.zeros(8, 4))
+        for i in (0, 2):  # an EMA's copy: in place through .data, same storage, same version
+            qm[i].parametrizations.weight.original.data.copy_(model[i].weight)
+            qm[i].bias.data.copy_(model[i].bias)
+        assert torch.equal(qm(x), calibrate(quantize_model(model, 8, 8), [x])(x))
     qm = calibrate(quantize_model(model, 8, 8), [x]).double()  # Module._apply casts through .data too
     with torch.no_grad():
         y = qm(x.double())
