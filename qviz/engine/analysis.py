@@ -317,7 +317,7 @@ class ModelAnalysis:
         return LayerSetting(weights, activations)
 
     def _layer_name(self, name: object) -> str:
-        if not isinstance(name, str) or name not in self._modules or name not in self.layers:
+        if not isinstance(name, str) or name not in self.layers:
             shown = ", ".join(repr(n) for n in self.layers[:8]) + (", ..." if len(self.layers) > 8 else "")
             raise ValueError(f"name={name!r} is not a quantizable layer of the model; allowed: {shown}")
         return name
@@ -783,10 +783,12 @@ class ModelAnalysis:
         """The model's weight bytes, packed and float32: weights two layers share (tied) count once, at the
         setting of the first layer that holds them."""
         config = self._complete(config)
-        held, packed_bytes, float_bytes = set(), 0, 0
+        held, alive, packed_bytes, float_bytes = set(), [], 0, 0
         for n in self.layers:
             layer = self._modules[n]
-            weights = tuple(id(_original(layer, w)) for w in weight_names(layer))
+            # weight norm's weights are computed afresh: kept alive, their ids cannot pass to the next layer's
+            alive.append(tuple(_original(layer, w) for w in weight_names(layer)))
+            weights = tuple(id(t) for t in alive[-1])
             if weights in held:
                 continue
             held.add(weights)

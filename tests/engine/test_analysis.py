@@ -515,6 +515,9 @@ def test_weights_two_layers_share_count_once_in_the_model_bytes():
     assert totals["packed_bytes"] == analysis.packed_bytes("a", config["a"]) + analysis.packed_bytes("head",
                                                                                                      config["head"])
     assert analysis.report(config)["float32_bytes"] == totals["float32_bytes"]
+    normed = nn.Sequential(*[nn.utils.parametrizations.weight_norm(nn.Linear(16, 16)) for _ in range(3)])
+    analysis = ModelAnalysis(normed, torch.randn(8, 16))  # computed weights: three, none shared
+    assert analysis.totals(analysis.uniform_config(8, 8))["float32_bytes"] == 3 * 4 * 16 * 16
 
 
 def test_a_float64_models_numbers_are_quantize_models_to_the_last_bit():
