@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qviz import _checks
-from qviz.engine.observers import MovingAverageMinMaxObserver, minmax
+from qviz.engine.observers import MovingAverageMinMaxObserver, _range_dtype, minmax
 from qviz.engine.quantizers import EXPORTING, SCHEMES, QuantSpec, export_quantize, fake_quantize, qdq_constants
 
 
@@ -262,7 +262,7 @@ class ActivationQuantizer(nn.Module):
         self.calibrating: str | None = None
         self.alpha: nn.Parameter | None = None
         self._sample: list[torch.Tensor] = []
-        self._kept, self._keep = 0, SAMPLE_PER_BATCH
+        self._kept, self._stride = 0, 1
         self.empty_only: bool | None = None  # since calibration began: not called, only empty inputs, values
         # the last time its layer ran, its input was another quantizer's (self-attention's key and value are
         # the query): that one quantized it, so this one needs no range of its own
@@ -367,29 +367,33 @@ class ActivationQuantizer(nn.Module):
     def start_calibration(self, method: str) -> None:
         _checks.choice("method", method, CALIBRATIONS)
         self.calibrating = method
-        self._sample, self._kept, self._keep = [], 0, SAMPLE_PER_BATCH
+        self._sample, self._kept, self._stride = [], 0, 1
         self.empty_only = None
         if method in ("moving_average", "minmax"):
             self.reset_range()
 
     def _collect(self, x: torch.Tensor) -> None:
         if self.calibrating == "minmax" and SCHEMES[self.spec.scheme].observed and self.alpha is None:
-            lo, hi = x.amin().reshape(1), x.amax().reshape(1)
+            lo, hi = _range_dtype(x.amin().reshape(1)), _range_dtype(x.amax().reshape(1))
             obs = self.observer
             if obs.initialized:
                 lo, hi = torch.minimum(obs.min_val.reshape(1), lo), torch.maximum(obs.max_val.reshape(1), hi)
             obs.min_val, obs.max_val = lo, hi
             return
-        flat = x.reshape(-1).float()
-        if flat.numel() > self._keep:  # a uniform sample of each batch, the same share for every batch
-            pick = torch.randint(flat.numel(), (self._keep,),
+        flat = _range_dtype(x.reshape(-1))
+        # a uniform sample of each batch: min(its size, SAMPLE_PER_BATCH) / stride values, so that every
+        # batch counts alike, those seen before the last halving too
+        if flat.numel() > SAMPLE_PER_BATCH:
+            pick = torch.randint(flat.numel(), (max(1, SAMPLE_PER_BATCH // self._stride),),
                                  generator=torch.Generator().manual_seed(len(self._sample)))
             flat = flat[pick]
+        elif self._stride > 1:
+            flat = flat[:: self._stride]
         self._sample.append(flat)
         self._kept += flat.numel()
         if self._kept > SAMPLE_MOST:  # many batches: every batch's share halves, so memory stays bounded
             self._sample = [v[::2] for v in self._sample]
-            self._kept, self._keep = sum(v.numel() for v in self._sample), max(1, self._keep // 2)
+            self._kept, self._stride = sum(v.numel() for v in self._sample), 2 * self._stride
 
     def finish_calibration(self, percentile: float = 99.99) -> None:
         method, self.calibrating = self.calibrating, None
@@ -404,11 +408,12 @@ class ActivationQuantizer(nn.Module):
         if not SCHEMES[self.spec.scheme].observed:
             return
         if method == "percentile":
-            q = torch.quantile(sample, torch.tensor([1 - percentile / 100, percentile / 100]))
+            q = torch.quantile(sample, torch.tensor([1 - percentile / 100, percentile / 100], dtype=sample.dtype))
             lo, hi = float(q[0]), float(q[1])
         else:
             lo, hi = mse_range(sample, self.spec)
-        self.observer.min_val, self.observer.max_val = torch.tensor([lo]), torch.tensor([max(hi, lo)])
+        self.observer.min_val = torch.tensor([lo], dtype=sample.dtype)  # float32, or float64 for float64 data
+        self.observer.max_val = torch.tensor([max(hi, lo)], dtype=sample.dtype)
 
 
 def spec_with_range(spec: QuantSpec, lo: float, hi: float) -> QuantSpec:

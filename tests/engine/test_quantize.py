@@ -1534,6 +1534,29 @@ def test_quantized_layers_counts_self_attention_calibrated_when_its_query_quanti
     assert qm.self_attn.key_quantizer.range() is None and qm.multihead_attn.key_quantizer.range() is not None
 
 
+def test_percentile_calibration_over_thousands_of_small_batches_samples_every_batch_alike():
+    # batches smaller than a batch's share: thinned by the same stride as the batches kept before them
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(1, 1000, generator=gen) * (1 if i < 2000 else 3) for i in range(4000)]
+    qm = calibrate(quantize_model(nn.Sequential(nn.Linear(1000, 1)), 8, 8), batches, method="percentile")
+    lo, hi = qm[0].input_quantizer.range()
+    want = torch.quantile(torch.cat(batches).reshape(-1)[::2].double(), torch.tensor([1e-4, 1 - 1e-4],
+                                                                                    dtype=torch.float64))
+    assert lo == pytest.approx(float(want[0]), rel=0.05) and hi == pytest.approx(float(want[1]), rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["moving_average", "minmax", "mse", "percentile"])
+@pytest.mark.parametrize(("dtype", "kept"), [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_every_calibration_keeps_ranges_in_float32_or_float64_for_float64_data(method, dtype, kept):
+    torch.manual_seed(0)
+    qm = calibrate(quantize_model(nn.Sequential(nn.Linear(8, 8)).to(dtype), 8, 8), [torch.randn(16, 8, dtype=dtype)],
+                   method=method)
+    assert qm[0].input_quantizer.observer.min_val.dtype == kept == qm[0].input_quantizer.observer.max_val.dtype
+    qm.train()
+    qm(torch.randn(4, 8, dtype=dtype)).sum().backward()  # a QAT step from that range
+    assert qm[0].input_quantizer.observer.min_val.dtype == kept
+
+
 def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
     # the hooks that count a model's forwards run outside the graph: traced, Dynamo never finished compiling
     torch.manual_seed(0)
