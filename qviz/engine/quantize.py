@@ -692,7 +692,8 @@ def fold_batchnorms(model: nn.Module, example) -> list[tuple[str, str]]:
     A pair folds only where nothing else sees the change: the layer runs once per forward, its output goes
     to the batch norm alone, and no other layer shares its weights (each of these would compute with the
     folded weights or output). A batch norm that follows a layer but cannot fold stays, with a warning that
-    says why."""
+    says why. Uses are seen as torch calls and in what the model returns; a layer output kept in Python
+    (stored on a module, read with .tolist()) is not seen."""
     return _fold_batchnorms(model, example, stacklevel=3)
 
 
@@ -707,7 +708,7 @@ def _fold_batchnorms(model: nn.Module, example, stacklevel: int) -> list[tuple[s
     try:
         model.eval()
         with torch.no_grad(), flow:
-            _run(model, example)
+            flow.returned(_run(model, example))
     finally:
         for h in handles:
             h.remove()
@@ -762,6 +763,12 @@ class _NormFlow(torch.overrides.TorchFunctionMode):
 
     def after_norm(self, m, args, out):
         self.inside_norm -= 1
+
+    def returned(self, output) -> None:
+        """A layer output the model returns as it is leaves without a torch call: a use all the same."""
+        for t in torch.utils._pytree.tree_leaves(output):
+            if isinstance(t, torch.Tensor) and id(t) in self.outputs:
+                self.uses[id(t)] = self.uses.get(id(t), 0) + 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))

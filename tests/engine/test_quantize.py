@@ -436,6 +436,16 @@ class _TwoNormsReadConv(nn.Module):  # one conv output, two norms: folding both 
         return self.bn1(y) * self.bn2(y)
 
 
+class _ReturnsConvToo(nn.Module):  # the conv's output also leaves the model as it is
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), _trained_norm(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y), y
+
+
 class _TiedConvs(nn.Module):  # two convs share one weight; only the first has a norm after it
     def __init__(self):
         super().__init__()
@@ -469,6 +479,7 @@ class _ShapeBetween(nn.Module):  # reading the output's shape does not see a fol
 @pytest.mark.parametrize(("model", "why"), [
     (_ConvTwice, "conv runs 2 times per forward"), (_SkipReadsConv, "conv's output also goes elsewhere than bn"),
     (_TwoNormsReadConv, "conv's output also goes elsewhere than bn1"),
+    (_ReturnsConvToo, "conv's output also goes elsewhere than bn"),
     (_TiedConvs, "its weight is shared with 1 other module"), (_NormedConv, "its weight is computed"),
     (_ShapeBetween, None)])
 def test_batch_norms_fold_only_where_nothing_else_sees_the_folded_layer(model, why):
