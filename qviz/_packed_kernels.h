@@ -58,6 +58,15 @@ enum { QVIZ_PORTABLE = 0, QVIZ_POPCNT = 1, QVIZ_AVX2 = 2, QVIZ_AVX2VNNI = 3, QVI
 
 static inline int qviz_avx2_class(int path) { return path == QVIZ_AVX2 || path == QVIZ_AVX2VNNI; }
 
+/* AVX-VNNI's target name, intrinsics and CPU test came with GCC 11 and Clang 12: an older compiler builds
+ * every other path, and avx2vnni is then never supported (QVIZ_NO_AVXVNNI forces that, for the test). */
+#if QVIZ_X86 && !defined(QVIZ_NO_AVXVNNI) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define QVIZ_HAVE_AVXVNNI 1
+#else
+#define QVIZ_HAVE_AVXVNNI 0
+#endif
+
 /* What the reduction over words computes for one pair of rows. */
 enum { QVIZ_XOR_POPCOUNT = 0, QVIZ_AND_POPCOUNT = 1, QVIZ_AND_FIELDS2 = 2, QVIZ_AND_FIELDS4 = 3,
        QVIZ_AND_FIELDS8 = 4, QVIZ_N_OPS = 5 };
@@ -70,7 +79,12 @@ static int qviz_path_supported(int path) {
     case QVIZ_POPCNT: return __builtin_cpu_supports("popcnt");
     case QVIZ_AVX2:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-    case QVIZ_AVX2VNNI: return qviz_path_supported(QVIZ_AVX2) && __builtin_cpu_supports("avxvnni");
+    case QVIZ_AVX2VNNI:
+#if QVIZ_HAVE_AVXVNNI
+        return qviz_path_supported(QVIZ_AVX2) && __builtin_cpu_supports("avxvnni");
+#else
+        return 0;
+#endif
     case QVIZ_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx2") &&

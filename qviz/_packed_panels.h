@@ -655,6 +655,7 @@ QVIZ_INLINE QVIZ_AVX2_FN void qviz_p256_dot(const int BITS, const int MR, const 
     }
 }
 
+#if QVIZ_HAVE_AVXVNNI
 /* AVX-VNNI (256-bit vpdpbusd): four byte products summed into each 32-bit lane in one instruction, so
  * there are no 16-bit sums to widen, and a tile holds both halves of its panel: up to 6 rows x 2 halves
  * = 12 accumulators, plus the two split halves of the weight vector and a broadcast; the mask and the
@@ -758,6 +759,8 @@ QVIZ_INLINE QVIZ_AVX2VNNI_FN void qviz_p256_vnni_split(const int BITS, const int
     QVIZ_VNNI256_STORE(5)
 }
 
+#endif /* QVIZ_HAVE_AVXVNNI */
+
 /* qviz_split_block512 with 256-bit vectors: the same layout, for the AVX2 paths. */
 static QVIZ_AVX2_FN void qviz_split_block256(const uint32_t *B, size_t ldb, size_t K32, int np, int bits,
                                              uint32_t *dst) {
@@ -781,10 +784,12 @@ QVIZ_PANEL_FN_R8(qviz_panel_avx2_xor, QVIZ_AVX2_FN, qviz_p256_pop, 0)
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_and, QVIZ_AVX2_FN, qviz_p256_pop, 1)
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot2, QVIZ_AVX2_FN, qviz_p256_dot, 2)
 QVIZ_PANEL_FN_R8(qviz_panel_avx2_dot4, QVIZ_AVX2_FN, qviz_p256_dot, 4)
+#if QVIZ_HAVE_AVXVNNI
 QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_dot2, QVIZ_AVX2VNNI_FN, qviz_p256_vnni, 2)
 QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_dot4, QVIZ_AVX2VNNI_FN, qviz_p256_vnni, 4)
 QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_split_dot2, QVIZ_AVX2VNNI_FN, qviz_p256_vnni_split, 2)
 QVIZ_PANEL_FN_R6(qviz_panel_avx2vnni_split_dot4, QVIZ_AVX2VNNI_FN, qviz_p256_vnni_split, 4)
+#endif
 #endif /* QVIZ_X86 */
 
 #ifndef QVIZ_AVX2_DOT_MR
@@ -819,10 +824,12 @@ static qviz_panel_fn qviz_panel_for(int path, int op, int *mr, int *np) {
     }
     if (path == QVIZ_AVX512VNNI) return vnni[op];
     if (path == QVIZ_AVX512) return avx512[op];
+#if QVIZ_HAVE_AVXVNNI
     if (path == QVIZ_AVX2VNNI && (op == QVIZ_P_DOT2 || op == QVIZ_P_DOT4)) {
         *mr = op == QVIZ_P_DOT2 ? QVIZ_AVX2VNNI_MR : QVIZ_AVX2VNNI_MR4;
         return op == QVIZ_P_DOT2 ? qviz_panel_avx2vnni_dot2 : qviz_panel_avx2vnni_dot4;
     }
+#endif
     if (qviz_avx2_class(path)) {
         *mr = op == QVIZ_P_XOR || op == QVIZ_P_AND ? QVIZ_AVX2_POP_MR : QVIZ_AVX2_DOT_MR;
         return avx2[op];
@@ -847,11 +854,13 @@ static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB, size_t K3
         if (op == QVIZ_P_DOT2) return qviz_panel_vnni_split_dot2;
         if (op == QVIZ_P_DOT4) return qviz_panel_vnni_split_dot4;
     }
+#if QVIZ_HAVE_AVXVNNI
     if (path == QVIZ_AVX2VNNI && MB >= QVIZ_SPLIT_MIN_MB &&
         qviz_split_ldb(K32, qviz_dot_bits(op)) * sizeof(uint32_t) <= QVIZ_SPLIT_MAX) {
         if (op == QVIZ_P_DOT2) return qviz_panel_avx2vnni_split_dot2;
         if (op == QVIZ_P_DOT4) return qviz_panel_avx2vnni_split_dot4;
     }
+#endif
 #endif
     (void)path, (void)op, (void)MB, (void)K32;
     return NULL;

@@ -132,6 +132,7 @@ static QVIZ_AVX2_FN QVIZ_NO_PRE int64_t qviz_roof_avx2(int kind, long iters, dou
     return qviz_roof_avx2_body(QVIZ_ROOF_FMA, iters, macs);
 }
 
+#if QVIZ_HAVE_AVXVNNI
 /* AVX-VNNI's dot roof: 5 rows x 2 vectors, 10 vpdpbusd chains (rows 3 and 4 reuse the operands of rows 0
  * and 1), enough for its latency with every operand in a register; popcounts and FMAs are AVX2's. */
 QVIZ_INLINE QVIZ_AVX2VNNI_FN int64_t qviz_roof_avx2vnni_dot(long iters, double *macs) {
@@ -163,6 +164,7 @@ static QVIZ_AVX2VNNI_FN QVIZ_NO_PRE int64_t qviz_roof_avx2vnni(int kind, long it
     if (kind == QVIZ_ROOF_POP) return qviz_roof_avx2_body(QVIZ_ROOF_POP, iters, macs);
     return qviz_roof_avx2_body(QVIZ_ROOF_FMA, iters, macs);
 }
+#endif
 
 /* A 5 x 4 popcount tile as in qviz_p512_pop, 6 x 4 or 4 x 4 dot products, 12 FMA chains; named accumulators
  * (an array would live on the stack, see qviz_p512_pop). */
@@ -280,7 +282,9 @@ static int64_t qviz_roof(int path, int kind, long iters, double *macs) {
 #if QVIZ_X86 && defined(__GNUC__)
     if (path == QVIZ_AVX512VNNI) return qviz_roof_vnni(kind, iters, macs);
     if (path == QVIZ_AVX512) return qviz_roof_avx512(kind, iters, macs);
+#if QVIZ_HAVE_AVXVNNI
     if (path == QVIZ_AVX2VNNI) return qviz_roof_avx2vnni(kind, iters, macs);
+#endif
     if (path == QVIZ_AVX2) return qviz_roof_avx2(kind, iters, macs);
     if (path == QVIZ_POPCNT) return qviz_roof_popcnt(kind, iters, macs);
 #endif

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -620,6 +621,27 @@ def test_the_kernels_build_for_aarch64():
                              "-o", os.devnull, "-I", str(ROOT / "qviz"), "-"], input=source, text=True,
                             capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the AVX-VNNI path exists on x86-64 only")
+def test_the_kernels_build_without_avx_vnni_as_compilers_before_gcc_11_do():
+    """GCC 10 and Clang 11 lack AVX-VNNI's target name and intrinsics: the extension then builds every other
+    path (QVIZ_NO_AVXVNNI stands in for such a compiler), and its path is never offered."""
+    # every path's dot kernels and roofs referenced (never run: the CPU may lack them), so they are built
+    source = ('#define QVIZ_HAVE_OPENMP 1\n#include "_packed_kernels.h"\n'
+              "int main(int argc, char **argv) {\n  double macs; int mr, np; (void)argv;\n"
+              "  if (argc > 5) for (int p = 0; p < QVIZ_N_PATHS; p++) {\n"
+              "    qviz_roof(p, QVIZ_ROOF_DOT, 1, &macs); qviz_panel_for(p, QVIZ_P_DOT2, &mr, &np); }\n"
+              "  return qviz_path_supported(QVIZ_AVX2VNNI);\n}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = os.path.join(tmp, "probe")
+        built = subprocess.run(["cc", "-O2", "-fopenmp", "-Wall", "-Werror", "-Wno-unused-function",
+                                "-DQVIZ_NO_AVXVNNI", "-x", "c", "-o", binary, "-I", str(ROOT / "qviz"), "-", "-lm"],
+                               input=source, text=True, capture_output=True)
+        assert built.returncode == 0, built.stderr
+        assert subprocess.run([binary]).returncode == 0  # avx2vnni not supported, whatever the CPU has
+        code = subprocess.run(["objdump", "-d", binary], capture_output=True, text=True, check=True).stdout
+        assert "{vex} vpdpbusd" not in code and "vpdpbusd" in code  # AVX-512 VNNI's kernels are built, AVX-VNNI's not
 
 
 # ---------------------------------------------------------------- garbage in, clear errors out
