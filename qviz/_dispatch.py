@@ -159,6 +159,10 @@ def _self_check(path: int) -> bool:
                 for op in ops:
                     ok &= same(lambda p, o, a=a, panels=panels, k32=k32, op=op: _kernels.panel_matmul(
                         a, k32, panels, n, _kernels.OPS[op], 1, False, 0, o, p, 2), (m, n), np.int32)
+                if bits > 1:  # 64 rows: enough row tiles for the VNNI paths' weights split once per block
+                    tall = _pack(rng.integers(0, 2**bits, (64, k), dtype=np.uint8), bits)
+                    ok &= same(lambda p, o, tall=tall, panels=panels, k32=k32, op=ops[0]: _kernels.panel_matmul(
+                        tall, k32, panels, n, _kernels.OPS[op], 1, False, 0, o, p, 2), (64, n), np.int32)
                 ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(
                     x, panels, n, bits, cb[0], 0, o, p, 2), (m, n), np.float32, exact=False)
                 ok &= same(lambda p, o, panels=panels, bits=bits, cb=cb: _kernels.panel_lut(  # a GEMV: tables

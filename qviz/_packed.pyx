@@ -46,7 +46,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport free, malloc
 
 cdef extern from "_packed_kernels.h" nogil:
-    int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512
+    int QVIZ_PORTABLE, QVIZ_POPCNT, QVIZ_AVX2, QVIZ_AVX512, QVIZ_N_PATHS
     int qviz_path_supported(int path)
     int qviz_openmp_enabled()
     const char *qviz_openmp_library()
@@ -90,6 +90,7 @@ cdef extern from "_packed_kernels.h" nogil:
     int qviz_panel_lut_ok(int path, size_t M, size_t N, size_t K, int bits, size_t cb_stride)
 
 PATHS = ("portable", "popcnt", "avx2", "avx2vnni", "avx512", "avx512vnni")
+assert len(PATHS) == QVIZ_N_PATHS, "PATHS must name every path of _packed_kernels.h's enum, in its order"
 PANEL = QVIZ_PANEL
 ROOF_KINDS = {"pop": QVIZ_ROOF_POP, "dot": QVIZ_ROOF_DOT, "fma": QVIZ_ROOF_FMA}
 OPS = {"xor": QVIZ_P_XOR, "and": QVIZ_P_AND, "dot2": QVIZ_P_DOT2, "dot4": QVIZ_P_DOT4}

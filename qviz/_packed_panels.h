@@ -848,7 +848,8 @@ static int qviz_dot_bits(int op) { return op == QVIZ_P_DOT2 ? 2 : 4; }
 static size_t qviz_split_ldb(size_t K32, int bits) { return K32 * (size_t)(8 / bits) * QVIZ_PANEL; }
 static qviz_panel_fn qviz_split_panel_for(int path, int op, size_t MB, size_t K32) {
 #if QVIZ_X86 && defined(__GNUC__)
-    /* a block's split copy is worth making while it stays in L2: up to 2 MiB, K up to 32768 codes */
+    /* a block's split copy is worth making while it stays in L2: up to 2 MiB (AVX-512: 4 panels, K up to 32768
+     * codes; AVX2: one panel, 4x as long) */
     if (path == QVIZ_AVX512VNNI && MB >= QVIZ_SPLIT_MIN_MB &&
         QVIZ_TILE_NP * qviz_split_ldb(K32, qviz_dot_bits(op)) * sizeof(uint32_t) <= QVIZ_SPLIT_MAX) {
         if (op == QVIZ_P_DOT2) return qviz_panel_vnni_split_dot2;
