@@ -255,6 +255,10 @@ class ActivationQuantizer(nn.Module):
     Schemes whose range is not observed (DoReFa's [0, 1], BNN's sign, A_b's own max) quantize as they are.
     """
 
+    # class defaults as well: a quantizer unpickled from before these existed reads them
+    empty_only: bool | None = None
+    stood_in = False
+
     def __init__(self, spec: QuantSpec | None = None, momentum: float = 0.1):
         super().__init__()
         self.observer = MovingAverageMinMaxObserver(momentum)

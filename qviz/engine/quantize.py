@@ -949,7 +949,8 @@ def calibrate(qmodel: nn.Module, batches, *, method: str = "moving_average", per
 
 def _check_values_seen(qmodel: nn.Module, quantizers: list[ActivationQuantizer]) -> None:
     """Quantizers pass empty inputs through (a mixture-of-experts layer's expert given no tokens): one that
-    saw only those in calibration has no range. All of them so: the batches were empty; some: a warning."""
+    saw only those in calibration has no range. All of them so: the batches were empty; some: a warning.
+    Either comes after calibration ended: the ranges it did set stay."""
     called = [q for q in quantizers if q.empty_only is not None]
     empty = [q for q in called if q.empty_only]
     if not empty:

@@ -193,11 +193,20 @@ class _ScaledNorms(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed, self.norm, self.fc = nn.Embedding(10, 8), nn.RMSNorm(8), nn.Linear(8, 8)
-        self.layer_scale = nn.Parameter(torch.full((8,), 0.1))  # ConvNeXt's and CaiT's per-channel scale
+        self.scale = _LayerScale(8)
         self.own_norm = _OwnRMSNorm(8)  # a library's own norm class, as Llama's
 
     def forward(self, ids):
-        return self.own_norm(self.norm(self.embed(ids)) + self.layer_scale * self.fc(self.embed(ids)))
+        return self.own_norm(self.norm(self.embed(ids)) + self.scale(self.fc(self.embed(ids))))
+
+
+class _LayerScale(nn.Module):  # ConvNeXt's and CaiT's per-channel scale
+    def __init__(self, n):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((n,), 0.1))
+
+    def forward(self, x):
+        return self.gamma * x
 
 
 class _OwnRMSNorm(nn.Module):
