@@ -148,6 +148,10 @@ def _from_batches(batches) -> tuple:
     return X, y
 
 
+def _labelled_dict(data) -> bool:
+    return isinstance(data, Mapping) and any(k in data for k in ("labels", "label"))
+
+
 def _split_batch(batch, i: int) -> tuple:
     if isinstance(batch, torch.Tensor):
         return batch, None
@@ -252,8 +256,7 @@ class ModelAnalysis:
     def _check_data(data):
         if _is_batches(data):
             data = _from_batches(data)
-        elif isinstance(data, Mapping) or (isinstance(data, tuple | list) and len(data) == 1
-                                           and isinstance(data[0], Mapping)):
+        elif _labelled_dict(data) or (isinstance(data, tuple | list) and len(data) == 1 and _labelled_dict(data[0])):
             # one dict batch, alone or as [batch]: its "labels" are y, as in a loader's batches, not an input
             data = _split_batch(data if isinstance(data, Mapping) else data[0], 0)
         if isinstance(data, tuple | list):
@@ -590,7 +593,9 @@ class ModelAnalysis:
 
     def layer_shape(self, name: str) -> tuple[int, int, tuple[int, int]]:
         """(out_features, in_features per group, kernel) of a layer's weight, as memory_report takes them."""
-        layer = self._modules[self._layer_name(name)]
+        if not isinstance(name, str) or name not in self._modules:  # a layer of 0 features too (the float pass)
+            self._layer_name(name)
+        layer = self._modules[name]
         w = float_weight(layer)
         if isinstance(layer, nn.MultiheadAttention) and not layer._qkv_same_embed_dim:
             # query, key and value of different widths (kdim, vdim) come joined flat: 3 x embed_dim
