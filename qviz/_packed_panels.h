@@ -200,55 +200,36 @@ QVIZ_DEFINE_SCALAR_PANEL(qviz_panel_popcnt, QVIZ_POPCNT_FN, __builtin_popcount)
         default: break;                                                                                 \
         }                                                                                               \
     }
-/* AVX2 popcount: one panel, up to QVIZ_AVX2_POP_MR rows */
-#define QVIZ_PANEL_FN_R8(NAME, ATTR, BODY, MODE)                                                        \
+/* One panel, up to 6 rows (AVX-VNNI dot products) or 8 (AVX2 popcount, AVX2 dot products): NAME_1x1 ..
+ * NAME_Rx1 and NAME dispatching to them by mr. */
+#define QVIZ_PANEL_SIGNATURE(NAME)                                                                      \
+    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
+                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn)
+#define QVIZ_ROWS_CASE(NAME, R) case R: NAME##_##R##x1(QVIZ_PANEL_ARGS); break;
+#define QVIZ_TILE_FNS_ROWS6(NAME, ATTR, BODY, MODE)                                                     \
     QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
     QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 5, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 6, 1)               \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 7, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 8, 1)               \
-    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
-        (void)np;                                                                                       \
-        switch (mr) {                                                                                   \
-        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 4: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 5: NAME##_5x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 6: NAME##_6x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 7: NAME##_7x1(QVIZ_PANEL_ARGS); break;                                                     \
-        default: NAME##_8x1(QVIZ_PANEL_ARGS); break;                                                    \
-        }                                                                                               \
-    }
-/* AVX-VNNI dot products: one panel, up to 6 rows */
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 5, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 6, 1)
+#define QVIZ_ROWS_CASES5(NAME)                                                                          \
+    QVIZ_ROWS_CASE(NAME, 1) QVIZ_ROWS_CASE(NAME, 2) QVIZ_ROWS_CASE(NAME, 3) QVIZ_ROWS_CASE(NAME, 4)     \
+    QVIZ_ROWS_CASE(NAME, 5)
 #define QVIZ_PANEL_FN_R6(NAME, ATTR, BODY, MODE)                                                        \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 5, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 6, 1)               \
-    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) { \
+    QVIZ_TILE_FNS_ROWS6(NAME, ATTR, BODY, MODE)                                                         \
+    QVIZ_PANEL_SIGNATURE(NAME) {                                                                        \
         (void)np;                                                                                       \
         switch (mr) {                                                                                   \
-        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 4: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 5: NAME##_5x1(QVIZ_PANEL_ARGS); break;                                                     \
+            QVIZ_ROWS_CASES5(NAME)                                                                      \
         default: NAME##_6x1(QVIZ_PANEL_ARGS); break;                                                    \
         }                                                                                               \
     }
-/* AVX2: one panel (two 256-bit halves) per tile */
-#define QVIZ_PANEL_FN_NP1(NAME, ATTR, BODY, MODE)                                                       \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 1, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 2, 1)               \
-    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 3, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 4, 1)               \
-    static void NAME(const uint32_t *A, size_t lda, const uint32_t *B, size_t ldb, size_t K32, int mr, int np, \
-                     int32_t *out, size_t ldo, int cols, int32_t mul, const int32_t *add, const char *pf, size_t pfn) {             \
+#define QVIZ_PANEL_FN_R8(NAME, ATTR, BODY, MODE)                                                        \
+    QVIZ_TILE_FNS_ROWS6(NAME, ATTR, BODY, MODE)                                                         \
+    QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 7, 1) QVIZ_TILE_FN(NAME, ATTR, BODY, MODE, 8, 1)               \
+    QVIZ_PANEL_SIGNATURE(NAME) {                                                                        \
         (void)np;                                                                                       \
         switch (mr) {                                                                                   \
-        case 1: NAME##_1x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 2: NAME##_2x1(QVIZ_PANEL_ARGS); break;                                                     \
-        case 3: NAME##_3x1(QVIZ_PANEL_ARGS); break;                                                     \
-        default: NAME##_4x1(QVIZ_PANEL_ARGS); break;                                                    \
+            QVIZ_ROWS_CASES5(NAME) QVIZ_ROWS_CASE(NAME, 6) QVIZ_ROWS_CASE(NAME, 7)                      \
+        default: NAME##_8x1(QVIZ_PANEL_ARGS); break;                                                    \
         }                                                                                               \
     }
 #define QVIZ_BODY_PARAMS                                                                                \
