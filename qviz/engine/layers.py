@@ -384,15 +384,17 @@ class ActivationQuantizer(nn.Module):
                 lo, hi = torch.minimum(obs.min_val.reshape(1), lo), torch.maximum(obs.max_val.reshape(1), hi)
             obs.min_val, obs.max_val = lo, hi
             return
-        flat = _range_dtype(x.reshape(-1))
+        flat = x.reshape(-1)
         # a uniform sample of each batch: min(its size, SAMPLE_PER_BATCH) / stride values, so that every
-        # batch counts alike, those seen before the last halving too
+        # batch counts alike, those seen before the last halving too; a copy either way, as the model may
+        # change its activations in place after this layer
         if flat.numel() > SAMPLE_PER_BATCH:
             pick = torch.randint(flat.numel(), (max(1, SAMPLE_PER_BATCH // self._stride),),
                                  generator=torch.Generator().manual_seed(len(self._sample)))
             flat = flat[pick]
-        elif self._stride > 1:
-            flat = flat[:: self._stride]
+        else:
+            flat = flat[:: self._stride].clone()
+        flat = _range_dtype(flat)
         self._sample.append(flat)
         self._kept += flat.numel()
         if self._kept > SAMPLE_MOST:  # many batches: every batch's share halves, so memory stays bounded

@@ -1577,6 +1577,29 @@ def test_every_calibration_keeps_ranges_in_float32_or_float64_for_float64_data(m
     assert qm[0].input_quantizer.observer.min_val.dtype == kept
 
 
+class _ScalesItsInputAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        z = self.b(y)
+        y.mul_(100)  # b's input changed in place after b read it
+        return z + y
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse", "percentile"])
+def test_calibration_samples_a_layers_input_as_the_layer_read_it(method):
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    model = _ScalesItsInputAfter()
+    qm = calibrate(quantize_model(model, 8, 8), [x], method=method)
+    with torch.no_grad():
+        top = float(torch.relu(model.a(x)).max())
+    assert 0.5 * top < qm.b.input_quantizer.range()[1] <= top * 1.0001
+
+
 def test_a_quantized_model_compiles_and_computes_as_it_does_uncompiled():
     # the hooks that count a model's forwards run outside the graph: traced, Dynamo never finished compiling
     torch.manual_seed(0)
