@@ -398,7 +398,7 @@ class ActivationQuantizer(nn.Module):
         self._sample.append(flat)
         self._kept += flat.numel()
         if self._kept > SAMPLE_MOST:  # many batches: every batch's share halves, so memory stays bounded
-            self._sample = [v[::2] for v in self._sample]
+            self._sample = [v[::2].clone() for v in self._sample]  # copies: a view would keep every value
             self._kept, self._stride = sum(v.numel() for v in self._sample), 2 * self._stride
 
     def finish_calibration(self, percentile: float = 99.99) -> None:

@@ -33,6 +33,7 @@ from qviz.engine import (
     unregister_scheme,
     weight_pairs,
 )
+from qviz.engine.layers import SAMPLE_MOST
 from qviz.engine.quantize import UnquantizedModuleWarning, float_weight
 from qviz.engine.quantizers import Scheme
 
@@ -1560,6 +1561,14 @@ def test_percentile_calibration_over_thousands_of_small_batches_samples_every_ba
     batches = [torch.randn(1, 1000, generator=gen) * (1 if i < 2000 else 3) for i in range(4000)]
     qm = calibrate(quantize_model(nn.Sequential(nn.Linear(1000, 1)), 8, 8), batches, method="percentile")
     lo, hi = qm[0].input_quantizer.range()
+    kept = []  # the sample's memory stays bounded: what it holds, not views of everything it saw
+    quantizer = quantize_model(nn.Sequential(nn.Linear(1000, 1)), 8, 8)[0].input_quantizer
+    quantizer.start_calibration("percentile")
+    for b in batches:
+        quantizer._collect(b)
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in quantizer._sample}
+        kept.append(sum(storages.values()))
+    assert max(kept) <= 4 * (SAMPLE_MOST + 1000)  # float32 values: the bound and the batch that passed it
     want = torch.quantile(torch.cat(batches).reshape(-1)[::2].double(), torch.tensor([1e-4, 1 - 1e-4],
                                                                                     dtype=torch.float64))
     assert lo == pytest.approx(float(want[0]), rel=0.05) and hi == pytest.approx(float(want[1]), rel=0.05)
