@@ -36,6 +36,7 @@ its own forward (torch.backends.mha); quantized weights reach them either way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -708,7 +709,7 @@ def _fold_batchnorms(model: nn.Module, example, stacklevel: int) -> list[tuple[s
     try:
         model.eval()
         with torch.no_grad(), flow:
-            flow.returned(_run(model, example))
+            flow.used(_run(model, example))
     finally:
         for h in handles:
             h.remove()
@@ -745,13 +746,13 @@ class _NormFlow(torch.overrides.TorchFunctionMode):
         self.layers, self.norms = layers, norms
         self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
         self.sources: dict[str, set[str]] = {}
-        self.calls: dict[str, int] = {}
-        self.uses: dict[int, int] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.uses: collections.Counter[int] = collections.Counter()
         self.inside_norm = 0
 
     def after_layer(self, m, args, out):
         name = self.layers[m]
-        self.calls[name] = self.calls.get(name, 0) + 1
+        self.calls[name] += 1
         if isinstance(out, torch.Tensor):
             self.outputs[id(out)] = (name, out)
 
@@ -759,31 +760,30 @@ class _NormFlow(torch.overrides.TorchFunctionMode):
         self.inside_norm += 1  # the norm's own reading of its input is the use folding keeps
         if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.outputs:
             self.sources.setdefault(self.norms[m], set()).add(self.outputs[id(args[0])][0])
-            self.uses[id(args[0])] = self.uses.get(id(args[0]), 0) + 1  # a second norm reading it is a use
+            self.used(args[0])  # a second norm reading it is a use too
 
     def after_norm(self, m, args, out):
         self.inside_norm -= 1
 
-    def returned(self, output) -> None:
-        """A layer output the model returns as it is leaves without a torch call: a use all the same."""
-        for t in torch.utils._pytree.tree_leaves(output):
+    def used(self, values) -> None:
+        """Each layer output among `values` (tensors, nested in tuples, lists or dicts) is used once more. The
+        model's return value counts too: a layer output returned as it is leaves without a torch call."""
+        for t in torch.utils._pytree.tree_leaves(values):
             if isinstance(t, torch.Tensor) and id(t) in self.outputs:
-                self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+                self.uses[id(t)] += 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         # size, shape and dim calls return no tensor and read no values: they do not see a fold. A layer
         # output's one allowed use is its norm reading it (counted in before_norm).
         if not self.inside_norm and self.outputs and _holds_tensor(result):
-            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor) and id(t) in self.outputs:
-                    self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+            self.used((args, kwargs))
         return result
 
     def why_not(self, layer_name: str, norm_name: str) -> str | None:
-        if self.calls.get(layer_name, 0) > 1:
+        if self.calls[layer_name] > 1:
             return f"{layer_name} runs {self.calls[layer_name]} times per forward and would fold for every call"
-        if any(self.uses.get(i, 0) > 1 for i, (name, _) in self.outputs.items() if name == layer_name):
+        if any(self.uses[i] > 1 for i, (name, _) in self.outputs.items() if name == layer_name):
             return f"{layer_name}'s output also goes elsewhere than {norm_name}"
         return None
 
