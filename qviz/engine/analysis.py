@@ -38,6 +38,7 @@ from torch import nn
 
 from qviz import _checks
 from qviz.engine.metrics import histogram, sqnr_db, weight_report
+from qviz.engine.observers import range_dtype
 from qviz.engine.quantize import (
     TRANSPOSED_CONVS,
     UnquantizedModuleWarning,
@@ -363,8 +364,7 @@ class ModelAnalysis:
                 continue
             layer = self._modules[name]
             configure_layer(layer, setting.weights, setting.activations)
-            # in the dtype calibrate keeps a range in: float64 for a float64 model, else float32
-            wide = torch.float64 if float_weight(layer).dtype == torch.float64 else torch.float32
+            wide = range_dtype(float_weight(layer))  # as calibrate keeps a range: float64 for a float64 model
             for quantizer, (lo, hi) in zip(input_quantizers(layer), self._input_ranges[name], strict=False):
                 if quantizer.spec is not None and not quantizer.observer.initialized and lo <= hi:
                     quantizer.observer.min_val = torch.tensor([lo], dtype=wide)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qviz import _checks
-from qviz.engine.observers import MovingAverageMinMaxObserver, _range_dtype, minmax
+from qviz.engine.observers import MovingAverageMinMaxObserver, minmax, range_dtype
 from qviz.engine.quantizers import EXPORTING, SCHEMES, QuantSpec, export_quantize, fake_quantize, qdq_constants
 
 
@@ -378,7 +378,7 @@ class ActivationQuantizer(nn.Module):
 
     def _collect(self, x: torch.Tensor) -> None:
         if self.calibrating == "minmax" and SCHEMES[self.spec.scheme].observed and self.alpha is None:
-            lo, hi = _range_dtype(x.amin().reshape(1)), _range_dtype(x.amax().reshape(1))
+            lo, hi = (v.reshape(1).to(range_dtype(x)) for v in (x.amin(), x.amax()))
             obs = self.observer
             if obs.initialized:
                 lo, hi = torch.minimum(obs.min_val.reshape(1), lo), torch.maximum(obs.max_val.reshape(1), hi)
@@ -394,7 +394,7 @@ class ActivationQuantizer(nn.Module):
             flat = flat[pick]
         else:
             flat = flat[:: self._stride].clone()
-        flat = _range_dtype(flat)
+        flat = flat.to(range_dtype(flat))
         self._sample.append(flat)
         self._kept += flat.numel()
         if self._kept > SAMPLE_MOST:  # many batches: every batch's share halves, so memory stays bounded

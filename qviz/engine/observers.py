@@ -80,13 +80,13 @@ def minmax(x: torch.Tensor, granularity: str = "tensor", axis: int = 0) -> tuple
     return lo, hi
 
 
-def _range_dtype(t: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """t in the dtype a range is kept in: float32, or float64 where t or one of `others` is (a range seen in
-    bfloat16 or float16 would round every later step to 8 or 11 bits)."""
+def range_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a range of these tensors is kept in: float32, or float64 where one of them is (a range kept
+    in bfloat16 or float16 would round every later step to 8 or 11 bits)."""
     dtype = torch.float32
-    for v in (t, *others):
-        dtype = torch.promote_types(dtype, v.dtype)
-    return t.to(dtype)
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def quant_params(xmin: torch.Tensor | float, xmax: torch.Tensor | float, bits: int, *,
@@ -177,7 +177,8 @@ class MinMaxObserver(nn.Module):
 
     def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.min_val.numel() == 0:
-            self.min_val, self.max_val = _range_dtype(lo.clone()), _range_dtype(hi.clone())
+            dtype = range_dtype(lo)
+            self.min_val, self.max_val = lo.to(dtype, copy=True), hi.to(dtype, copy=True)
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
@@ -225,8 +226,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.min_val.numel() == 0:
-            self.min_val, self.max_val = _range_dtype(lo.clone()), _range_dtype(hi.clone())
+            dtype = range_dtype(lo)
+            self.min_val, self.max_val = lo.to(dtype, copy=True), hi.to(dtype, copy=True)
         else:  # lerp takes one dtype: a float32 range meets bf16 activations under autocast
-            dtype = _range_dtype(self.min_val, lo).dtype
+            dtype = range_dtype(self.min_val, lo)
             self.min_val = torch.lerp(self.min_val.to(dtype), lo.to(dtype), self.momentum)
             self.max_val = torch.lerp(self.max_val.to(dtype), hi.to(dtype), self.momentum)
