@@ -153,13 +153,13 @@ class ModelExplorer(Explorer):
         overrides = dict(params["overrides"])
         config = {}
         for name in self.analysis.layers:
-            w, a = overrides.get(name, (GLOBAL, GLOBAL))
-            w = params["w_bits"] if w == GLOBAL else w
-            a = params["a_bits"] if a == GLOBAL else a
+            own_w, own_a = overrides.get(name, (GLOBAL, GLOBAL))
+            w = params["w_bits"] if own_w == GLOBAL else own_w
+            a = params["a_bits"] if own_a == GLOBAL else own_a
             try:
                 config[name] = self.analysis.setting(name, _bits(w), _bits(a), params["scheme"])
             except ValueError as err:  # a layer's own weight bits may not suit a scheme picked later
-                if overrides.get(name, (GLOBAL, GLOBAL))[0] != GLOBAL:
+                if own_w != GLOBAL:
                     err.add_note(f"(layer {name!r} has bits of its own: pick the layer and set them, or set all "
                                  "layers' bits)")
                 raise
