@@ -155,8 +155,7 @@ QVIZ_INLINE QVIZ_AVX2VNNI_FN int64_t qviz_roof_avx2vnni_dot(long iters, double *
                          _mm256_add_epi32(_mm256_add_epi32(c2_0, c2_1), _mm256_add_epi32(c3_0, c3_1))),
         _mm256_add_epi32(c4_0, c4_1));
     *macs = (double)iters * 10 * 32;
-    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    return (int64_t)_mm_cvtsi128_si32(h) + _mm_extract_epi32(h, 1) + _mm_extract_epi32(h, 2) + _mm_extract_epi32(h, 3);
+    return qviz_avx2_hsum(s); /* a checksum that keeps the work: the 32-bit sums read as 64-bit lanes do */
 }
 
 static QVIZ_AVX2VNNI_FN QVIZ_NO_PRE int64_t qviz_roof_avx2vnni(int kind, long iters, double *macs) {
