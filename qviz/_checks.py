@@ -121,11 +121,30 @@ def fits_memory(name: str, elements: int, bytes_per_element: int, allowed: str =
                          f"if less); allowed: {allowed}")
 
 
+def transformed(v: object) -> bool:
+    """Whether a torch.func transform (grad, vmap, ...: per-sample gradients as Opacus computes them) wraps v:
+    such a tensor has no storage of its own, and only differentiable torch ops see through it."""
+    return isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v)
+
+
+def vmapped(v: torch.Tensor) -> bool:
+    """Whether v is one sample of torch.func.vmap's batch (under any other functorch transforms): there a
+    tensor's values cannot be read (bool(), float(), .item()) and a batch statistic cannot be kept."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(v):
+        if f.is_batchedtensor(v):
+            return True
+        v = f.get_unwrapped(v)
+    return False
+
+
 def finite_values(name: str, *values: torch.Tensor) -> None:
     """Raise if any tensor holds NaN or Inf; callers pass small statistics (a min, a max) when they can."""
     if not _FINITE_CHECKS.get():
         return
     for v in values:
+        if vmapped(v):  # vmap cannot read values; the same model outside vmap checks them
+            continue
         if v.numel() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} contains NaN or Inf; only finite values can be quantized")
 

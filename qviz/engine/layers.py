@@ -322,7 +322,12 @@ class ActivationQuantizer(nn.Module):
         spec = self.spec
         if not SCHEMES[spec.scheme].observed or spec.clip is not None:
             return spec
-        if self.training or self.calibrating == "moving_average" or not self.observer.initialized:
+        if _checks.vmapped(x):  # one sample of torch.func.vmap's batch (per-sample gradients): read the range
+            if not self.observer.initialized:
+                raise ValueError("this activation quantizer has no range yet, and inside torch.func.vmap it cannot "
+                                 "observe one (each call sees one sample); allowed: calibrate or train the model "
+                                 "outside vmap first")
+        elif self.training or self.calibrating == "moving_average" or not self.observer.initialized:
             self._observe(x.detach())
         lo, hi = float(self.observer.min_val.min()), float(self.observer.max_val.max())
         return spec_with_range(spec, lo, hi)

@@ -126,11 +126,29 @@ class QuantSpec:
 # The autograd functions behind every scheme
 
 
+def _grad_only(t: torch.Tensor) -> torch.Tensor:
+    """Zero in value, the identity for gradients: q.detach() + _grad_only(x) * g has q's values and
+    passes grad * g to x."""
+    return t - t.detach()
+
+
+def _run(fn: type[torch.autograd.Function], *args):
+    """fn.apply(*args); under a torch.func transform fn.by_ops(*args): the same values and gradients from
+    differentiable ops, which the transforms batch and differentiate (an autograd.Function would need
+    setup_context and a vmap rule, and its fused kernels read storage that wrapped tensors lack)."""
+    return fn.by_ops(*args) if any(_checks.transformed(a) for a in args) else fn.apply(*args)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward: the quantized values q (computed without autograd). Backward: grad * mask.
 
     `mask` is the scheme's STE evaluated on the input; None means the identity STE.
     """
+
+    @staticmethod
+    def by_ops(x, q, mask):
+        g = _grad_only(x)
+        return q.detach() + (g if mask is None else g * mask)
 
     @staticmethod
     def forward(ctx, x, q, mask):
@@ -153,6 +171,16 @@ class _PACT(torch.autograd.Function):
     saturated), dq/dα = 1{x >= α}. Written as few full-tensor passes as possible: it runs on every
     activation of every training step.
     """
+
+    @staticmethod
+    def by_ops(x, alpha, levels, ste):
+        bound = alpha.detach().clamp(min=SCALE_FLOOR)
+        step = bound / levels
+        q = (torch.minimum(x.detach().clamp(min=0), bound) / step + 0.5).floor() * step
+        q = q.clamp(max=torch.finfo(x.dtype).max)
+        inside = {"clipped": (x.detach() >= 0) & (x.detach() <= bound), "saturated": x.detach().abs() <= 1}.get(ste)
+        g = _grad_only(x)
+        return q + (g if inside is None else g * inside) + _grad_only(alpha) * (x.detach() >= bound)
 
     @staticmethod
     def forward(ctx, x, alpha, levels, ste):
@@ -300,11 +328,11 @@ class Scheme:
             q, state = fast
             if not x.requires_grad:
                 return q
-            return _StraightThrough.apply(x, q, None) if state is None else fused.StraightThrough.apply(x, q, state)
+            return _run(_StraightThrough, x, q, None) if state is None else fused.StraightThrough.apply(x, q, state)
         q = self.quantize(x.detach(), spec, st, generator)
         if not x.requires_grad:
             return q
-        return _StraightThrough.apply(x, q, self.ste_mask(x.detach(), spec, st))
+        return _run(_StraightThrough, x, q, self.ste_mask(x.detach(), spec, st))
 
 
 def _reduce(x: torch.Tensor, spec: QuantSpec, fn) -> torch.Tensor:
@@ -343,6 +371,8 @@ def _finite_limit(bound: torch.Tensor | float, dtype: torch.dtype) -> float | No
     one step beyond the largest finite number and turn a finite input into inf.
     """
     limit = torch.finfo(dtype).max
+    if isinstance(bound, torch.Tensor) and _checks.vmapped(bound):  # no value to read: the clamp does no harm
+        return limit
     return limit if float(torch.as_tensor(bound, dtype=torch.float64).abs().max()) >= limit / 2 else None
 
 
@@ -707,7 +737,7 @@ class Dorefa(Scheme):
             return super().apply(x, spec, st, alpha, generator)
         n = 2**spec.bits - 1
         u = self._normalise(x, st)
-        qu = _StraightThrough.apply(u, torch.round(u.detach() * n) / n, self.ste_mask(x.detach(), spec, st))
+        qu = _run(_StraightThrough, u, torch.round(u.detach() * n) / n, self.ste_mask(x.detach(), spec, st))
         return 2 * qu - 1
 
     def span(self, spec, st):
@@ -770,7 +800,7 @@ class Ceil(Scheme):
             return self.quantize(x, spec, st, generator)
         qu = self._q_b(_widened(x.detach(), st["m"]) / st["m"], spec.bits)
         mask = self.ste_mask(x.detach(), spec, st)
-        return _CeilSTE.apply(x, alpha if alpha is not None else st["alpha"], qu, st["m"], mask)
+        return _run(_CeilSTE, x, alpha if alpha is not None else st["alpha"], qu, st["m"], mask)
 
     def span(self, spec, st):
         return -st["m"], st["m"]
@@ -792,6 +822,13 @@ class _CeilSTE(torch.autograd.Function):
     One function rather than PyTorch's chain of ops so that the gradient |α| / m, which a large α over the
     range of a tiny tensor can push past float's largest value, is clamped to it instead of becoming inf.
     """
+
+    @staticmethod
+    def by_ops(x, alpha, qu, m, mask):
+        limit = torch.finfo(x.dtype).max
+        gain = (alpha.detach().abs().double() / m.double()).clamp(max=limit).to(x.dtype)
+        g = _grad_only(x) * gain
+        return (alpha.abs() * qu).to(torch.promote_types(x.dtype, alpha.dtype)) + (g if mask is None else g * mask)
 
     @staticmethod
     def forward(ctx, x, alpha, qu, m, mask):
@@ -900,7 +937,7 @@ class Pact(Relu):
     def apply(self, x, spec, st, alpha, generator):
         if alpha is None:
             return super().apply(x, spec, st, alpha, generator)
-        return _PACT.apply(x, alpha, float(2**spec.bits - 1), spec.ste or self.default_ste)
+        return _run(_PACT, x, alpha, float(2**spec.bits - 1), spec.ste or self.default_ste)
 
 
 class DorefaAct(Scheme):
@@ -1077,20 +1114,24 @@ def _prepare(x: object, spec: object, alpha: object = None, for_apply: bool = Fa
     alpha = _check_alpha(alpha, spec, x)
     scheme = SCHEMES[spec.scheme]
     if x.dtype in _HALF:  # (the cast's backward brings float32 gradients back within x's range)
-        x = _CastWithin.apply(x, torch.float32)
-        alpha = None if alpha is None else _CastWithin.apply(alpha, torch.float32)
+        x = _run(_CastWithin, x, torch.float32)
+        alpha = None if alpha is None else _run(_CastWithin, alpha, torch.float32)
     stats = scheme.apply_stats if for_apply else scheme.stats
     return scheme, spec, x, alpha, stats(x.detach(), spec, alpha)
 
 
 def _as_input_dtype(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q if q.dtype == dtype else _CastWithin.apply(q, dtype)
+    return q if q.dtype == dtype else _run(_CastWithin, q, dtype)
 
 
 class _CastWithin(torch.autograd.Function):
     """A cast to a narrower float dtype that clamps to its finite range, in the forward pass for values
     and in the backward pass for gradients: a level just past float16's largest value, or DoReFa's
     gradient 1/max|w| for a tiny float16 tensor, would otherwise become inf."""
+
+    @staticmethod
+    def by_ops(t, dtype):
+        return _narrowed(t.detach(), dtype) + _grad_only(t).to(dtype)
 
     @staticmethod
     def forward(ctx, t, dtype):
