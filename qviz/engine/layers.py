@@ -103,6 +103,13 @@ def from_output_channels(v: torch.Tensor, groups: int, shape: torch.Size) -> tor
     return v.reshape(groups, o, i // groups, *shape[2:]).transpose(1, 2).reshape(shape)
 
 
+def _note_where(quantizer: nn.Module, err: Exception) -> None:
+    """An error a quantizer raises ("x contains NaN or Inf") carries a note of where in the model it sits,
+    as quantize_model names it (`where`): in a network of many layers, x alone does not say which."""
+    if quantizer.where:
+        err.add_note(f"(raised by the quantizer of {quantizer.where})")
+
+
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
 
@@ -151,9 +158,18 @@ class WeightQuantizer(nn.Module):
         return self.groups > 1 and self.spec.granularity == "channel" and w.dim() >= 2 and \
             self.spec.axis in (1, 1 - w.dim())
 
+    where = ""  # what it quantizes, as quantize_model names it ("the weight of layer 'fc1'"), for errors
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec is None or self.bypass or w.numel() == 0:  # a layer of 0 features has nothing to quantize
             return w
+        try:
+            return self._forward(w)
+        except (ValueError, TypeError) as err:
+            _note_where(self, err)
+            raise
+
+    def _forward(self, w: torch.Tensor) -> torch.Tensor:
         if self._regroups(w):
             rows = by_output_channel(w, self.groups)
             return from_output_channels(self._quantized(rows, w, self.spec.replace(axis=0),
@@ -258,6 +274,7 @@ class ActivationQuantizer(nn.Module):
     # class defaults as well: a quantizer unpickled from before these existed reads them
     empty_only: bool | None = None
     stood_in = False
+    where = ""  # what it quantizes, as quantize_model names it ("the input of layer 'fc1'"), for errors
 
     def __init__(self, spec: QuantSpec | None = None, momentum: float = 0.1):
         super().__init__()
@@ -351,6 +368,13 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return x
+        try:
+            return self._forward(x)
+        except (ValueError, TypeError) as err:
+            _note_where(self, err)
+            raise
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if EXPORTING.get():
             if EXPORTING.get() == "prepare":
                 spec = self.spec if self.alpha is not None else self._fixed(x)

@@ -421,7 +421,28 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
     _warn_unquantized(model)
     _fast_paths_off_when_needed(model)
     _count_forwards(model)
+    _name_quantizers(model)
     return model
+
+
+def _name_quantizers(model: nn.Module) -> None:
+    """Tell each quantizer what it quantizes, in words its errors can use: "the input of layer 'fc1'",
+    "the in_proj_weight of layer 'attn'", "activation point 'block1.qa'"."""
+    for name, m in model.named_modules():
+        if not isinstance(m, ActivationQuantizer | WeightQuantizer):
+            continue
+        parts = name.split(".")
+        if isinstance(m, WeightQuantizer) and len(parts) >= 3 and parts[-3] == "parametrizations":
+            what, layer = parts[-2], ".".join(parts[:-3])
+        elif parts[-1] in ("input_quantizer", "key_quantizer", "value_quantizer"):
+            what, layer = parts[-1].removesuffix("_quantizer"), ".".join(parts[:-1])
+        elif parts[-1] == "quantizer":  # an ActivationPoint's
+            m.where = f"activation point {'.'.join(parts[:-1])!r}"
+            continue
+        else:
+            m.where = f"module {name!r}"
+            continue
+        m.where = f"the {what} of layer {layer or ROOT_LAYER!r}"
 
 
 def _count_forwards(model: nn.Module) -> None:

@@ -151,3 +151,53 @@ def test_garbage_specs_and_tensors_raise_only_value_or_type_errors(scheme, bits,
     except (TypeError, ValueError):
         return
     assert q.shape == x.shape and torch.isfinite(q).all()
+
+
+def _notes(err: BaseException) -> str:
+    return " ".join(getattr(err, "__notes__", []))
+
+
+def test_a_nan_in_a_quantized_model_names_the_quantizer_that_met_it():
+    """"x contains NaN" alone does not say where in a network of many layers the NaN arose."""
+    from torch import nn
+
+    from qviz.engine.quantize import calibrate, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    qm = quantize_model(model, 4, 4)
+    X = torch.randn(32, 8)
+    calibrate(qm, [X])
+    bad = X.clone()
+    bad[3, 2] = float("nan")
+    for training in (False, True):
+        qm.train(training)
+        with pytest.raises(ValueError, match="x contains NaN or Inf") as info:
+            qm(bad)
+        assert "the input of layer '0'" in _notes(info.value)
+    qm.eval()
+    with torch.no_grad():  # an overflow inside the network: the layer after it meets the inf
+        qm[2].parametrizations.weight.original.fill_(3e38)
+    with pytest.raises(ValueError, match="NaN or Inf") as info:
+        qm(X)
+    assert _notes(info.value) == "(raised by the quantizer of the input of layer '4')"
+    with torch.no_grad():
+        qm[2].parametrizations.weight.original[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf") as info:
+        qm(X)
+    assert "the weight of layer '2'" in _notes(info.value)
+
+
+def test_attention_quantizers_name_their_input():
+    from torch import nn
+
+    from qviz.engine.quantize import calibrate, quantize_model
+
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    qm = quantize_model(attention, 4, 4)
+    q, kv = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    calibrate(qm, [(q, kv, kv)], forward=lambda m, b: m(*b))
+    kv[1, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf") as info:
+        qm(q, kv, kv)
+    assert "the key of layer '(model)'" in _notes(info.value)
