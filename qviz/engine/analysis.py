@@ -70,6 +70,7 @@ PARETO_BITS = (2, 3, 4, 6, 8)
 GREEDY_LADDER = (8, 4, 2)  # the bit widths the greedy path steps each layer through
 GREEDY_POINTS = 16  # metrics measured per rung of the greedy path, at most: each is a forward over the data
 DATA_SAMPLES = 256  # samples taken from an iterable of batches (a DataLoader): a few dozen suffice
+EMPTY_BATCHES_MOST = 100  # empty batches in a row after which an iterable is read no further
 CAPTURE_SAMPLES = 64  # samples whose per-layer inputs and outputs are kept for the layer SQNRs, at most
 CAPTURE_SHARE = 8  # ... and no more than 1/8 of qviz's memory limit (256 MiB of 2 GiB): ResNet-50 at 224x224
 # keeps ~150 MB a sample, so 64 samples took 9.6 GB; the quantized network's capture needs as much again
@@ -127,13 +128,19 @@ def _from_batches(batches) -> tuple:
     """(X, y) from the first batches of an iterable, up to DATA_SAMPLES samples: each batch a tensor, an
     (x, y, ...) tuple or list, or a dict of keyword inputs whose "labels" (or "label") entry is y, as
     Hugging Face's data collators give it."""
-    xs, ys, count = [], [], 0
+    xs, ys, count, empty_run = [], [], 0, 0
     for i, batch in enumerate(batches):
         x, y = _split_batch(batch, i)
         xs.append(x)
         ys.append(y)
         count += _count(x)
+        empty_run = 0 if _count(x) else empty_run + 1
         if count >= DATA_SAMPLES:
+            break
+        if empty_run == EMPTY_BATCHES_MOST:  # an endless loader of empty batches would never reach DATA_SAMPLES
+            if not count:
+                raise ValueError(f"data's first {i + 1} batches hold no samples, the last {EMPTY_BATCHES_MOST} "
+                                 "in a row; allowed: batches that hold samples")
             break
     if not xs:
         raise ValueError("data is an iterable of batches with no batch in it; allowed: X, (X, y) or batches")

@@ -313,6 +313,24 @@ def test_a_long_loader_gives_its_first_samples_only_and_is_not_read_to_its_end()
     assert len(analysis.X) == len(analysis.y) == DATA_SAMPLES and len(read) == -(-DATA_SAMPLES // 50)
 
 
+def test_an_endless_loader_of_empty_batches_is_refused_and_one_that_runs_dry_is_read_no_further():
+    from qviz.engine.analysis import EMPTY_BATCHES_MOST
+
+    def empty_forever():
+        while True:
+            yield torch.randn(0, 8), torch.zeros(0, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=f"hold no samples, the last {EMPTY_BATCHES_MOST} in a row"):
+        ModelAnalysis(_mlp(), empty_forever())
+
+    def some_then_empty_forever():
+        yield torch.randn(20, 8), torch.randint(0, 3, (20,))
+        yield from empty_forever()
+
+    analysis = ModelAnalysis(_mlp(), some_then_empty_forever())
+    assert len(analysis.X) == len(analysis.y) == 20
+
+
 def test_dict_batches_give_their_labels_entry_as_y():
     class Keyword(nn.Module):
         def __init__(self):
