@@ -199,6 +199,13 @@ def _joined_outputs(outs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def _propagated_sqnr(want: torch.Tensor, got: torch.Tensor) -> float:
+    """A layer's output SQNR inside the quantized network; NaN where its output differs in shape from the
+    float network's: a mixture-of-experts router that sends other tokens to an expert once the network is
+    quantized gives it other rows, which have no float counterpart to compare with."""
+    return sqnr_db(want, got) if want.shape == got.shape else math.nan
+
+
 def _call(model: nn.Module, x):
     with _noted_errors("the analysis ran it on", x, passing=(AnalysisCancelled,)):
         return model(**x) if isinstance(x, dict) else model(x)
@@ -552,7 +559,7 @@ class ModelAnalysis:
             self.float_pass()
             self._apply(config)
             captured, head = self._capture(self.qmodel, self._modules)
-            propagated = {name: sqnr_db(self._captured_float[name][2], captured[name][2])
+            propagated = {name: _propagated_sqnr(self._captured_float[name][2], captured[name][2])
                           if name in captured and name in self._captured_float else math.nan for name in self.layers}
             del captured
             outputs = head if _count(self.X) <= self._samples else _joined_outputs(

@@ -5,6 +5,7 @@ work is not output elements x fan-in."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from keyword_model import Features
 from torch import nn
 
 from qviz.engine.analysis import ModelAnalysis
+from qviz.engine.quantize import calibrate, quantize_model
 
 
 class _Counting(nn.Sequential):
@@ -566,3 +568,40 @@ def test_a_model_that_changes_its_input_in_place_leaves_the_users_data_and_every
     report = analysis.report(analysis.uniform_config(8, 8))
     assert torch.equal(x, before)
     assert report["float_metric"] == analysis.metric_of({}) and report["float_metric"] > 0
+
+
+class _Routed(nn.Module):
+    """A mixture of two experts: each sample goes to the expert its projection's first feature picks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.e0, self.e1, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.threshold = 0.0
+
+    def forward(self, x):
+        h = self.proj(x)
+        route = h[:, 0] > self.threshold
+        out = torch.zeros_like(h)
+        out[route] = self.e0(h[route])
+        out[~route] = self.e1(h[~route])
+        return self.head(out)
+
+
+def test_experts_whose_samples_change_once_quantized_have_no_propagated_sqnr():
+    model = _Routed().eval()
+    X = torch.randn(200, 8)
+    with torch.no_grad():
+        model.threshold = float(model.proj(X)[:, 0].median())  # half the samples sit near the boundary
+    analysis = ModelAnalysis(model, X)
+    config = analysis.uniform_config(2, 2)
+    qmodel = quantize_model(model, 2, 2)
+    calibrate(qmodel, [X], method="minmax")
+    with torch.no_grad():
+        routed = int((qmodel.proj(X)[:, 0] > model.threshold).sum())
+    assert routed != 100  # the quantized projection sends other samples to e0 than the float one
+    propagated = analysis.evaluate(config)["propagated"]
+    assert math.isnan(propagated["e0"]) and math.isnan(propagated["e1"])
+    assert math.isfinite(propagated["proj"]) and math.isfinite(propagated["head"])
+    report = analysis.report(config)
+    assert math.isfinite(report["quant_metric"]) and len(report["layers"]) == 4
