@@ -92,23 +92,36 @@ FLOAT = LayerSetting(None, None)
 
 
 def _outputs(out) -> torch.Tensor:
-    """A model's output as one tensor: .logits of Hugging Face outputs, else their first field (a base
-    model's last_hidden_state; a ModelOutput is a dict of its fields that are set), the first value of a
-    dict or a dataclass, the first item of a tuple."""
+    """A model's output as one tensor: .logits of Hugging Face outputs, else their first floating-point field
+    (a base model's last_hidden_state, Encodec's audio_values rather than its integer audio_codes; a
+    ModelOutput is a dict of its fields that are set), the first floating-point value of a dict, a
+    dataclass or a tuple; the first tensor of any dtype when none is floating-point."""
+    found = _first_tensor(out, floating=True)
+    if found is None:
+        found = _first_tensor(out, floating=False)
+    if found is None:
+        raise TypeError("the model's output must be a tensor, or a tuple, dict or dataclass whose first value is "
+                        f"one (or have .logits), got {type(out).__name__}")
+    return found
+
+
+def _first_tensor(out, floating: bool) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
-        return out
-    if getattr(out, "logits", None) is not None:
-        return out.logits
+        return out if out.is_floating_point() or not floating else None
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        found = _first_tensor(out.logits, floating)
+        if found is not None:
+            return found
     if isinstance(out, dict):
         out = list(out.values())
     elif dataclasses.is_dataclass(out) and not isinstance(out, type):
         out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     if isinstance(out, tuple | list):
-        first = next((v for v in out if v is not None), None)
-        if first is not None:
-            return _outputs(first)
-    raise TypeError("the model's output must be a tensor, or a tuple, dict or dataclass whose first value is one "
-                    f"(or have .logits), got {type(out).__name__}")
+        for v in out:
+            found = _first_tensor(v, floating) if v is not None else None
+            if found is not None:
+                return found
+    return None
 
 
 def _is_batches(data) -> bool:

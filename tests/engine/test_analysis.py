@@ -605,3 +605,28 @@ def test_experts_whose_samples_change_once_quantized_have_no_propagated_sqnr():
     assert math.isfinite(propagated["proj"]) and math.isfinite(propagated["head"])
     report = analysis.report(config)
     assert math.isfinite(report["quant_metric"]) and len(report["layers"]) == 4
+
+
+class _CodesAndValues(nn.Module):
+    """A codec's output: integer codes first (all equal here), the decoded float values after them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        z = self.enc(x)
+        return {"codes": torch.zeros(len(x), 4, dtype=torch.long), "values": self.dec(z)}
+
+
+def test_the_output_scored_is_the_first_floating_point_one_not_integer_codes():
+    model = _CodesAndValues().eval()
+    X = torch.randn(64, 8)
+    analysis = ModelAnalysis(model, X)
+    quantized = calibrate(quantize_model(model, 4, 4), [X], method="minmax")
+    with torch.no_grad():
+        want, got = model(X)["values"], quantized(X)["values"]
+    expected = float(10 * torch.log10(want.pow(2).mean() / (want - got).pow(2).mean()))
+    assert analysis.evaluate(analysis.uniform_config(4, 4))["metric"] == pytest.approx(expected, abs=1e-3)
+    assert math.isfinite(expected)
