@@ -353,7 +353,11 @@ class ActivationQuantizer(nn.Module):
     # compile again every training step
     @torch.compiler.disable
     def _observe(self, x: torch.Tensor) -> None:
-        """One moving-average step per forward of the model (see begin_forward); outside one, per call."""
+        """One moving-average step per forward of the model (see begin_forward); outside one, per call. None
+        inside a backward pass: that is activation checkpointing (torch.utils.checkpoint) running a region
+        again, whose first run took the step and quantized with the range it left, which stands."""
+        if torch._C._current_graph_task_id() != -1:
+            return
         forward, obs = current_forward(), self.observer
         lo, hi = (t.reshape(-1) for t in minmax(x))  # checks x: a dense float tensor, finite, not empty
         if forward is None or self._step is None or self._step[0] != forward:

@@ -284,3 +284,51 @@ def test_training_arguments_are_checked(data):
         Schedule(steps=0)
     with pytest.raises(TypeError, match="schedule must be a Schedule"):
         train(model, *data, {"steps": 3})
+
+
+class _Checkpointed(torch.nn.Module):
+    """Two layers whose forward may run under activation checkpointing (torch.utils.checkpoint)."""
+
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        def region(t):
+            return self.b(torch.relu(self.a(t)))
+
+        if self.reentrant is None:
+            return region(x)
+        return torch.utils.checkpoint.checkpoint(region, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_trains_a_quantized_model_as_without_it(reentrant):
+    """The backward pass runs a checkpointed region again; its quantizers must neither take a second range
+    step nor quantize with another range than the forward did."""
+    import copy
+
+    from qviz.engine.quantize import calibrate, quantize_model
+
+    plain = calibrate(quantize_model(_Checkpointed(None), 4, 4), [torch.randn(8, 16)])
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.reentrant = reentrant
+    models = (plain, checkpointed)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 16, generator=generator) * 3  # beyond the calibrated range: each step moves it
+        x.requires_grad_(reentrant)  # the reentrant form passes gradients only to inputs that want them
+        y = torch.randn(8, 4, generator=generator)
+        for model, optimizer in zip(models, optimizers, strict=True):
+            model.train()
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        for p, q in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert plain.a.input_quantizer.range() == checkpointed.a.input_quantizer.range()
+    assert plain.b.input_quantizer.range() == checkpointed.b.input_quantizer.range()
