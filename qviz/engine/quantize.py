@@ -588,6 +588,8 @@ def _quantize_weights(layer: nn.Module, spec: QuantSpec | None, stochastic: bool
             quantizer.stochastic = stochastic
             quantizer.configure(spec)
         elif spec is not None:  # appended after any parametrization of the user's own (weight norm)
+            # the parametrization moves the weight into a submodule, after the bias: dequantize_model puts it back
+            layer.__dict__.setdefault("_qviz_parameter_order", list(layer._parameters))
             # a new module starts in training mode; in a model in eval mode it must not (stochastic twins,
             # no inference cache)
             quantizer = WeightQuantizer(spec, stochastic).train(layer.training)
@@ -1148,6 +1150,20 @@ def _remove_quantizers(layer: nn.Module, names: list[str], bake: bool, restored:
             param = nn.Parameter(value, requires_grad=original.requires_grad)
             twins.append(param)
         layer.register_parameter(name, param)
+    _restore_parameter_order(layer)
+
+
+def _restore_parameter_order(layer: nn.Module) -> None:
+    """The layer's parameters in the order they had before quantize_model (weight, then bias): whatever
+    goes by position (parameters_to_vector, an optimizer's state_dict) pairs them as in the original."""
+    order = layer.__dict__.pop("_qviz_parameter_order", None)
+    if order is None:
+        return
+    params = layer._parameters
+    keys = [k for k in order if k in params] + [k for k in params if k not in order]
+    ordered = [(k, params[k]) for k in keys]
+    params.clear()
+    params.update(ordered)
 
 
 # --------------------------------------------------------------------------------------------------

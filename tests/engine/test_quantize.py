@@ -335,6 +335,28 @@ def test_dequantize_gives_back_the_float_model():
     assert qm._forward_pre_hooks and not baked._forward_pre_hooks and not back._forward_hooks
 
 
+@pytest.mark.parametrize("bake", [False, True])
+def test_dequantize_lists_the_parameters_in_their_original_order(bake):
+    """Each quantized weight sits in a parametrization, listed after its layer's bias; the float copy lists
+    weight then bias again, so a positional copy (vector_to_parameters, an optimizer's state) pairs them
+    as in the original."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8)).eval()
+    attention = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    for m, x in ((model, (torch.randn(2, 3, 8, 8),)), (attention, (torch.randn(2, 5, 8),) * 3)):
+        back = dequantize_model(quantize_model(m, 8, None), bake=bake)
+        assert [n for n, _ in back.named_parameters()] == [n for n, _ in m.named_parameters()]
+        vector_to_parameters(parameters_to_vector(m.parameters()), back.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(_first(back(*x)), _first(m(*x)), rtol=0, atol=0)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 def test_bake_goes_through_the_users_own_weight_norm():
     """The user's weight norm stays on the baked model, set (through its right_inverse) so that it gives
     the quantized weights: the baked model computes like the quantized one."""
