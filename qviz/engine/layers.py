@@ -192,12 +192,15 @@ class WeightQuantizer(nn.Module):
         # In-place writes bump _version; writes through w.data bump nothing: a new tensor (module.double(),
         # vector_to_parameters) shows in the pointer, dtype and layout, an in-place one (an EMA's
         # p.data.copy_) only in the values, hence their sum (one read of w, a fraction of quantizing it). The
-        # cache holds an alias of w, so that its storage's address cannot be reused while cached.
+        # cache holds an alias of w, so that its storage's address cannot be reused while cached. The layer's
+        # weight attribute is then the cached tensor itself: a write into it (pruning done in place) bumps
+        # that tensor's _version, and it is quantized afresh, as every other forward would.
         key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(),
                float(w.detach().sum(dtype=torch.float64)), self.spec, self.groups,
                None if self.alpha is None else float(self.alpha.detach()))
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, fake_quantize(x, spec, alpha=self.alpha), w.detach())
+        if self._cached is None or self._cached[0] != key or self._cached[1]._version != self._cached[3]:
+            q = fake_quantize(x, spec, alpha=self.alpha)
+            self._cached = (key, q, w.detach(), q._version)
         return self._cached[1]
 
 

@@ -192,6 +192,24 @@ def test_the_inference_cache_notices_weights_written_through_data_and_a_cast():
         torch.testing.assert_close(y, model.double()(x.double()), rtol=0.05, atol=0.05)
 
 
+def test_a_write_into_the_weight_read_in_inference_does_not_stay_in_the_cache():
+    """In eval under no_grad a layer's weight attribute is the cached quantized tensor: pruning it in place
+    (w[w.abs() < t] = 0) changed only those forwards, not grad-enabled ones nor the baked model. Like every
+    write to a parametrized weight, it now reaches no forward."""
+    from qviz.engine import dequantize_model, quantize_model
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    qm = quantize_model(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), 8, None).eval()
+    with torch.no_grad():
+        before = qm(x)
+        w = qm[0].weight
+        w[w.abs() < 0.1] = 0
+        assert torch.equal(qm(x), before)
+        assert int((qm[0].weight == 0).sum()) == int((dequantize_model(qm, bake=True)[0].weight == 0).sum())
+    assert torch.equal(qm(x).detach(), before)
+
+
 def test_pact_replaces_the_relu_before_it_with_the_same_values_and_gradients():
     """002 §2.2: PACT's clip(x, 0, α) is the activation function; a ReLU before it would run twice."""
     from qviz.engine.layers import ActivationPoint
