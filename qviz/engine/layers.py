@@ -103,6 +103,12 @@ def from_output_channels(v: torch.Tensor, groups: int, shape: torch.Size) -> tor
     return v.reshape(groups, o, i // groups, *shape[2:]).transpose(1, 2).reshape(shape)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter; None for a tensor made under torch.inference_mode, which keeps none (and can be
+    written only inside inference mode)."""
+    return None if t.is_inference() else t._version
+
+
 def _note_where(quantizer: nn.Module, err: Exception) -> None:
     """An error a quantizer raises ("x contains NaN or Inf") carries a note of where in the model it sits,
     as quantize_model names it (`where`): in a network of many layers, x alone does not say which."""
@@ -198,9 +204,9 @@ class WeightQuantizer(nn.Module):
         key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(),
                float(w.detach().sum(dtype=torch.float64)), self.spec, self.groups,
                None if self.alpha is None else float(self.alpha.detach()))
-        if self._cached is None or self._cached[0] != key or self._cached[1]._version != self._cached[3]:
+        if self._cached is None or self._cached[0] != key or _version(self._cached[1]) != self._cached[3]:
             q = fake_quantize(x, spec, alpha=self.alpha)
-            self._cached = (key, q, w.detach(), q._version)
+            self._cached = (key, q, w.detach(), _version(q))
         return self._cached[1]
 
 
