@@ -121,10 +121,10 @@ def fits_memory(name: str, elements: int, bytes_per_element: int, allowed: str =
                          f"if less); allowed: {allowed}")
 
 
-def transformed(v: object) -> bool:
-    """Whether a torch.func transform (grad, vmap, ...: per-sample gradients as Opacus computes them) wraps v:
-    such a tensor has no storage of its own, and only differentiable torch ops see through it."""
-    return isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v)
+def transforming() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...: per-sample gradients as Opacus computes them) is
+    running: its tensors have no storage of their own, and autograd Functions need its own form."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def vmapped(v: torch.Tensor) -> bool:
@@ -143,7 +143,7 @@ def finite_values(name: str, *values: torch.Tensor) -> None:
     if not _FINITE_CHECKS.get():
         return
     for v in values:
-        if vmapped(v):  # vmap cannot read values; the same model outside vmap checks them
+        if vmapped(v):  # vmap cannot read values: a NaN in one sample gives NaN gradients for it, unchecked
             continue
         if v.numel() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} contains NaN or Inf; only finite values can be quantized")

@@ -69,11 +69,12 @@ def disabled():
 
 
 def usable(x: torch.Tensor) -> bool:
-    """May `x` take a fused path: float32, dense, contiguous, on the CPU, not empty, with storage of its own
-    (not a torch.func transform's wrapper: grad, vmap)?"""
+    """May `x` take a fused path: float32, dense, contiguous, on the CPU, not empty, and no torch.func
+    transform running (grad, vmap: their tensors have no storage, and they refuse the fused paths'
+    autograd Function)?"""
     return (_ENABLED.get() and x.dtype == torch.float32 and x.device.type == "cpu" and x.layout == torch.strided
             and x.numel() > 0 and x.is_contiguous() and not x.is_conj() and not x.is_neg()
-            and not _checks.transformed(x))
+            and not _checks.transforming())
 
 
 def _address(name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32, numel: int | None = None) -> int:

@@ -133,10 +133,11 @@ def _grad_only(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(fn: type[torch.autograd.Function], *args):
-    """fn.apply(*args); under a torch.func transform fn.by_ops(*args): the same values and gradients from
-    differentiable ops, which the transforms batch and differentiate (an autograd.Function would need
-    setup_context and a vmap rule, and its fused kernels read storage that wrapped tensors lack)."""
-    return fn.by_ops(*args) if any(_checks.transformed(a) for a in args) else fn.apply(*args)
+    """fn.apply(*args); while a torch.func transform runs (grad, vmap: per-sample gradients as Opacus
+    computes them), fn.by_ops(*args): the same values and gradients from differentiable ops, which the
+    transforms batch and differentiate. fn's own form keeps state in ctx outside setup_context (PACT's
+    fused kernel reads storage, which the transforms' wrapped tensors lack), which they refuse."""
+    return fn.by_ops(*args) if _checks.transforming() else fn.apply(*args)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -800,7 +801,7 @@ class Ceil(Scheme):
             return self.quantize(x, spec, st, generator)
         qu = self._q_b(_widened(x.detach(), st["m"]) / st["m"], spec.bits)
         mask = self.ste_mask(x.detach(), spec, st)
-        return _run(_CeilSTE, x, alpha if alpha is not None else st["alpha"], qu, st["m"], mask)
+        return _CeilSTE.apply(x, alpha if alpha is not None else st["alpha"], qu, st["m"], mask)
 
     def span(self, spec, st):
         return -st["m"], st["m"]
@@ -823,18 +824,17 @@ class _CeilSTE(torch.autograd.Function):
     range of a tiny tensor can push past float's largest value, is clamped to it instead of becoming inf.
     """
 
-    @staticmethod
-    def by_ops(x, alpha, qu, m, mask):
-        limit = torch.finfo(x.dtype).max
-        gain = (alpha.detach().abs().double() / m.double()).clamp(max=limit).to(x.dtype)
-        g = _grad_only(x) * gain
-        return (alpha.abs() * qu).to(torch.promote_types(x.dtype, alpha.dtype)) + (g if mask is None else g * mask)
+    generate_vmap_rule = True  # torch ops only: torch.func's transforms (grad, vmap) take it as it is
 
     @staticmethod
-    def forward(ctx, x, alpha, qu, m, mask):
+    def forward(x, alpha, qu, m, mask):
+        return (alpha.abs() * qu).to(torch.promote_types(x.dtype, alpha.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, alpha, qu, m, mask = inputs
         ctx.save_for_backward(alpha, qu, m, mask)
         ctx.x_dtype = x.dtype
-        return (alpha.abs() * qu).to(torch.promote_types(x.dtype, alpha.dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -1114,14 +1114,14 @@ def _prepare(x: object, spec: object, alpha: object = None, for_apply: bool = Fa
     alpha = _check_alpha(alpha, spec, x)
     scheme = SCHEMES[spec.scheme]
     if x.dtype in _HALF:  # (the cast's backward brings float32 gradients back within x's range)
-        x = _run(_CastWithin, x, torch.float32)
-        alpha = None if alpha is None else _run(_CastWithin, alpha, torch.float32)
+        x = _CastWithin.apply(x, torch.float32)
+        alpha = None if alpha is None else _CastWithin.apply(alpha, torch.float32)
     stats = scheme.apply_stats if for_apply else scheme.stats
     return scheme, spec, x, alpha, stats(x.detach(), spec, alpha)
 
 
 def _as_input_dtype(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q if q.dtype == dtype else _run(_CastWithin, q, dtype)
+    return q if q.dtype == dtype else _CastWithin.apply(q, dtype)
 
 
 class _CastWithin(torch.autograd.Function):
@@ -1129,14 +1129,15 @@ class _CastWithin(torch.autograd.Function):
     and in the backward pass for gradients: a level just past float16's largest value, or DoReFa's
     gradient 1/max|w| for a tiny float16 tensor, would otherwise become inf."""
 
-    @staticmethod
-    def by_ops(t, dtype):
-        return _narrowed(t.detach(), dtype) + _grad_only(t).to(dtype)
+    generate_vmap_rule = True  # torch ops only: torch.func's transforms (grad, vmap) take it as it is
 
     @staticmethod
-    def forward(ctx, t, dtype):
-        ctx.dtype = t.dtype
+    def forward(t, dtype):
         return _narrowed(t, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
 
     @staticmethod
     def backward(ctx, grad):

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from qviz import _checks
+from qviz.engine.layers import ActivationQuantizer
 from qviz.engine.quantize import calibrate, quantize_model
 from qviz.engine.quantizers import QuantSpec
 
@@ -74,10 +76,15 @@ def test_training_mode_reads_the_ranges_inside_vmap():
     qm = quantize_model(_model(), 4, 4)
     X, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
     calibrate(qm, [X])
-    before = {k: v.clone() for k, v in qm.named_buffers()}
     qm.train()
-    params, batched, _ = _per_sample_grads(qm, X[:4] * 100, y[:4])  # far outside the ranges: would move them
-    assert all(torch.equal(before[k], v) for k, v in qm.named_buffers() if k in before)
+    steps = []
+    observe = ActivationQuantizer._observe
+    ActivationQuantizer._observe = lambda self, x: (steps.append(_checks.vmapped(x)), observe(self, x))[1]
+    try:
+        params, batched, _ = _per_sample_grads(qm, X[:4] * 100, y[:4])  # far outside the ranges
+    finally:
+        ActivationQuantizer._observe = observe
+    assert steps and not any(steps)  # only the one-sample-at-a-time grads outside vmap took range steps
     qm.eval()
     _, in_eval, _ = _per_sample_grads(qm, X[:4] * 100, y[:4])
     for name in params:
@@ -89,3 +96,36 @@ def test_vmap_before_any_range_says_what_to_do():
     X, y = torch.randn(4, 8), torch.randint(0, 4, (4,))
     with pytest.raises(ValueError, match=r"inside torch.func.vmap.*calibrate or train the model outside vmap"):
         _per_sample_grads(qm, X, y)
+
+
+def test_vmap_over_a_quantized_models_forward_with_gradients_on():
+    """vmap of the model itself (no functional_call), grad mode on as by default: the weights are plain
+    Parameters, yet the transform is running and the autograd Functions must take its form."""
+    qm = quantize_model(_model(), QuantSpec("dorefa", 3), QuantSpec("pact", 4))
+    X = torch.randn(16, 8)
+    calibrate(qm, [X])
+    qm.eval()
+    per_sample = vmap(lambda x: qm(x.unsqueeze(0)).squeeze(0))(X)
+    torch.testing.assert_close(per_sample, qm(X))
+
+
+def test_transform_gradients_are_clamped_as_autograds_are():
+    """DoReFa's gradient 1/max|w| of tiny float16 weights passes float16's largest value: the cast back
+    clamps it (65504, not inf) under torch.func.grad as under .backward()."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4).half()
+    with torch.no_grad():
+        model.weight.mul_(1e-5)
+    qm = quantize_model(model, QuantSpec("dorefa", 3), None)
+    x = torch.randn(2, 8, dtype=torch.float16)
+    params = {k: v.detach() for k, v in qm.named_parameters()}
+
+    def loss(p):
+        return functional_call(qm, p, (x,)).float().sum()
+
+    by_transform = grad(loss)(params)
+    qm.zero_grad()
+    qm(x).float().sum().backward()
+    for name, p in qm.named_parameters():
+        assert torch.isfinite(p.grad).all() and torch.isfinite(by_transform[name]).all()
+        torch.testing.assert_close(by_transform[name], p.grad)
