@@ -109,14 +109,26 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _note_where(quantizer: nn.Module, err: Exception) -> None:
-    """An error a quantizer raises ("x contains NaN or Inf") carries a note of where in the model it sits,
-    as quantize_model names it (`where`): in a network of many layers, x alone does not say which."""
-    if quantizer.where:
-        err.add_note(f"(raised by the quantizer of {quantizer.where})")
+class _Quantizer(nn.Module):
+    """What the weight and activation quantizers share: an error one raises ("x contains NaN or Inf")
+    carries a note of where in the model it sits, as quantize_model names it (`where`): in a network of
+    many layers, x alone does not say which."""
+
+    where = ""  # "the weight of layer 'fc1'", "the input of layer 'fc1'"; empty outside quantize_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        except (ValueError, TypeError) as err:
+            if self.where:
+                err.add_note(f"(raised by the quantizer of {self.where})")
+            raise
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(_Quantizer):
     """Fake-quantizes a layer's float shadow weights on every forward (002 eqs. 2-4, 004 eq. 17).
 
     Used as a parametrization (`forward(w)` returns the weights the layer computes with) or called by a
@@ -164,18 +176,9 @@ class WeightQuantizer(nn.Module):
         return self.groups > 1 and self.spec.granularity == "channel" and w.dim() >= 2 and \
             self.spec.axis in (1, 1 - w.dim())
 
-    where = ""  # what it quantizes, as quantize_model names it ("the weight of layer 'fc1'"), for errors
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def _forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec is None or self.bypass or w.numel() == 0:  # a layer of 0 features has nothing to quantize
             return w
-        try:
-            return self._forward(w)
-        except (ValueError, TypeError) as err:
-            _note_where(self, err)
-            raise
-
-    def _forward(self, w: torch.Tensor) -> torch.Tensor:
         if self._regroups(w):
             rows = by_output_channel(w, self.groups)
             return from_output_channels(self._quantized(rows, w, self.spec.replace(axis=0),
@@ -200,7 +203,8 @@ class WeightQuantizer(nn.Module):
         # p.data.copy_) only in the values, hence their sum (one read of w, a fraction of quantizing it). The
         # cache holds an alias of w, so that its storage's address cannot be reused while cached. The layer's
         # weight attribute is then the cached tensor itself: a write into it (pruning done in place) bumps
-        # that tensor's _version, and it is quantized afresh, as every other forward would.
+        # that tensor's _version, and it is quantized afresh, as every other forward would (but for a cache
+        # made under inference_mode, whose tensors keep no version).
         key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(),
                float(w.detach().sum(dtype=torch.float64)), self.spec, self.groups,
                None if self.alpha is None else float(self.alpha.detach()))
@@ -270,7 +274,7 @@ def check_activation_spec(name: str, spec: QuantSpec | None) -> QuantSpec | None
     return spec
 
 
-class ActivationQuantizer(nn.Module):
+class ActivationQuantizer(_Quantizer):
     """Fake-quantizes activations with a range from a moving average of batch min/max (004 §2.5).
 
     Training batches update the range; evaluation uses it as it stands (so a decision map is a pure
@@ -283,7 +287,6 @@ class ActivationQuantizer(nn.Module):
     # class defaults as well: a quantizer unpickled from before these existed reads them
     empty_only: bool | None = None
     stood_in = False
-    where = ""  # what it quantizes, as quantize_model names it ("the input of layer 'fc1'"), for errors
 
     def __init__(self, spec: QuantSpec | None = None, momentum: float = 0.1):
         super().__init__()
@@ -364,7 +367,9 @@ class ActivationQuantizer(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         """One moving-average step per forward of the model (see begin_forward); outside one, per call. None
         inside a backward pass: that is activation checkpointing (torch.utils.checkpoint) running a region
-        again, whose first run took the step and quantized with the range it left, which stands."""
+        again, which then quantizes with the range as it stands. That is the range its first run used when
+        one forward precedes each backward and the quantizer runs once per forward (not two forwards
+        summed into one loss, nor a layer shared within one forward: their runs again read the last range)."""
         if torch._C._current_graph_task_id() != -1:
             return
         forward, obs = current_forward(), self.observer
@@ -378,16 +383,9 @@ class ActivationQuantizer(nn.Module):
         obs._update(lo, hi)
         self._step = (forward, before, (lo, hi)) if forward is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return x
-        try:
-            return self._forward(x)
-        except (ValueError, TypeError) as err:
-            _note_where(self, err)
-            raise
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if EXPORTING.get():
             if EXPORTING.get() == "prepare":
                 spec = self.spec if self.alpha is not None else self._fixed(x)

@@ -436,6 +436,8 @@ def _name_quantizers(model: nn.Module) -> None:
             what, layer = parts[-2], ".".join(parts[:-3])
         elif parts[-1] in ("input_quantizer", "key_quantizer", "value_quantizer"):
             what, layer = parts[-1].removesuffix("_quantizer"), ".".join(parts[:-1])
+        elif parts[-1] == "wq":  # a layer that quantizes the weights it computes (LinearBN's folded ones)
+            what, layer = "weight", ".".join(parts[:-1])
         elif parts[-1] == "quantizer":  # an ActivationPoint's
             m.where = f"activation point {'.'.join(parts[:-1])!r}"
             continue

@@ -201,3 +201,14 @@ def test_attention_quantizers_name_their_input():
     with pytest.raises(ValueError, match="NaN or Inf") as info:
         qm(q, kv, kv)
     assert "the key of layer '(model)'" in _notes(info.value)
+
+
+def test_every_quantizer_of_a_paper_network_knows_where_it_sits():
+    from qviz.engine import FCDNN, QuantSpec
+    from qviz.engine.layers import ActivationQuantizer, WeightQuantizer
+
+    model = FCDNN(8, 3, w_spec=QuantSpec("symmetric", bits=3), batchnorm=True)
+    where = {n: q.where for n, q in model.named_modules() if isinstance(q, ActivationQuantizer | WeightQuantizer)}
+    assert where["layers.0.wq"] == "the weight of layer 'layers.0'"  # LinearBN's folded weights
+    assert where["layers.2.parametrizations.weight.0"] == "the weight of layer 'layers.2'"
+    assert where["acts.0.quantizer"] == "activation point 'acts.0'"
