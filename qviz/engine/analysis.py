@@ -100,15 +100,17 @@ def _outputs(out) -> torch.Tensor:
     if found is None:
         found = _first_tensor(out, floating=False)
     if found is None:
-        raise TypeError("the model's output must be a tensor, or a tuple, dict or dataclass whose first value is "
-                        f"one (or have .logits), got {type(out).__name__}")
+        raise TypeError("the model's output must be a tensor, or hold one (a tuple, dict or dataclass of tensors, "
+                        f"or .logits), got {type(out).__name__}")
     return found
 
 
 def _first_tensor(out, floating: bool) -> torch.Tensor | None:
+    """The first tensor in out (floating-point or complex ones only, if `floating`): .logits first, then
+    the values of a dict, dataclass, tuple or list in their order, depth first."""
     if isinstance(out, torch.Tensor):
-        return out if out.is_floating_point() or not floating else None
-    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out if out.is_floating_point() or out.is_complex() or not floating else None
+    if getattr(out, "logits", None) is not None:
         found = _first_tensor(out.logits, floating)
         if found is not None:
             return found
@@ -138,9 +140,9 @@ def _is_batches(data) -> bool:
 
 
 def _from_batches(batches) -> tuple:
-    """(X, y) from the first batches of an iterable, up to DATA_SAMPLES samples: each batch a tensor, an
-    (x, y, ...) tuple or list, or a dict of keyword inputs whose "labels" (or "label") entry is y, as
-    Hugging Face's data collators give it."""
+    """(X, y) from the first batches of an iterable, up to DATA_SAMPLES samples (and no further than
+    EMPTY_BATCHES_MOST empty batches in a row): each batch a tensor, an (x, y, ...) tuple or list, or a dict
+    of keyword inputs whose "labels" (or "label") entry is y, as Hugging Face's data collators give it."""
     xs, ys, count, empty_run = [], [], 0, 0
     for i, batch in enumerate(batches):
         x, y = _split_batch(batch, i)
@@ -152,8 +154,8 @@ def _from_batches(batches) -> tuple:
             break
         if empty_run == EMPTY_BATCHES_MOST:  # an endless loader of empty batches would never reach DATA_SAMPLES
             if not count:
-                raise ValueError(f"data's first {i + 1} batches hold no samples, the last {EMPTY_BATCHES_MOST} "
-                                 "in a row; allowed: batches that hold samples")
+                raise ValueError(f"data's first {EMPTY_BATCHES_MOST} batches hold no samples; allowed: batches "
+                                 "that hold samples")
             break
     if not xs:
         raise ValueError("data is an iterable of batches with no batch in it; allowed: X, (X, y) or batches")
@@ -214,8 +216,9 @@ def _joined_outputs(outs: list[torch.Tensor]) -> torch.Tensor:
 
 def _propagated_sqnr(want: torch.Tensor, got: torch.Tensor) -> float:
     """A layer's output SQNR inside the quantized network; NaN where its output differs in shape from the
-    float network's: a mixture-of-experts router that sends other tokens to an expert once the network is
-    quantized gives it other rows, which have no float counterpart to compare with."""
+    float network's: a mixture-of-experts router that sends another number of tokens to an expert once the
+    network is quantized gives it rows with no float counterpart. (The same number of other tokens cannot
+    be told apart from the same ones: it compares other rows, and reads low.)"""
     return sqnr_db(want, got) if want.shape == got.shape else math.nan
 
 

@@ -322,7 +322,7 @@ def test_an_endless_loader_of_empty_batches_is_refused_and_one_that_runs_dry_is_
         while True:
             yield torch.randn(0, 8), torch.zeros(0, dtype=torch.long)
 
-    with pytest.raises(ValueError, match=f"hold no samples, the last {EMPTY_BATCHES_MOST} in a row"):
+    with pytest.raises(ValueError, match=f"first {EMPTY_BATCHES_MOST} batches hold no samples"):
         ModelAnalysis(_mlp(), empty_forever())
 
     def some_then_empty_forever():
