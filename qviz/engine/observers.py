@@ -225,9 +225,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.momentum = _checks.real("momentum", momentum, 0.0, 1.0, lo_open=True)
 
     def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        if self.min_val.numel() == 0:
-            dtype = range_dtype(lo)
-            self.min_val, self.max_val = lo.to(dtype, copy=True), hi.to(dtype, copy=True)
+        if self.min_val.numel() == 0:  # the first batch sets the range, as MinMaxObserver's does
+            super()._update(lo, hi)
         else:  # lerp takes one dtype: a float32 range meets bf16 activations under autocast
             dtype = range_dtype(self.min_val, lo)
             self.min_val = torch.lerp(self.min_val.to(dtype), lo.to(dtype), self.momentum)
