@@ -426,25 +426,27 @@ def quantize_in_place(model: nn.Module, weights=8, activations=8, overrides: dic
 
 
 def _name_quantizers(model: nn.Module) -> None:
-    """Tell each quantizer what it quantizes, in words its errors can use: "the input of layer 'fc1'",
-    "the in_proj_weight of layer 'attn'", "activation point 'block1.qa'"."""
+    """Tell each quantizer what it quantizes, in words its errors can use (`_where`)."""
     for name, m in model.named_modules():
-        if not isinstance(m, ActivationQuantizer | WeightQuantizer):
-            continue
-        parts = name.split(".")
-        if isinstance(m, WeightQuantizer) and len(parts) >= 3 and parts[-3] == "parametrizations":
-            what, layer = parts[-2], ".".join(parts[:-3])
-        elif parts[-1] in ("input_quantizer", "key_quantizer", "value_quantizer"):
-            what, layer = parts[-1].removesuffix("_quantizer"), ".".join(parts[:-1])
-        elif parts[-1] == "wq":  # a layer that quantizes the weights it computes (LinearBN's folded ones)
-            what, layer = "weight", ".".join(parts[:-1])
-        elif parts[-1] == "quantizer":  # an ActivationPoint's
-            m.where = f"activation point {'.'.join(parts[:-1])!r}"
-            continue
-        else:
-            m.where = f"module {name!r}"
-            continue
-        m.where = f"the {what} of layer {layer or ROOT_LAYER!r}"
+        if isinstance(m, ActivationQuantizer | WeightQuantizer):
+            m.where = _where(name, m)
+
+
+def _where(name: str, quantizer: nn.Module) -> str:
+    """"the input of layer 'fc1'", "the in_proj_weight of layer 'attn'", "activation point 'block1.qa'"
+    for the quantizer at module path `name`."""
+    parts = name.split(".")
+    if isinstance(quantizer, WeightQuantizer) and len(parts) >= 3 and parts[-3] == "parametrizations":
+        what, layer = parts[-2], parts[:-3]
+    elif parts[-1] in ("input_quantizer", "key_quantizer", "value_quantizer"):
+        what, layer = parts[-1].removesuffix("_quantizer"), parts[:-1]
+    elif parts[-1] == "wq":  # a layer that quantizes the weights it computes (LinearBN's folded ones)
+        what, layer = "weight", parts[:-1]
+    elif parts[-1] == "quantizer":  # an ActivationPoint's
+        return f"activation point {'.'.join(parts[:-1])!r}"
+    else:
+        return f"module {name!r}"
+    return f"the {what} of layer {'.'.join(layer) or ROOT_LAYER!r}"
 
 
 def _count_forwards(model: nn.Module) -> None:
