@@ -148,8 +148,9 @@ def _from_batches(batches) -> tuple:
         x, y = _split_batch(batch, i)
         xs.append(x)
         ys.append(y)
-        count += _count(x)
-        empty_run = 0 if _count(x) else empty_run + 1
+        n = _count(x)
+        count += n
+        empty_run = 0 if n else empty_run + 1
         if count >= DATA_SAMPLES:
             break
         if empty_run == EMPTY_BATCHES_MOST:  # an endless loader of empty batches would never reach DATA_SAMPLES
